@@ -1,0 +1,3 @@
+from crctl.cli import main
+
+main()

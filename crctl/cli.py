@@ -1,0 +1,51 @@
+"""The ``crctl`` command: a Typer app composed of one sub-app per command module.
+
+Known failures are caught here once and printed as one line; nobody sees a traceback for them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from crctl import __version__
+from crctl.serve import serve
+from crctl.settings import SettingsError
+from relay_server.errors import RelayError
+
+app = typer.Typer(
+    name="crctl",
+    help="Build, run and test voice AI agents on Twilio ConversationRelay.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command(name="serve")(serve)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"crctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Build, run and test voice AI agents on Twilio ConversationRelay."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except (SettingsError, RelayError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,155 @@
+"""``crctl serve``: run the relay (hypercorn serving the Quart app) until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+from rich.console import Console
+
+from crctl.settings import Settings, SettingsError, load_settings
+from relay_server.app import create_app, resolve_agent
+from relay_server.errors import RelayError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def serve(
+    host: Optional[str] = typer.Option(None, help="Address to bind. [env CRCTL_HOST; 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="Port to bind. [env CRCTL_PORT; 8080]"),
+    public_url: Optional[str] = typer.Option(
+        None,
+        help="Public https:// base URL Twilio uses (signatures are checked against it). "
+        "[env CRCTL_PUBLIC_URL]",
+    ),
+    agent: Optional[str] = typer.Option(
+        None,
+        help="llm, echo, or package.module:Class. [env CRCTL_AGENT; llm with "
+        "OPENAI_API_KEY, else echo]",
+    ),
+    model: Optional[str] = typer.Option(None, help="LLM model. [env CRCTL_MODEL]"),
+    openai_base_url: Optional[str] = typer.Option(
+        None, help="OpenAI-compatible endpoint (Ollama, vLLM, Groq…). [env OPENAI_BASE_URL]"
+    ),
+    system_prompt: Optional[str] = typer.Option(None, help="System prompt text."),
+    system_prompt_file: Optional[Path] = typer.Option(
+        None, help="Read the system prompt from a file."
+    ),
+    tools: Optional[list[str]] = typer.Option(
+        None, "--tools", help="Python module whose @tool functions the LLM may call (repeatable)."
+    ),
+    welcome_greeting: Optional[str] = typer.Option(None, help="Spoken when the call connects."),
+    handoff_number: Optional[str] = typer.Option(
+        None, help="Number or SIP URI to dial when the agent hands off to a person."
+    ),
+    verify_signatures: Optional[bool] = typer.Option(
+        None,
+        "--verify-signatures/--no-verify-signatures",
+        help="Check X-Twilio-Signature (on by default; turning it off prints a warning).",
+    ),
+    llm_timeout: Optional[float] = typer.Option(
+        None, help="Seconds to wait for the LLM (connect, and between chunks). [15]"
+    ),
+    apology: Optional[str] = typer.Option(None, help="Spoken when the LLM fails."),
+    filler_after_ms: Optional[int] = typer.Option(
+        None, help="Say a preemptible filler when the first token is slower than this (0: off)."
+    ),
+    silence_timeout: Optional[float] = typer.Option(
+        None, help="Seconds of caller silence before a reminder (0: off). [15]"
+    ),
+    dtmf_buffer: Optional[bool] = typer.Option(
+        None,
+        "--dtmf-buffer/--no-dtmf-buffer",
+        help="Collect digits until # or a pause instead of one turn per key.",
+    ),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the relay: /twiml, /ws, /action, /status, /healthz."""
+    try:
+        settings = load_settings(
+            host=host,
+            port=port,
+            public_url=public_url,
+            agent=agent,
+            model=model,
+            openai_base_url=openai_base_url,
+            system_prompt=system_prompt,
+            system_prompt_file=system_prompt_file,
+            tools=tools,
+            welcome_greeting=welcome_greeting,
+            handoff_number=handoff_number,
+            verify_signatures=verify_signatures,
+            log_level=log_level,
+            llm_timeout=llm_timeout,
+            apology=apology,
+            filler_after_ms=filler_after_ms,
+            silence_timeout=silence_timeout,
+            dtmf_buffer=dtmf_buffer,
+        )
+        problems, warnings = settings.startup_problems()
+        if problems:
+            raise SettingsError(problems[0])
+        config = settings.relay_config()
+        app = create_app(config)
+        agent_cls = resolve_agent(config)
+    except (SettingsError, RelayError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    _setup_logging(settings.log_level)
+    for warning in warnings:
+        err.print(f"[bold yellow]warning:[/] {warning}")
+    local = f"http://{_url_host(settings.host)}:{settings.port}"
+    base = settings.public_url or local
+    err.print(f"[bold green]crctl relay[/] listening on {local}")
+    err.print(f"  TwiML (voice webhook): {base}/twiml   WebSocket: {config.websocket_url(local)}")
+    if config.agent is None and not config.llm.api_key:
+        err.print(
+            "  agent: echo — no OPENAI_API_KEY is set, so the relay repeats what the caller "
+            "says (set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model)"
+        )
+    else:
+        err.print(f"  agent: {agent_cls.__name__}, model {config.agent_config.model}")
+    asyncio.run(run_relay(app, settings))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Hypercorn's per-request access log is noise next to the relay's own call log.
+    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    """Hypercorn settings for the relay."""
+    config = HypercornConfig()
+    config.bind = [f"{_url_host(settings.host)}:{settings.port}"]
+    # Larger than the relay's own frame limit, so an oversized frame is logged and dropped by
+    # the relay (the call goes on) instead of the server closing the socket.
+    config.websocket_max_message_size = max(4 * settings.max_frame_bytes, 1 << 20)
+    config.graceful_timeout = 3.0
+    config.accesslog = None
+    return config
+
+
+async def run_relay(app: Quart, settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve ``app`` until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+    await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]

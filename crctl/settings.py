@@ -1,0 +1,186 @@
+"""Configuration: flags > environment > ``.env.local`` > ``.env``, resolved once at the CLI edge.
+
+pydantic-settings does the layering (init values beat the environment, which beats the dotenv
+files, of which the later one wins). Secrets are ``SecretStr``: their repr is ``'**********'``,
+so a logged or printed settings object never shows them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from relay_server.config import AgentConfig, LLMConfig, RelayConfig
+
+
+class SettingsError(Exception):
+    """One line naming the setting that stops start-up and what is wrong with it."""
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every setting of ``crctl serve``; environment names are ``CRCTL_<FIELD>`` unless noted."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRCTL_",
+        env_file=(".env", ".env.local"),
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str | None = None
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
+    api_token: SecretStr | None = None
+    verify_signatures: bool = True
+    agent: str | None = None
+    tools: list[str] = Field(default_factory=list)
+    model: str = AgentConfig.model
+    system_prompt: str | None = None
+    system_prompt_file: Path | None = None
+    welcome_greeting: str | None = RelayConfig.welcome_greeting
+    handoff_number: str | None = None
+    llm_timeout: float = Field(LLMConfig.timeout, gt=0)
+    llm_retries: int = Field(LLMConfig.max_retries, ge=0, le=5)
+    apology: str = AgentConfig.apology
+    filler: str = AgentConfig.filler
+    filler_after_ms: int = Field(AgentConfig.filler_after_ms, ge=0)
+    silence_timeout: float = Field(AgentConfig.silence_timeout, ge=0)
+    silence_reminders: int = Field(AgentConfig.silence_max_reminders, ge=0)
+    dtmf_buffer: bool = AgentConfig.dtmf_buffer
+    dtmf_pause: float = Field(AgentConfig.dtmf_pause, gt=0)
+    max_frame_bytes: int = Field(RelayConfig.max_frame_bytes, ge=1024)
+    log_level: str = "INFO"
+
+    @field_validator("public_url", "openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http(s):// URL, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"must not have a query or fragment, got {value!r}")
+        if parts.scheme == "https" and parts.port == 443:
+            # Twilio's signature check fails on wss URLs with an explicit :443 (§4.1 gotcha 2).
+            value = value.replace(f"{parts.hostname}:443", parts.hostname or "", 1)
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    def relay_config(self) -> RelayConfig:
+        """The relay's view of these settings."""
+        secret = _reveal
+        prompt = self.system_prompt
+        if self.system_prompt_file is not None:
+            try:
+                prompt = self.system_prompt_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(
+                    f"setting system_prompt_file: cannot read {self.system_prompt_file}: "
+                    f"{exc.strerror}"
+                ) from exc
+        agent_kwargs: dict[str, Any] = {
+            "model": self.model,
+            "apology": self.apology,
+            "filler": self.filler,
+            "filler_after_ms": self.filler_after_ms,
+            "silence_timeout": self.silence_timeout,
+            "silence_max_reminders": self.silence_reminders,
+            "dtmf_buffer": self.dtmf_buffer,
+            "dtmf_pause": self.dtmf_pause,
+        }
+        if prompt:
+            agent_kwargs["system_prompt"] = prompt
+        return RelayConfig(
+            public_url=self.public_url,
+            auth_token=secret(self.twilio_auth_token),
+            verify_signatures=self.verify_signatures,
+            api_token=secret(self.api_token),
+            agent=self.agent,
+            tool_modules=tuple(self.tools),
+            welcome_greeting=self.welcome_greeting or None,
+            handoff_number=self.handoff_number,
+            max_frame_bytes=self.max_frame_bytes,
+            agent_config=AgentConfig(**agent_kwargs),
+            llm=LLMConfig(
+                api_key=secret(self.openai_api_key),
+                base_url=self.openai_base_url,
+                timeout=self.llm_timeout,
+                max_retries=self.llm_retries,
+            ),
+        )
+
+    def startup_problems(self) -> tuple[list[str], list[str]]:
+        """Cross-setting checks: (errors that stop start-up, warnings to print)."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        if self.twilio_auth_token and self.verify_signatures and not self.public_url:
+            errors.append(
+                "setting public_url (CRCTL_PUBLIC_URL): required with TWILIO_AUTH_TOKEN, because "
+                "Twilio signs the public URL it calls; pass --public-url https://your-host"
+            )
+        if not self.verify_signatures:
+            warnings.append(
+                "signature checks are OFF (--no-verify-signatures): anyone who finds this URL "
+                "can drive calls through it"
+            )
+        elif not self.twilio_auth_token:
+            if not loopback:
+                errors.append(
+                    f"setting twilio_auth_token (TWILIO_AUTH_TOKEN): required to serve on "
+                    f"{self.host}, so that only Twilio can reach the relay; set it, or pass "
+                    "--no-verify-signatures to run unprotected"
+                )
+            else:
+                warnings.append(
+                    "no TWILIO_AUTH_TOKEN: requests are not signature-checked (fine on "
+                    "127.0.0.1; set it before exposing the relay)"
+                )
+        return errors, warnings
+
+
+def _reveal(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None and value.get_secret_value() else None
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Settings from flags (``None`` means "not given"), the environment and dotenv files.
+
+    Raises :class:`SettingsError` with one line naming the first bad setting.
+    """
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        value = error.get("input")
+        shown = "" if name in _SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
+        env = _ENV_NAMES.get(name, f"CRCTL_{name.upper()}")
+        raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}") from exc
+
+
+_SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token"}
+_ENV_NAMES = {
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "twilio_auth_token": "TWILIO_AUTH_TOKEN",
+}

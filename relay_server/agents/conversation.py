@@ -1,0 +1,245 @@
+"""Turn-taking on top of :class:`CallSession`: history, barge-in truncation, DTMF entry and
+silence reminders. The echo and LLM agents differ only in :meth:`ConversationAgent.reply`.
+
+History holds only what the caller heard: a reply cut by a barge-in is shortened to Twilio's
+``utteranceUntilInterrupt`` (protocol.md §2.4, mistake 5 in §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from relay_server import events as ev
+from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
+from relay_server.session import CallSession, SessionLink
+
+
+class ConversationAgent(CallSession):
+    """A session that answers each caller turn with a streamed :meth:`reply`."""
+
+    def __init__(self, link: SessionLink, setup: Setup) -> None:
+        super().__init__(link, setup)
+        self.settings = link.config.agent_config
+        self.history: list[dict[str, Any]] = [
+            {"role": "system", "content": self.settings.system_prompt}
+        ]
+        #: Index in ``history`` where the current (or last) reply's messages start.
+        self._reply_start = len(self.history)
+        self._heard: list[str] = []  # tokensPlayed fragments during the current reply
+        #: The assistant message spoken tokens are appended to; ``None`` starts a new one.
+        self._message: dict[str, Any] | None = None
+        self._digits: list[str] = []
+        self._dtmf_timer: asyncio.TimerHandle | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._reminders = 0
+
+    # ------------------------------------------------------------------------- to override
+    def reply(self, user_text: str) -> AsyncIterator[str]:
+        """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
+        Subclasses append anything beyond the spoken text (tool messages) to ``history``."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- handlers
+    async def on_setup(self, setup: Setup) -> None:
+        greeting = self.link.config.welcome_greeting
+        if greeting and setup.call_status != "IN_PROGRESS":
+            self.history.append({"role": "assistant", "content": greeting})
+        self.link.events.publish(
+            ev.CALL_STARTED,
+            self.call_sid,
+            from_=setup.from_,
+            to=setup.to,
+            direction=setup.direction,
+            custom_parameters=setup.custom_parameters,
+            session_id=setup.session_id,
+        )
+
+    async def on_prompt(self, prompt: Prompt) -> None:
+        self._caller_active()
+        self.link.events.publish(
+            ev.CALLER_SPEECH, self.call_sid, text=prompt.voice_prompt, last=prompt.last
+        )
+        if not prompt.last or not prompt.voice_prompt.strip():
+            return  # cumulative partials: wait for the final transcript
+        await self.start_turn(self._turn(prompt.voice_prompt))
+
+    async def on_dtmf(self, dtmf: Dtmf) -> None:
+        self._caller_active()
+        self.link.events.publish(ev.DTMF, self.call_sid, digit=dtmf.digit)
+        if not self.settings.dtmf_buffer:
+            await self.start_turn(self._turn(f"[The caller pressed {dtmf.digit} on the keypad]"))
+            return
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+        if dtmf.digit == "#":
+            await self._flush_digits()
+            return
+        self._digits.append(dtmf.digit)
+        loop = asyncio.get_running_loop()
+        self._dtmf_timer = loop.call_later(
+            self.settings.dtmf_pause, lambda: asyncio.ensure_future(self._flush_digits())
+        )
+
+    async def on_interrupt(self, interrupt: Interrupt) -> None:
+        await self.cancel_turn()
+        self._caller_active()
+        heard = interrupt.utterance_until_interrupt
+        self._keep_heard(heard)
+        self.link.events.publish(
+            ev.BARGE_IN,
+            self.call_sid,
+            heard=heard,
+            duration_ms=interrupt.duration_until_interrupt_ms,
+        )
+
+    async def on_info(self, info: Info) -> None:
+        if info.name == "tokensPlayed":
+            self._heard.append(info.value)
+        elif info.name == "clientSpeaking" and info.value == "on":
+            self._caller_active()
+        elif info.name == "agentSpeaking":
+            if info.value == "on":
+                self._cancel_silence()
+            else:
+                self._arm_silence()
+
+    async def on_close(self) -> None:
+        self._cancel_silence()
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+
+    def resume_state(self) -> Any:
+        return self.history
+
+    def restore(self, state: Any) -> None:
+        if isinstance(state, list) and state:
+            self.history = state
+
+    # ------------------------------------------------------------------------------ turns
+    async def start_turn(self, coro: Any) -> asyncio.Task[None]:
+        if self.turn_running:
+            # A new caller turn while a reply runs: keep what the caller heard of it (§3).
+            await self.cancel_turn()
+            if self._heard:
+                self._keep_heard("".join(self._heard))
+        return await super().start_turn(coro)
+
+    async def _turn(self, user_text: str) -> None:
+        self.history.append({"role": "user", "content": user_text})
+        self._trim_history()
+        await self.speak(self.reply(user_text))
+
+    async def speak(self, tokens: AsyncIterator[str], *, record: bool = True) -> str:
+        """Stream ``tokens`` to the caller as one talk cycle, record it as an assistant message
+        and return the spoken text. Runs inside the turn; cancellation keeps what was sent."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first: float | None = None
+        spoken: list[str] = []
+        self._heard = []
+        self._message = None
+        if record:
+            self._reply_start = len(self.history)
+        try:
+            # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
+            async with aclosing(tokens):  # type: ignore[type-var]
+                async for token in tokens:
+                    if first is None:
+                        first = loop.time()
+                    spoken.append(token)
+                    if record:
+                        if self._message is None:
+                            self._message = {"role": "assistant", "content": ""}
+                            self.history.append(self._message)
+                        self._message["content"] += token
+                    await self.send_text(token)
+        finally:
+            if self._cycle_open and not self.closed:
+                await self.send_text("", last=True)
+            text = "".join(spoken)
+            self.link.events.publish(
+                ev.AGENT_REPLY,
+                self.call_sid,
+                text=text,
+                ttft_ms=None if first is None else round((first - started) * 1000, 1),
+                duration_ms=round((loop.time() - started) * 1000, 1),
+                cancelled=asyncio.current_task().cancelling() > 0,  # type: ignore[union-attr]
+            )
+            self._arm_silence()
+        return text
+
+    def _keep_heard(self, heard: str) -> None:
+        """Shorten the last reply's assistant text in history to what the caller heard."""
+        remaining = heard
+        for message in self.history[self._reply_start :]:
+            if message.get("role") != "assistant" or not isinstance(message.get("content"), str):
+                continue
+            content = message["content"]
+            kept, remaining = remaining[: len(content)], remaining[len(content) :]
+            message["content"] = kept
+        self.history[self._reply_start :] = [
+            m
+            for m in self.history[self._reply_start :]
+            if not (
+                m.get("role") == "assistant" and not m.get("content") and not m.get("tool_calls")
+            )
+        ]
+
+    def _trim_history(self) -> None:
+        limit = self.settings.max_history_turns * 2
+        body = self.history[1:]
+        if len(body) > limit:
+            cut = len(body) - limit
+            while cut < len(body) and body[cut].get("role") != "user":
+                cut += 1  # never start with a tool result orphaned from its call
+            self.history[1:] = body[cut:]
+
+    async def _flush_digits(self) -> None:
+        self._dtmf_timer = None
+        if not self._digits:
+            return
+        digits, self._digits = "".join(self._digits), []
+        await self.start_turn(self._turn(f"[The caller entered {digits} on the keypad]"))
+
+    # ---------------------------------------------------------------------------- silence
+    def _caller_active(self) -> None:
+        self._reminders = 0
+        self._cancel_silence()
+
+    def _cancel_silence(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+
+    def _arm_silence(self) -> None:
+        self._cancel_silence()
+        if self.settings.silence_timeout <= 0 or self.closed or self._ended:
+            return
+        loop = asyncio.get_running_loop()
+        self._silence_timer = loop.call_later(
+            self.settings.silence_timeout, lambda: asyncio.ensure_future(self._on_silence())
+        )
+
+    async def _on_silence(self) -> None:
+        self._silence_timer = None
+        if self.closed or self.turn_running or self._ended:
+            return
+        if self._reminders >= self.settings.silence_max_reminders:
+            await self.start_turn(self._goodbye())
+            return
+        self._reminders += 1
+        await self.start_turn(self._say(self.settings.silence_reminder))
+
+    async def _say(self, text: str) -> None:
+        await self.speak(_one(text))
+
+    async def _goodbye(self) -> None:
+        await self.speak(_one(self.settings.silence_goodbye))
+        await self.end()
+
+
+async def _one(text: str) -> AsyncIterator[str]:
+    yield text

@@ -1,0 +1,221 @@
+"""The Quart app: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz`` and the messages API.
+
+Handlers only move frames and form fields between Twilio and the sessions; they never hold
+conversation logic (DESIGN.md). Build the app with :func:`create_app` so tests inject fakes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from typing import Any
+
+from quart import Quart, Response, request, websocket
+from twilio.twiml.voice_response import Dial, Hangup, Say, VoiceResponse
+
+from relay_server import events as ev
+from relay_server.agents import EchoAgent, LLMAgent
+from relay_server.calls import CallConnection, CallRegistry, SessionFactory
+from relay_server.config import RelayConfig
+from relay_server.errors import ConfigError
+from relay_server.events import EventBus
+from relay_server.llm import LLMClient
+from relay_server.protocol import ProtocolError, decode_outbound
+from relay_server.security import SignatureChecker, bearer_ok
+from relay_server.session import CallSession, SessionLink
+from relay_server.tools import load_tool_modules
+from twiml_templates import relay_twiml
+
+log = logging.getLogger("relay_server.app")
+
+_TWIML = "text/xml; charset=utf-8"
+_CALL_OVER = {"completed", "failed", "busy", "no-answer", "canceled"}
+
+
+def resolve_agent(config: RelayConfig) -> type[CallSession]:
+    """The agent class for ``config.agent``: ``llm``, ``echo``, ``package.module:Class``, or by
+    default ``llm`` when an API key is configured and ``echo`` otherwise."""
+    name = config.agent or ("llm" if config.llm.api_key else "echo")
+    if name == "llm":
+        return LLMAgent
+    if name == "echo":
+        return EchoAgent
+    module_name, _, attr = name.partition(":")
+    if not attr:
+        raise ConfigError(f"agent {name!r}: expected llm, echo or package.module:Class")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"agent {name!r} cannot be loaded: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, CallSession)):
+        raise ConfigError(f"agent {name!r} is not a subclass of relay_server.CallSession")
+    return cls
+
+
+def create_app(
+    config: RelayConfig,
+    *,
+    events: EventBus | None = None,
+    agent: SessionFactory | None = None,
+) -> Quart:
+    """Build the relay. ``agent`` overrides the class chosen by ``config.agent``."""
+    app = Quart("relay_server")
+    bus = events or EventBus()
+    registry = CallRegistry(ttl=config.resume_ttl, max_reconnects=config.max_reconnects)
+    factory: SessionFactory = agent or resolve_agent(config)
+    services: dict[str, Any] = {}
+    try:
+        services["tools"] = load_tool_modules(config.tool_modules)
+    except ImportError as exc:
+        raise ConfigError(f"tools module cannot be imported: {exc}") from exc
+    checker = (
+        SignatureChecker(config.auth_token)
+        if config.auth_token and config.verify_signatures
+        else None
+    )
+    link = SessionLink(_no_socket, bus, config, services)
+    app.extensions["crctl"] = {"registry": registry, "events": bus, "config": config}
+
+    @app.before_serving
+    async def _open_llm() -> None:
+        services["llm"] = LLMClient(config.llm)
+
+    @app.after_serving
+    async def _close_llm() -> None:
+        await services["llm"].aclose()
+
+    def base() -> str:
+        return config.public_base(request.host_url if request else websocket.host_url)
+
+    async def signed(path: str) -> bool:
+        """Check a webhook's signature against the public URL (+ the raw query string)."""
+        if checker is None:
+            return True
+        url = base() + path
+        if request.query_string:
+            url += "?" + request.query_string.decode()
+        params = await request.form if request.method == "POST" else {}
+        if checker.http_ok(url, params, request.headers.get("X-Twilio-Signature")):
+            return True
+        log.warning(
+            "refused %s %s: bad or missing X-Twilio-Signature (checked %s)",
+            request.method,
+            path,
+            url,
+        )
+        return False
+
+    def twiml(greeting: str | None) -> str:
+        return relay_twiml(
+            config.websocket_url(base()),
+            action_url=base() + "/action",
+            welcome_greeting=greeting,
+        )
+
+    @app.route("/twiml", methods=["GET", "POST"])
+    async def twiml_route() -> Response:
+        if not await signed("/twiml"):
+            return Response("forbidden\n", 403)
+        return Response(twiml(config.welcome_greeting), content_type=_TWIML)
+
+    @app.websocket("/ws")
+    async def ws_route() -> Any:
+        if checker is not None:
+            signed_url = config.websocket_url(base())
+            if websocket.query_string:
+                signed_url += "?" + websocket.query_string.decode()
+            if not checker.websocket_ok(signed_url, websocket.headers.get("X-Twilio-Signature")):
+                log.warning(
+                    "refused WebSocket from %s: bad or missing X-Twilio-Signature (checked %s)",
+                    websocket.remote_addr,
+                    signed_url,
+                )
+                return Response("forbidden\n", 403)
+        await websocket.accept()
+        conn = CallConnection(websocket.send, registry, factory, link, websocket.remote_addr or "")
+        try:
+            while True:
+                await conn.receive(await websocket.receive())
+        finally:  # Quart cancels this handler when the peer hangs up
+            await conn.close()
+
+    @app.post("/action")
+    async def action_route() -> Response:
+        if not await signed("/action"):
+            return Response("forbidden\n", 403)
+        form = await request.form
+        sid, status = form.get("CallSid", ""), form.get("SessionStatus", "")
+        handoff = form.get("HandoffData")
+        bus.publish(
+            ev.SESSION_END,
+            sid,
+            status=status,
+            handoff_data=handoff,
+            error_code=form.get("ErrorCode"),
+            error_message=form.get("ErrorMessage"),
+            duration=form.get("SessionDuration"),
+        )
+        if status == "failed" and registry.claim_reconnect(sid):
+            log.info("call %s: socket failed (%s), reconnecting", sid, form.get("ErrorCode"))
+            return Response(twiml(config.reconnect_greeting), content_type=_TWIML)
+        registry.forget(sid)
+        response = VoiceResponse()
+        if status == "ended" and _wants_handoff(handoff):
+            if config.handoff_number:
+                response.append(Dial(config.handoff_number))
+            else:
+                log.warning("call %s: hand-off asked but no handoff number is configured", sid)
+                response.append(Say("Sorry, nobody is available to take your call. Goodbye."))
+        elif status == "failed":
+            response.append(Say("Sorry, something went wrong. Please call again."))
+        response.append(Hangup())
+        return Response(str(response), content_type=_TWIML)
+
+    @app.post("/status")
+    async def status_route() -> Response:
+        if not await signed("/status"):
+            return Response("forbidden\n", 403)
+        form = await request.form
+        sid, status = form.get("CallSid", ""), form.get("CallStatus", "")
+        bus.publish(ev.CALL_STATUS, sid, status=status, duration=form.get("CallDuration"))
+        if status in _CALL_OVER:
+            registry.forget(sid)
+        return Response("", 204)
+
+    @app.get("/healthz")
+    async def health_route() -> Any:
+        return {"status": "ok", "calls": len(registry), "parked": registry.parked}
+
+    @app.post("/calls/<call_sid>/messages")
+    async def push_route(call_sid: str) -> Any:
+        if not bearer_ok(config.api_token, request.headers.get("Authorization")):
+            why = "set CRCTL_API_TOKEN to enable" if not config.api_token else "bad token"
+            return {"error": f"unauthorized: {why}"}, 401
+        session = registry.get(call_sid)
+        if session is None:
+            return {"error": f"no live call {call_sid}"}, 404
+        try:
+            message = decode_outbound(await request.get_data())
+        except ProtocolError as exc:
+            return {"error": str(exc)}, 400
+        await session.send(message)
+        return {"sent": type(message).__struct_config__.tag}, 202
+
+    return app
+
+
+def _wants_handoff(handoff: str | None) -> bool:
+    if not handoff:
+        return False
+    try:
+        data = json.loads(handoff)
+    except ValueError:
+        return True  # free text from a custom agent: treat as a hand-off request
+    return isinstance(data, dict) and (
+        data.get("reasonCode") == "live-agent-handoff" or bool(data.get("handoff"))
+    )
+
+
+async def _no_socket(frame: str) -> None:  # replaced per connection
+    raise RuntimeError("no socket")

@@ -1,0 +1,173 @@
+"""Live calls by callSid, one socket's frame loop, and the history kept for a reconnect.
+
+:class:`CallConnection` is what the WebSocket handler drives: it decodes each frame, creates the
+session on ``setup``, dispatches the rest and survives anything a frame or an agent does wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+from relay_server import events as ev
+from relay_server.protocol import ProtocolError, Setup, Unknown, decode
+from relay_server.session import CallSession, SessionLink
+
+log = logging.getLogger("relay_server.calls")
+
+SessionFactory = Callable[[SessionLink, Setup], CallSession]
+
+
+@dataclass
+class _Parked:
+    state: Any
+    expires: float
+    reconnects: int = 0
+    resume: bool = False
+
+
+class CallRegistry:
+    """Sessions of live sockets by callSid, plus the state of recently closed ones.
+
+    A session is removed as soon as its socket closes. Its resumable state is parked for
+    ``ttl`` seconds so that ``/action`` can reconnect a dropped socket (``failed``/64105) to the
+    same conversation; parked entries expire, so nothing grows without bound.
+    """
+
+    def __init__(self, ttl: float = 120.0, max_reconnects: int = 3) -> None:
+        self.sessions: dict[str, CallSession] = {}
+        self._parked: dict[str, _Parked] = {}
+        self.ttl = ttl
+        self.max_reconnects = max_reconnects
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, call_sid: str) -> CallSession | None:
+        """The live session of a call, if its socket is open."""
+        return self.sessions.get(call_sid)
+
+    def add(self, session: CallSession) -> Any:
+        """Register a new socket's session; returns parked state to restore, if it resumes."""
+        self._expire()
+        self.sessions[session.call_sid] = session
+        parked = self._parked.get(session.call_sid)
+        if parked is not None and parked.resume:
+            parked.resume = False
+            return parked.state
+        return None
+
+    def remove(self, session: CallSession) -> None:
+        """Drop a closed socket's session and park its state for a possible reconnect."""
+        if self.sessions.get(session.call_sid) is session:
+            del self.sessions[session.call_sid]
+        state = session.resume_state()
+        if state is not None:
+            previous = self._parked.get(session.call_sid)
+            self._parked[session.call_sid] = _Parked(
+                state, time.monotonic() + self.ttl, previous.reconnects if previous else 0
+            )
+
+    def claim_reconnect(self, call_sid: str) -> bool:
+        """Whether a dropped call may reconnect (state parked, under the limit); marks it so."""
+        parked = self._parked.get(call_sid)
+        if parked is None or parked.reconnects >= self.max_reconnects:
+            return False
+        parked.reconnects += 1
+        parked.resume = True
+        parked.expires = time.monotonic() + self.ttl
+        return True
+
+    def forget(self, call_sid: str) -> None:
+        """The call is over: drop its parked state."""
+        self._parked.pop(call_sid, None)
+
+    @property
+    def parked(self) -> int:
+        """How many closed calls' states are kept."""
+        return len(self._parked)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, p in self._parked.items() if p.expires < now]:
+            del self._parked[sid]
+
+
+class CallConnection:
+    """One ConversationRelay socket: frames in, session handlers called, errors contained."""
+
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        registry: CallRegistry,
+        factory: SessionFactory,
+        link: SessionLink,
+        peer: str = "",
+    ) -> None:
+        self.registry = registry
+        self.factory = factory
+        self.link = SessionLink(send, link.events, link.config, link.services)
+        self.session: CallSession | None = None
+        self.peer = peer
+        self.bad_frames = 0
+
+    @property
+    def call_id(self) -> str:
+        """The callSid once known, else the peer address (for logs)."""
+        return self.session.call_sid if self.session else f"(no setup yet, {self.peer})"
+
+    async def receive(self, frame: Union[str, bytes]) -> None:
+        """Handle one frame. Never raises for bad input or a failing handler."""
+        try:
+            message = decode(frame, max_bytes=self.link.config.max_frame_bytes)
+        except ProtocolError as exc:
+            self._bad(str(exc))
+            return
+        if isinstance(message, Unknown):
+            log.debug("call %s: unknown message type %r skipped", self.call_id, message.type)
+            return
+        if self.session is None:
+            if not isinstance(message, Setup):
+                self._bad(f"{type(message).__name__.lower()} before setup")
+                return
+            await self._start(message)
+            return
+        try:
+            await self.session.dispatch(message)
+        except Exception:
+            log.exception("call %s: agent handler failed; the call goes on", self.call_id)
+
+    async def _start(self, setup: Setup) -> None:
+        try:
+            session = self.factory(self.link, setup)
+        except Exception:
+            log.exception("call %s: the agent could not be created", setup.call_sid)
+            return
+        self.session = session
+        state = self.registry.add(session)
+        if state is not None:
+            session.restore(state)
+            log.info("call %s: reconnected, conversation resumed", setup.call_sid)
+        try:
+            await session.on_setup(setup)
+        except Exception:
+            log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
+
+    def _bad(self, reason: str) -> None:
+        self.bad_frames += 1
+        log.warning("call %s: bad frame dropped: %s", self.call_id, reason)
+        sid = self.session.call_sid if self.session else ""
+        self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)
+
+    async def close(self) -> None:
+        """The socket is gone: stop the session and unregister it."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        try:
+            await session.close()
+        finally:
+            self.registry.remove(session)

@@ -1,0 +1,225 @@
+"""Streaming chat completions: the one module that imports ``openai``.
+
+The per-token path is kept lean. The official SDK makes the request (auth, base URL, retries,
+error mapping), but the stream is read through the SDK's *raw* streaming response and each SSE
+``data:`` line is decoded by msgspec into a small typed struct. Parsing every chunk into the
+SDK's pydantic models costs most of a relay's CPU at 200 concurrent calls (issue 2 figures;
+``bench/`` measures both paths). Leaving the ``async with`` closes the HTTP stream without
+draining it, so a cancelled turn stops the upstream generation at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import httpx2
+import msgspec
+import openai
+
+from relay_server.config import LLMConfig
+
+log = logging.getLogger("relay_server.llm")
+
+
+class LLMError(Exception):
+    """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
+    status, stream_cut, bad_chunk."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- chunk structs (the hot path)
+class _FunctionDelta(msgspec.Struct):
+    name: Union[str, None] = None
+    arguments: Union[str, None] = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: Union[str, None] = None
+    function: Union[_FunctionDelta, None] = None
+
+
+class _Delta(msgspec.Struct):
+    content: Union[str, None] = None
+    tool_calls: Union[list[_ToolCallDelta], None] = None
+
+
+class _Choice(msgspec.Struct):
+    delta: Union[_Delta, None] = None
+    finish_reason: Union[str, None] = None
+
+
+class _ErrorBody(msgspec.Struct):
+    message: str = ""
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    error: Union[_ErrorBody, None] = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+@dataclass
+class ToolCall:
+    """A complete tool call, assembled from streamed fragments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class _Pending:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class ChatStream:
+    """One streaming completion. Iterate for content tokens (strings, never trimmed); after the
+    loop, :attr:`tool_calls` and :attr:`finish_reason` hold the rest. Use as ``async with``."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._response: Any = None
+        self.tool_calls: list[ToolCall] = []
+        self.finish_reason: str | None = None
+        self._pending: dict[int, _Pending] = {}
+
+    async def __aenter__(self) -> ChatStream:
+        try:
+            self._response = await self._manager.__aenter__()
+        except openai.APIError as exc:
+            raise _map_error(exc) from exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Closes the connection; does not read the rest of the stream (no drain).
+        await self._manager.__aexit__(*exc_info)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._tokens()
+
+    async def _tokens(self) -> AsyncIterator[str]:
+        done = False
+        buffer = b""
+        try:
+            async for chunk in self._response.http_response.aiter_raw():
+                buffer += chunk
+                while True:
+                    end = buffer.find(b"\n")
+                    if end < 0:
+                        break
+                    line = buffer[:end].rstrip(b"\r")
+                    buffer = buffer[end + 1 :]
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, event: lines
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    for token in self._feed(payload):
+                        yield token
+                if done:
+                    break
+        except openai.APIError as exc:
+            raise _map_error(exc) from exc
+        except httpx2.TimeoutException as exc:
+            raise LLMError("timeout", "the stream stalled (read timeout)") from exc
+        except httpx2.TransportError as exc:
+            raise LLMError("stream_cut", f"the stream broke: {type(exc).__name__}: {exc}") from exc
+        if not done:
+            raise LLMError("stream_cut", "the stream ended without [DONE]")
+        self._finish_tools()
+
+    def _feed(self, payload: bytes) -> list[str]:
+        try:
+            chunk = _decode_chunk(payload)
+        except msgspec.DecodeError as exc:
+            raise LLMError("bad_chunk", f"unreadable chunk: {payload[:80]!r}") from exc
+        if chunk.error is not None:
+            raise LLMError("server", chunk.error.message or "error event in the stream")
+        tokens: list[str] = []
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+            delta = choice.delta
+            if delta is None:
+                continue
+            if delta.content:
+                tokens.append(delta.content)
+            if delta.tool_calls:
+                for call in delta.tool_calls:
+                    pending = self._pending.setdefault(call.index, _Pending())
+                    if call.id:
+                        pending.id = call.id
+                    if call.function is not None:
+                        if call.function.name:
+                            pending.name += call.function.name
+                        if call.function.arguments:
+                            pending.arguments.append(call.function.arguments)
+        return tokens
+
+    def _finish_tools(self) -> None:
+        self.tool_calls = [
+            ToolCall(p.id or f"call_{i}", p.name, "".join(p.arguments))
+            for i, p in sorted(self._pending.items())
+        ]
+
+
+def _map_error(exc: openai.APIError) -> LLMError:
+    if isinstance(exc, openai.APITimeoutError):
+        return LLMError("timeout", "the LLM did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        return LLMError("connection", f"cannot reach the LLM: {exc}")
+    if isinstance(exc, openai.RateLimitError):
+        return LLMError("rate_limit", "the LLM rate-limited us (HTTP 429)")
+    if isinstance(exc, openai.InternalServerError):
+        return LLMError("server", f"the LLM failed (HTTP {exc.status_code})")
+    if isinstance(exc, openai.APIStatusError):
+        return LLMError(
+            "status", f"the LLM refused the request (HTTP {exc.status_code}): {exc.message}"
+        )
+    return LLMError("connection", str(exc))
+
+
+class LLMClient:
+    """A shared async OpenAI-compatible client (one connection pool for all calls)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self._client = openai.AsyncOpenAI(
+            api_key=config.api_key or "unset",
+            base_url=config.base_url,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+        )
+
+    def stream(
+        self,
+        *,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        temperature: float | None = None,
+    ) -> ChatStream:
+        """Start a streaming chat completion; use the result as ``async with``."""
+        kwargs: dict[str, Any] = {"model": model, "messages": list(messages), "stream": True}
+        if tools:
+            kwargs["tools"] = list(tools)
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        return ChatStream(self._client.chat.completions.with_streaming_response.create(**kwargs))
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.close()

@@ -1,0 +1,86 @@
+"""Decode Twilio's frames and encode ours: pure functions, no I/O, no event loop.
+
+This is the only module that turns ConversationRelay JSON into values and back (DESIGN.md,
+after the sans-I/O model of python-websockets).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from relay_server.protocol.errors import ProtocolError
+from relay_server.protocol.messages import Inbound, Outbound, Unknown
+
+#: Twilio publishes no message-size cap (§5); a frame larger than this is refused by the relay.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+
+_inbound = msgspec.json.Decoder(Inbound)
+_outbound = msgspec.json.Decoder(Outbound)
+_envelope = msgspec.json.Decoder(Unknown)
+_encoder = msgspec.json.Encoder()
+_KNOWN_INBOUND = frozenset({"setup", "prompt", "dtmf", "interrupt", "error", "info"})
+
+
+def decode(
+    frame: Union[str, bytes], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> Union[Inbound, Unknown]:
+    """Decode one frame from Twilio.
+
+    Returns a typed message, or :class:`Unknown` for a well-formed frame of a type this relay
+    does not know (§2: unknown types and fields must be ignored).
+    Raises :class:`ProtocolError` for a binary frame, an oversized frame, non-JSON, a JSON value
+    that is not an object with a string ``type``, or a known type with wrong field types.
+    """
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(
+            f"binary frame of {len(frame)} bytes: ConversationRelay sends JSON text frames only"
+        )
+    if len(frame) > max_bytes and len(frame.encode()) > max_bytes:
+        raise ProtocolError(
+            f"frame of {len(frame.encode())} bytes exceeds the {max_bytes}-byte limit"
+        )
+    try:
+        return _inbound.decode(frame)
+    except msgspec.ValidationError as exc:
+        return _unknown_or_raise(frame, exc)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from exc
+
+
+def _unknown_or_raise(frame: str, exc: msgspec.ValidationError) -> Unknown:
+    # The slow path: only reached for frames that did not decode as a known message.
+    try:
+        envelope = _envelope.decode(frame)
+    except msgspec.ValidationError:
+        raise ProtocolError(
+            f"not a ConversationRelay message (needs a string 'type'): {exc}"
+        ) from exc
+    if envelope.type in _KNOWN_INBOUND:
+        raise ProtocolError(f"malformed {envelope.type!r} message: {exc}") from exc
+    return envelope
+
+
+def encode(message: Outbound) -> str:
+    """Encode one of our messages as the JSON text Twilio validates (§3)."""
+    return _encoder.encode(message).decode()
+
+
+def decode_outbound(data: Union[str, bytes]) -> Outbound:
+    """Parse an outbound message given as JSON (the relay's messages API), with the same rules
+    the constructors enforce. Raises :class:`ProtocolError` with the reason."""
+    try:
+        return _outbound.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"not a valid outbound message: {exc}") from exc
+
+
+def text_frame(token: str, last: bool) -> str:
+    """Encode the common ``text`` frame (the per-token hot path) without building a Struct."""
+    return _TEXT_PREFIX + _encoder.encode(token).decode() + (_LAST_TRUE if last else _LAST_FALSE)
+
+
+_TEXT_PREFIX = '{"type":"text","token":'
+_LAST_TRUE = ',"last":true}'
+_LAST_FALSE = ',"last":false}'

@@ -1,0 +1,188 @@
+"""Typed ConversationRelay messages (../shared/conversationrelay/protocol.md §2-3).
+
+Every message is a msgspec Struct tagged by its wire ``type`` and renamed to camelCase.
+Inbound structs are lenient the way Twilio needs (optional fields default, unknown fields are
+ignored by msgspec); outbound structs validate on construction so that nothing Twilio would
+reject (error 64107) ever leaves the relay.
+
+Outbound structs use ``omit_defaults``: optional overrides (``lang``, ``interruptible``…) default
+to ``None`` and vanish from the wire, while required fields (``token``, ``last``) have no default
+and are therefore always encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Union
+
+import msgspec
+
+from relay_server.protocol.errors import ProtocolError
+
+# --------------------------------------------------------------------------- inbound (§2)
+
+
+class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_only=True):
+    """First frame of every socket (§2.1)."""
+
+    call_sid: str
+    session_id: str = ""
+    account_sid: str = ""
+    from_: str = ""
+    to: str = ""
+    direction: str = ""
+    call_type: str = ""
+    #: Upper-snake on the wire: ``RINGING`` or ``IN_PROGRESS`` (§2.1).
+    call_status: str = ""
+    parent_call_sid: str = ""
+    forwarded_from: str = ""
+    caller_name: str = ""
+    custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+    #: ``null`` in 2024-25 captures, absent in 2026 ones (§2.1).
+    application_sid: str | None = None
+
+
+class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_only=True):
+    """Caller speech (§2.2). ``last=False`` frames are cumulative partials."""
+
+    voice_prompt: str
+    lang: str = ""
+    last: bool = True
+
+
+class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
+    """One key press (§2.3)."""
+
+    digit: str
+
+
+class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel", kw_only=True):
+    """Caller barged in (§2.4). ``utterance_until_interrupt`` is the agent text the caller heard."""
+
+    utterance_until_interrupt: str = ""
+    #: An int in 2026 captures, a string in the early docs ("460"): both accepted (§2.4).
+    duration_until_interrupt_ms: Union[int, str] = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.duration_until_interrupt_ms, str):
+            try:
+                self.duration_until_interrupt_ms = int(float(self.duration_until_interrupt_ms or 0))
+            except ValueError as exc:
+                raise ProtocolError(
+                    "durationUntilInterruptMs is not a number: "
+                    f"{self.duration_until_interrupt_ms!r}"
+                ) from exc
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
+    """Twilio rejected one of our frames or hit a problem (§2.5)."""
+
+    description: str = ""
+
+    @property
+    def code(self) -> int | None:
+        """The 64xxx code when the description carries one ("…, code: 64107, …")."""
+        match = _CODE_RE.search(self.description)
+        return int(match.group(1)) if match else None
+
+
+_CODE_RE = re.compile(r"\b(64\d{3})\b")
+
+
+class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
+    """Opt-in speaker / tokens-played / debugging events (§2.6). ``value`` is kept as a string."""
+
+    name: str
+    value: Union[str, int, float, bool, None] = ""
+
+    def __post_init__(self) -> None:
+        value = self.value
+        if isinstance(value, bool):
+            self.value = "true" if value else "false"
+        elif value is None:
+            self.value = ""
+        elif not isinstance(value, str):
+            self.value = str(value)
+
+
+class Unknown(msgspec.Struct, kw_only=True):
+    """A well-formed frame whose ``type`` this relay does not know. Twilio adds types over time,
+    so this is skipped, never an error (DESIGN.md)."""
+
+    type: str
+
+
+Inbound = Union[Setup, Prompt, Dtmf, Interrupt, Error, Info]
+
+# -------------------------------------------------------------------------- outbound (§3)
+
+_DIGITS_RE = re.compile(r"^[0-9w#*]+$")
+
+
+class _Out(msgspec.Struct, tag_field="type", rename="camel", omit_defaults=True, kw_only=True):
+    pass
+
+
+class Text(_Out, tag="text"):
+    """One token of a talk cycle. ``token`` is never null nor trimmed; ``last`` always sent."""
+
+    token: str
+    last: bool
+    lang: str | None = None
+    interruptible: bool | None = None
+    preemptible: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str):
+            raise ProtocolError(f"text.token must be a string, got {type(self.token).__name__}")
+
+
+class Play(_Out, tag="play"):
+    """Play a media URL (``loop=0`` means 1000 times)."""
+
+    source: str
+    loop: int = 1
+    preemptible: bool | None = None
+    interruptible: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ProtocolError("play.source is required")
+        if self.loop < 0:
+            raise ProtocolError(f"play.loop must be 0 or more, got {self.loop}")
+
+
+class SendDigits(_Out, tag="sendDigits"):
+    """DTMF to the far end: only ``0-9 w # *`` (``w`` = 0.5 s pause)."""
+
+    digits: str
+
+    def __post_init__(self) -> None:
+        if not _DIGITS_RE.match(self.digits or ""):
+            raise ProtocolError(
+                f"sendDigits.digits must be non-empty and only 0-9, w, #, *: got {self.digits!r}"
+            )
+
+
+class Language(_Out, tag="language"):
+    """Switch TTS and/or STT language for what follows."""
+
+    tts_language: str | None = None
+    transcription_language: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tts_language and not self.transcription_language:
+            raise ProtocolError("language needs ttsLanguage or transcriptionLanguage")
+
+
+class End(_Out, tag="end"):
+    """End the session; ``handoff_data`` reaches the action URL verbatim as ``HandoffData``."""
+
+    handoff_data: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.handoff_data is not None and not isinstance(self.handoff_data, str):
+            raise ProtocolError("end.handoffData must be a string (JSON-encode objects first)")
+
+
+Outbound = Union[Text, Play, SendDigits, Language, End]

@@ -1,0 +1,243 @@
+"""One call: the base class every agent derives from.
+
+Handlers (``on_setup`` … ``on_close``) run in the socket's receive loop, one at a time and in the
+order Twilio sent the frames, so they must return quickly. Anything slow (an LLM reply, a tool)
+runs as the *turn*: ``await self.start_turn(coro)``. A session has at most one turn; starting a
+new one cancels the old one, a barge-in cancels it (the default ``on_interrupt``), and so does
+the socket closing. A turn that sent tokens is always closed with ``last: true``, also when it
+was cancelled or failed (protocol.md §3, "Talk cycle").
+
+A session never sees Quart: it writes encoded frames through :class:`SessionLink.send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from relay_server import events as ev
+from relay_server.config import RelayConfig
+from relay_server.events import EventBus
+from relay_server.protocol import (
+    Dtmf,
+    End,
+    Error,
+    Inbound,
+    Info,
+    Interrupt,
+    Language,
+    Outbound,
+    Play,
+    Prompt,
+    SendDigits,
+    Setup,
+    Text,
+    encode,
+    text_frame,
+)
+
+log = logging.getLogger("relay_server.session")
+
+
+@dataclass
+class SessionLink:
+    """What a session gets from the relay: a way to send, the events bus and shared services."""
+
+    send: Callable[[str], Awaitable[None]]
+    events: EventBus
+    config: RelayConfig
+    #: Shared services (the LLM client, tools); agents pick what they need.
+    services: dict[str, Any]
+
+
+class CallSession:
+    """Base class of an agent: one instance per call (per ConversationRelay socket)."""
+
+    def __init__(self, link: SessionLink, setup: Setup) -> None:
+        self.link = link
+        self.setup = setup
+        self.call_sid = setup.call_sid
+        self.log = logging.LoggerAdapter(log, {"call_sid": setup.call_sid})
+        self.closed = False
+        self._ended = False
+        self._turn_task: asyncio.Task[None] | None = None
+        #: A talk cycle is open: tokens went out without ``last: true`` yet.
+        self._cycle_open = False
+
+    # ------------------------------------------------------------------ handlers to override
+    async def on_setup(self, setup: Setup) -> None:
+        """The call is connected (first frame)."""
+
+    async def on_prompt(self, prompt: Prompt) -> None:
+        """Caller speech; ``prompt.last`` is False for cumulative partials."""
+
+    async def on_dtmf(self, dtmf: Dtmf) -> None:
+        """One key press."""
+
+    async def on_interrupt(self, interrupt: Interrupt) -> None:
+        """The caller barged in; Twilio already stopped the audio. Default: cancel the turn."""
+        await self.cancel_turn()
+
+    async def on_error(self, error: Error) -> None:
+        """Twilio reported an error (usually 64107: it rejected one of our frames)."""
+        self.log.warning("Twilio error on %s: %s", self.call_sid, error.description)
+
+    async def on_info(self, info: Info) -> None:
+        """Opt-in speaker / tokens-played events."""
+
+    async def on_close(self) -> None:
+        """The socket closed; the session is about to be dropped."""
+
+    # ----------------------------------------------------------------------------- helpers
+    async def send_text(
+        self,
+        token: str,
+        last: bool = False,
+        *,
+        lang: str | None = None,
+        interruptible: bool | None = None,
+        preemptible: bool | None = None,
+    ) -> None:
+        """Send one token of the current talk cycle; ``last=True`` closes the cycle."""
+        task = asyncio.current_task()
+        if token and task is not None and task.cancelling() and task is self._turn_task:
+            return  # a cancelled turn may close its cycle, never add words to it
+        if lang is None and interruptible is None and preemptible is None:
+            frame = text_frame(token, last)
+        else:
+            frame = encode(
+                Text(
+                    token=token,
+                    last=last,
+                    lang=lang,
+                    interruptible=interruptible,
+                    preemptible=preemptible,
+                )
+            )
+        self._cycle_open = not last
+        await self._write(frame)
+
+    async def play(
+        self,
+        source: str,
+        loop: int = 1,
+        *,
+        preemptible: bool | None = None,
+        interruptible: bool | None = None,
+    ) -> None:
+        """Play a media file reachable by Twilio (``loop=0``: 1000 times)."""
+        await self.send(
+            Play(source=source, loop=loop, preemptible=preemptible, interruptible=interruptible)
+        )
+
+    async def send_digits(self, digits: str) -> None:
+        """Send DTMF tones (``0-9 w # *``) to the far end, queued behind speech."""
+        await self.send(SendDigits(digits=digits))
+
+    async def set_language(self, tts: str | None = None, transcription: str | None = None) -> None:
+        """Switch the TTS and/or transcription language for what follows."""
+        await self.send(Language(tts_language=tts, transcription_language=transcription))
+        self.link.events.publish(ev.LANGUAGE, self.call_sid, tts=tts, transcription=transcription)
+
+    async def end(self, handoff_data: str | dict[str, Any] | None = None) -> None:
+        """End the session after queued speech; ``handoff_data`` reaches ``/action`` verbatim.
+
+        A dict is JSON-encoded (``handoffData`` is a string on the wire, protocol.md §3).
+        """
+        if self._cycle_open:
+            await self.send_text("", last=True)
+        data = json.dumps(handoff_data) if isinstance(handoff_data, dict) else handoff_data
+        await self.send(End(handoff_data=data))
+        self._ended = True
+
+    async def send(self, message: Outbound) -> None:
+        """Send any outbound message (validated on construction)."""
+        if isinstance(message, Text):
+            self._cycle_open = not message.last
+        await self._write(encode(message))
+
+    async def _write(self, frame: str) -> None:
+        if self.closed:
+            return
+        try:
+            await self.link.send(frame)
+        except (ConnectionError, RuntimeError, OSError):
+            # The socket went away under us: the receive loop will close the session.
+            self.closed = True
+
+    # ------------------------------------------------------------------------------- turns
+    @property
+    def turn_running(self) -> bool:
+        """Whether a turn task is in progress."""
+        return self._turn_task is not None and not self._turn_task.done()
+
+    async def start_turn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Cancel the running turn (if any) and run ``coro`` as the new one."""
+        await self.cancel_turn()
+        self._turn_task = asyncio.create_task(self._run_turn(coro))
+        return self._turn_task
+
+    async def cancel_turn(self) -> bool:
+        """Cancel the running turn and wait until it has cleaned up. True if one was running."""
+        turn = self._turn_task
+        if turn is None or turn.done():
+            return False
+        turn.cancel()
+        await asyncio.wait([turn])
+        return True
+
+    async def _run_turn(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("turn failed on %s", self.call_sid)
+            self.link.events.publish(ev.ERROR, self.call_sid, source="agent", message="turn failed")
+        finally:
+            if self._cycle_open and not self.closed:
+                # Close the talk cycle even when cancelled: Twilio needs last:true (§3).
+                await self.send_text("", last=True)
+
+    # ------------------------------------------------------------------ called by the relay
+    async def dispatch(self, message: Inbound) -> None:
+        """Route one decoded frame to its handler."""
+        if isinstance(message, Prompt):
+            await self.on_prompt(message)
+        elif isinstance(message, Interrupt):
+            await self.on_interrupt(message)
+        elif isinstance(message, Dtmf):
+            await self.on_dtmf(message)
+        elif isinstance(message, Info):
+            await self.on_info(message)
+        elif isinstance(message, Error):
+            self.link.events.publish(
+                ev.ERROR,
+                self.call_sid,
+                source="twilio",
+                message=message.description,
+                code=message.code,
+            )
+            await self.on_error(message)
+        elif isinstance(message, Setup):
+            self.log.warning("second setup frame on %s ignored", self.call_sid)
+
+    async def close(self) -> None:
+        """Cancel the turn and run ``on_close``; called once when the socket is gone."""
+        self.closed = True
+        await self.cancel_turn()
+        try:
+            await self.on_close()
+        except Exception:
+            self.log.exception("on_close failed on %s", self.call_sid)
+
+    def resume_state(self) -> Any:
+        """State to carry over to a reconnected socket of the same call (``None``: nothing)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Adopt state saved by :meth:`resume_state` of this call's previous socket."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: the fake LLM (real HTTP) and the relay (real sockets), both on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.fakes.fake_llm import FakeLLM
+from tests.support import RelayServer, config
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeLLM]:
+    with FakeLLM() as llm:
+        yield llm
+
+
+@pytest.fixture
+def relay_factory(fake_llm: FakeLLM) -> Iterator[Callable[..., RelayServer]]:
+    """Start a relay wired to the fake LLM: ``relay_factory(agent=None, **config overrides)``."""
+    started: list[RelayServer] = []
+
+    def make(agent: Any = None, **overrides: Any) -> RelayServer:
+        overrides.setdefault("llm_api_key", "sk-test")
+        overrides.setdefault("llm_base_url", fake_llm.base_url)
+        overrides.setdefault("llm_timeout", 2.0)
+        server = RelayServer(config(**overrides), agent=agent).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
+    """The relay with the default (LLM) agent and the test auth token."""
+    return relay_factory()

@@ -1,0 +1,418 @@
+"""Fake OpenAI-compatible Chat Completions server over real HTTP (aiohttp).
+
+Serves ``POST /v1/chat/completions`` (SSE streaming exactly like OpenAI, or a plain
+``chat.completion`` JSON) and ``GET /v1/models`` on 127.0.0.1, from a background thread
+with its own event loop. Each request is answered by a :class:`Script` (queued with
+:meth:`FakeLLM.enqueue`, else produced by ``FakeLLM.responder``) and logged as a
+:class:`StreamRecord`. Used by the test suite and by benchmarks, so it stays lean.
+
+CLI for benchmarks::
+
+    python -m tests.fakes.fake_llm --port 8099 --ttft 0.3 --delay 0.02 --tokens 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+MODEL = "fake-llm"
+FAULTS = (None, "status", "hang", "cut", "garbage", "reset")
+_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Invalid request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
+}
+_SERVER_ERROR = ("The server had an error processing your request.", "server_error", None)
+
+
+@dataclass
+class ToolCallSpec:
+    """One tool call; ``arguments`` (JSON text) is streamed in ``fragments`` pieces."""
+
+    name: str
+    arguments: str
+    id: str | None = None  # auto "call_<n>" if None
+    fragments: int = 3
+
+
+@dataclass
+class Script:
+    """How to answer one request.
+
+    Timing: the first content/tool chunk is written ``ttft`` s after the request
+    arrived, then one chunk every ``delay`` s. A "token" below is one content token
+    *or* one tool-call chunk (a call's header chunk and each argument fragment count).
+
+    Faults: ``"status"`` -> HTTP ``status`` with OpenAI's error JSON (429 adds
+    ``retry-after: 0``); ``"hang"`` -> send nothing (not even headers) until the
+    client goes away; ``"cut"`` -> close the connection (FIN; no final chunk, no
+    ``[DONE]``, no terminating HTTP chunk) after ``cut_after`` tokens; ``"reset"`` ->
+    the same but abort the socket with a real RST; ``"garbage"`` -> after
+    ``cut_after`` tokens send the line ``data: {not json``, then continue normally.
+    """
+
+    tokens: list[str] = field(default_factory=list)
+    ttft: float = 0.0
+    delay: float = 0.0
+    tool_calls: list[ToolCallSpec] = field(default_factory=list)
+    fault: str | None = None
+    status: int = 500
+    cut_after: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
+
+
+@dataclass
+class StreamRecord:
+    """What happened to one request (times are ``time.monotonic()``)."""
+
+    body: dict[str, Any]
+    received_at: float
+    first_chunk_at: float | None
+    tokens_sent: int
+    completed: bool  # [DONE] (or the full non-streaming body) written
+    client_disconnected: bool  # client went away before the script finished
+    disconnected_at: float | None
+    script: Script
+
+
+def echo_responder(body: dict[str, Any]) -> Script:
+    """Default responder: ``"You said: <words of the last user message>"``.
+
+    One token per word, leading space kept: ``["You", " said", ":", " hi"]``.
+    """
+    content: Any = ""
+    for msg in reversed(body.get("messages") or []):
+        if msg.get("role") == "user":
+            content = msg.get("content") or ""
+            break
+    if isinstance(content, list):  # content parts
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return Script(tokens=["You", " said", ":"] + [f" {w}" for w in str(content).split()])
+
+
+def _split(text: str, parts: int) -> list[str]:
+    """Split ``text`` into ``parts`` (at most ``len(text)``) non-empty pieces."""
+    n = max(1, min(parts, len(text)))
+    size, extra = divmod(len(text), n)
+    bounds = list(itertools.accumulate([0] + [size + (i < extra) for i in range(n)]))
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _usage(completion_tokens: int) -> dict[str, int]:
+    n = completion_tokens
+    return {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + text.encode() + b"\n\n"
+
+
+def _error_response(status: int) -> web.Response:
+    message, kind, code = _ERRORS.get(status, _SERVER_ERROR)
+    error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    headers = {"retry-after": "0"} if status == 429 else None
+    return web.json_response(error, status=status, headers=headers)
+
+
+def _drop(request: web.Request, *, reset: bool) -> None:
+    """Close the client connection mid-response: FIN (flushes first) or RST."""
+    transport = request.transport
+    if transport is None:
+        return
+    if reset:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0 => close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    else:
+        transport.close()
+
+
+class FakeLLM:
+    """Fake OpenAI Chat Completions server on 127.0.0.1, run in a background thread."""
+
+    def __init__(
+        self,
+        responder: Callable[[dict[str, Any]], Script] | None = None,
+        *,
+        port: int = 0,
+        keep_records: bool = True,
+    ) -> None:
+        self.responder: Callable[[dict[str, Any]], Script] = responder or echo_responder
+        self.records: list[StreamRecord] = []
+        self.base_url = ""
+        self._port = port
+        self._keep_records = keep_records
+        self._queue: deque[Script] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._start_error: BaseException | None = None
+        self._stopping = False
+
+    # ---- public API ----------------------------------------------------------
+    def enqueue(self, *scripts: Script) -> None:
+        """Queue scripts, used FIFO (one per request) before ``responder``."""
+        with self._lock:
+            self._queue.extend(scripts)
+
+    def start(self) -> Self:
+        """Start serving on a free (or the configured) port; returns once listening."""
+        if self._thread is not None:
+            raise RuntimeError("FakeLLM already started")
+        ready = threading.Event()
+        self._stopping, self._start_error = False, None
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(10) or self._start_error is not None:
+            self.stop()
+            raise RuntimeError("FakeLLM failed to start") from self._start_error
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (cancels open streams, even hanging ones); join the thread."""
+        thread, loop, event = self._thread, self._loop, self._stop_event
+        if thread is None:
+            return
+        self._stopping = True
+        if loop is not None and event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closed meanwhile
+                loop.call_soon_threadsafe(event.set)
+        thread.join(timeout=10)
+        self._thread = self._loop = self._stop_event = None
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        """Poll ``predicate`` every 10 ms until true or ``timeout`` s; return it."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return predicate()
+            time.sleep(0.01)
+        return True
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- server thread -------------------------------------------------------
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._main(ready))
+        except BaseException as exc:  # reported to start()
+            self._start_error = exc
+        finally:
+            ready.set()
+
+    async def _main(self, ready: threading.Event) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        # handler_cancellation: aiohttp cancels the handler once the client goes away.
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", self._port, backlog=1024)
+            await site.start()
+            self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+            self._loop, self._stop_event = asyncio.get_running_loop(), asyncio.Event()
+            ready.set()
+            await self._stop_event.wait()
+        finally:
+            await runner.cleanup()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake-llm"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    def _next_script(self, body: dict[str, Any]) -> Script:
+        with self._lock:
+            if self._queue:
+                return self._queue.popleft()
+        return self.responder(body)
+
+    def _mark_disconnected(self, rec: StreamRecord) -> None:
+        if not self._stopping and not rec.completed and not rec.client_disconnected:
+            rec.client_disconnected, rec.disconnected_at = True, time.monotonic()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        received = time.monotonic()
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(400)
+        script = self._next_script(body)
+        rec = StreamRecord(body, received, None, 0, False, False, None, script)
+        if self._keep_records:
+            with self._lock:
+                self.records.append(rec)
+        try:
+            if script.fault == "hang":
+                await asyncio.Event().wait()  # until cancelled: client gone or stop()
+            if script.fault == "status":
+                return _error_response(script.status)
+            ids = [tc.id or f"call_{next(self._ids)}" for tc in script.tool_calls]
+            if body.get("stream"):
+                return await self._stream(request, rec, ids)
+            return await self._complete(request, rec, ids)
+        except asyncio.CancelledError:
+            self._mark_disconnected(rec)
+            raise
+
+    @staticmethod
+    def _deltas(script: Script, ids: list[str]) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = [{"content": t} for t in script.tokens]
+        for i, (tc, call_id) in enumerate(zip(script.tool_calls, ids, strict=True)):
+            func = {"name": tc.name, "arguments": ""}
+            head = {"index": i, "id": call_id, "type": "function", "function": func}
+            deltas.append({"tool_calls": [head]})
+            deltas += [
+                {"tool_calls": [{"index": i, "function": {"arguments": frag}}]}
+                for frag in _split(tc.arguments, tc.fragments)
+            ]
+        return deltas
+
+    async def _stream(
+        self, request: web.Request, rec: StreamRecord, ids: list[str]
+    ) -> web.StreamResponse:
+        body, script = rec.body, rec.script
+        base: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL,
+        }
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if usage:
+            base["usage"] = None
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return _sse({**base, "choices": [choice]})
+
+        deltas = self._deltas(script, ids)
+        midstream = script.fault in ("cut", "reset", "garbage")
+        fault_at = min(script.cut_after, len(deltas)) if midstream else -1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        try:
+            await resp.prepare(request)
+            await resp.write(event({"role": "assistant", "content": ""}))
+            for i, delta in enumerate([*deltas, None]):
+                if i == fault_at:
+                    if script.fault == "garbage":
+                        await resp.write(b"data: {not json\n\n")
+                    else:
+                        _drop(request, reset=script.fault == "reset")
+                        return resp
+                if delta is None:
+                    break
+                pause = rec.received_at + script.ttft - time.monotonic() if i == 0 else script.delay
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                await resp.write(event(delta))
+                rec.tokens_sent += 1
+                if rec.first_chunk_at is None:
+                    rec.first_chunk_at = time.monotonic()
+            await resp.write(event({}, "tool_calls" if script.tool_calls else "stop"))
+            if usage:
+                tail = {**base, "choices": [], "usage": _usage(rec.tokens_sent)}
+                await resp.write(_sse(tail))
+            await resp.write(b"data: [DONE]\n\n")
+            rec.completed = True
+            await resp.write_eof()
+        except ConnectionError:  # client went away between two writes
+            self._mark_disconnected(rec)
+        return resp
+
+    async def _complete(
+        self, request: web.Request, rec: StreamRecord, ids: list[str]
+    ) -> web.StreamResponse:
+        body, script = rec.body, rec.script
+        n = len(script.tokens) + len(script.tool_calls)
+        done_at = rec.received_at + script.ttft + script.delay * max(0, n - 1)
+        if (pause := done_at - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+        if script.fault in ("cut", "reset"):
+            _drop(request, reset=script.fault == "reset")
+            return web.Response()  # aiohttp ignores the failed write on a dropped socket
+        if script.fault == "garbage":
+            return web.Response(text="{not json", content_type="application/json")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(script.tokens) or None}
+        if script.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": cid,
+                    "type": "function",
+                    "function": {"name": tc.name, "arguments": tc.arguments},
+                }
+                for tc, cid in zip(script.tool_calls, ids, strict=True)
+            ]
+        finish = "tool_calls" if script.tool_calls else "stop"
+        rec.first_chunk_at, rec.tokens_sent, rec.completed = time.monotonic(), n, True
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model") or MODEL,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": _usage(n),
+            }
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve ``--tokens`` tokens (" tok1", " tok2", ...) until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="fake_llm", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0 = any free port")
+    parser.add_argument("--ttft", type=float, default=0.0, help="s to first token")
+    parser.add_argument("--delay", type=float, default=0.0, help="s between tokens")
+    parser.add_argument("--tokens", type=int, default=20, help="tokens per reply")
+    args = parser.parse_args(argv)
+    tokens = [f" tok{i}" for i in range(1, args.tokens + 1)]
+
+    def responder(_body: dict[str, Any]) -> Script:
+        return Script(tokens=tokens, ttft=args.ttft, delay=args.delay)
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    with FakeLLM(responder, port=args.port, keep_records=False) as fake:
+        print(fake.base_url, flush=True)
+        while not done.wait(0.5):
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Test harness: the relay on a free loopback port, and a caller that behaves like Twilio.
+
+The relay runs under hypercorn in a thread with its own event loop, so tests talk to it over
+real sockets exactly as Twilio would. :class:`TwilioCaller` signs its WebSocket handshake with
+the auth token over the *public* ``wss://`` URL (as Twilio does through a tunnel) while
+connecting to the local address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import websockets
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from twilio.request_validator import RequestValidator
+
+from relay_server import CallEvent, EventBus, RelayConfig, create_app
+from relay_server.calls import CallRegistry
+
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+PUBLIC_URL = "https://relay.example.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RelayServer:
+    """The relay app under hypercorn in a background thread, on 127.0.0.1:<free port>."""
+
+    def __init__(self, config: RelayConfig, agent: Any = None) -> None:
+        self.config = config
+        self.events: list[CallEvent] = []
+        self.bus = EventBus()
+        self.bus.subscribe(self.events.append)
+        self.app = create_app(config, events=self.bus, agent=agent)
+        self.registry: CallRegistry = self.app.extensions["crctl"]["registry"]
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._stop = asyncio.Event()
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.accesslog = None
+        config.graceful_timeout = 1.0
+        config.websocket_max_message_size = 1 << 20
+        self._loop.run_until_complete(
+            serve(self.app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
+        )
+
+    def start(self) -> RelayServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("relay did not start")
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def __enter__(self) -> RelayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call_on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the relay's loop and return its result (inspect sessions safely)."""
+        done = threading.Event()
+        box: list[Any] = []
+        self._loop.call_soon_threadsafe(lambda: (box.append(fn()), done.set()))
+        done.wait(5)
+        return box[0]
+
+    def kinds(self, call_sid: str | None = None) -> list[str]:
+        return [e.kind for e in list(self.events) if call_sid is None or e.call_sid == call_sid]
+
+
+def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN) -> str:
+    """X-Twilio-Signature for ``url`` and form ``params``, computed as Twilio does."""
+    return str(RequestValidator(token).compute_signature(url, params or {}))
+
+
+def setup_frame(call_sid: str, **extra: Any) -> dict[str, Any]:
+    """A setup frame shaped like the captured one (protocol.md §2.1)."""
+    frame = {
+        "type": "setup",
+        "sessionId": "VX" + call_sid[2:],
+        "callSid": call_sid,
+        "parentCallSid": "",
+        "from": "+15550100001",
+        "to": "+15550100002",
+        "forwardedFrom": "+15550100002",
+        "callerName": "",
+        "direction": "inbound",
+        "callType": "PSTN",
+        "callStatus": "RINGING",
+        "accountSid": "AC" + "0" * 32,
+        "customParameters": {},
+    }
+    frame.update(extra)
+    return frame
+
+
+class TwilioCaller:
+    """A WebSocket client that talks ConversationRelay like Twilio does."""
+
+    def __init__(
+        self,
+        relay: RelayServer,
+        call_sid: str = "CA" + "1" * 32,
+        public_url: str | None = PUBLIC_URL,
+        token: str | None = AUTH_TOKEN,
+    ) -> None:
+        self.relay = relay
+        self.call_sid = call_sid
+        self.public_url = public_url
+        self.token = token
+        self.ws: Any = None
+        self.received: list[dict[str, Any]] = []
+
+    async def connect(
+        self, *, signature: str | None = None, setup: bool = True, **setup_extra: Any
+    ) -> TwilioCaller:
+        headers = {}
+        if signature is not None:
+            headers["X-Twilio-Signature"] = signature
+        elif self.token and self.public_url:
+            signed = self.public_url.replace("https://", "wss://") + "/ws"
+            headers["X-Twilio-Signature"] = sign(signed, token=self.token)
+        self.ws = await websockets.connect(
+            self.relay.ws_url,
+            additional_headers=headers,
+            user_agent_header="Jetty/11.0.24",
+            max_size=None,
+            open_timeout=5,
+        )
+        if setup:
+            await self.send(setup_frame(self.call_sid, **setup_extra))
+        return self
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
+
+    async def prompt(self, text: str, last: bool = True, lang: str = "en-US") -> None:
+        await self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": last})
+
+    async def dtmf(self, digit: str) -> None:
+        await self.send({"type": "dtmf", "digit": digit})
+
+    async def interrupt(self, heard: str, duration_ms: int | str = 500) -> None:
+        await self.send(
+            {
+                "type": "interrupt",
+                "utteranceUntilInterrupt": heard,
+                "durationUntilInterruptMs": duration_ms,
+            }
+        )
+
+    async def info(self, name: str, value: str) -> None:
+        await self.send({"type": "info", "name": name, "value": value})
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.received.append(frame)
+        return frame  # type: ignore[no-any-return]
+
+    async def recv_turn(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Frames up to and including the text frame with ``last: true``."""
+        frames = []
+        while True:
+            frame = await self.recv(timeout)
+            frames.append(frame)
+            if frame["type"] == "text" and frame["last"]:
+                return frames
+
+    async def reply_text(self, timeout: float = 5.0) -> str:
+        """The text of the next talk cycle."""
+        return "".join(f["token"] for f in await self.recv_turn(timeout) if f["type"] == "text")
+
+    async def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        """Frames arriving within ``seconds`` (expected to be none, usually)."""
+        frames = []
+        deadline = asyncio.get_running_loop().time() + seconds
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                frames.append(await self.recv(left))
+            except TimeoutError:
+                break
+        return frames
+
+    async def hangup(self) -> None:
+        await self.ws.close(1000, "Closing websocket session")
+
+
+def config(**overrides: Any) -> RelayConfig:
+    """A RelayConfig for tests: signatures on with the test token, silence reminders off."""
+    base = RelayConfig(public_url=PUBLIC_URL, auth_token=AUTH_TOKEN)
+    agent_over = {k[6:]: overrides.pop(k) for k in list(overrides) if k.startswith("agent_")}
+    llm_over = {k[4:]: overrides.pop(k) for k in list(overrides) if k.startswith("llm_")}
+    agent_cfg = replace(base.agent_config, silence_timeout=0, filler_after_ms=0)
+    agent_cfg = replace(agent_cfg, **agent_over)
+    llm_cfg = replace(base.llm, **llm_over)
+    return replace(base, agent_config=agent_cfg, llm=llm_cfg, **overrides)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -53,7 +53,7 @@ class EventBus:
         self._subscribers.append(subscriber)
         return lambda: self._subscribers.remove(subscriber)
 
-    def publish(self, kind: str, call_sid: str, **data: Any) -> None:
+    def publish(self, kind: str, call_sid: str, /, **data: Any) -> None:
         """Publish one event to every subscriber."""
         if not self._subscribers:
             return

@@ -157,7 +157,8 @@ class ConversationAgent(CallSession):
                         self._message["content"] += token
                     await self.send_text(token)
         finally:
-            if self._cycle_open and not self.closed:
+            if not self.closed and (self._cycle_open or not spoken):
+                # Every turn ends with last:true, also an empty or cut one (§3, §6.11).
                 await self.send_text("", last=True)
             text = "".join(spoken)
             self.link.events.publish(

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
+import uvicorn
 from quart import Quart
 from rich.console import Console
 
@@ -129,27 +129,65 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Hypercorn's per-request access log is noise next to the relay's own call log.
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    """Hypercorn settings for the relay."""
-    config = HypercornConfig()
-    config.bind = [f"{_url_host(settings.host)}:{settings.port}"]
-    # Larger than the relay's own frame limit, so an oversized frame is logged and dropped by
-    # the relay (the call goes on) instead of the server closing the socket.
-    config.websocket_max_message_size = max(4 * settings.max_frame_bytes, 1 << 20)
-    config.graceful_timeout = 3.0
-    config.accesslog = None
-    return config
+def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
+    """Uvicorn settings for the relay.
+
+    Uvicorn's sans-I/O websockets protocol is the leanest ASGI WebSocket server measured here
+    (bench/). Per-message deflate is off: ConversationRelay frames are tiny JSON, and zlib's
+    contexts cost about 45 KiB per idle call and CPU on every token.
+    """
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        # Larger than the relay's own limit, so an oversized frame is logged and dropped by the
+        # relay (the call goes on) instead of the server closing the socket.
+        ws_max_size=max(4 * settings.max_frame_bytes, 1 << 20),
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn, with SIGINT/SIGTERM handled by :func:`run_relay` (exit code 0 after a clean
+    stop) rather than re-raised after shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def run_relay(app: Quart, settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve ``app`` until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set. A second signal forces
+    the exit without waiting for open calls."""
+    server = _Server(server_config(app, settings))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.force_exit = True
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(sig, stop.set)
-    await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+
+    async def watch() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)

@@ -8,11 +8,12 @@ so a logged or printed settings object never shows them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from relay_server.config import AgentConfig, LLMConfig, RelayConfig
 
@@ -44,7 +45,8 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     verify_signatures: bool = True
     agent: str | None = None
-    tools: list[str] = Field(default_factory=list)
+    #: Comma-separated in the environment: ``CRCTL_TOOLS=pkg.tools,other.tools``.
+    tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model: str = AgentConfig.model
     system_prompt: str | None = None
     system_prompt_file: Path | None = None
@@ -76,6 +78,13 @@ class Settings(BaseSettings):
             # Twilio's signature check fails on wss URLs with an explicit :443 (§4.1 gotcha 2).
             value = value.replace(f"{parts.hostname}:443", parts.hostname or "", 1)
         return value.rstrip("/")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -169,6 +178,8 @@ def load_settings(**flags: Any) -> Settings:
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     try:
         return Settings(**given)
+    except SourceError as exc:  # a value in the environment or a dotenv file cannot be parsed
+        raise SettingsError(" ".join(str(exc).split())) from None
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "settings"

@@ -113,6 +113,8 @@ class CallConnection:
         self.session: CallSession | None = None
         self.peer = peer
         self.bad_frames = 0
+        #: The agent could not be created: frames are dropped quietly (logged once).
+        self._broken = False
 
     @property
     def call_id(self) -> str:
@@ -125,6 +127,8 @@ class CallConnection:
             message = decode(frame, max_bytes=self.link.config.max_frame_bytes)
         except ProtocolError as exc:
             self._bad(str(exc))
+            return
+        if self._broken:
             return
         if isinstance(message, Unknown):
             log.debug("call %s: unknown message type %r skipped", self.call_id, message.type)
@@ -144,7 +148,10 @@ class CallConnection:
         try:
             session = self.factory(self.link, setup)
         except Exception:
-            log.exception("call %s: the agent could not be created", setup.call_sid)
+            log.exception(
+                "call %s: the agent could not be created; the call gets no answers", setup.call_sid
+            )
+            self._broken = True
             return
         self.session = session
         state = self.registry.add(session)

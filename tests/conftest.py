@@ -19,14 +19,15 @@ def fake_llm() -> Iterator[FakeLLM]:
 
 @pytest.fixture
 def relay_factory(fake_llm: FakeLLM) -> Iterator[Callable[..., RelayServer]]:
-    """Start a relay wired to the fake LLM: ``relay_factory(agent=None, **config overrides)``."""
+    """Start a relay wired to the fake LLM: ``relay_factory(agent_factory=None, **config)``;
+    config keys ``agent_*`` and ``llm_*`` go to AgentConfig / LLMConfig."""
     started: list[RelayServer] = []
 
-    def make(agent: Any = None, **overrides: Any) -> RelayServer:
+    def make(agent_factory: Any = None, **overrides: Any) -> RelayServer:
         overrides.setdefault("llm_api_key", "sk-test")
         overrides.setdefault("llm_base_url", fake_llm.base_url)
         overrides.setdefault("llm_timeout", 2.0)
-        server = RelayServer(config(**overrides), agent=agent).start()
+        server = RelayServer(config(**overrides), agent=agent_factory).start()
         started.append(server)
         return server
 

@@ -18,10 +18,10 @@ from dataclasses import replace
 from typing import Any
 
 import websockets
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from twilio.request_validator import RequestValidator
 
+from crctl.serve import run_relay
+from crctl.settings import Settings
 from relay_server import CallEvent, EventBus, RelayConfig, create_app
 from relay_server.calls import CallRegistry
 
@@ -55,14 +55,8 @@ class RelayServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._stop = asyncio.Event()
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.graceful_timeout = 1.0
-        config.websocket_max_message_size = 1 << 20
-        self._loop.run_until_complete(
-            serve(self.app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
-        )
+        settings = Settings(host="127.0.0.1", port=self.port)
+        self._loop.run_until_complete(run_relay(self.app, settings, self._stop))
 
     def start(self) -> RelayServer:
         self._thread.start()

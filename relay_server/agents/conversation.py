@@ -35,6 +35,7 @@ class ConversationAgent(CallSession):
         self._dtmf_timer: asyncio.TimerHandle | None = None
         self._silence_timer: asyncio.TimerHandle | None = None
         self._reminders = 0
+        self._resumed = False
 
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncIterator[str]:
@@ -44,8 +45,12 @@ class ConversationAgent(CallSession):
 
     # --------------------------------------------------------------------------- handlers
     async def on_setup(self, setup: Setup) -> None:
-        greeting = self.link.config.welcome_greeting
-        if greeting and setup.call_status != "IN_PROGRESS":
+        # The greeting Twilio speaks from the TwiML is part of what the caller heard; as the
+        # latest "reply", a barge-in on it shortens it and nothing said before (a resumed call).
+        config = self.link.config
+        greeting = config.reconnect_greeting if self._resumed else config.welcome_greeting
+        self._reply_start = len(self.history)
+        if greeting:
             self.history.append({"role": "assistant", "content": greeting})
         self.link.events.publish(
             ev.CALL_STARTED,
@@ -117,6 +122,7 @@ class ConversationAgent(CallSession):
     def restore(self, state: Any) -> None:
         if isinstance(state, list) and state:
             self.history = state
+            self._resumed = True
 
     # ------------------------------------------------------------------------------ turns
     async def start_turn(self, coro: Any) -> asyncio.Task[None]:
@@ -208,6 +214,7 @@ class ConversationAgent(CallSession):
     # ---------------------------------------------------------------------------- silence
     def _caller_active(self) -> None:
         self._reminders = 0
+        self._resumed = False
         self._cancel_silence()
 
     def _cancel_silence(self) -> None:

@@ -37,10 +37,9 @@ def decode(
         raise ProtocolError(
             f"binary frame of {len(frame)} bytes: ConversationRelay sends JSON text frames only"
         )
-    if len(frame) > max_bytes and len(frame.encode()) > max_bytes:
-        raise ProtocolError(
-            f"frame of {len(frame.encode())} bytes exceeds the {max_bytes}-byte limit"
-        )
+    # A str of n characters is at most 4n UTF-8 bytes: only long frames need the exact size.
+    if len(frame) * 4 > max_bytes and (size := len(frame.encode())) > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
     try:
         return _inbound.decode(frame)
     except msgspec.ValidationError as exc:

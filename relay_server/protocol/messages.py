@@ -67,7 +67,7 @@ class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel
         if isinstance(self.duration_until_interrupt_ms, str):
             try:
                 self.duration_until_interrupt_ms = int(float(self.duration_until_interrupt_ms or 0))
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:
                 raise ProtocolError(
                     "durationUntilInterruptMs is not a number: "
                     f"{self.duration_until_interrupt_ms!r}"
@@ -116,7 +116,7 @@ Inbound = Union[Setup, Prompt, Dtmf, Interrupt, Error, Info]
 
 # -------------------------------------------------------------------------- outbound (§3)
 
-_DIGITS_RE = re.compile(r"^[0-9w#*]+$")
+_DIGITS_RE = re.compile(r"[0-9w#*]+")
 
 
 class _Out(msgspec.Struct, tag_field="type", rename="camel", omit_defaults=True, kw_only=True):
@@ -158,7 +158,7 @@ class SendDigits(_Out, tag="sendDigits"):
     digits: str
 
     def __post_init__(self) -> None:
-        if not _DIGITS_RE.match(self.digits or ""):
+        if not _DIGITS_RE.fullmatch(self.digits or ""):
             raise ProtocolError(
                 f"sendDigits.digits must be non-empty and only 0-9, w, #, *: got {self.digits!r}"
             )

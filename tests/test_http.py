@@ -1,0 +1,562 @@
+"""The relay's HTTP surface over real sockets: /twiml, the /ws upgrade, /action, /status,
+/healthz and the messages API (protocol.md §1.4, §4).
+
+Every webhook is signed exactly as Twilio signs it: over the *public* URL the relay is
+configured with (``tests.support.PUBLIC_URL``), never over the 127.0.0.1 address the test
+actually connects to. That is what proves the relay checks the configured URL (§4.1 gotcha 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.support import PUBLIC_URL, RelayServer, TwilioCaller, setup_frame, sign, wait_until
+
+WS_PUBLIC = "wss://relay.example.test/ws"
+ACTION_PUBLIC = PUBLIC_URL + "/action"
+GREETING = "Hello! How can I help you today?"
+RECONNECT_GREETING = "Sorry, we were cut off. Where were we?"
+HANGUP_SORRY = "Sorry, something went wrong. Please call again."
+CALL_SID = "CA" + "1" * 32
+ACCOUNT_SID = "AC" + "0" * 32
+
+
+# ------------------------------------------------------------------------------ helpers
+def voice_params(call_sid: str = CALL_SID, **extra: str) -> dict[str, str]:
+    """The standard Voice webhook params of an inbound call, as Twilio posts them."""
+    params = {
+        "AccountSid": ACCOUNT_SID,
+        "ApiVersion": "2010-04-01",
+        "CallSid": call_sid,
+        "CallStatus": "ringing",
+        "Called": "+15550100002",
+        "CalledCity": "",
+        "CalledCountry": "US",
+        "CalledState": "CA",
+        "CalledZip": "",
+        "Caller": "+15550100001",
+        "CallerCity": "SAN FRANCISCO",
+        "CallerCountry": "US",
+        "CallerState": "CA",
+        "CallerZip": "94105",
+        "Direction": "inbound",
+        "From": "+15550100001",
+        "FromCity": "SAN FRANCISCO",
+        "FromCountry": "US",
+        "FromState": "CA",
+        "FromZip": "94105",
+        "To": "+15550100002",
+        "ToCity": "",
+        "ToCountry": "US",
+        "ToState": "CA",
+        "ToZip": "",
+    }
+    params.update(extra)
+    return params
+
+
+def action_params(call_sid: str = CALL_SID, status: str = "completed", **extra: str) -> dict:
+    """The ``<Connect action>`` callback body: the observed key set of §1.4."""
+    call_status = "completed" if status == "completed" else "in-progress"
+    return voice_params(
+        call_sid,
+        CallStatus=call_status,
+        SessionId="VX" + call_sid[2:],
+        SessionStatus=status,
+        SessionDuration="8",
+        **extra,
+    )
+
+
+async def post_signed(
+    client: httpx.AsyncClient,
+    relay: RelayServer,
+    path: str,
+    params: dict[str, str],
+    *,
+    signed: bool = True,
+    signature: str | None = None,
+) -> httpx.Response:
+    """POST a form to the relay, signed over the public URL unless told otherwise."""
+    headers = {}
+    if signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    elif signed:
+        headers["X-Twilio-Signature"] = sign(PUBLIC_URL + path, params)
+    return await client.post(relay.base_url + path, data=params, headers=headers)
+
+
+def parse_twiml(response: httpx.Response) -> ET.Element:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/xml")
+    root = ET.fromstring(response.text)
+    assert root.tag == "Response"
+    return root
+
+
+def assert_relay_twiml(root: ET.Element, greeting: str) -> None:
+    """``<Connect action method><ConversationRelay url welcomeGreeting …/>`` as §1 wants."""
+    connect = root.find("Connect")
+    assert connect is not None, ET.tostring(root)
+    assert connect.attrib == {"action": ACTION_PUBLIC, "method": "POST"}
+    relay_el = connect.find("ConversationRelay")
+    assert relay_el is not None
+    assert relay_el.get("url") == WS_PUBLIC
+    assert relay_el.get("welcomeGreeting") == greeting
+    assert relay_el.get("interruptible") == "any"
+    assert relay_el.get("reportInputDuringAgentSpeech") == "any"
+    assert relay_el.get("dtmfDetection") == "true"
+
+
+def hangup_children(root: ET.Element) -> list[str]:
+    return [child.tag for child in root]
+
+
+def events_of(relay: RelayServer, kind: str, call_sid: str | None = None) -> list[Any]:
+    return [
+        e
+        for e in list(relay.events)
+        if e.kind == kind and (call_sid is None or e.call_sid == call_sid)
+    ]
+
+
+async def ws_refused(relay: RelayServer, headers: dict[str, str], url: str | None = None) -> int:
+    """Try an upgrade; return the HTTP status of the refusal (fails if it was accepted)."""
+    with pytest.raises(InvalidStatus) as info:
+        ws = await websockets.connect(
+            url or relay.ws_url, additional_headers=headers, open_timeout=5
+        )
+        await ws.close()
+    return int(info.value.response.status_code)
+
+
+async def ws_accepted(relay: RelayServer, url: str, signature: str) -> None:
+    """Upgrade with ``signature``, send setup, and check the relay registered the call."""
+    ws = await websockets.connect(
+        url, additional_headers={"X-Twilio-Signature": signature}, open_timeout=5
+    )
+    try:
+        await ws.send(json.dumps(setup_frame(CALL_SID)))
+        assert wait_until(lambda: relay.registry.get(CALL_SID) is not None, 3)
+    finally:
+        await ws.close()
+    assert wait_until(lambda: len(relay.registry) == 0, 3)
+
+
+async def drop(caller: TwilioCaller) -> None:
+    """Drop the socket abruptly, without a close frame (the 1006 case of §5)."""
+    caller.ws.transport.abort()
+    await asyncio.sleep(0)
+
+
+async def exchange(caller: TwilioCaller, said: str) -> str:
+    await caller.prompt(said)
+    return await caller.reply_text()
+
+
+# ------------------------------------------------------------------------------ /twiml
+async def test_twiml_post_refuses_unsigned_wrong_and_local_url_signatures(relay):
+    params = voice_params()
+    async with httpx.AsyncClient() as client:
+        unsigned = await post_signed(client, relay, "/twiml", params, signed=False)
+        wrong = await post_signed(client, relay, "/twiml", params, signature="bm90LWEtc2lnbmF0dXJl")
+        local = await post_signed(
+            client, relay, "/twiml", params, signature=sign(relay.base_url + "/twiml", params)
+        )
+        other_params = await post_signed(
+            client, relay, "/twiml", params, signature=sign(PUBLIC_URL + "/twiml", {})
+        )
+    assert unsigned.status_code == 403
+    assert wrong.status_code == 403
+    assert local.status_code == 403  # signed over http://127.0.0.1: must not pass
+    assert other_params.status_code == 403  # the form params are part of the signature
+
+
+async def test_twiml_post_with_twilio_voice_params_renders_conversation_relay(relay):
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/twiml", voice_params())
+    root = parse_twiml(response)
+    assert_relay_twiml(root, GREETING)
+    assert hangup_children(root) == ["Connect"]
+
+
+async def test_twiml_get_is_signed_over_url_with_query(relay):
+    query = f"CallSid={CALL_SID}&From=%2B15550100001&To=%2B15550100002&CallStatus=ringing"
+    async with httpx.AsyncClient() as client:
+        plain = await client.get(
+            relay.base_url + "/twiml",
+            headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml")},
+        )
+        with_query = await client.get(
+            relay.base_url + "/twiml?" + query,
+            headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml?" + query)},
+        )
+        tampered = await client.get(
+            relay.base_url + "/twiml?" + query.replace("ringing", "in-progress"),
+            headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml?" + query)},
+        )
+        query_ignored = await client.get(
+            relay.base_url + "/twiml?" + query,
+            headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml")},
+        )
+        unsigned = await client.get(relay.base_url + "/twiml")
+        local = await client.get(
+            relay.base_url + "/twiml",
+            headers={"X-Twilio-Signature": sign(relay.base_url + "/twiml")},
+        )
+    assert_relay_twiml(parse_twiml(plain), GREETING)
+    assert_relay_twiml(parse_twiml(with_query), GREETING)
+    assert tampered.status_code == 403
+    assert query_ignored.status_code == 403
+    assert unsigned.status_code == 403
+    assert local.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"verify_signatures": False}, {"auth_token": None}], ids=["opt-out", "no-token"]
+)
+async def test_unsigned_requests_pass_without_verification(relay_factory, overrides):
+    relay = relay_factory(**overrides)
+    async with httpx.AsyncClient() as client:
+        post = await post_signed(client, relay, "/twiml", voice_params(), signed=False)
+        get = await client.get(relay.base_url + "/twiml?CallSid=" + CALL_SID)
+        status = await post_signed(client, relay, "/status", voice_params(), signed=False)
+    assert_relay_twiml(parse_twiml(post), GREETING)
+    assert_relay_twiml(parse_twiml(get), GREETING)
+    assert status.status_code == 204
+    caller = await TwilioCaller(relay, token=None).connect()
+    await caller.prompt("hello")
+    assert await caller.reply_text() == "You said: hello"
+    await caller.hangup()
+
+
+# ------------------------------------------------------------------------ WebSocket upgrade
+async def test_websocket_upgrade_signed_over_public_wss_url_is_accepted(relay):
+    caller = await TwilioCaller(relay).connect(signature=sign(WS_PUBLIC))
+    assert await exchange(caller, "hello") == "You said: hello"
+    await caller.hangup()
+
+
+async def test_websocket_upgrade_unsigned_or_wrong_is_refused_with_403(relay):
+    assert await ws_refused(relay, {}) == 403
+    assert await ws_refused(relay, {"X-Twilio-Signature": "bm90LWEtc2lnbmF0dXJl"}) == 403
+    # over the address actually connected to, or over https:// instead of wss://
+    assert await ws_refused(relay, {"X-Twilio-Signature": sign(relay.ws_url)}) == 403
+    assert await ws_refused(relay, {"X-Twilio-Signature": sign(PUBLIC_URL + "/ws")}) == 403
+    # the auth token matters
+    assert await ws_refused(relay, {"X-Twilio-Signature": sign(WS_PUBLIC, token="other")}) == 403
+    assert len(relay.registry) == 0
+
+
+async def test_websocket_query_string_tac_convention_is_accepted(relay):
+    await ws_accepted(relay, relay.ws_url + "?a=b", sign(WS_PUBLIC, {"a": "b"}))
+
+
+async def test_websocket_query_string_embedded_in_url_is_accepted(relay):
+    await ws_accepted(relay, relay.ws_url + "?a=b", sign(WS_PUBLIC + "?a=b", {}))
+
+
+async def test_websocket_query_string_must_match_the_signature(relay):
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, {"a": "b"})}
+    assert await ws_refused(relay, headers, relay.ws_url + "?a=c") == 403
+    # a signature without the query does not cover a query added later
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC)}
+    assert await ws_refused(relay, headers, relay.ws_url + "?a=b") == 403
+
+
+# ---------------------------------------------------------------------------------- /action
+async def test_action_completed_hangs_up_and_publishes_session_end(relay):
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", action_params(status="completed"))
+    assert hangup_children(parse_twiml(response)) == ["Hangup"]
+    (event,) = events_of(relay, "session.end", CALL_SID)
+    assert event.data["status"] == "completed"
+    assert event.data["handoff_data"] is None
+    assert event.data["duration"] == "8"
+
+
+async def test_action_handoff_dials_the_handoff_number(relay_factory):
+    relay = relay_factory(handoff_number="+15550100999")
+    handoff = '{"reasonCode":"live-agent-handoff","reason":"x"}'
+    params = action_params(status="ended", HandoffData=handoff)
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", params)
+    root = parse_twiml(response)
+    dial = root.find("Dial")
+    assert dial is not None, response.text
+    assert dial.text == "+15550100999"
+    assert hangup_children(root)[0] == "Dial"
+    assert root.find("Say") is None
+    (event,) = events_of(relay, "session.end", CALL_SID)
+    assert event.data["status"] == "ended"
+    assert event.data["handoff_data"] == handoff
+
+
+async def test_action_handoff_without_number_apologises_and_hangs_up(relay):
+    params = action_params(
+        status="ended", HandoffData='{"reasonCode":"live-agent-handoff","reason":"x"}'
+    )
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", params)
+    root = parse_twiml(response)
+    assert hangup_children(root) == ["Say", "Hangup"]
+    assert root.find("Say").text  # type: ignore[union-attr]
+    assert root.find("Dial") is None
+
+
+async def test_action_ended_without_handoff_hangs_up(relay_factory):
+    relay = relay_factory(handoff_number="+15550100999")
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", action_params(status="ended"))
+    assert hangup_children(parse_twiml(response)) == ["Hangup"]
+    (event,) = events_of(relay, "session.end", CALL_SID)
+    assert event.data["status"] == "ended"
+    assert event.data["handoff_data"] is None
+
+
+async def test_action_refuses_unsigned_and_local_url(relay):
+    params = action_params(status="completed")
+    async with httpx.AsyncClient() as client:
+        unsigned = await post_signed(client, relay, "/action", params, signed=False)
+        local = await post_signed(
+            client, relay, "/action", params, signature=sign(relay.base_url + "/action", params)
+        )
+    assert unsigned.status_code == 403
+    assert local.status_code == 403
+    assert events_of(relay, "session.end") == []
+
+
+async def test_action_failed_for_unknown_call_hangs_up(relay):
+    params = action_params(
+        "CA" + "9" * 32, status="failed", ErrorCode="64105", ErrorMessage="Websocket ended"
+    )
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", params)
+    root = parse_twiml(response)
+    assert hangup_children(root) == ["Say", "Hangup"]
+    assert root.find("Connect") is None
+    (event,) = events_of(relay, "session.end", "CA" + "9" * 32)
+    assert (event.data["error_code"], event.data["error_message"]) == ("64105", "Websocket ended")
+
+
+# ------------------------------------------------------------------------------- reconnect
+def failed_params() -> dict[str, str]:
+    return action_params(status="failed", ErrorCode="64105", ErrorMessage="Websocket ended")
+
+
+def contents(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(m["role"], m.get("content")) for m in messages]
+
+
+async def test_failed_socket_reconnects_and_resumes_the_conversation(relay, fake_llm):
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", failed_params())
+    assert_relay_twiml(parse_twiml(response), RECONNECT_GREETING)
+
+    again = await TwilioCaller(relay).connect(callStatus="IN_PROGRESS", sessionId="VX" + "2" * 32)
+    reply = await exchange(again, "again")
+    await again.hangup()
+    assert reply == "You said: again"
+    sent = fake_llm.records[-1].body["messages"]
+    assert len(fake_llm.records) == 2
+    assert contents(sent)[1:] == [
+        ("assistant", GREETING),
+        ("user", "hello"),
+        ("assistant", "You said: hello"),
+        ("assistant", RECONNECT_GREETING),  # heard by the caller on the new socket
+        ("user", "again"),
+    ]
+    assert wait_until(lambda: len(relay.registry) == 0)
+
+
+async def test_reconnect_limit_then_hang_up(relay_factory, fake_llm):
+    relay = relay_factory(max_reconnects=1)
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    async with httpx.AsyncClient() as client:
+        first = await post_signed(client, relay, "/action", failed_params())
+        assert_relay_twiml(parse_twiml(first), RECONNECT_GREETING)
+
+        again = await TwilioCaller(relay).connect(callStatus="IN_PROGRESS")
+        assert await exchange(again, "again") == "You said: again"
+        await drop(again)
+        assert wait_until(lambda: len(relay.registry) == 0)
+
+        second = await post_signed(client, relay, "/action", failed_params())
+    root = parse_twiml(second)
+    assert hangup_children(root) == ["Say", "Hangup"]
+    assert root.find("Say").text == HANGUP_SORRY  # type: ignore[union-attr]
+    assert root.find("Connect") is None
+    assert relay.registry.parked == 0  # the call is over: its history is not kept
+
+
+async def test_status_completed_forgets_parked_history(relay):
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    assert wait_until(lambda: relay.registry.parked == 1)
+    async with httpx.AsyncClient() as client:
+        status = await post_signed(
+            client, relay, "/status", voice_params(CallStatus="completed", CallDuration="12")
+        )
+        assert status.status_code == 204
+        assert relay.registry.parked == 0
+        response = await post_signed(client, relay, "/action", failed_params())
+    assert parse_twiml(response).find("Connect") is None
+
+
+async def test_barge_in_on_reconnect_greeting_keeps_resumed_history(relay, fake_llm):
+    """After a reconnect, the caller barges in on the reconnect greeting (Twilio reports the
+    heard fragment of that greeting). The restored conversation must survive it."""
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", failed_params())
+    assert_relay_twiml(parse_twiml(response), RECONNECT_GREETING)
+
+    again = await TwilioCaller(relay).connect(callStatus="IN_PROGRESS")
+    await again.info("tokensPlayed", "Sorry, we were")
+    await again.interrupt("Sorry, we were", 600)
+    reply = await exchange(again, "again")
+    await again.hangup()
+    assert reply == "You said: again"
+    sent = contents(fake_llm.records[-1].body["messages"])
+    # The fragment belongs to the reconnect greeting: only that greeting is shortened, nothing
+    # said before the drop may be cut or dropped because of it.
+    assert sent[1:] == [
+        ("assistant", GREETING),
+        ("user", "hello"),
+        ("assistant", "You said: hello"),
+        ("assistant", "Sorry, we were"),
+        ("user", "again"),
+    ]
+
+
+# ---------------------------------------------------------------------------------- /status
+async def test_status_callback_returns_204_and_publishes(relay):
+    params = voice_params(CallStatus="completed", CallDuration="42")
+    async with httpx.AsyncClient() as client:
+        unsigned = await post_signed(client, relay, "/status", params, signed=False)
+        assert unsigned.status_code == 403
+        assert events_of(relay, "call.status") == []
+        response = await post_signed(client, relay, "/status", params)
+    assert response.status_code == 204
+    assert response.content == b""
+    (event,) = events_of(relay, "call.status", CALL_SID)
+    assert event.data == {"status": "completed", "duration": "42"}
+
+
+# --------------------------------------------------------------------------------- /healthz
+async def test_healthz_counts_live_sockets(relay):
+    async with httpx.AsyncClient(base_url=relay.base_url) as client:
+
+        async def calls() -> int:
+            body = (await client.get("/healthz")).json()
+            assert body["status"] == "ok"
+            return int(body["calls"])
+
+        assert await calls() == 0
+        caller = await TwilioCaller(relay).connect()
+        assert wait_until(lambda: len(relay.registry) == 1)
+        assert await calls() == 1
+        await caller.hangup()
+        assert wait_until(lambda: len(relay.registry) == 0)
+        assert await calls() == 0
+
+
+# -------------------------------------------------------------------------- messages API
+async def test_messages_api_disabled_without_api_token(relay):
+    caller = await TwilioCaller(relay).connect()
+    assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{relay.base_url}/calls/{CALL_SID}/messages",
+            json={"type": "text", "token": "Hold on", "last": True},
+            headers={"Authorization": "Bearer anything"},
+        )
+    assert response.status_code == 401
+    assert "CRCTL_API_TOKEN" in response.json()["error"]
+    assert await caller.quiet(0.2) == []
+    await caller.hangup()
+
+
+async def test_messages_api_auth_lookup_and_validation(relay_factory):
+    relay = relay_factory(api_token="s3cret")
+    caller = await TwilioCaller(relay).connect()
+    assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
+    url = f"{relay.base_url}/calls/{CALL_SID}/messages"
+    good = {"Authorization": "Bearer s3cret"}
+    text = {"type": "text", "token": "Hold on", "last": True}
+    async with httpx.AsyncClient() as client:
+        none = await client.post(url, json=text)
+        wrong = await client.post(url, json=text, headers={"Authorization": "Bearer nope"})
+        basic = await client.post(url, json=text, headers={"Authorization": "Basic czNjcmV0"})
+        unknown = await client.post(
+            f"{relay.base_url}/calls/CA{'9' * 32}/messages", json=text, headers=good
+        )
+        not_json = await client.post(url, content=b"hold on", headers=good)
+        bad_type = await client.post(url, json={"type": "shout", "token": "x"}, headers=good)
+        bad_digits = await client.post(
+            url, json={"type": "sendDigits", "digits": "12a"}, headers=good
+        )
+    for response in (none, wrong, basic):
+        assert response.status_code == 401, response.text
+        assert "error" in response.json()
+    assert unknown.status_code == 404
+    assert "CA" + "9" * 32 in unknown.json()["error"]
+    for response in (not_json, bad_type, bad_digits):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]
+    assert "digits" in bad_digits.json()["error"]
+    assert await caller.quiet(0.2) == []  # nothing rejected reached the call
+    await caller.hangup()
+
+
+async def test_messages_api_text_reaches_the_caller(relay_factory):
+    relay = relay_factory(api_token="s3cret")
+    caller = await TwilioCaller(relay).connect()
+    assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{relay.base_url}/calls/{CALL_SID}/messages",
+            json={"type": "text", "token": "Hold on", "last": True},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+    assert response.status_code == 202
+    assert response.json() == {"sent": "text"}
+    assert await caller.recv() == {"type": "text", "token": "Hold on", "last": True}
+    assert await caller.quiet(0.2) == []
+    await caller.hangup()
+
+
+async def test_messages_api_end_reaches_the_caller(relay_factory):
+    relay = relay_factory(api_token="s3cret")
+    caller = await TwilioCaller(relay).connect()
+    assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{relay.base_url}/calls/{CALL_SID}/messages",
+            json={"type": "end", "handoffData": "{}"},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+    assert response.status_code == 202
+    assert await caller.recv() == {"type": "end", "handoffData": "{}"}
+    await caller.hangup()

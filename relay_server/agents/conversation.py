@@ -8,7 +8,7 @@ History holds only what the caller heard: a reply cut by a barge-in is shortened
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -38,7 +38,7 @@ class ConversationAgent(CallSession):
         self._resumed = False
 
     # ------------------------------------------------------------------------- to override
-    def reply(self, user_text: str) -> AsyncIterator[str]:
+    def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
         Subclasses append anything beyond the spoken text (tool messages) to ``history``."""
         raise NotImplementedError
@@ -102,7 +102,7 @@ class ConversationAgent(CallSession):
 
     async def on_info(self, info: Info) -> None:
         if info.name == "tokensPlayed":
-            self._heard.append(info.value)
+            self._heard.append(str(info.value))
         elif info.name == "clientSpeaking" and info.value == "on":
             self._caller_active()
         elif info.name == "agentSpeaking":
@@ -138,7 +138,7 @@ class ConversationAgent(CallSession):
         self._trim_history()
         await self.speak(self.reply(user_text))
 
-    async def speak(self, tokens: AsyncIterator[str], *, record: bool = True) -> str:
+    async def speak(self, tokens: AsyncGenerator[str, None], *, record: bool = True) -> str:
         """Stream ``tokens`` to the caller as one talk cycle, record it as an assistant message
         and return the spoken text. Runs inside the turn; cancellation keeps what was sent."""
         loop = asyncio.get_running_loop()
@@ -151,7 +151,7 @@ class ConversationAgent(CallSession):
             self._reply_start = len(self.history)
         try:
             # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
-            async with aclosing(tokens):  # type: ignore[type-var]
+            async with aclosing(tokens):
                 async for token in tokens:
                     if first is None:
                         first = loop.time()
@@ -249,5 +249,5 @@ class ConversationAgent(CallSession):
         await self.end()
 
 
-async def _one(text: str) -> AsyncIterator[str]:
+async def _one(text: str) -> AsyncGenerator[str, None]:
     yield text

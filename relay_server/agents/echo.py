@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from relay_server.agents.conversation import ConversationAgent
 
@@ -14,7 +14,7 @@ class EchoAgent(ConversationAgent):
     #: Pause between words, so barge-in and streaming behave as with a real model.
     word_delay = 0.02
 
-    async def reply(self, user_text: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         words = user_text.split()
         yield "You said:"
         for word in words:

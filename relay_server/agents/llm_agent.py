@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, ClassVar
 
@@ -85,7 +85,7 @@ class LLMAgent(ConversationAgent):
         if self._end_request is not None:
             await self.end(self._end_request[0])
 
-    async def reply(self, user_text: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         settings = self.settings
         for round_no in range(settings.max_tool_rounds + 1):
             offer_tools = round_no < settings.max_tool_rounds and self._end_request is None
@@ -135,12 +135,12 @@ class LLMAgent(ConversationAgent):
             self.history.append({"role": "tool", "tool_call_id": call.id, "content": result})
         self._message = None  # what the model says next is a new assistant message
 
-    async def _with_filler(self, tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _with_filler(self, tokens: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         """Pass ``tokens`` through; if the first one is slower than ``filler_after_ms``, say the
         filler first as its own preemptible talk cycle, which the real answer then cuts (§3)."""
         delay = self.settings.filler_after_ms / 1000
-        iterator = aiter(tokens)
-        async with aclosing(iterator):  # type: ignore[type-var]
+        iterator = tokens
+        async with aclosing(iterator):
             if delay > 0:
                 first = asyncio.ensure_future(anext(iterator))
                 try:
@@ -159,7 +159,7 @@ class LLMAgent(ConversationAgent):
                 yield token
 
 
-async def _tokens(stream: ChatStream) -> AsyncIterator[str]:
+async def _tokens(stream: ChatStream) -> AsyncGenerator[str, None]:
     async with stream:
         async for token in stream:
             yield token

@@ -6,7 +6,7 @@ after the sans-I/O model of python-websockets).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Union, cast
 
 import msgspec
 
@@ -41,7 +41,7 @@ def decode(
     if len(frame) * 4 > max_bytes and (size := len(frame.encode())) > max_bytes:
         raise ProtocolError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return _inbound.decode(frame)
+        return cast(Union[Inbound, Unknown], _inbound.decode(frame))
     except msgspec.ValidationError as exc:
         return _unknown_or_raise(frame, exc)
     except msgspec.DecodeError as exc:
@@ -70,7 +70,7 @@ def decode_outbound(data: Union[str, bytes]) -> Outbound:
     """Parse an outbound message given as JSON (the relay's messages API), with the same rules
     the constructors enforce. Raises :class:`ProtocolError` with the reason."""
     try:
-        return _outbound.decode(data)
+        return cast(Outbound, _outbound.decode(data))
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ProtocolError(f"not a valid outbound message: {exc}") from exc
 

@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from crctl import __version__
 from crctl.serve import serve
@@ -47,5 +48,5 @@ def main() -> None:
     try:
         app()
     except (SettingsError, RelayError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(2)

@@ -14,6 +14,7 @@ import typer
 import uvicorn
 from quart import Quart
 from rich.console import Console
+from rich.markup import escape
 
 from crctl.settings import Settings, SettingsError, load_settings
 from relay_server.app import create_app, resolve_agent
@@ -101,11 +102,11 @@ def serve(
         app = create_app(config)
         agent_cls = resolve_agent(config)
     except (SettingsError, RelayError) as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     _setup_logging(settings.log_level)
     for warning in warnings:
-        err.print(f"[bold yellow]warning:[/] {warning}")
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}")
     local = f"http://{_url_host(settings.host)}:{settings.port}"
     base = settings.public_url or local
     err.print(f"[bold green]crctl relay[/] listening on {local}")

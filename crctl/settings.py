@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,12 +71,13 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"must be an http(s):// URL, got {value!r}")
+            raise ValueError("must be an http(s):// URL")
         if parts.query or parts.fragment:
-            raise ValueError(f"must not have a query or fragment, got {value!r}")
+            raise ValueError("must not have a query or fragment")
         if parts.scheme == "https" and parts.port == 443:
             # Twilio's signature check fails on wss URLs with an explicit :443 (§4.1 gotcha 2).
-            value = value.replace(f"{parts.hostname}:443", parts.hostname or "", 1)
+            host = parts.netloc.rsplit(":", 1)[0]
+            value = urlunsplit((parts.scheme, host, parts.path, "", ""))
         return value.rstrip("/")
 
     @field_validator("tools", mode="before")
@@ -183,6 +184,8 @@ def load_settings(**flags: Any) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "settings"
+        # Values from the environment are reported under their alias (OPENAI_BASE_URL…).
+        name = _FIELD_OF_ENV.get(name, name)
         value = error.get("input")
         shown = "" if name in _SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
         env = _ENV_NAMES.get(name, f"CRCTL_{name.upper()}")
@@ -195,3 +198,4 @@ _ENV_NAMES = {
     "openai_base_url": "OPENAI_BASE_URL",
     "twilio_auth_token": "TWILIO_AUTH_TOKEN",
 }
+_FIELD_OF_ENV = {env: name for name, env in _ENV_NAMES.items()}

@@ -176,12 +176,17 @@ async def test_python_tools_several_per_turn(relay_factory, fake_llm, tmp_path, 
     assert await caller.reply_text() == "Let me check.Your order shipped."
     tools_offered = {t["function"]["name"] for t in fake_llm.records[0].body["tools"]}
     assert {"lookup_order", "weather", "broken", "end_call", "transfer_to_human"} <= tools_offered
-    lookup = next(t for t in fake_llm.records[0].body["tools"] if t["function"]["name"] == "lookup_order")
+    lookup = next(
+        t for t in fake_llm.records[0].body["tools"] if t["function"]["name"] == "lookup_order"
+    )
     assert lookup["function"]["parameters"]["properties"]["order_id"]["type"] == "integer"
     history = messages(fake_llm, 1)
     call_msg = next(m for m in history if m.get("tool_calls"))
     assert call_msg["content"] == "Let me check."
-    assert [c["function"]["name"] for c in call_msg["tool_calls"]][:2] == ["lookup_order", "weather"]
+    assert [c["function"]["name"] for c in call_msg["tool_calls"]][:2] == [
+        "lookup_order",
+        "weather",
+    ]
     results = [m["content"] for m in history if m["role"] == "tool"]
     assert json.loads(results[0]) == {"order": 42, "status": "shipped"}
     assert results[1] == "sunny in Paris, 21C"

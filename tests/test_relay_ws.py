@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import ClassVar
 
 import pytest
 
@@ -110,7 +111,7 @@ async def test_fifty_concurrent_calls_never_cross_words(relay, fake_llm):
 class RecordingAgent(CallSession):
     """A custom agent: records every handler call and answers with the helpers."""
 
-    seen: list[tuple[str, object]] = []
+    seen: ClassVar[list[tuple[str, object]]] = []
 
     async def on_setup(self, setup: Setup) -> None:
         self.seen.append(("setup", setup.custom_parameters))

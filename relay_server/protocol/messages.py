@@ -61,17 +61,16 @@ class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel
 
     utterance_until_interrupt: str = ""
     #: An int in 2026 captures, a string in the early docs ("460"): both accepted (§2.4).
-    duration_until_interrupt_ms: Union[int, str] = 0
+    duration_until_interrupt_ms: Union[int, float, str] = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.duration_until_interrupt_ms, str):
-            try:
-                self.duration_until_interrupt_ms = int(float(self.duration_until_interrupt_ms or 0))
-            except (ValueError, OverflowError) as exc:
-                raise ProtocolError(
-                    "durationUntilInterruptMs is not a number: "
-                    f"{self.duration_until_interrupt_ms!r}"
-                ) from exc
+        raw = self.duration_until_interrupt_ms
+        if isinstance(raw, int):
+            return
+        try:
+            self.duration_until_interrupt_ms = int(float(raw or 0))
+        except (ValueError, OverflowError) as exc:
+            raise ProtocolError(f"durationUntilInterruptMs is not a number: {raw!r}") from exc
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -158,7 +157,7 @@ class SendDigits(_Out, tag="sendDigits"):
     digits: str
 
     def __post_init__(self) -> None:
-        if not _DIGITS_RE.fullmatch(self.digits or ""):
+        if not isinstance(self.digits, str) or not _DIGITS_RE.fullmatch(self.digits):
             raise ProtocolError(
                 f"sendDigits.digits must be non-empty and only 0-9, w, #, *: got {self.digits!r}"
             )

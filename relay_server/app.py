@@ -147,6 +147,16 @@ def create_app(
         form = await request.form
         sid, status = form.get("CallSid", ""), form.get("SessionStatus", "")
         handoff = form.get("HandoffData")
+        log.info(
+            "call %s: session %s (%ss)%s%s",
+            sid,
+            status or "?",
+            form.get("SessionDuration", "?"),
+            f", error {form.get('ErrorCode')}: {form.get('ErrorMessage', '')}"
+            if form.get("ErrorCode")
+            else "",
+            f", handoff {handoff}" if handoff else "",
+        )
         bus.publish(
             ev.SESSION_END,
             sid,

@@ -1,4 +1,4 @@
-"""``crctl serve``: run the relay (hypercorn serving the Quart app) until Ctrl-C or SIGTERM."""
+"""``crctl serve``: run the relay (uvicorn serving the Quart app) until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from crctl.settings import Settings, SettingsError, load_settings
+from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.app import create_app, resolve_agent
 from relay_server.errors import RelayError
 
@@ -101,6 +103,7 @@ def serve(
         config = settings.relay_config()
         app = create_app(config)
         agent_cls = resolve_agent(config)
+        sock = bind(settings)
     except (SettingsError, RelayError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -111,14 +114,33 @@ def serve(
     base = settings.public_url or local
     err.print(f"[bold green]crctl relay[/] listening on {local}")
     err.print(f"  TwiML (voice webhook): {base}/twiml   WebSocket: {config.websocket_url(local)}")
-    if config.agent is None and not config.llm.api_key:
+    if agent_cls is EchoAgent and config.agent is None:
         err.print(
             "  agent: echo — no OPENAI_API_KEY is set, so the relay repeats what the caller "
             "says (set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model)"
         )
     else:
-        err.print(f"  agent: {agent_cls.__name__}, model {config.agent_config.model}")
-    asyncio.run(run_relay(app, settings))
+        model = f", model {config.agent_config.model}" if issubclass(agent_cls, LLMAgent) else ""
+        err.print(f"  agent: {agent_cls.__name__}{model}")
+    asyncio.run(run_relay(app, settings, sock=sock))
+
+
+def bind(settings: Settings) -> socket.socket:
+    """Bind the listening socket before anything says "listening", so a busy port is one
+    clear error instead of a server that starts and dies."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(
+            f"setting port (CRCTL_PORT): cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror}; pick another with --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _url_host(host: str) -> str:
@@ -147,7 +169,7 @@ def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=False,
         # Larger than the relay's own limit, so an oversized frame is logged and dropped by the
         # relay (the call goes on) instead of the server closing the socket.
-        ws_max_size=max(4 * settings.max_frame_bytes, 1 << 20),
+        ws_max_size=max(256 * settings.max_frame_bytes, 16 << 20),
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -164,7 +186,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run_relay(app: Quart, settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def run_relay(
+    app: Quart,
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    sock: socket.socket | None = None,
+) -> None:
     """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set. A second signal forces
     the exit without waiting for open calls."""
     server = _Server(server_config(app, settings))
@@ -186,7 +213,7 @@ async def run_relay(app: Quart, settings: Settings, stop: asyncio.Event | None =
 
     watcher = asyncio.create_task(watch())
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         watcher.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -36,7 +36,7 @@ _CALL_OVER = {"completed", "failed", "busy", "no-answer", "canceled"}
 def resolve_agent(config: RelayConfig) -> type[CallSession]:
     """The agent class for ``config.agent``: ``llm``, ``echo``, ``package.module:Class``, or by
     default ``llm`` when an API key is configured and ``echo`` otherwise."""
-    name = config.agent or ("llm" if config.llm.api_key else "echo")
+    name = config.agent or ("llm" if config.llm.api_key or config.llm.base_url else "echo")
     if name == "llm":
         return LLMAgent
     if name == "echo":
@@ -46,8 +46,8 @@ def resolve_agent(config: RelayConfig) -> type[CallSession]:
         raise ConfigError(f"agent {name!r}: expected llm, echo or package.module:Class")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"agent {name!r} cannot be loaded: {exc}") from exc
+    except Exception as exc:  # ImportError, AttributeError, or any error the module raises
+        raise ConfigError(f"agent {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, CallSession)):
         raise ConfigError(f"agent {name!r} is not a subclass of relay_server.CallSession")
     return cls
@@ -67,8 +67,8 @@ def create_app(
     services: dict[str, Any] = {}
     try:
         services["tools"] = load_tool_modules(config.tool_modules)
-    except ImportError as exc:
-        raise ConfigError(f"tools module cannot be imported: {exc}") from exc
+    except Exception as exc:  # the module fails to import, or a tool's signature is unusable
+        raise ConfigError(f"tools cannot be loaded: {type(exc).__name__}: {exc}") from exc
     checker = (
         SignatureChecker(config.auth_token)
         if config.auth_token and config.verify_signatures
@@ -166,7 +166,10 @@ def create_app(
             error_message=form.get("ErrorMessage"),
             duration=form.get("SessionDuration"),
         )
-        if status == "failed" and registry.claim_reconnect(sid):
+        # Reconnect only a dropped socket (64105); other failures (bad TwiML 64101, cannot
+        # connect 64102…) would fail again in a loop.
+        dropped = status == "failed" and form.get("ErrorCode") == "64105"
+        if dropped and registry.claim_reconnect(sid):
             log.info("call %s: socket failed (%s), reconnecting", sid, form.get("ErrorCode"))
             return Response(twiml(config.reconnect_greeting), content_type=_TWIML)
         registry.forget(sid)
@@ -209,7 +212,7 @@ def create_app(
             message = decode_outbound(await request.get_data())
         except ProtocolError as exc:
             return {"error": str(exc)}, 400
-        await session.send(message)
+        await session.push(message)
         return {"sent": type(message).__struct_config__.tag}, 202
 
     return app

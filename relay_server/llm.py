@@ -113,7 +113,8 @@ class ChatStream:
         done = False
         buffer = b""
         try:
-            async for chunk in self._response.http_response.aiter_raw():
+            # aiter_bytes, not aiter_raw: a proxy may gzip the stream (the SDK accepts gzip).
+            async for chunk in self._response.http_response.aiter_bytes():
                 buffer += chunk
                 while True:
                     end = buffer.find(b"\n")
@@ -137,7 +138,8 @@ class ChatStream:
             raise LLMError("timeout", "the stream stalled (read timeout)") from exc
         except httpx2.TransportError as exc:
             raise LLMError("stream_cut", f"the stream broke: {type(exc).__name__}: {exc}") from exc
-        if not done:
+        if not done and self.finish_reason is None:
+            # Some servers end with the finish_reason chunk and no [DONE]: that is complete.
             raise LLMError("stream_cut", "the stream ended without [DONE]")
         self._finish_tools()
 

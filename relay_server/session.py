@@ -65,6 +65,9 @@ class CallSession:
         self.closed = False
         self._ended = False
         self._turn_task: asyncio.Task[None] | None = None
+        self._turn_coro: Coroutine[Any, Any, None] | None = None
+        self._turn_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
         #: A talk cycle is open: tokens went out without ``last: true`` yet.
         self._cycle_open = False
 
@@ -148,11 +151,22 @@ class CallSession:
 
         A dict is JSON-encoded (``handoffData`` is a string on the wire, protocol.md §3).
         """
+        if self._turn_task is not asyncio.current_task():
+            await self.cancel_turn()  # called from outside the turn: nothing may follow end
         if self._cycle_open:
             await self.send_text("", last=True)
         data = json.dumps(handoff_data) if isinstance(handoff_data, dict) else handoff_data
         await self.send(End(handoff_data=data))
         self._ended = True
+
+    async def push(self, message: Outbound) -> None:
+        """Deliver a message from outside the call (the relay's messages API): it cuts the
+        agent's running turn, like a barge-in, so it never lands in the middle of a reply."""
+        if isinstance(message, End):
+            await self.end(message.handoff_data)
+            return
+        await self.cancel_turn()
+        await self.send(message)
 
     async def send(self, message: Outbound) -> None:
         """Send any outbound message (validated on construction)."""
@@ -175,20 +189,54 @@ class CallSession:
         """Whether a turn task is in progress."""
         return self._turn_task is not None and not self._turn_task.done()
 
-    async def start_turn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Cancel the running turn (if any) and run ``coro`` as the new one."""
-        await self.cancel_turn()
-        self._turn_task = asyncio.create_task(self._run_turn(coro))
-        return self._turn_task
+    async def start_turn(
+        self, coro: Coroutine[Any, Any, None], before: Callable[[], None] | None = None
+    ) -> asyncio.Task[None] | None:
+        """Cancel the running turn (if any) and run ``coro`` as the new one.
+
+        ``before`` runs once the old turn has finished cleaning up and before the new one
+        starts (e.g. to record the caller's words after the old reply's last messages).
+        Calls are serialised: of two turns started at once, both run in order (the second
+        cancels the first). After the call has closed nothing starts (returns ``None``).
+        """
+        async with self._turn_lock:
+            await self._cancel_turn()
+            if self.closed or self._ended:
+                coro.close()
+                return None
+            if before is not None:
+                before()
+            self._turn_coro = coro
+            self._turn_task = asyncio.create_task(self._run_turn(coro))
+            return self._turn_task
 
     async def cancel_turn(self) -> bool:
-        """Cancel the running turn and wait until it has cleaned up. True if one was running."""
-        turn = self._turn_task
+        """Cancel the running turn and wait until it has cleaned up. True if one was running.
+        From inside the turn itself this does nothing (a task cannot wait for itself)."""
+        if self._turn_task is asyncio.current_task():
+            return False
+        async with self._turn_lock:
+            return await self._cancel_turn()
+
+    async def _cancel_turn(self) -> bool:
+        turn, coro = self._turn_task, self._turn_coro
         if turn is None or turn.done():
             return False
         turn.cancel()
         await asyncio.wait([turn])
+        if coro is not None:
+            coro.close()  # a turn cancelled before it ever ran never awaited its coroutine
         return True
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task owned by this call (a timer's work): kept referenced, and
+        cancelled when the call closes."""
+        if self.closed:
+            coro.close()
+            return
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_turn(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -229,6 +277,8 @@ class CallSession:
     async def close(self) -> None:
         """Cancel the turn and run ``on_close``; called once when the socket is gone."""
         self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
         await self.cancel_turn()
         try:
             await self.on_close()

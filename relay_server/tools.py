@@ -85,13 +85,13 @@ class Tool:
                 result = await self.func(**values)
             else:
                 result = await asyncio.to_thread(self.func, **values)
+            if result is None:
+                return "done"
+            if isinstance(result, str):
+                return result
+            return msgspec.json.encode(result).decode()
         except Exception as exc:
             return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
-        if result is None:
-            return "done"
-        if isinstance(result, str):
-            return result
-        return msgspec.json.encode(result).decode()
 
 
 def _one_line(exc: Exception) -> str:
@@ -131,8 +131,8 @@ class ToolBox:
 
 
 def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
-    """Import modules and collect their ``@tool`` functions. Raises ``ImportError`` naming
-    the module that cannot be imported."""
+    """Import modules and collect their ``@tool`` functions. Raises what the import raises
+    (``ImportError`` naming the module, or the module's own error)."""
     found: list[Tool] = []
     for name in modules:
         module = importlib.import_module(name)

@@ -1,7 +1,7 @@
 """Test harness: the relay on a free loopback port, and a caller that behaves like Twilio.
 
-The relay runs under hypercorn in a thread with its own event loop, so tests talk to it over
-real sockets exactly as Twilio would. :class:`TwilioCaller` signs its WebSocket handshake with
+The relay runs under uvicorn (as in ``crctl serve``) in a thread with its own event loop, so
+tests talk to it over real sockets exactly as Twilio would. :class:`TwilioCaller` signs its WebSocket handshake with
 the auth token over the *public* ``wss://`` URL (as Twilio does through a tunnel) while
 connecting to the local address.
 """
@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 class RelayServer:
-    """The relay app under hypercorn in a background thread, on 127.0.0.1:<free port>."""
+    """The relay app under uvicorn in a background thread, on 127.0.0.1:<free port>."""
 
     def __init__(self, config: RelayConfig, agent: Any = None) -> None:
         self.config = config

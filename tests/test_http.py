@@ -560,3 +560,41 @@ async def test_messages_api_end_reaches_the_caller(relay_factory):
     assert response.status_code == 202
     assert await caller.recv() == {"type": "end", "handoffData": "{}"}
     await caller.hangup()
+
+
+async def test_messages_api_end_during_a_reply_cuts_it_first(relay_factory, fake_llm):
+    from tests.fakes.fake_llm import Script
+
+    relay = relay_factory(api_token="s3cret")
+    fake_llm.enqueue(Script(tokens=[f" w{i}" for i in range(40)], delay=0.03))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("talk for a while")
+    await caller.recv()
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{relay.base_url}/calls/{CALL_SID}/messages",
+            json={"type": "end", "handoffData": '{"reason":"supervisor"}'},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+    assert response.status_code == 202
+    frames = []
+    while not frames or frames[-1]["type"] != "end":
+        frames.append(await caller.recv())
+    # the reply's talk cycle is closed before end, and nothing follows end
+    assert frames[-2] == {"type": "text", "token": "", "last": True}
+    assert await caller.quiet(0.3) == []
+    assert wait_until(lambda: fake_llm.records[0].client_disconnected)
+    await caller.hangup()
+
+
+async def test_action_failed_with_other_error_does_not_reconnect(relay, fake_llm):
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    params = action_params(status="failed", ErrorCode="64101", ErrorMessage="Invalid parameter")
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", params)
+    root = parse_twiml(response)
+    assert root.find("Connect") is None  # reconnecting would fail the same way, in a loop
+    assert hangup_children(root) == ["Say", "Hangup"]

@@ -128,15 +128,19 @@ async def test_new_prompt_during_a_reply_cancels_it(relay, fake_llm):
     fake_llm.enqueue(Script(tokens=LONG, delay=0.03))
     caller = await TwilioCaller(relay).connect()
     await caller.prompt("first")
-    await caller.recv()
-    await caller.info("tokensPlayed", "word0")
+    first = await caller.recv()
     await caller.prompt("actually, something else")
-    frames = await caller.recv_turn()  # the cancelled reply's closing frame
-    frames += await caller.recv_turn()
-    text = "".join(f["token"] for f in frames)
-    assert text.endswith("You said: actually, something else")
+    cut = [first, *await caller.recv_turn()]  # up to the cancelled reply's closing frame
+    sent = "".join(f["token"] for f in cut)
+    assert 0 < len(sent) < len("".join(LONG))
+    assert await caller.reply_text() == "You said: actually, something else"
     assert wait_until(lambda: fake_llm.records[0].client_disconnected, 2)
-    assert {"role": "assistant", "content": "word0"} in messages(fake_llm)
+    # Without an interrupt Twilio plays everything queued: history keeps what was sent.
+    assert messages(fake_llm)[-3:] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": sent},
+        {"role": "user", "content": "actually, something else"},
+    ]
     await caller.hangup()
 
 
@@ -377,3 +381,126 @@ async def test_caller_speech_resets_the_silence_count(relay_factory, fake_llm):
     assert await caller.reply_text() == "Are you still there?"
     await caller.hangup()
     await asyncio.sleep(0)
+
+
+SLOW_TOOLS = (
+    "import asyncio\n"
+    "from relay_server import tool\n"
+    "@tool\n"
+    "async def slow_lookup(q: str) -> str:\n"
+    "    '''Slow.'''\n"
+    "    await asyncio.sleep(2)\n"
+    "    return 'found'\n"
+    "class Weird:\n"
+    "    pass\n"
+    "@tool\n"
+    "def weird() -> object:\n"
+    "    '''Returns something JSON cannot hold.'''\n"
+    "    return Weird()\n"
+)
+
+
+@pytest.fixture
+def slow_tools(tmp_path, monkeypatch):
+    (tmp_path / "slow_tools.py").write_text(SLOW_TOOLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ("slow_tools",)
+
+
+def unanswered_tool_calls(history):
+    asked = {c["id"] for m in history for c in m.get("tool_calls") or []}
+    answered = {m["tool_call_id"] for m in history if m["role"] == "tool"}
+    return asked - answered
+
+
+async def test_barge_in_during_a_tool_keeps_history_valid(relay_factory, fake_llm, slow_tools):
+    relay = relay_factory(tool_modules=slow_tools)
+    fake_llm.enqueue(
+        Script(
+            tokens=["Let", " me", " check."], tool_calls=[ToolCallSpec("slow_lookup", '{"q": "x"}')]
+        )
+    )
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("look it up")
+    for _ in range(3):
+        await caller.recv()  # "Let me check." is spoken, then the tool runs for 2 s
+    assert wait_until(lambda: fake_llm.records[0].completed)
+    await asyncio.sleep(0.1)  # the tool is running now
+    await caller.interrupt("Let me", 400)
+    assert await caller.recv() == {"type": "text", "token": "", "last": True}
+    await caller.prompt("hello?")
+    assert await caller.reply_text() == "You said: hello?"
+    history = messages(fake_llm)
+    # The API refuses a tool call without its answer (HTTP 400) for the rest of the call.
+    assert unanswered_tool_calls(history) == set()
+    tool_msg = next(m for m in history if m["role"] == "tool")
+    assert tool_msg["content"].startswith("cancelled")
+    assert history[-1] == {"role": "user", "content": "hello?"}
+    await caller.hangup()
+
+
+async def test_new_prompt_during_a_tool_keeps_history_valid(relay_factory, fake_llm, slow_tools):
+    relay = relay_factory(tool_modules=slow_tools)
+    fake_llm.enqueue(Script(tool_calls=[ToolCallSpec("slow_lookup", '{"q": "x"}')]))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("look it up")
+    assert wait_until(lambda: len(fake_llm.records) == 1 and fake_llm.records[0].completed)
+    await caller.prompt("never mind")
+    frames = await caller.recv_turn()
+    frames += [] if "You said" in "".join(f["token"] for f in frames) else await caller.recv_turn()
+    history = messages(fake_llm)
+    assert unanswered_tool_calls(history) == set()
+    roles = [m["role"] for m in history[-4:]]
+    assert roles == ["user", "assistant", "tool", "user"]  # tool answer before the new input
+    await caller.hangup()
+
+
+async def test_tool_result_that_json_cannot_hold_is_reported(relay_factory, fake_llm, slow_tools):
+    relay = relay_factory(tool_modules=slow_tools)
+    fake_llm.enqueue(Script(tool_calls=[ToolCallSpec("weird", "{}")]), Script(tokens=["Ok."]))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("do the weird thing")
+    assert await caller.reply_text() == "Ok."
+    result = next(m for m in messages(fake_llm) if m["role"] == "tool")["content"]
+    assert result.startswith("error: weird failed: TypeError")
+    await caller.hangup()
+
+
+async def test_gzipped_stream_is_read(relay, fake_llm):
+    fake_llm.enqueue(Script(tokens=["Zipped", " reply."], gzip=True))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("hi")
+    assert await caller.reply_text() == "Zipped reply."
+    await caller.hangup()
+
+
+async def test_stream_ending_with_finish_reason_but_no_done_is_complete(relay, fake_llm):
+    fake_llm.enqueue(Script(tokens=["All", " said."], done=False))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("hi")
+    assert await caller.reply_text() == "All said."
+    assert "llm.fault" not in relay.kinds()
+    await caller.hangup()
+
+
+async def test_stall_in_the_middle_of_a_stream_times_out(relay_factory, fake_llm):
+    relay = relay_factory(llm_timeout=0.3)
+    fake_llm.enqueue(Script(tokens=["Start", " then", " stall"], delay=1.0))
+    caller = await TwilioCaller(relay).connect()
+    await caller.prompt("hi")
+    text = await caller.reply_text()
+    assert text.startswith("Start") and text.endswith(relay.config.agent_config.apology)
+    fault = next(e for e in relay.events if e.kind == "llm.fault")
+    assert fault.data["kind"] == "timeout"
+    await caller.hangup()
+
+
+async def test_hangup_with_a_pending_dtmf_flush_starts_nothing(relay_factory, fake_llm):
+    relay = relay_factory(agent_dtmf_buffer=True, agent_dtmf_pause=0.2)
+    caller = await TwilioCaller(relay).connect()
+    await caller.dtmf("9")
+    await caller.hangup()
+    await asyncio.sleep(0.5)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    assert fake_llm.records == []
+    assert "agent.reply" not in relay.kinds()

@@ -553,3 +553,9 @@ def test_protocol_core_has_no_io_or_event_loop_imports() -> None:
     for name, source in sources.items():
         for forbidden in ("import asyncio", "import quart", "from quart", "import websockets"):
             assert forbidden not in source, f"{name} has {forbidden!r}"
+
+
+@pytest.mark.parametrize("digit", ["", "12", "a", "A", " "])
+def test_dtmf_digit_outside_the_keypad_is_a_protocol_error(digit: str) -> None:
+    with pytest.raises(ProtocolError, match="dtmf.digit"):
+        decode(json.dumps({"type": "dtmf", "digit": digit}))

@@ -351,3 +351,22 @@ def test_missing_system_prompt_file_is_a_settings_error(isolated: Path) -> None:
 def test_settings_is_the_pydantic_settings_model() -> None:
     # load_settings returns the class the rest of crctl types against.
     assert isinstance(load_settings(), Settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "EchoAgent"),
+        ({"OPENAI_API_KEY": "sk-x"}, "LLMAgent"),
+        # a local model (Ollama, vLLM) needs no key: a base URL alone picks the LLM agent
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "LLMAgent"),
+    ],
+)
+def test_default_agent_follows_the_llm_settings(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    from relay_server.app import resolve_agent
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_agent(load_settings().relay_config()).__name__ == expected

@@ -28,7 +28,6 @@ class ConversationAgent(CallSession):
         ]
         #: Index in ``history`` where the current (or last) reply's messages start.
         self._reply_start = len(self.history)
-        self._heard: list[str] = []  # tokensPlayed fragments during the current reply
         #: The assistant message spoken tokens are appended to; ``None`` starts a new one.
         self._message: dict[str, Any] | None = None
         self._digits: list[str] = []
@@ -69,13 +68,13 @@ class ConversationAgent(CallSession):
         )
         if not prompt.last or not prompt.voice_prompt.strip():
             return  # cumulative partials: wait for the final transcript
-        await self.start_turn(self._turn(prompt.voice_prompt))
+        await self.user_turn(prompt.voice_prompt)
 
     async def on_dtmf(self, dtmf: Dtmf) -> None:
         self._caller_active()
         self.link.events.publish(ev.DTMF, self.call_sid, digit=dtmf.digit)
         if not self.settings.dtmf_buffer:
-            await self.start_turn(self._turn(f"[The caller pressed {dtmf.digit} on the keypad]"))
+            await self.user_turn(f"[The caller pressed {dtmf.digit} on the keypad]")
             return
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
@@ -85,7 +84,7 @@ class ConversationAgent(CallSession):
         self._digits.append(dtmf.digit)
         loop = asyncio.get_running_loop()
         self._dtmf_timer = loop.call_later(
-            self.settings.dtmf_pause, lambda: asyncio.ensure_future(self._flush_digits())
+            self.settings.dtmf_pause, lambda: self.spawn(self._flush_digits())
         )
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
@@ -101,9 +100,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_info(self, info: Info) -> None:
-        if info.name == "tokensPlayed":
-            self._heard.append(str(info.value))
-        elif info.name == "clientSpeaking" and info.value == "on":
+        if info.name == "clientSpeaking" and info.value == "on":
             self._caller_active()
         elif info.name == "agentSpeaking":
             if info.value == "on":
@@ -125,17 +122,21 @@ class ConversationAgent(CallSession):
             self._resumed = True
 
     # ------------------------------------------------------------------------------ turns
-    async def start_turn(self, coro: Any) -> asyncio.Task[None]:
-        if self.turn_running:
-            # A new caller turn while a reply runs: keep what the caller heard of it (§3).
-            await self.cancel_turn()
-            if self._heard:
-                self._keep_heard("".join(self._heard))
-        return await super().start_turn(coro)
+    async def user_turn(self, user_text: str) -> None:
+        """The caller said (or keyed) ``user_text``: record it and start the reply.
 
-    async def _turn(self, user_text: str) -> None:
-        self.history.append({"role": "user", "content": user_text})
-        self._trim_history()
+        The input goes into history as soon as the previous turn has cleaned up, so it is kept
+        even if another turn supersedes this one before it runs. A reply cut by this new turn
+        keeps what was sent: without an ``interrupt`` Twilio plays everything queued (§3).
+        """
+
+        def record() -> None:
+            self.history.append({"role": "user", "content": user_text})
+            self._trim_history()
+
+        await self.start_turn(self._respond(user_text), before=record)
+
+    async def _respond(self, user_text: str) -> None:
         await self.speak(self.reply(user_text))
 
     async def speak(self, tokens: AsyncGenerator[str, None], *, record: bool = True) -> str:
@@ -145,7 +146,6 @@ class ConversationAgent(CallSession):
         started = loop.time()
         first: float | None = None
         spoken: list[str] = []
-        self._heard = []
         self._message = None
         if record:
             self._reply_start = len(self.history)
@@ -163,8 +163,10 @@ class ConversationAgent(CallSession):
                         self._message["content"] += token
                     await self.send_text(token)
         finally:
-            if not self.closed and (self._cycle_open or not spoken):
-                # Every turn ends with last:true, also an empty or cut one (§3, §6.11).
+            cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
+            if not self.closed and (self._cycle_open or not (spoken or cancelled)):
+                # Every turn ends with last:true, also an empty or cut one (§3, §6.11); a
+                # cancelled turn that said nothing has no cycle to close.
                 await self.send_text("", last=True)
             text = "".join(spoken)
             self.link.events.publish(
@@ -173,7 +175,7 @@ class ConversationAgent(CallSession):
                 text=text,
                 ttft_ms=None if first is None else round((first - started) * 1000, 1),
                 duration_ms=round((loop.time() - started) * 1000, 1),
-                cancelled=asyncio.current_task().cancelling() > 0,  # type: ignore[union-attr]
+                cancelled=cancelled,
             )
             self._arm_silence()
         return text
@@ -209,7 +211,7 @@ class ConversationAgent(CallSession):
         if not self._digits:
             return
         digits, self._digits = "".join(self._digits), []
-        await self.start_turn(self._turn(f"[The caller entered {digits} on the keypad]"))
+        await self.user_turn(f"[The caller entered {digits} on the keypad]")
 
     # ---------------------------------------------------------------------------- silence
     def _caller_active(self) -> None:
@@ -228,7 +230,7 @@ class ConversationAgent(CallSession):
             return
         loop = asyncio.get_running_loop()
         self._silence_timer = loop.call_later(
-            self.settings.silence_timeout, lambda: asyncio.ensure_future(self._on_silence())
+            self.settings.silence_timeout, lambda: self.spawn(self._on_silence())
         )
 
     async def _on_silence(self) -> None:

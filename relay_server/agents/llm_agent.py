@@ -79,9 +79,9 @@ class LLMAgent(ConversationAgent):
         self._end_request = (handoff,)
         self.log.info("agent asked to %s: %s", "hand off" if handoff else "end the call", reason)
 
-    async def _turn(self, user_text: str) -> None:
+    async def _respond(self, user_text: str) -> None:
         self._end_request = None
-        await super()._turn(user_text)
+        await super()._respond(user_text)
         if self._end_request is not None:
             await self.end(self._end_request[0])
 
@@ -123,17 +123,34 @@ class LLMAgent(ConversationAgent):
         if message is None:
             message = {"role": "assistant", "content": None}
             self.history.append(message)
+        calls = stream.tool_calls
         message["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in stream.tool_calls
+            for c in calls
         ]
-        for call in stream.tool_calls:
-            result = await self.toolbox.call(call.name, call.arguments, self)
-            self.link.events.publish(
-                ev.TOOL_CALL, self.call_sid, name=call.name, arguments=call.arguments, result=result
-            )
-            self.history.append({"role": "tool", "tool_call_id": call.id, "content": result})
-        self._message = None  # what the model says next is a new assistant message
+        results: dict[str, str] = {}
+        try:
+            for call in calls:
+                results[call.id] = await self.toolbox.call(call.name, call.arguments, self)
+                self.link.events.publish(
+                    ev.TOOL_CALL,
+                    self.call_sid,
+                    name=call.name,
+                    arguments=call.arguments,
+                    result=results[call.id],
+                )
+        finally:
+            # Every tool call gets its answer, also when the caller cut in while a tool ran:
+            # the API refuses a history with an unanswered tool call (HTTP 400) ever after.
+            for call in calls:
+                self.history.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call.id,
+                        "content": results.get(call.id, "cancelled: the caller interrupted"),
+                    }
+                )
+            self._message = None  # what the model says next is a new assistant message
 
     async def _with_filler(self, tokens: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         """Pass ``tokens`` through; if the first one is slower than ``filler_after_ms``, say the

@@ -51,9 +51,13 @@ class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_
 
 
 class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
-    """One key press (§2.3)."""
+    """One key press (§2.3): ``0-9``, ``*`` or ``#``."""
 
     digit: str
+
+    def __post_init__(self) -> None:
+        if len(self.digit) != 1 or self.digit not in "0123456789*#":
+            raise ProtocolError(f"dtmf.digit must be one of 0-9 * #, got {self.digit!r}")
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel", kw_only=True):

@@ -75,6 +75,10 @@ class Script:
     fault: str | None = None
     status: int = 500
     cut_after: int = 0
+    #: Compress the SSE body with gzip (as some proxies in front of LLM servers do).
+    gzip: bool = False
+    #: End with ``data: [DONE]``; False ends cleanly after the finish_reason chunk.
+    done: bool = True
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -325,6 +329,8 @@ class FakeLLM:
         midstream = script.fault in ("cut", "reset", "garbage")
         fault_at = min(script.cut_after, len(deltas)) if midstream else -1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        if script.gzip:
+            resp.enable_compression(web.ContentCoding.gzip)
         try:
             await resp.prepare(request)
             await resp.write(event({"role": "assistant", "content": ""}))
@@ -348,7 +354,8 @@ class FakeLLM:
             if usage:
                 tail = {**base, "choices": [], "usage": _usage(rec.tokens_sent)}
                 await resp.write(_sse(tail))
-            await resp.write(b"data: [DONE]\n\n")
+            if script.done:
+                await resp.write(b"data: [DONE]\n\n")
             rec.completed = True
             await resp.write_eof()
         except ConnectionError:  # client went away between two writes

@@ -1,9 +1,9 @@
 """Test harness: the relay on a free loopback port, and a caller that behaves like Twilio.
 
 The relay runs under uvicorn (as in ``crctl serve``) in a thread with its own event loop, so
-tests talk to it over real sockets exactly as Twilio would. :class:`TwilioCaller` signs its WebSocket handshake with
-the auth token over the *public* ``wss://`` URL (as Twilio does through a tunnel) while
-connecting to the local address.
+tests talk to it over real sockets exactly as Twilio would. :class:`TwilioCaller` signs its
+WebSocket handshake with the auth token over the *public* ``wss://`` URL (as Twilio does
+through a tunnel) while connecting to the local address.
 """
 
 from __future__ import annotations

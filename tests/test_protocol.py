@@ -557,5 +557,5 @@ def test_protocol_core_has_no_io_or_event_loop_imports() -> None:
 
 @pytest.mark.parametrize("digit", ["", "12", "a", "A", " "])
 def test_dtmf_digit_outside_the_keypad_is_a_protocol_error(digit: str) -> None:
-    with pytest.raises(ProtocolError, match="dtmf.digit"):
+    with pytest.raises(ProtocolError, match=r"dtmf\.digit"):
         decode(json.dumps({"type": "dtmf", "digit": digit}))

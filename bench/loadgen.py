@@ -1,0 +1,243 @@
+"""The load generator: Twilio-like callers over loopback WebSockets (asyncio + websockets).
+
+Each :class:`Caller` is one ConversationRelay socket, signed like Twilio's handshake. The
+scenarios record raw timings (``time.monotonic()``, CLOCK_MONOTONIC, comparable with the fake
+LLM's stamps in another process); bench/run.py turns them into figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+
+from tests.support import setup_frame
+
+#: A token as written by bench/fake_server.py: " c<call>t<turn>w<k>@<monotonic ns>".
+TOKEN_RE = re.compile(r"c(\d+)t(\d+)w(\d+)@(\d+)")
+
+now = time.monotonic
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (the smallest sample >= p% of the samples)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float], scale: float = 1000.0, digits: int = 3) -> dict[str, Any]:
+    """n, p50, p95, p99, max (and min) of ``values`` (seconds) in ms (``scale`` 1000)."""
+    if not values:
+        return {"n": 0}
+    out: dict[str, Any] = {"n": len(values)}
+    for name, p in (("p50", 50), ("p95", 95), ("p99", 99)):
+        out[name] = round(percentile(values, p) * scale, digits)  # type: ignore[operator]
+    out["max"] = round(max(values) * scale, digits)
+    out["min"] = round(min(values) * scale, digits)
+    return out
+
+
+class LoopLag:
+    """Measures the load generator's own event-loop lag (how late a 5 ms sleep wakes up).
+    A large lag means the client's receive stamps are late: the measurement is the bottleneck."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            start = now()
+            await asyncio.sleep(self.period)
+            self.lags.append(now() - start - self.period)
+
+    def start(self) -> None:
+        self.lags = []
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> dict[str, Any]:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return summary(self.lags)
+
+
+@dataclass
+class TurnResult:
+    call: int
+    turn: int
+    tag: str
+    sent_at: float  # just before the final prompt was handed to the socket
+    first_at: float | None = None  # first non-empty text frame received
+    last_at: float | None = None  # the closing {"token":"","last":true} received
+    tokens: int = 0
+    token_delays: list[float] = field(default_factory=list)  # recv - fake write stamp (s)
+    wrong: int = 0  # tokens of another call/turn (cross-talk), should be 0
+    error: str | None = None
+
+
+@dataclass
+class BargeResult:
+    call: int
+    turn: int
+    tag: str
+    sent_at: float
+    int_before: float = 0.0  # just before ws.send(interrupt)
+    int_after: float = 0.0  # ws.send returned: on loopback the frame is in the relay's socket
+    tokens_before: int = 0  # tokens received before the interrupt was sent
+    last_at: float | None = None
+    # (received at, fake write time, k) of every non-empty token received after int_before
+    late: list[tuple[float, float, int]] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # frames after last:true (quiet window)
+    max_k_before: int = -1
+    error: str | None = None
+
+
+class Caller:
+    """One call: a signed WebSocket to the relay that speaks ConversationRelay."""
+
+    def __init__(self, index: int, ws_url: str, signature: str, deflate: bool = False) -> None:
+        self.index = index
+        self.call_sid = f"CA{index:032d}"
+        self.ws_url = ws_url
+        self.signature = signature
+        self.deflate = deflate
+        self.ws: Any = None
+
+    async def connect(self) -> None:
+        self.ws = await websockets.connect(
+            self.ws_url,
+            additional_headers={"X-Twilio-Signature": self.signature},
+            user_agent_header="Jetty/11.0.24",
+            compression="deflate" if self.deflate else None,
+            proxy=None,
+            open_timeout=15,
+            ping_interval=None,
+            max_size=None,
+            max_queue=None,
+        )
+        await self.ws.send(json.dumps(setup_frame(self.call_sid)))
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float) -> tuple[float, dict[str, Any]]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        at = now()
+        return at, json.loads(raw)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(1000, "Closing websocket session"), 5)
+
+    # ------------------------------------------------------------------------- scenarios
+    @staticmethod
+    def prompt_frame(text: str) -> dict[str, Any]:
+        return {"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True}
+
+    async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:
+        """Send a final prompt; read the reply up to last:true."""
+        res = TurnResult(self.index, turn, tag, now())
+        await self.send(self.prompt_frame(tag))
+        try:
+            while True:
+                at, frame = await self.recv(timeout)
+                if frame.get("type") != "text":
+                    continue
+                token = frame.get("token") or ""
+                if token:
+                    if res.first_at is None:
+                        res.first_at = at
+                    res.tokens += 1
+                    m = TOKEN_RE.search(token)
+                    if m:
+                        if int(m[1]) != self.index or int(m[2]) != turn:
+                            res.wrong += 1
+                        res.token_delays.append(at - int(m[4]) / 1e9)
+                if frame.get("last"):
+                    res.last_at = at
+                    return res
+        except Exception as exc:  # timeout or socket closed: recorded, the run goes on
+            res.error = f"{type(exc).__name__}: {exc}"
+            return res
+
+    async def barge_in(
+        self, turn: int, tag: str, after_tokens: int, quiet: float, timeout: float = 15.0
+    ) -> BargeResult:
+        """Send a prompt for a long reply, interrupt it after ``after_tokens`` tokens, read to
+        last:true, then listen ``quiet`` s for anything more."""
+        res = BargeResult(self.index, turn, tag, now())
+        await self.send(self.prompt_frame(tag))
+        heard: list[str] = []
+        try:
+            while res.tokens_before < after_tokens:
+                at, frame = await self.recv(timeout)
+                is_text = frame.get("type") == "text"
+                token = (frame.get("token") or "") if is_text else ""
+                if token:
+                    res.tokens_before += 1
+                    heard.append(token)
+                    m = TOKEN_RE.search(token)
+                    if m:
+                        res.max_k_before = int(m[3])
+                if is_text and frame.get("last"):
+                    res.error = "reply ended before the interrupt"
+                    return res
+            interrupt = {
+                "type": "interrupt",
+                "utteranceUntilInterrupt": "".join(heard[: max(1, len(heard) // 2)]),
+                "durationUntilInterruptMs": 500,
+            }
+            data = json.dumps(interrupt)
+            res.int_before = now()
+            await self.ws.send(data)
+            res.int_after = now()
+            while True:
+                at, frame = await self.recv(timeout)
+                if frame.get("type") != "text":
+                    continue
+                token = frame.get("token") or ""
+                if token:
+                    m = TOKEN_RE.search(token)
+                    written = int(m[4]) / 1e9 if m else float("nan")
+                    res.late.append((at, written, int(m[3]) if m else -1))
+                if frame.get("last"):
+                    res.last_at = at
+                    break
+            deadline = now() + quiet
+            while (left := deadline - now()) > 0:
+                try:
+                    _, frame = await self.recv(left)
+                except TimeoutError:
+                    break
+                res.stray.append(json.dumps(frame)[:200])
+        except Exception as exc:
+            res.error = f"{type(exc).__name__}: {exc}"
+        return res
+
+
+def bench_tag(
+    call: int,
+    turn: int,
+    n: int,
+    rng: random.Random,
+    ttft: tuple[float, float],
+    delay: tuple[float, float],
+) -> str:
+    """The prompt text that scripts the fake LLM's reply (see bench/fake_server.py)."""
+    return (
+        f"bench c={call} t={turn} n={n} ttft={rng.uniform(*ttft):.4f} d={rng.uniform(*delay):.4f}"
+    )

@@ -103,6 +103,7 @@ class ToolBox:
 
     def __init__(self, tools: Iterable[Tool | Callable[..., Any]] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._specs: list[dict[str, Any]] | None = None
         for item in tools:
             self.add(item)
 
@@ -110,10 +111,13 @@ class ToolBox:
         """Add a tool (a :class:`Tool` or a function)."""
         t = item if isinstance(item, Tool) else Tool(item)
         self._tools[t.name] = t
+        self._specs = None
 
     def specs(self) -> list[dict[str, Any]]:
-        """The OpenAI ``tools`` list."""
-        return [t.spec() for t in self._tools.values()]
+        """The OpenAI ``tools`` list (built once; do not modify it)."""
+        if self._specs is None:
+            self._specs = [t.spec() for t in self._tools.values()]
+        return self._specs
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools

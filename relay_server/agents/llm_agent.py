@@ -71,7 +71,7 @@ class LLMAgent(ConversationAgent):
     def __init__(self, link: SessionLink, setup: Setup) -> None:
         super().__init__(link, setup)
         self.llm: LLMClient = link.services["llm"]
-        self.toolbox = ToolBox([*BUILTIN_TOOLS, *link.services.get("tools", ()), *self.tools])
+        self.toolbox = _toolbox(type(self), link.services)
         self._end_request: tuple[dict[str, Any] | None] | None = None
 
     def request_end(self, handoff: dict[str, Any] | None, reason: str = "") -> None:
@@ -174,6 +174,16 @@ class LLMAgent(ConversationAgent):
                 yield token
             async for token in iterator:
                 yield token
+
+
+def _toolbox(cls: type[LLMAgent], services: dict[str, Any]) -> ToolBox:
+    """One ToolBox per agent class and app: building the tools' pydantic models for every
+    call cost ~45 KiB per call and CPU at each call start (bench/)."""
+    boxes: dict[type[LLMAgent], ToolBox] = services.setdefault("toolboxes", {})
+    box = boxes.get(cls)
+    if box is None:
+        box = boxes[cls] = ToolBox([*BUILTIN_TOOLS, *services.get("tools", ()), *cls.tools])
+    return box
 
 
 async def _tokens(stream: ChatStream) -> AsyncGenerator[str, None]:

@@ -11,12 +11,12 @@ import json
 import logging
 from typing import Any
 
-from quart import Quart, Response, request, websocket
+from quart import Quart, Response, request
 from twilio.twiml.voice_response import Dial, Hangup, Say, VoiceResponse
 
 from relay_server import events as ev
 from relay_server.agents import EchoAgent, LLMAgent
-from relay_server.calls import CallConnection, CallRegistry, SessionFactory
+from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -24,6 +24,7 @@ from relay_server.llm import LLMClient
 from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import SignatureChecker, bearer_ok
 from relay_server.session import CallSession, SessionLink
+from relay_server.socket import RelaySocket
 from relay_server.tools import load_tool_modules
 from twiml_templates import relay_twiml
 
@@ -86,7 +87,7 @@ def create_app(
         await services["llm"].aclose()
 
     def base() -> str:
-        return config.public_base(request.host_url if request else websocket.host_url)
+        return config.public_base(request.host_url)
 
     async def signed(path: str) -> bool:
         """Check a webhook's signature against the public URL (+ the raw query string)."""
@@ -119,26 +120,15 @@ def create_app(
             return Response("forbidden\n", 403)
         return Response(twiml(config.welcome_greeting), content_type=_TWIML)
 
-    @app.websocket("/ws")
-    async def ws_route() -> Any:
-        if checker is not None:
-            signed_url = config.websocket_url(base())
-            if websocket.query_string:
-                signed_url += "?" + websocket.query_string.decode()
-            if not checker.websocket_ok(signed_url, websocket.headers.get("X-Twilio-Signature")):
-                log.warning(
-                    "refused WebSocket from %s: bad or missing X-Twilio-Signature (checked %s)",
-                    websocket.remote_addr,
-                    signed_url,
-                )
-                return Response("forbidden\n", 403)
-        await websocket.accept()
-        conn = CallConnection(websocket.send, registry, factory, link, websocket.remote_addr or "")
-        try:
-            while True:
-                await conn.receive(await websocket.receive())
-        finally:  # Quart cancels this handler when the peer hangs up
-            await conn.close()
+    # The call socket: a lean ASGI handler in front of the Quart routes (see socket.py).
+    app.asgi_app = RelaySocket(  # type: ignore[method-assign,assignment]
+        app.asgi_app,
+        config=config,
+        checker=checker,
+        registry=registry,
+        factory=factory,
+        link=link,
+    )
 
     @app.post("/action")
     async def action_route() -> Response:

@@ -194,6 +194,9 @@ class ChatStream:
 
 
 def _map_error(exc: openai.APIError) -> LLMError:
+    if isinstance(exc, openai.APIConnectionError) and _refused(exc):
+        # The aiohttp transport reports a refused connection as a connect *timeout*.
+        return LLMError("connection", f"cannot reach the LLM: {exc.__cause__ or exc}")
     if isinstance(exc, openai.APITimeoutError):
         return LLMError("timeout", "the LLM did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
@@ -209,6 +212,18 @@ def _map_error(exc: openai.APIError) -> LLMError:
     return LLMError("connection", str(exc))
 
 
+def _refused(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        # aiohttp keeps the socket error as ``os_error`` on its ClientConnectorError.
+        if isinstance(cause, ConnectionError) or isinstance(
+            getattr(cause, "os_error", None), ConnectionError
+        ):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 class LLMClient:
     """A shared async OpenAI-compatible client (one connection pool for all calls)."""
 
@@ -219,6 +234,7 @@ class LLMClient:
             base_url=config.base_url,
             timeout=config.timeout,
             max_retries=config.max_retries,
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     def stream(

@@ -1,0 +1,112 @@
+"""The ConversationRelay socket (``/ws``) as a lean ASGI handler inside the Quart app.
+
+The HTTP endpoints are Quart routes; the call socket is mounted in front of them as ASGI
+middleware of the same app (``app.asgi_app``, Quart's documented hook). Quart's own WebSocket
+layer gives every socket two extra tasks, a queue, a request context and a signal per frame:
+at 200 calls that was ~10 KiB per idle call and a large share of the per-token CPU (bench/).
+This handler does only what the relay needs: check the signature, accept, move frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from relay_server.calls import CallConnection, CallRegistry, SessionFactory
+from relay_server.config import RelayConfig
+from relay_server.security import SignatureChecker
+from relay_server.session import SessionLink
+
+log = logging.getLogger("relay_server.socket")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class RelaySocket:
+    """ASGI middleware: ``/ws`` WebSocket scopes go to the relay, everything else to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: RelayConfig,
+        checker: SignatureChecker | None,
+        registry: CallRegistry,
+        factory: SessionFactory,
+        link: SessionLink,
+        path: str = "/ws",
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.checker = checker
+        self.registry = registry
+        self.factory = factory
+        self.link = link
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        peer = (scope.get("client") or ("?",))[0]
+        if not self._signed(scope, peer):
+            await _refuse(scope, send)
+            return
+        await send({"type": "websocket.accept"})
+
+        async def send_frame(frame: str) -> None:
+            await send({"type": "websocket.send", "text": frame})
+
+        conn = CallConnection(send_frame, self.registry, self.factory, self.link, peer)
+        try:
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    text = message.get("text")
+                    await conn.receive(text if text is not None else message.get("bytes") or b"")
+                elif kind == "websocket.disconnect":
+                    break
+        finally:  # hang-up, server shutdown or cancellation: the session always closes
+            await conn.close()
+
+    def _signed(self, scope: Scope, peer: str) -> bool:
+        if self.checker is None:
+            return True
+        headers = dict(scope.get("headers") or ())
+        host = headers.get(b"host", b"localhost").decode("latin-1")
+        signed_url = self.config.websocket_url(f"http://{host}")
+        query = scope.get("query_string") or b""
+        if query:
+            signed_url += "?" + query.decode("latin-1")
+        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1") or None
+        if self.checker.websocket_ok(signed_url, signature):
+            return True
+        log.warning(
+            "refused WebSocket from %s: bad or missing X-Twilio-Signature (checked %s)",
+            peer,
+            signed_url,
+        )
+        return False
+
+
+async def _refuse(scope: Scope, send: Send) -> None:
+    """Refuse the upgrade with HTTP 403 where the server can (else close before accepting)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 403,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": b"forbidden\n"})
+    else:
+        await send({"type": "websocket.close", "code": 1008})

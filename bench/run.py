@@ -39,6 +39,7 @@ from bench.loadgen import (  # noqa: E402
     now,
     summary,
 )
+from bench.parse_bench import floor_ratio_text  # noqa: E402
 from bench.procs import (  # noqa: E402
     FakeProc,
     RelayProc,
@@ -572,7 +573,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{pb['streams']} streams × {pb['tokens']} tokens, {pb['concurrency']} at a time, "
             f"CPU of the consuming process (time.process_time), median of {pb['rounds']} "
             f"rounds. SDK parsed / relay path: {pb['sdk_over_relay']}× per token; above the "
-            f"raw-bytes floor: {pb['parse_only_sdk_over_relay']}×.",
+            f"raw-bytes floor: {floor_ratio_text(pb['parse_only_sdk_over_relay'])}.",
             "",
             parse_table(pb),
             "",

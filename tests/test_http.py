@@ -530,16 +530,21 @@ async def test_messages_api_auth_lookup_and_validation(relay_factory):
     await caller.hangup()
 
 
+async def push(relay: RelayServer, message: dict[str, Any]) -> httpx.Response:
+    """POST a message into the live test call through the messages API."""
+    async with httpx.AsyncClient() as client:
+        return await client.post(
+            f"{relay.base_url}/calls/{CALL_SID}/messages",
+            json=message,
+            headers={"Authorization": "Bearer s3cret"},
+        )
+
+
 async def test_messages_api_text_reaches_the_caller(relay_factory):
     relay = relay_factory(api_token="s3cret")
     caller = await TwilioCaller(relay).connect()
     assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
-    async with httpx.AsyncClient() as client:
-        response = await client.post(
-            f"{relay.base_url}/calls/{CALL_SID}/messages",
-            json={"type": "text", "token": "Hold on", "last": True},
-            headers={"Authorization": "Bearer s3cret"},
-        )
+    response = await push(relay, {"type": "text", "token": "Hold on", "last": True})
     assert response.status_code == 202
     assert response.json() == {"sent": "text"}
     assert await caller.recv() == {"type": "text", "token": "Hold on", "last": True}
@@ -551,12 +556,7 @@ async def test_messages_api_end_reaches_the_caller(relay_factory):
     relay = relay_factory(api_token="s3cret")
     caller = await TwilioCaller(relay).connect()
     assert wait_until(lambda: relay.registry.get(CALL_SID) is not None)
-    async with httpx.AsyncClient() as client:
-        response = await client.post(
-            f"{relay.base_url}/calls/{CALL_SID}/messages",
-            json={"type": "end", "handoffData": "{}"},
-            headers={"Authorization": "Bearer s3cret"},
-        )
+    response = await push(relay, {"type": "end", "handoffData": "{}"})
     assert response.status_code == 202
     assert await caller.recv() == {"type": "end", "handoffData": "{}"}
     await caller.hangup()
@@ -570,12 +570,7 @@ async def test_messages_api_end_during_a_reply_cuts_it_first(relay_factory, fake
     caller = await TwilioCaller(relay).connect()
     await caller.prompt("talk for a while")
     await caller.recv()
-    async with httpx.AsyncClient() as client:
-        response = await client.post(
-            f"{relay.base_url}/calls/{CALL_SID}/messages",
-            json={"type": "end", "handoffData": '{"reason":"supervisor"}'},
-            headers={"Authorization": "Bearer s3cret"},
-        )
+    response = await push(relay, {"type": "end", "handoffData": '{"reason":"supervisor"}'})
     assert response.status_code == 202
     frames = []
     while not frames or frames[-1]["type"] != "end":

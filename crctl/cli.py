@@ -14,6 +14,7 @@ from rich.markup import escape
 from crctl import __version__
 from crctl.serve import serve
 from crctl.settings import SettingsError
+from crctl.twiml import app as twiml_app
 from relay_server.errors import RelayError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command(name="serve")(serve)
+app.add_typer(twiml_app, name="twiml")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -50,7 +50,13 @@ def serve(
     tools: Optional[list[str]] = typer.Option(
         None, "--tools", help="Python module whose @tool functions the LLM may call (repeatable)."
     ),
-    welcome_greeting: Optional[str] = typer.Option(None, help="Spoken when the call connects."),
+    twiml_template: Optional[str] = typer.Option(
+        None,
+        help="TwiML template /twiml serves (crctl twiml list). [env CRCTL_TWIML_TEMPLATE; basic]",
+    ),
+    welcome_greeting: Optional[str] = typer.Option(
+        None, help="Spoken when the call connects (overrides the template's)."
+    ),
     handoff_number: Optional[str] = typer.Option(
         None, help="Number or SIP URI to dial when the agent hands off to a person."
     ),
@@ -89,6 +95,7 @@ def serve(
             system_prompt_file=system_prompt_file,
             tools=tools,
             welcome_greeting=welcome_greeting,
+            twiml_template=twiml_template,
             handoff_number=handoff_number,
             verify_signatures=verify_signatures,
             log_level=log_level,

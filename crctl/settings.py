@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     model: str = AgentConfig.model
     system_prompt: str | None = None
     system_prompt_file: Path | None = None
-    welcome_greeting: str | None = RelayConfig.welcome_greeting
+    welcome_greeting: str | None = None
+    twiml_template: str = RelayConfig.twiml_template
     handoff_number: str | None = None
     llm_timeout: float = Field(LLMConfig.timeout, gt=0)
     llm_retries: int = Field(LLMConfig.max_retries, ge=0, le=5)
@@ -126,6 +127,7 @@ class Settings(BaseSettings):
             agent=self.agent,
             tool_modules=tuple(self.tools),
             welcome_greeting=self.welcome_greeting or None,
+            twiml_template=self.twiml_template,
             handoff_number=self.handoff_number,
             max_frame_bytes=self.max_frame_bytes,
             agent_config=AgentConfig(**agent_kwargs),

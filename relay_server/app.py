@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from quart import Quart, Response, request
@@ -26,7 +27,7 @@ from relay_server.security import SignatureChecker, bearer_ok
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
 from relay_server.tools import load_tool_modules
-from twiml_templates import relay_twiml
+from twiml_templates import TemplateError, load_template, render
 
 log = logging.getLogger("relay_server.app")
 
@@ -65,6 +66,13 @@ def create_app(
     bus = events or EventBus()
     registry = CallRegistry(ttl=config.resume_ttl, max_reconnects=config.max_reconnects)
     factory: SessionFactory = agent or resolve_agent(config)
+    try:
+        template = load_template(config.twiml_template)
+    except TemplateError as exc:
+        raise ConfigError(f"setting twiml_template: {exc}") from exc
+    if config.welcome_greeting is None:
+        # The greeting the caller hears is the template's: the agent keeps it in history.
+        config = replace(config, welcome_greeting=template.relay.get("welcomeGreeting"))
     services: dict[str, Any] = {}
     try:
         services["tools"] = load_tool_modules(config.tool_modules)
@@ -108,10 +116,11 @@ def create_app(
         return False
 
     def twiml(greeting: str | None) -> str:
-        return relay_twiml(
-            config.websocket_url(base()),
-            action_url=base() + "/action",
-            welcome_greeting=greeting,
+        # The configured template, pointed at this relay: its /ws, and its /action (hand-off,
+        # reconnect), so the relay serves the same document `crctl twiml export` writes.
+        sets = {"welcomeGreeting": greeting} if greeting else None
+        return render(
+            template, url=config.websocket_url(base()), action=base() + "/action", sets=sets
         )
 
     @app.route("/twiml", methods=["GET", "POST"])

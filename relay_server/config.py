@@ -69,7 +69,10 @@ class RelayConfig:
     agent: str | None = None
     #: Python modules whose ``@tool`` functions the LLM agent may call.
     tool_modules: tuple[str, ...] = ()
-    welcome_greeting: str | None = "Hello! How can I help you today?"
+    #: The ``twiml_templates`` template ``/twiml`` serves (a preset, ./twiml/ name or .toml path).
+    twiml_template: str = "basic"
+    #: Overrides the template's welcomeGreeting (``None``: the template's).
+    welcome_greeting: str | None = None
     #: Spoken when a dropped socket is reconnected through ``/action``.
     reconnect_greeting: str = "Sorry, we were cut off. Where were we?"
     max_reconnects: int = 3

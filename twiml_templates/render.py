@@ -1,43 +1,146 @@
-"""Render ``<Connect><ConversationRelay>`` documents (protocol.md §1) with the twilio SDK.
+"""Render templates to TwiML with the twilio SDK, and lint existing TwiML by the same rules.
 
-Never hand-built XML: the SDK escapes values, camel-cases keyword names and sorts attributes.
+Never hand-built XML: ``VoiceResponse().connect().conversation_relay(...)`` escapes values and
+sorts attributes. Names are passed in camelCase, which the SDK leaves as they are (it only
+camel-cases names with an underscore), so every attribute of §1.2, including those the SDK has
+no keyword for (``eotThreshold``), comes out as Twilio documents it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-#: Barge-in defaults. ``reportInputDuringAgentSpeech`` is set explicitly: Twilio's default
-#: became ``none`` in May 2025, which drops what the caller says over the agent (§1.2, §6.9).
-RELAY_DEFAULTS: dict[str, Any] = {
-    "interruptible": "any",
-    "report_input_during_agent_speech": "any",
-    "dtmf_detection": True,
-    # speaker events and tokens played let the relay keep only what the caller heard (§2.6).
-    "events": "speaker-events tokens-played",
-}
+from twiml_templates import schema
+from twiml_templates.errors import TemplateError
+from twiml_templates.templates import Template, check_combination
 
 
-def relay_twiml(
-    ws_url: str,
+def relay_attributes(
+    template: Template, *, url: str | None = None, sets: Mapping[str, object] | None = None
+) -> dict[str, str]:
+    """The ``<ConversationRelay>`` attributes as on the wire: the template's, overridden by
+    ``sets`` (``--set key=value``) and ``url``; checked like the template itself."""
+    attrs = dict(template.relay)
+    for key, value in (sets or {}).items():
+        if key not in schema.RELAY:
+            raise TemplateError(f"--set {key}: {schema.unknown_key(key, schema.RELAY)}")
+        try:
+            attrs[key] = schema.RELAY[key].check(value)
+        except ValueError as exc:
+            raise TemplateError(f"--set {key}: value {value!r} is not {exc}") from None
+    if url is not None:
+        try:
+            attrs["url"] = schema.wss_url(url)
+        except ValueError as exc:
+            raise TemplateError(f"--url: value {url!r} is not {exc}") from None
+    if "url" not in attrs:
+        raise TemplateError(
+            f"{template.path}: key relay.url is required; give it with --url wss://host/ws"
+        )
+    check_combination(attrs, template.languages, template.path)
+    return attrs
+
+
+def connect_attributes(
+    template: Template, *, url: str, action: str | None = None
+) -> dict[str, str]:
+    """``<Connect>`` attributes; a relative action is resolved on the relay's own host."""
+    attrs = dict(template.connect)
+    if action is not None:
+        attrs["action"] = action
+    target = attrs.get("action")
+    if target and target.startswith("/"):
+        host = urlsplit(url).netloc
+        attrs["action"] = f"https://{host}{target}"
+    if "action" in attrs:
+        attrs.setdefault("method", "POST")
+        if not attrs["action"].startswith("https://"):
+            raise TemplateError(
+                f"connect.action: value {attrs['action']!r} is not allowed; allowed: an https:// "
+                "URL or a path such as /action"
+            )
+    return attrs
+
+
+def render(
+    template: Template,
     *,
-    action_url: str | None = None,
-    welcome_greeting: str | None = None,
-    parameters: dict[str, str] | None = None,
-    **attributes: Any,
+    url: str | None = None,
+    action: str | None = None,
+    sets: Mapping[str, object] | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> str:
-    """The TwiML document that connects a call to the relay at ``ws_url`` (``wss://``).
-
-    ``attributes`` are ConversationRelay attributes in snake_case or camelCase; ``None`` values
-    are left out. ``parameters`` become ``<Parameter>`` elements (``setup.customParameters``).
-    """
+    """The TwiML document for ``template``."""
+    attrs = relay_attributes(template, url=url, sets=sets)
     response = VoiceResponse()
-    connect = Connect(action=action_url, method="POST" if action_url else None)
-    attrs = {**RELAY_DEFAULTS, **attributes}
-    relay = connect.conversation_relay(url=ws_url, welcome_greeting=welcome_greeting, **attrs)
-    for name, value in (parameters or {}).items():
+    connect = Connect(**connect_attributes(template, url=attrs["url"], action=action))
+    relay = connect.conversation_relay(**attrs)
+    for language in template.languages:
+        relay.language(**language)
+    for name, value in {**template.parameters, **(params or {})}.items():
         relay.parameter(name=name, value=value)
     response.append(connect)
     return str(response)
+
+
+def lint(document: str, file: Path | str = "<twiml>") -> list[str]:
+    """Problems of an existing TwiML document, by the rules templates follow (empty: fine)."""
+    try:
+        root = ET.fromstring(document)
+    except ET.ParseError as exc:
+        return [f"{file}: not XML: {exc}"]
+    problems: list[str] = []
+    relays = root.findall(".//ConversationRelay")
+    if root.tag != "Response":
+        problems.append(f"{file}: the root element is <{root.tag}>, expected <Response>")
+    if not relays:
+        problems.append(f"{file}: no <Connect><ConversationRelay> found")
+    for connect in root.iter("Connect"):
+        problems += _attrs(connect, schema.CONNECT, file, "Connect")
+        action = connect.get("action")
+        if action and not (action.startswith("https://") or action.startswith("/")):
+            problems.append(f"{file}: <Connect> action {action!r} should be https:// or a path")
+    for relay in relays:
+        problems += _attrs(relay, schema.RELAY, file, "ConversationRelay")
+        if "url" not in relay.attrib:
+            problems.append(f"{file}: <ConversationRelay> needs a url attribute")
+        languages = []
+        for child in relay:
+            if child.tag == "Language":
+                problems += _attrs(child, schema.LANGUAGE, file, "Language")
+                if "code" not in child.attrib:
+                    problems.append(f"{file}: <Language> needs a code attribute")
+                languages.append(dict(child.attrib))
+            elif child.tag == "Parameter":
+                if set(child.attrib) != {"name", "value"}:
+                    problems.append(f"{file}: <Parameter> takes exactly name and value")
+            else:
+                problems.append(
+                    f"{file}: <{child.tag}> is not allowed in <ConversationRelay>; allowed: "
+                    "Language, Parameter"
+                )
+        try:
+            check_combination(dict(relay.attrib), languages, Path(str(file)))
+        except TemplateError as exc:
+            problems.append(str(exc).replace("key relay.", "attribute "))
+    return problems
+
+
+def _attrs(
+    element: ET.Element, attrs: dict[str, schema.Attr], file: Path | str, tag: str
+) -> list[str]:
+    problems = []
+    for key, value in element.attrib.items():
+        if key not in attrs:
+            problems.append(f"{file}: <{tag}> attribute {key}: {schema.unknown_key(key, attrs)}")
+            continue
+        try:
+            attrs[key].check(value)
+        except ValueError as exc:
+            problems.append(f"{file}: <{tag}> attribute {key}: value {value!r} is not {exc}")
+    return problems

@@ -1,0 +1,146 @@
+"""``crctl twiml``: list, show, render, lint and export ConversationRelay TwiML templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from twiml_templates import (
+    TemplateError,
+    connect_attributes,
+    lint,
+    load_template,
+    preset_names,
+    render,
+    user_templates,
+)
+
+app = typer.Typer(help="ConversationRelay TwiML from validated templates.", no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
+    result = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TemplateError(f"{flag} {item!r}: expected key=value")
+        result[key] = value
+    return result
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return typer.Exit(2)
+
+
+@app.command("list")
+def list_templates() -> None:
+    """The shipped presets and the project's own templates (./twiml/*.toml)."""
+    table = Table("name", "from", "description", box=None)
+    for name in preset_names():
+        table.add_row(name, "preset", load_template(name).description)
+    for path in user_templates():
+        try:
+            description = load_template(path).description
+        except TemplateError as exc:
+            description = f"[red]invalid:[/] {escape(str(exc))}"
+        table.add_row(path.stem, str(path), description)
+    out.print(table)
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path.")) -> None:
+    """The effective settings of a template, after inheritance."""
+    try:
+        tpl = load_template(Path(name) if name.endswith(".toml") else name)
+    except TemplateError as exc:
+        raise _fail(exc) from None
+    out.print(f"[bold]{tpl.name}[/]  {escape(tpl.description)}")
+    out.print("files: " + " <- ".join(str(p) for p in tpl.chain))
+    for title, values in (
+        ("connect", tpl.connect),
+        ("relay", tpl.relay),
+        ("parameters", tpl.parameters),
+    ):
+        if values:
+            table = Table(title, "value", box=None, title_justify="left")
+            for key, value in values.items():
+                table.add_row(key, escape(value))
+            out.print(table)
+    for i, language in enumerate(tpl.languages):
+        out.print(f"language[{i}]: " + ", ".join(f"{k}={v}" for k, v in language.items()))
+
+
+@app.command("render")
+def render_cmd(
+    name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path."),
+    url: Optional[str] = typer.Option(None, help="The relay's wss:// URL (…/ws)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Attribute override key=value."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="<Parameter> name=value."),
+    action: Optional[str] = typer.Option(None, help="<Connect action> URL (https:// or /path)."),
+) -> None:
+    """Print the TwiML document (exit 0), or the one error (exit 2)."""
+    try:
+        tpl = load_template(Path(name) if name.endswith(".toml") else name)
+        xml = render(
+            tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
+        )
+    except TemplateError as exc:
+        raise _fail(exc) from None
+    typer.echo(xml)
+
+
+@app.command("lint")
+def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> None:
+    """Check an existing TwiML document by the template rules."""
+    try:
+        document = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _fail(TemplateError(f"{file}: cannot read it: {exc.strerror}")) from None
+    problems = lint(document, file)
+    for problem in problems:
+        err.print(f"[bold red]error:[/] {escape(problem)}")
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{file}: ok")
+
+
+@app.command("export")
+def export_cmd(
+    name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path."),
+    url: str = typer.Option(..., help="The relay's wss:// URL (…/ws)."),
+    serverless: Path = typer.Option(..., help="Folder of the Twilio Serverless project."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Attribute override key=value."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="<Parameter> name=value."),
+    action: Optional[str] = typer.Option(None, help="<Connect action> URL (https:// or /path)."),
+    force: bool = typer.Option(False, help="Overwrite files you changed since the last export."),
+) -> None:
+    """Write a Twilio Serverless project whose function answers with this TwiML."""
+    from twiml_templates.serverless import export_serverless
+
+    try:
+        tpl = load_template(Path(name) if name.endswith(".toml") else name)
+        xml = render(
+            tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
+        )
+        connect_attributes(tpl, url=url, action=action)
+    except TemplateError as exc:
+        raise _fail(exc) from None
+    result = export_serverless(xml, serverless, name=tpl.name, force=force)
+    for path in result.written:
+        out.print(f"  wrote     {path}")
+    for path in result.unchanged:
+        out.print(f"  unchanged {path}")
+    for path in result.kept:
+        out.print(
+            f"  [yellow]kept[/]      {path} (you changed it; the new version is {path}.crctl-new; "
+            "--force overwrites)"
+        )
+    out.print(f"deploy: cd {serverless} && twilio serverless:deploy")

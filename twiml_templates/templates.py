@@ -1,0 +1,210 @@
+"""Template files: TOML that sets ConversationRelay attributes, ``<Language>`` entries,
+``<Parameter>``s and the ``<Connect action method>``, validated with :mod:`schema`.
+
+A template may ``extends = "basic"`` (a preset or another file, relative to it): its tables are
+merged over the parent's (``relay``, ``connect``, ``parameters`` key by key; ``language``, when
+given, replaces the parent's list). A key set to ``""`` removes an inherited value.
+
+Shape::
+
+    description = "What this template is for"
+    extends = "basic"          # optional
+
+    [connect]                  # optional
+    action = "/action"         # absolute https URL, or a path on the relay's host
+    method = "POST"
+
+    [relay]                    # <ConversationRelay> attributes, camelCase
+    welcomeGreeting = "Hi!"
+    interruptible = "any"
+
+    [[language]]               # <Language> entries
+    code = "es-MX"
+    ttsProvider = "Google"
+
+    [parameters]               # <Parameter name value>
+    customerId = "42"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twiml_templates import schema
+from twiml_templates.errors import TemplateError
+
+PRESETS = Path(__file__).parent / "presets"
+#: Where a project keeps its own templates (``crctl twiml list`` shows them).
+USER_DIR = Path("twiml")
+_TOP_KEYS = ("description", "extends", "connect", "relay", "language", "parameters")
+
+
+@dataclass
+class Template:
+    """A template after inheritance; values are in their wire form (strings)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    relay: dict[str, str] = field(default_factory=dict)
+    connect: dict[str, str] = field(default_factory=dict)
+    languages: list[dict[str, str]] = field(default_factory=list)
+    parameters: dict[str, str] = field(default_factory=dict)
+    #: Files of the inheritance chain, the template itself first.
+    chain: list[Path] = field(default_factory=list)
+
+
+def preset_names() -> list[str]:
+    """The templates shipped with crctl."""
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def user_templates(folder: Path | None = None) -> list[Path]:
+    """The project's own template files (``./twiml/*.toml``)."""
+    folder = USER_DIR if folder is None else folder
+    return sorted(folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def find(name: str, *, base: Path | None = None) -> Path:
+    """The file for ``name``: a path to a .toml file, a template in ``./twiml/``, or a preset."""
+    candidates = []
+    as_path = (base / name) if base is not None else Path(name)
+    if name.endswith(".toml"):
+        candidates.append(as_path)
+    else:
+        candidates += [USER_DIR / f"{name}.toml", PRESETS / f"{name}.toml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = ", ".join([*preset_names(), *(p.stem for p in user_templates())])
+    raise TemplateError(f"no template {name!r}; known: {known} (or a path to a .toml file)")
+
+
+def load_template(name: str | Path) -> Template:
+    """Load and validate a template (a name or a path), with its parents merged in."""
+    path = Path(name) if isinstance(name, Path) else find(name)
+    raw, chain = _merged(path, [])
+    template = Template(name=path.stem, path=path, chain=chain)
+    template.description = str(raw.get("description", ""))
+    where = _Where(chain)
+    template.relay = _checked(raw.get("relay", {}), schema.RELAY, where, "relay")
+    template.connect = _checked(raw.get("connect", {}), schema.CONNECT, where, "connect")
+    for i, entry in enumerate(raw.get("language", [])):
+        checked = _checked(entry, schema.LANGUAGE, where, f"language[{i}]")
+        if "code" not in checked:
+            raise TemplateError(
+                f"{where.file(f'language[{i}]')}: key language[{i}].code is required"
+            )
+        template.languages.append(checked)
+    for key, value in raw.get("parameters", {}).items():
+        if isinstance(value, (dict, list)):
+            raise TemplateError(
+                f"{where.file('parameters')}: key parameters.{key}: value {value!r} is not "
+                "allowed; allowed: text"
+            )
+        template.parameters[key] = schema.boolean(value) if isinstance(value, bool) else str(value)
+    check_combination(template.relay, template.languages, where.file("relay"))
+    return template
+
+
+class _Where:
+    """Which file of the chain set a key (for error messages)."""
+
+    def __init__(self, chain: list[Path]) -> None:
+        self.chain = chain
+        self.owner: dict[str, Path] = {}
+
+    def file(self, key: str) -> Path:
+        return self.owner.get(key, self.chain[0])
+
+
+def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path]]:
+    if path.resolve() in seen:
+        raise TemplateError(f"{path}: extends itself (through {', '.join(map(str, seen))})")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot read it: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TemplateError(f"{path}: not valid TOML: {exc}") from exc
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise TemplateError(
+                f"{path}: key {key}: {schema.unknown_key(key, _TOP_KEYS)} "
+                f"(top-level keys: {', '.join(_TOP_KEYS)})"
+            )
+    for table in ("relay", "connect", "parameters"):
+        if table in raw and not isinstance(raw[table], dict):
+            raise TemplateError(f"{path}: key {table} must be a table ([{table}])")
+    if "language" in raw and not (
+        isinstance(raw["language"], list) and all(isinstance(x, dict) for x in raw["language"])
+    ):
+        raise TemplateError(f"{path}: key language must be a list of tables ([[language]])")
+    parent_name = raw.get("extends")
+    if not parent_name:
+        return raw, [path]
+    parent_path = find(str(parent_name), base=path.parent)
+    parent, chain = _merged(parent_path, [*seen, path.resolve()])
+    merged = dict(parent)
+    for table in ("relay", "connect", "parameters"):
+        combined = {**parent.get(table, {}), **raw.get(table, {})}
+        merged[table] = {k: v for k, v in combined.items() if v != ""}
+    if "language" in raw:
+        merged["language"] = raw["language"]
+    merged["description"] = raw.get("description", parent.get("description", ""))
+    return merged, [path, *chain]
+
+
+def _checked(
+    values: dict[str, Any], attrs: dict[str, schema.Attr], where: _Where, table: str
+) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in values.items():
+        file = where.file(table)
+        if key not in attrs:
+            raise TemplateError(f"{file}: key {table}.{key}: {schema.unknown_key(key, attrs)}")
+        if value == "":
+            continue
+        try:
+            result[key] = attrs[key].check(value)
+        except ValueError as exc:
+            raise TemplateError(
+                f"{file}: key {table}.{key}: value {value!r} is not {exc}"
+            ) from None
+    return result
+
+
+def check_combination(relay: dict[str, str], languages: list[dict[str, str]], file: Path) -> None:
+    """Rules across attributes: ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS
+    in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (§1.2, §1.3)."""
+    stt = relay.get("transcriptionProvider", "Deepgram")
+    model = relay.get("speechModel", "nova-3-general" if stt == "Deepgram" else "telephony")
+    if relay.get("transcriptionLanguage") == "multi" and (
+        stt != "Deepgram" or model not in schema.MULTI_MODELS
+    ):
+        raise TemplateError(
+            f"{file}: key relay.transcriptionLanguage: value 'multi' needs transcriptionProvider "
+            f"Deepgram with speechModel {' or '.join(schema.MULTI_MODELS)} "
+            f"(here {stt}, {model})"
+        )
+    for key in ("eotThreshold", "eagerEotThreshold"):
+        if key in relay and (stt != "Deepgram" or model not in schema.FLUX_MODELS):
+            raise TemplateError(
+                f"{file}: key relay.{key}: only works with transcriptionProvider Deepgram and "
+                f"speechModel {' or '.join(schema.FLUX_MODELS)} (here {stt}, {model})"
+            )
+    for i, lang in enumerate(languages):
+        if lang.get("code") != "multi":
+            continue
+        tts = lang.get("ttsProvider", relay.get("ttsProvider", "ElevenLabs"))
+        lang_stt = lang.get("transcriptionProvider", stt)
+        lang_model = lang.get("speechModel", model)
+        if tts != "ElevenLabs" or lang_stt != "Deepgram" or lang_model not in schema.MULTI_MODELS:
+            raise TemplateError(
+                f"{file}: key language[{i}].code: value 'multi' needs ttsProvider ElevenLabs and "
+                f"transcriptionProvider Deepgram with speechModel "
+                f"{' or '.join(schema.MULTI_MODELS)} (here {tts}, {lang_stt}, {lang_model})"
+            )

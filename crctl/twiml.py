@@ -123,7 +123,7 @@ def export_cmd(
     force: bool = typer.Option(False, help="Overwrite files you changed since the last export."),
 ) -> None:
     """Write a Twilio Serverless project whose function answers with this TwiML."""
-    from twiml_templates.serverless import export_serverless
+    from twiml_templates.serverless import ExportError, export_serverless
 
     try:
         tpl = load_template(Path(name) if name.endswith(".toml") else name)
@@ -133,9 +133,13 @@ def export_cmd(
         connect_attributes(tpl, url=url, action=action)
     except TemplateError as exc:
         raise _fail(exc) from None
-    result = export_serverless(xml, serverless, name=tpl.name, force=force)
+    try:
+        result = export_serverless(xml, serverless, name=tpl.name, force=force)
+    except ExportError as exc:
+        raise _fail(exc) from None
     for path in result.written:
-        out.print(f"  wrote     {path}")
+        note = " (your changes overwritten: --force)" if path in result.overwritten else ""
+        out.print(f"  wrote     {path}{note}")
     for path in result.unchanged:
         out.print(f"  unchanged {path}")
     for path in result.kept:
@@ -143,4 +147,7 @@ def export_cmd(
             f"  [yellow]kept[/]      {path} (you changed it; the new version is {path}.crctl-new; "
             "--force overwrites)"
         )
-    out.print(f"deploy: cd {serverless} && twilio serverless:deploy")
+    out.print(
+        f"deploy: cd {serverless} && twilio serverless:deploy, then point the number's voice "
+        "webhook at https://<service domain>/conversation-relay-signed (signatures enforced)"
+    )

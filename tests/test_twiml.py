@@ -359,3 +359,44 @@ def test_relay_refuses_to_start_with_a_bad_template(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="twiml_template"):
         create_app(RelayConfig(twiml_template=str(write(tmp_path, '[relay]\nvoice = ""\nfoo = 1'))))
+
+
+def test_cli_export_then_reexport_keeps_user_changes(tmp_path: Path) -> None:
+    target = tmp_path / "cr-twiml"
+    args = ["twiml", "export", "handoff", "--url", URL, "--serverless", str(target)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    function = target / "functions" / "conversation-relay.js"
+    assert "wrote" in first.stdout and function.is_file()
+    xml = render(load_template("handoff"), url=URL)
+    assert xml.replace('"', '\\"') in function.read_text() or xml in function.read_text()
+    function.write_text(function.read_text() + "\n// my change\n")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "kept" in again.stdout and "--force" in again.stdout
+    assert function.read_text().endswith("// my change\n")
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0 and "overwritten" in forced.stdout
+    assert "// my change" not in function.read_text()
+
+
+def test_cli_export_errors_are_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    result = runner.invoke(
+        app, ["twiml", "export", "basic", "--url", URL, "--serverless", str(a_file)]
+    )
+    assert result.exit_code == 2 and "error:" in result.stderr and "Traceback" not in result.output
+    bad = runner.invoke(
+        app,
+        [
+            "twiml",
+            "export",
+            "basic",
+            "--url",
+            "ws://x.example.com/ws",
+            "--serverless",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert bad.exit_code == 2 and "wss://" in bad.stderr
+    assert not (tmp_path / "out").exists()

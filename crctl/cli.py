@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from crctl import __version__
+from crctl.errors import CrctlError
+from crctl.numbers import apps_app, numbers_app, provision_number, whoami
 from crctl.serve import serve
-from crctl.settings import SettingsError
 from crctl.twiml import app as twiml_app
 from relay_server.errors import RelayError
 
@@ -26,6 +27,10 @@ app = typer.Typer(
 )
 app.command(name="serve")(serve)
 app.add_typer(twiml_app, name="twiml")
+app.command(name="whoami")(whoami)
+app.command(name="provision-number")(provision_number)
+app.add_typer(numbers_app, name="numbers")
+app.add_typer(apps_app, name="app")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -49,6 +54,6 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except (SettingsError, RelayError) as exc:
+    except (CrctlError, RelayError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(2)

@@ -15,10 +15,11 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from crctl.errors import CrctlError
 from relay_server.config import AgentConfig, LLMConfig, RelayConfig
 
 
-class SettingsError(Exception):
+class SettingsError(CrctlError):
     """One line naming the setting that stops start-up and what is wrong with it."""
 
 

@@ -1,0 +1,331 @@
+"""``crctl whoami``, ``crctl provision-number``, ``crctl numbers …`` and ``crctl app …``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from crctl.credentials import Credentials, redact, resolve
+from crctl.errors import CrctlError
+from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+numbers_app = typer.Typer(
+    help="The account's phone numbers and where they point.", no_args_is_help=True
+)
+apps_app = typer.Typer(help="TwiML Applications.", no_args_is_help=True)
+
+ACCOUNT = typer.Option(None, "--account-sid", help="[env TWILIO_ACCOUNT_SID]")
+TOKEN = typer.Option(None, "--auth-token", help="[env TWILIO_AUTH_TOKEN]")
+KEY = typer.Option(None, "--api-key", help="[env TWILIO_API_KEY]")
+SECRET = typer.Option(None, "--api-secret", help="[env TWILIO_API_SECRET]")
+PROFILE = typer.Option(None, "--profile", help="twilio-cli profile (~/.twilio-cli/config.json).")
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return typer.Exit(1)
+
+
+def _connect(
+    account_sid: str | None,
+    auth_token: str | None,
+    api_key: str | None,
+    api_secret: str | None,
+    profile: str | None,
+) -> Twilio:
+    creds = resolve(
+        account_sid=account_sid,
+        auth_token=auth_token,
+        api_key=api_key,
+        api_secret=api_secret,
+        profile=profile,
+    )
+    return Twilio(creds)
+
+
+def _webhook(number: Any, apps: dict[str, Any]) -> tuple[str, str]:
+    sid = number.voice_application_sid
+    if sid:
+        app = apps.get(sid)
+        name = f"{sid} ({app.friendly_name})" if app is not None else f"{sid} (missing!)"
+        return (app.voice_url if app is not None else "-"), name
+    return number.voice_url or "[red]nothing: calls are not answered[/]", "-"
+
+
+def whoami(
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """The Twilio account crctl uses and where the credentials came from (secrets redacted)."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        account = twilio.account()
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    creds: Credentials = twilio.credentials
+    out.print(f"account   {creds.account_sid}  {escape(account.friendly_name or '')}")
+    out.print(f"type      {account.type}, {account.status}")
+    out.print(f"auth      {creds.kind}, secret {redact(creds.password)}")
+    out.print(f"from      {creds.source}")
+    if creds.auth_token is None:
+        out.print(
+            "[yellow]note:[/] only an API key is configured; `crctl serve` checks Twilio's "
+            "signatures with the account's auth token: set TWILIO_AUTH_TOKEN for that"
+        )
+
+
+def provision_number(
+    public_url: str = typer.Option(..., help="The relay's public https:// base URL."),
+    number: Optional[str] = typer.Option(None, help="Use a number you own: +E164 or PN…"),
+    country: str = typer.Option("US", help="Country to search in (ISO code)."),
+    type_: str = typer.Option("local", "--type", help="local, toll-free or mobile."),
+    area_code: Optional[int] = typer.Option(None, help="Area code to search in."),
+    contains: Optional[str] = typer.Option(None, help="Digits (or letters) the number contains."),
+    app_name: str = typer.Option(DEFAULT_APP_NAME, help="TwiML App to create or reuse."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
+    yes: bool = YES,
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
+    whose voice URL is the relay's /twiml, and point the number at it. A second run changes
+    nothing."""
+    try:
+        check_public_url(public_url, path="")
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        plan = twilio.plan(public_url, number=number, app_name=app_name)
+        if plan.phone_number is None:
+            choice = _choose(twilio, country, type_, area_code, contains, yes or dry_run)
+            plan = twilio.plan(public_url, buy=choice, app_name=app_name)
+        if not plan.steps:
+            out.print(
+                f"nothing to change: {plan.phone_number} already rings the relay through "
+                f"TwiML App {app_name!r} → {plan.voice_url}"
+            )
+            return
+        out.print("plan:")
+        for step in plan.steps:
+            out.print(f"  - {escape(step.text)}")
+        if dry_run:
+            out.print("dry run: nothing was changed")
+            return
+        buys = any(s.kind == "buy" for s in plan.steps)
+        if buys and not yes and not typer.confirm("Buy the number (it costs money)?"):
+            raise typer.Exit(1)
+        twilio.apply(plan)
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    out.print(
+        f"[green]done:[/] {plan.phone_number} → TwiML App {app_name!r} ({plan.app_sid}) → "
+        f"{plan.voice_url}"
+    )
+
+
+def _choose(
+    twilio: Twilio,
+    country: str,
+    kind: str,
+    area_code: int | None,
+    contains: str | None,
+    first: bool,
+) -> str:
+    found = twilio.available(country, kind, area_code, contains)
+    if not found:
+        raise CrctlError(
+            f"no voice-capable {kind} numbers for sale in {country}"
+            + (f" with area code {area_code}" if area_code else "")
+            + (f" containing {contains}" if contains else "")
+            + ": try another --area-code or --contains, or drop them"
+        )
+    table = Table("#", "number", "locality", "region", box=None)
+    for i, candidate in enumerate(found, 1):
+        table.add_row(
+            str(i), candidate.phone_number, candidate.locality or "-", candidate.region or "-"
+        )
+    out.print(table)
+    if first:
+        return str(found[0].phone_number)
+    index = typer.prompt("Which one", default=1, type=int)
+    if not 1 <= index <= len(found):
+        raise CrctlError(f"pick a number from 1 to {len(found)}")
+    return str(found[index - 1].phone_number)
+
+
+@numbers_app.command("list")
+def numbers_list(
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Numbers, friendly names, where their voice webhook points, and the application."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        owned = twilio.numbers()
+        apps = {a.sid: a for a in twilio.applications()}
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    table = Table("number", "friendly name", "voice webhook", "application", "recorded", box=None)
+    for number in owned:
+        url, app = _webhook(number, apps)
+        saved = twilio.state.get(twilio.account_sid, "numbers", number.sid)
+        table.add_row(
+            number.phone_number,
+            escape(number.friendly_name or ""),
+            url,
+            app,
+            "restore available" if saved else "",
+        )
+    out.print(table if owned else "this account owns no numbers: `crctl provision-number`")
+
+
+@numbers_app.command("point")
+def numbers_point(
+    number: str = typer.Argument(..., help="+E164 or PN…"),
+    url: Optional[str] = typer.Option(None, help="Voice webhook URL (https, public)."),
+    app: Optional[str] = typer.Option(None, help="TwiML App SID (AP…)."),
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Send a number's calls to a URL or an application (the old setting is recorded)."""
+    try:
+        if (url is None) == (app is None):
+            raise CrctlError("give exactly one of --url URL or --app AP…")
+        checked = check_public_url(url) if url is not None else None
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        owned = twilio.number(number)
+        app_sid = twilio.application(app).sid if app is not None else None
+        twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    out.print(
+        f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
+        f"{owned.phone_number}` puts the old setting back)"
+    )
+
+
+@numbers_app.command("restore")
+def numbers_restore(
+    number: str = typer.Argument(..., help="+E164 or PN…"),
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Put back the voice settings the number had before crctl changed them."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        owned = twilio.number(number)
+        entry = twilio.restore(owned)
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    if entry is None:
+        out.print(f"nothing recorded for {owned.phone_number}: crctl never changed it")
+        return
+    previous = entry["previous"]
+    where = previous.get("voice_application_sid") or previous.get("voice_url") or "nothing"
+    out.print(f"{owned.phone_number} restored → {where} (as recorded {entry['recorded_at']})")
+
+
+@numbers_app.command("release")
+def numbers_release(
+    number: str = typer.Argument(..., help="+E164 or PN…"),
+    yes: bool = YES,
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Give a number back to Twilio (after a confirmation)."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        owned = twilio.number(number)
+        if not yes and not typer.confirm(
+            f"Release {owned.phone_number}? It cannot be bought back for sure"
+        ):
+            raise typer.Exit(1)
+        twilio.release(owned)
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    out.print(f"released {owned.phone_number}")
+
+
+@apps_app.command("show")
+def app_show(
+    app: Optional[str] = typer.Argument(None, help="AP… or friendly name; all when omitted."),
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """TwiML Applications: voice URL, status callback and the numbers using them."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        apps = [twilio.application(app)] if app else twilio.applications()
+        owned = twilio.numbers()
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    table = Table("sid", "friendly name", "voice url", "status callback", "numbers", box=None)
+    for item in apps:
+        using = ", ".join(n.phone_number for n in owned if n.voice_application_sid == item.sid)
+        table.add_row(
+            item.sid,
+            escape(item.friendly_name or ""),
+            item.voice_url or "-",
+            item.status_callback or "-",
+            using or "-",
+        )
+    out.print(table if apps else "no TwiML Applications")
+
+
+@apps_app.command("delete")
+def app_delete(
+    app: str = typer.Argument(..., help="AP… or friendly name."),
+    yes: bool = YES,
+    force: bool = typer.Option(False, help="Delete even if numbers still use it."),
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Delete a TwiML Application (refused while numbers use it, unless --force)."""
+    try:
+        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
+        found = twilio.application(app)
+        using = [n.phone_number for n in twilio.numbers() if n.voice_application_sid == found.sid]
+        if using and not force:
+            raise CrctlError(
+                f"{', '.join(using)} still use {found.sid}: deleting it would leave them ringing "
+                "nowhere; `crctl numbers restore` or `point` them first, or pass --force"
+            )
+        if not yes and not typer.confirm(f"Delete {found.sid} ({found.friendly_name})?"):
+            raise typer.Exit(1)
+        twilio.delete_application(found)
+    except CrctlError as exc:
+        raise _fail(exc) from None
+    out.print(f"deleted {found.sid}")
+
+
+__all__ = ["NUMBER_TYPES", "apps_app", "numbers_app", "provision_number", "whoami"]

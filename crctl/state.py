@@ -1,0 +1,110 @@
+"""The local record of what crctl changed on Twilio, so nothing is ever lost.
+
+Before crctl changes a phone number's or an application's voice settings it records the values
+it found, once: a second change keeps the first record, so ``crctl numbers restore`` always goes
+back to what was there before crctl touched it. The file is JSON in ``~/.crctl/state.json``
+(``CRCTL_STATE_DIR`` to move it), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from crctl.errors import CrctlError
+
+#: The voice settings crctl records and restores.
+VOICE_FIELDS = (
+    "voice_url",
+    "voice_method",
+    "voice_fallback_url",
+    "voice_fallback_method",
+    "voice_application_sid",
+    "status_callback",
+    "status_callback_method",
+)
+
+
+class StateError(CrctlError):
+    """The state file cannot be read or written."""
+
+
+def state_path() -> Path:
+    """Where the state file lives."""
+    base = os.environ.get("CRCTL_STATE_DIR")
+    return (Path(base) if base else Path.home() / ".crctl") / "state.json"
+
+
+class State:
+    """Recorded previous voice settings, by account and resource sid."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or state_path()
+        self.data: dict[str, Any] = self._load()
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"version": 1, "accounts": {}}
+        except (OSError, ValueError) as exc:
+            raise StateError(
+                f"cannot read crctl's state file {self.path}: {exc}; fix or move it (it holds "
+                "the voice settings crctl replaced, for `crctl numbers restore`)"
+            ) from exc
+        data.setdefault("accounts", {})
+        return data if isinstance(data, dict) else {"version": 1, "accounts": {}}
+
+    def _account(self, account_sid: str) -> dict[str, Any]:
+        account: dict[str, Any] = self.data["accounts"].setdefault(account_sid, {})
+        account.setdefault("numbers", {})
+        account.setdefault("applications", {})
+        return account
+
+    def record(
+        self, account_sid: str, kind: str, sid: str, label: str, previous: dict[str, Any], why: str
+    ) -> bool:
+        """Record ``previous`` voice settings of a number or application, unless already
+        recorded. Returns True when a new record was written."""
+        entries = self._account(account_sid)[kind]
+        if sid in entries:
+            return False
+        entries[sid] = {
+            "label": label,
+            "previous": {k: previous.get(k) for k in VOICE_FIELDS if k in previous},
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "by": why,
+        }
+        self.save()
+        return True
+
+    def get(self, account_sid: str, kind: str, sid: str) -> dict[str, Any] | None:
+        """The record of one resource, if any."""
+        entry: dict[str, Any] | None = self._account(account_sid)[kind].get(sid)
+        return entry
+
+    def entries(self, account_sid: str, kind: str) -> dict[str, Any]:
+        """Every record of one kind ("numbers" or "applications") for an account."""
+        return dict(self._account(account_sid)[kind])
+
+    def forget(self, account_sid: str, kind: str, sid: str) -> None:
+        """Drop a record (after a restore or a release)."""
+        if self._account(account_sid)[kind].pop(sid, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        """Write atomically (a crash never leaves a half-written file)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle, indent=2, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise StateError(
+                f"cannot write crctl's state file {self.path}: {exc.strerror}"
+            ) from exc

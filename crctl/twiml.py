@@ -12,11 +12,11 @@ from rich.table import Table
 
 from twiml_templates import (
     TemplateError,
-    connect_attributes,
     lint,
     load_template,
     preset_names,
     render,
+    templates,
     user_templates,
 )
 
@@ -45,7 +45,11 @@ def list_templates() -> None:
     """The shipped presets and the project's own templates (./twiml/*.toml)."""
     table = Table("name", "from", "description", box=None)
     for name in preset_names():
-        table.add_row(name, "preset", load_template(name).description)
+        try:
+            description = load_template(templates.PRESETS / f"{name}.toml").description
+        except TemplateError as exc:
+            description = f"[red]invalid:[/] {escape(str(exc))}"
+        table.add_row(name, "preset", description)
     for path in user_templates():
         try:
             description = load_template(path).description
@@ -101,7 +105,7 @@ def render_cmd(
 def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> None:
     """Check an existing TwiML document by the template rules."""
     try:
-        document = file.read_text(encoding="utf-8")
+        document = file.read_bytes()
     except OSError as exc:
         raise _fail(TemplateError(f"{file}: cannot read it: {exc.strerror}")) from None
     problems = lint(document, file)
@@ -115,7 +119,7 @@ def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> Non
 @app.command("export")
 def export_cmd(
     name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path."),
-    url: str = typer.Option(..., help="The relay's wss:// URL (…/ws)."),
+    url: Optional[str] = typer.Option(None, help="The relay's wss:// URL (…/ws)."),
     serverless: Path = typer.Option(..., help="Folder of the Twilio Serverless project."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Attribute override key=value."),
     param: Optional[list[str]] = typer.Option(None, "--param", help="<Parameter> name=value."),
@@ -130,7 +134,6 @@ def export_cmd(
         xml = render(
             tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
         )
-        connect_attributes(tpl, url=url, action=action)
     except TemplateError as exc:
         raise _fail(exc) from None
     try:
@@ -147,6 +150,14 @@ def export_cmd(
             f"  [yellow]kept[/]      {path} (you changed it; the new version is {path}.crctl-new; "
             "--force overwrites)"
         )
+    stale = [p for p in result.kept if p.startswith("functions/")]
+    if stale:
+        err.print(
+            f"[bold red]error:[/] {', '.join(stale)} still hold the TwiML of the last export "
+            "(you changed them): merge the .crctl-new versions, or re-export with --force, "
+            "before deploying"
+        )
+        raise typer.Exit(1)
     out.print(
         f"deploy: cd {serverless} && twilio serverless:deploy, then point the number's voice "
         "webhook at https://<service domain>/conversation-relay-signed (signatures enforced)"

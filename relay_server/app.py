@@ -116,11 +116,12 @@ def create_app(
         return False
 
     def twiml(greeting: str | None) -> str:
-        # The configured template, pointed at this relay: its /ws, and its /action (hand-off,
-        # reconnect), so the relay serves the same document `crctl twiml export` writes.
+        # The configured template pointed at this relay's /ws: the same document `crctl twiml
+        # render/export --url` gives (a "/action" in the template lands on this relay). Without
+        # a public URL (local only) the socket URL is ws://.
         sets = {"welcomeGreeting": greeting} if greeting else None
         return render(
-            template, url=config.websocket_url(base()), action=base() + "/action", sets=sets
+            template, url=config.websocket_url(base()), sets=sets, local=config.public_url is None
         )
 
     @app.route("/twiml", methods=["GET", "POST"])

@@ -33,7 +33,8 @@ def test_presets_say_what_they_are_for() -> None:
     # Twilio's default is "none" since May 2025: the basic preset must say otherwise
     assert relay.get("reportInputDuringAgentSpeech") == "any"
     assert relay.get("interruptible") == "any" and relay.get("welcomeGreeting")
-    assert root.find("Connect").get("action") is None  # type: ignore[union-attr]
+    # the session end goes back to the relay's /action (hang-up, hand-off, reconnect)
+    assert root.find("Connect").get("action") == "https://relay.example.com/action"  # type: ignore[union-attr]
     handoff = ET.fromstring(render(load_template("handoff"), url=URL)).find("Connect")
     assert handoff is not None and handoff.get("action") == "https://relay.example.com/action"
     low = ET.fromstring(render(load_template("low-latency"), url=URL)).find(".//ConversationRelay")
@@ -170,10 +171,15 @@ def test_extends_loop_is_an_error(tmp_path: Path) -> None:
 
 
 def test_error_in_a_parent_names_the_template_being_loaded(tmp_path: Path) -> None:
-    write(tmp_path, '[relay]\ninterruptible = "often"', "parent.toml")
-    path = write(tmp_path, 'extends = "parent.toml"', "child.toml")
-    with pytest.raises(TemplateError, match="interruptible"):
+    parent = write(tmp_path, '[relay]\ninterruptible = "often"', "parent.toml")
+    path = write(tmp_path, 'extends = "parent.toml"\n[relay]\nvoice = "x"', "child.toml")
+    with pytest.raises(TemplateError, match="interruptible") as info:
         load_template(path)
+    assert str(info.value).startswith(f"{parent}:")  # the file that holds the bad value
+    write(tmp_path, "[[language]]\nvoice = 'x'", "parent.toml")
+    with pytest.raises(TemplateError, match=r"language\[0\]\.code is required") as info:
+        load_template(path)
+    assert str(info.value).startswith(f"{parent}:")
 
 
 def test_every_attribute_renders_camel_case(tmp_path: Path) -> None:
@@ -265,7 +271,7 @@ def test_lint_reports_every_problem_of_a_document(tmp_path: Path) -> None:
         "multi",
         "<Language> attribute code",
         "<Stream> is not allowed",
-        "action 'http://x.example.com/a'",
+        "action: value 'http://x.example.com/a'",
     ):
         assert part in text, text
     assert all(p.startswith("call.xml") for p in problems)
@@ -346,12 +352,12 @@ async def test_relay_serves_the_configured_template(relay_factory, tmp_path: Pat
             headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml", {"CallSid": "CA1"})},
         )
     assert response.status_code == 200
-    expected = render(
-        load_template(path),
-        url=PUBLIC_URL.replace("https://", "wss://") + "/ws",
-        action=PUBLIC_URL + "/action",
+    rendered = runner.invoke(
+        app,
+        ["twiml", "render", str(path), "--url", PUBLIC_URL.replace("https://", "wss://") + "/ws"],
     )
-    assert response.text == expected  # the same document `crctl twiml render` gives
+    assert rendered.exit_code == 0
+    assert response.text + "\n" == rendered.stdout  # the document `crctl twiml render` prints
 
 
 def test_relay_refuses_to_start_with_a_bad_template(tmp_path: Path) -> None:
@@ -372,7 +378,8 @@ def test_cli_export_then_reexport_keeps_user_changes(tmp_path: Path) -> None:
     assert xml.replace('"', '\\"') in function.read_text() or xml in function.read_text()
     function.write_text(function.read_text() + "\n// my change\n")
     again = runner.invoke(app, args)
-    assert again.exit_code == 0 and "kept" in again.stdout and "--force" in again.stdout
+    # the function still holds the old TwiML: the export says so and fails until merged
+    assert again.exit_code == 1 and "kept" in again.stdout and "--force" in again.stdout
     assert function.read_text().endswith("// my change\n")
     forced = runner.invoke(app, [*args, "--force"])
     assert forced.exit_code == 0 and "overwritten" in forced.stdout
@@ -400,3 +407,109 @@ def test_cli_export_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert bad.exit_code == 2 and "wss://" in bad.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_presets_ignore_a_shadowing_user_template(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twiml").mkdir()
+    (tmp_path / "twiml" / "basic.toml").write_text(
+        'extends = "basic"\n[relay]\nwelcomeGreeting = "Shop hello"\n'
+    )
+    mine = load_template("basic")  # the user's file, extending the preset it shadows
+    assert mine.relay["welcomeGreeting"] == "Shop hello" and mine.relay["interruptible"] == "any"
+    menu = load_template("dtmf-menu")  # a preset extending "basic" gets the preset, not the user's
+    assert menu.relay["events"] == "speaker-events tokens-played"
+    assert menu.relay["welcomeGreeting"].startswith("Welcome. Press 1")
+    (tmp_path / "twiml" / "basic.toml").write_text('[relay]\ninterruptible = "nope"\n')
+    listed = runner.invoke(app, ["twiml", "list"])
+    assert listed.exit_code == 0 and "invalid" in listed.stdout and "Traceback" not in listed.output
+
+
+def test_extends_is_relative_to_the_extending_file(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "lib").mkdir()
+    write(tmp_path / "lib", '[relay]\nvoice = "Joanna-Neural"', "shop.toml")
+    child = write(tmp_path / "lib", 'extends = "shop"', "child.toml")
+    monkeypatch.chdir(tmp_path)
+    assert load_template(child).relay["voice"] == "Joanna-Neural"
+
+
+def test_connect_action_is_checked_when_loading(tmp_path: Path) -> None:
+    path = write(tmp_path, '[connect]\naction = "http://plain.example.com/a"')
+    with pytest.raises(TemplateError, match=r"connect\.action") as info:
+        load_template(path)
+    assert str(info.value).startswith(f"{path}:")
+    relative = write(tmp_path, '[connect]\naction = "done"\nmethod = "GET"', "rel.toml")
+    connect = ET.fromstring(render(load_template(relative), url=URL)).find("Connect")
+    assert connect is not None and connect.attrib == {"action": "done", "method": "GET"}
+    removed = write(tmp_path, 'extends = "basic"\n[connect]\naction = ""', "noaction.toml")
+    assert ET.fromstring(render(load_template(removed), url=URL)).find("Connect").attrib == {}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("interrupt_by_dtmf", "removed"),
+        ("interruptbydtmf", "removed"),
+        ("stt_provider", "use transcriptionProvider"),
+        ("welcome_greeting", "did you mean welcomeGreeting"),
+    ],
+)
+def test_hints_see_through_case_and_underscores(tmp_path: Path, key: str, hint: str) -> None:
+    assert hint in error_of(tmp_path, f'[relay]\n{key} = "x"')
+
+
+def test_relay_key_in_a_language_says_where_it_belongs(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[[language]]\ncode = "es-ES"\ninterruptible = "any"')
+    assert "language[0].interruptible" in message and "belongs in [relay]" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["wss://x y/ws", "wss://x.example.com/ws#frag", "wss://:8443/ws", "wss://x:abc/ws"]
+)
+def test_odd_urls_are_refused(url: str) -> None:
+    with pytest.raises(TemplateError, match="allowed: a wss:// URL"):
+        render(load_template("basic"), url=url)
+
+
+def test_set_with_an_empty_value_removes_the_attribute() -> None:
+    xml = render(
+        load_template("basic"), url=URL, sets={"welcomeGreeting": "", "interruptible": "True"}
+    )
+    relay = ET.fromstring(xml).find(".//ConversationRelay")
+    assert relay is not None and "welcomeGreeting" not in relay.attrib
+    assert relay.get("interruptible") == "any"  # True, any case, means any
+
+
+def test_lint_catches_structure_problems() -> None:
+    outside = '<Response><ConversationRelay url="wss://x.example.com/ws"/></Response>'
+    assert any("inside <Response><Connect>" in p for p in lint(outside))
+    mixed = (
+        '<Response><Connect><ConversationRelay url="wss://x.example.com/ws">'
+        '<Language code="es-ES"/><Language code="es-ES"/><Parameter name="" value="1"/>'
+        '</ConversationRelay><Stream url="wss://x.example.com/s"/></Connect></Response>'
+    )
+    text = "\n".join(lint(mixed))
+    assert "<Stream> in <Connect>" in text and "declared twice" in text and "non-empty name" in text
+    utf16 = '<?xml version="1.0" encoding="UTF-16"?><Response/>'.encode("utf-16")
+    assert lint(utf16) == ["<twiml>: no <Connect><ConversationRelay> found"]
+
+
+async def test_local_relay_serves_ws_twiml_without_a_public_url(relay_factory) -> None:
+    relay = relay_factory(public_url=None, auth_token=None)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(relay.base_url + "/twiml")
+    assert response.status_code == 200
+    relay_el = ET.fromstring(response.text).find(".//ConversationRelay")
+    assert relay_el is not None and relay_el.get("url") == f"ws://127.0.0.1:{relay.port}/ws"
+
+
+def test_export_with_a_changed_function_fails_until_merged(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    args = ["twiml", "export", "basic", "--url", URL, "--serverless", str(target)]
+    assert runner.invoke(app, args).exit_code == 0
+    function = target / "functions" / "conversation-relay.js"
+    function.write_text(function.read_text() + "// edited\n")
+    other = runner.invoke(
+        app, ["twiml", "export", "dtmf-menu", "--url", URL, "--serverless", str(target)]
+    )
+    assert other.exit_code == 1 and "still hold the TwiML" in other.stderr

@@ -38,9 +38,11 @@ def enum(*allowed: str, booleans: tuple[str, str] | None = None) -> Check:
 
     def check(value: object) -> str:
         if booleans is not None and (
-            isinstance(value, bool) or (isinstance(value, str) and value in ("true", "false"))
+            isinstance(value, bool)
+            or (isinstance(value, str) and value.lower() in ("true", "false"))
         ):
-            return booleans[0] if value in (True, "true") else booleans[1]
+            truthy = value is True or (isinstance(value, str) and value.lower() == "true")
+            return booleans[0] if truthy else booleans[1]
         if isinstance(value, str) and value in allowed:
             return value
         extra = ", true, false" if booleans else ""
@@ -111,11 +113,31 @@ def text(value: object) -> str:
 
 def wss_url(value: object) -> str:
     """The relay's WebSocket URL: ``wss://`` and no explicit ``:443`` (protocol.md §4.1)."""
+    return _ws_url(value, insecure=False)
+
+
+def ws_url_local(value: object) -> str:
+    """Like :func:`wss_url`, but ``ws://`` too: only for a relay serving itself locally."""
+    return _ws_url(value, insecure=True)
+
+
+def _ws_url(value: object, *, insecure: bool) -> str:
     url = _text(value)
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise ValueError("allowed: a wss:// URL without spaces or control characters")
     parts = urlsplit(url)
-    if parts.scheme != "wss" or not parts.netloc:
-        raise ValueError("allowed: a wss:// URL (ws:// and http(s):// give error 64102)")
-    if parts.port == 443:
+    schemes = ("wss", "ws") if insecure else ("wss",)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(
+            "allowed: a wss:// URL with a host (ws:// and http(s):// give error 64102)"
+        )
+    if parts.fragment:
+        raise ValueError("allowed: a wss:// URL without a #fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("allowed: a wss:// URL with a numeric port") from None
+    if port == 443:
         raise ValueError(
             "allowed: a wss:// URL without :443 (Twilio's signature check fails with it)"
         )
@@ -190,9 +212,21 @@ LANGUAGE: dict[str, Attr] = {
     "ttsLanguageTextNormalization": Attr(text),
 }
 
+
 #: ``<Connect>`` attributes.
+def action_url(value: object) -> str:
+    """``<Connect action>``: an https:// URL, or a relative URL (a ``/path`` is taken on the
+    relay's host)."""
+    url = _text(value).strip()
+    if not url or any(ch.isspace() for ch in url):
+        raise ValueError("allowed: an https:// URL or a path such as /action")
+    if "://" in url and not url.startswith("https://"):
+        raise ValueError("allowed: an https:// URL or a path such as /action")
+    return url
+
+
 CONNECT: dict[str, Attr] = {
-    "action": Attr(text, "absolute URL, or a path on the relay's host"),
+    "action": Attr(action_url, "https:// URL, or a path on the relay's host"),
     "method": Attr(enum("GET", "POST")),
 }
 
@@ -219,17 +253,28 @@ MULTI_MODELS = ("nova-2-general", "nova-3-general")
 FLUX_MODELS = ("flux", "flux-general-en")
 
 
+def _folded(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
 def unknown_key(name: str, known: Iterable[str]) -> str:
-    """Why ``name`` is not accepted, with the nearest valid name when there is one."""
-    if name in REMOVED:
-        return REMOVED[name]
-    if name in NEVER_EXISTED:
-        better = NEVER_EXISTED[name]
+    """Why ``name`` is not accepted, with the nearest valid name when there is one. Names are
+    compared case- and underscore-blind first (``interrupt_by_dtmf``, ``stt_provider``)."""
+    folded = _folded(name)
+    removed = {_folded(k): v for k, v in REMOVED.items()}
+    if folded in removed:
+        return removed[folded]
+    invented = {_folded(k): k for k in NEVER_EXISTED}
+    if folded in invented:
+        better = NEVER_EXISTED[invented[folded]]
         hint = f"; use {better}" if better else ""
         return (
             f"not a ConversationRelay attribute (it comes from tutorials or other products){hint}"
         )
     known = list(known)
+    exact = [k for k in known if _folded(k) == folded]
+    if exact:
+        return f"unknown attribute; did you mean {exact[0]}? (names are camelCase)"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) or difflib.get_close_matches(
         name.lower(), [k.lower() for k in known], n=1, cutoff=0.6
     )

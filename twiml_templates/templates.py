@@ -29,6 +29,7 @@ Shape::
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,23 @@ def user_templates(folder: Path | None = None) -> list[Path]:
     return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
-def find(name: str, *, base: Path | None = None) -> Path:
-    """The file for ``name``: a path to a .toml file, a template in ``./twiml/``, or a preset."""
-    candidates = []
-    as_path = (base / name) if base is not None else Path(name)
+def find(name: str, *, base: Path | None = None, exclude: Path | None = None) -> Path:
+    """The file for ``name``: a path to a .toml file (relative to ``base``, the folder of the
+    template that extends it), a template beside it or in ``./twiml/``, or a preset.
+
+    A preset's own ``extends`` only ever names presets, so what the shipped presets produce
+    never depends on the folder crctl runs in. ``exclude`` (the extending file) lets
+    ``./twiml/basic.toml`` extend the preset ``basic`` it shadows.
+    """
     if name.endswith(".toml"):
-        candidates.append(as_path)
+        candidates = [(base / name) if base is not None else Path(name)]
+    elif base is not None and base.resolve() == PRESETS.resolve():
+        candidates = [PRESETS / f"{name}.toml"]
     else:
-        candidates += [USER_DIR / f"{name}.toml", PRESETS / f"{name}.toml"]
+        folders = [base] if base is not None else []
+        candidates = [f / f"{name}.toml" for f in [*folders, USER_DIR, PRESETS]]
     for path in candidates:
-        if path.is_file():
+        if path.is_file() and (exclude is None or path.resolve() != exclude):
             return path
     known = ", ".join([*preset_names(), *(p.stem for p in user_templates())])
     raise TemplateError(f"no template {name!r}; known: {known} (or a path to a .toml file)")
@@ -86,49 +94,47 @@ def find(name: str, *, base: Path | None = None) -> Path:
 def load_template(name: str | Path) -> Template:
     """Load and validate a template (a name or a path), with its parents merged in."""
     path = Path(name) if isinstance(name, Path) else find(name)
-    raw, chain = _merged(path, [])
+    raw, chain, owners = _merged(path, [])
     template = Template(name=path.stem, path=path, chain=chain)
     template.description = str(raw.get("description", ""))
-    where = _Where(chain)
-    template.relay = _checked(raw.get("relay", {}), schema.RELAY, where, "relay")
-    template.connect = _checked(raw.get("connect", {}), schema.CONNECT, where, "connect")
+
+    def file(key: str) -> Path:
+        return owners.get(key, path)
+
+    template.relay = _checked(raw.get("relay", {}), schema.RELAY, file, "relay")
+    template.connect = _checked(raw.get("connect", {}), schema.CONNECT, file, "connect")
+    if "method" in template.connect and "action" not in template.connect:
+        del template.connect["method"]  # a method means nothing without an action
     for i, entry in enumerate(raw.get("language", [])):
-        checked = _checked(entry, schema.LANGUAGE, where, f"language[{i}]")
+        key = f"language[{i}]"
+        checked = _checked(entry, schema.LANGUAGE, file, key)
         if "code" not in checked:
-            raise TemplateError(
-                f"{where.file(f'language[{i}]')}: key language[{i}].code is required"
-            )
+            raise TemplateError(f"{file('language')}: key {key}.code is required")
         template.languages.append(checked)
     for key, value in raw.get("parameters", {}).items():
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list)) or not key:
             raise TemplateError(
-                f"{where.file('parameters')}: key parameters.{key}: value {value!r} is not "
-                "allowed; allowed: text"
+                f"{file(f'parameters.{key}')}: key parameters.{key}: value {value!r} is not "
+                "allowed; allowed: a name with text"
             )
-        template.parameters[key] = schema.boolean(value) if isinstance(value, bool) else str(value)
-    check_combination(template.relay, template.languages, where.file("relay"))
+        if value != "":
+            template.parameters[key] = (
+                schema.boolean(value) if isinstance(value, bool) else str(value)
+            )
+    check_combination(template.relay, template.languages, file)
     return template
 
 
-class _Where:
-    """Which file of the chain set a key (for error messages)."""
-
-    def __init__(self, chain: list[Path]) -> None:
-        self.chain = chain
-        self.owner: dict[str, Path] = {}
-
-    def file(self, key: str) -> Path:
-        return self.owner.get(key, self.chain[0])
-
-
-def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path]]:
+def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path], dict[str, Path]]:
+    """The template at ``path`` merged over its parents, the chain of files, and which file
+    set each key (``relay.voice``, ``language``…) so errors name the right one."""
     if path.resolve() in seen:
         raise TemplateError(f"{path}: extends itself (through {', '.join(map(str, seen))})")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise TemplateError(f"{path}: cannot read it: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TemplateError(f"{path}: not valid TOML: {exc}") from exc
     for key in raw:
         if key not in _TOP_KEYS:
@@ -143,58 +149,78 @@ def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path]]:
         isinstance(raw["language"], list) and all(isinstance(x, dict) for x in raw["language"])
     ):
         raise TemplateError(f"{path}: key language must be a list of tables ([[language]])")
+    own = {f"{t}.{k}": path for t in ("relay", "connect", "parameters") for k in raw.get(t, {})}
+    if "language" in raw:
+        own["language"] = path
     parent_name = raw.get("extends")
     if not parent_name:
-        return raw, [path]
-    parent_path = find(str(parent_name), base=path.parent)
-    parent, chain = _merged(parent_path, [*seen, path.resolve()])
+        return raw, [path], own
+    parent_path = find(str(parent_name), base=path.parent, exclude=path.resolve())
+    parent, chain, owners = _merged(parent_path, [*seen, path.resolve()])
     merged = dict(parent)
     for table in ("relay", "connect", "parameters"):
         combined = {**parent.get(table, {}), **raw.get(table, {})}
         merged[table] = {k: v for k, v in combined.items() if v != ""}
     if "language" in raw:
         merged["language"] = raw["language"]
-    merged["description"] = raw.get("description", parent.get("description", ""))
-    return merged, [path, *chain]
+    merged["description"] = raw.get("description", "")
+    return merged, [path, *chain], {**owners, **own}
 
 
 def _checked(
-    values: dict[str, Any], attrs: dict[str, schema.Attr], where: _Where, table: str
+    values: dict[str, Any],
+    attrs: dict[str, schema.Attr],
+    file: Callable[[str], Path],
+    table: str,
 ) -> dict[str, str]:
     result: dict[str, str] = {}
+    owner = table.split("[")[0]
     for key, value in values.items():
-        file = where.file(table)
+        where = file(f"{owner}.{key}") if owner != "language" else file("language")
         if key not in attrs:
-            raise TemplateError(f"{file}: key {table}.{key}: {schema.unknown_key(key, attrs)}")
+            hint = schema.unknown_key(key, attrs)
+            if owner == "language" and key in schema.RELAY:
+                hint = "not a <Language> attribute; it belongs in [relay]"
+            raise TemplateError(f"{where}: key {table}.{key}: {hint}")
         if value == "":
             continue
         try:
             result[key] = attrs[key].check(value)
         except ValueError as exc:
             raise TemplateError(
-                f"{file}: key {table}.{key}: value {value!r} is not {exc}"
+                f"{where}: key {table}.{key}: value {value!r} is not {exc}"
             ) from None
     return result
 
 
-def check_combination(relay: dict[str, str], languages: list[dict[str, str]], file: Path) -> None:
+def check_combination(
+    relay: dict[str, str],
+    languages: list[dict[str, str]],
+    file: Path | Callable[[str], Path],
+) -> None:
     """Rules across attributes: ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS
     in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (§1.2, §1.3)."""
+
+    def where(key: str) -> Path:
+        return file(key) if callable(file) else file
+
     stt = relay.get("transcriptionProvider", "Deepgram")
     model = relay.get("speechModel", "nova-3-general" if stt == "Deepgram" else "telephony")
     if relay.get("transcriptionLanguage") == "multi" and (
         stt != "Deepgram" or model not in schema.MULTI_MODELS
     ):
         raise TemplateError(
-            f"{file}: key relay.transcriptionLanguage: value 'multi' needs transcriptionProvider "
+            f"{where('relay.transcriptionLanguage')}: key relay.transcriptionLanguage: value "
+            "'multi' needs transcriptionProvider "
             f"Deepgram with speechModel {' or '.join(schema.MULTI_MODELS)} "
             f"(here {stt}, {model})"
         )
     for key in ("eotThreshold", "eagerEotThreshold"):
         if key in relay and (stt != "Deepgram" or model not in schema.FLUX_MODELS):
             raise TemplateError(
-                f"{file}: key relay.{key}: only works with transcriptionProvider Deepgram and "
-                f"speechModel {' or '.join(schema.FLUX_MODELS)} (here {stt}, {model})"
+                f"{where('relay.' + key)}: key relay.{key}: value {relay[key]!r} only works with "
+                f"transcriptionProvider Deepgram and speechModel "
+                f"{' or '.join(schema.FLUX_MODELS)} (here {stt}, {model})"
             )
     for i, lang in enumerate(languages):
         if lang.get("code") != "multi":
@@ -204,7 +230,8 @@ def check_combination(relay: dict[str, str], languages: list[dict[str, str]], fi
         lang_model = lang.get("speechModel", model)
         if tts != "ElevenLabs" or lang_stt != "Deepgram" or lang_model not in schema.MULTI_MODELS:
             raise TemplateError(
-                f"{file}: key language[{i}].code: value 'multi' needs ttsProvider ElevenLabs and "
+                f"{where('language')}: key language[{i}].code: value 'multi' needs ttsProvider "
+                "ElevenLabs and "
                 f"transcriptionProvider Deepgram with speechModel "
                 f"{' or '.join(schema.MULTI_MODELS)} (here {tts}, {lang_stt}, {lang_model})"
             )

@@ -29,6 +29,15 @@ PROFILE = typer.Option(None, "--profile", help="twilio-cli profile (~/.twilio-cl
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
+def _table(*columns: tuple[str, int]) -> Table:
+    """A table whose SIDs and numbers are never cut (min widths) and whose long values fold
+    onto more lines instead of ending in "…", whatever the terminal width."""
+    table = Table(box=None)
+    for name, width in columns:
+        table.add_column(name, min_width=width or None, overflow="fold", no_wrap=bool(width))
+    return table
+
+
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(str(exc))}")
     return typer.Exit(1)
@@ -151,7 +160,7 @@ def _choose(
             + (f" containing {contains}" if contains else "")
             + ": try another --area-code or --contains, or drop them"
         )
-    table = Table("#", "number", "locality", "region", box=None)
+    table = _table(("#", 2), ("number", 13), ("locality", 0), ("region", 0))
     for i, candidate in enumerate(found, 1):
         table.add_row(
             str(i), candidate.phone_number, candidate.locality or "-", candidate.region or "-"
@@ -180,7 +189,13 @@ def numbers_list(
         apps = {a.sid: a for a in twilio.applications()}
     except CrctlError as exc:
         raise _fail(exc) from None
-    table = Table("number", "friendly name", "voice webhook", "application", "recorded", box=None)
+    table = _table(
+        ("number", 13),
+        ("friendly name", 0),
+        ("voice webhook", 0),
+        ("application", 0),
+        ("recorded", 17),
+    )
     for number in owned:
         url, app = _webhook(number, apps)
         saved = twilio.state.get(twilio.account_sid, "numbers", number.sid)
@@ -286,7 +301,9 @@ def app_show(
         owned = twilio.numbers()
     except CrctlError as exc:
         raise _fail(exc) from None
-    table = Table("sid", "friendly name", "voice url", "status callback", "numbers", box=None)
+    table = _table(
+        ("sid", 34), ("friendly name", 0), ("voice url", 0), ("status callback", 0), ("numbers", 13)
+    )
     for item in apps:
         using = ", ".join(n.phone_number for n in owned if n.voice_application_sid == item.sid)
         table.add_row(

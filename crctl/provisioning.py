@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,15 +84,51 @@ def twilio_errors(action: str) -> Iterator[None]:
             step = _NEXT_STEP[21404]
         code = f" {exc.code}" if exc.code else ""
         message = " ".join(str(exc.msg or "").split()) or f"HTTP {exc.status}"
+        for prefix in (
+            "Unable to fetch record: ",
+            "Unable to create record: ",
+            "Unable to update record: ",
+            "Unable to delete record: ",
+        ):
+            message = message.removeprefix(prefix)
         raise ProvisioningError(
             f"{action} failed: Twilio error{code}: {message}" + (f"; {step}" if step else "")
         ) from None
-    except (requests.exceptions.RequestException, TwilioException) as exc:
+    except TwilioException as exc:
+        # List calls raise a bare TwilioException("Unable to fetch page", response) that carries
+        # Twilio's error JSON; give it the same treatment as TwilioRestException.
+        response = exc.args[1] if len(exc.args) > 1 else None
+        body = _error_body(response)
+        if body is not None:
+            with twilio_errors(action):
+                raise TwilioRestException(
+                    getattr(response, "status_code", 0),
+                    "",
+                    body.get("message", ""),
+                    body.get("code"),
+                ) from None
         target = os.environ.get("CRCTL_TWILIO_API_URL") or TWILIO_API
         raise ProvisioningError(
             f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
             "network connection and try again"
         ) from None
+    except requests.exceptions.RequestException as exc:
+        target = os.environ.get("CRCTL_TWILIO_API_URL") or TWILIO_API
+        raise ProvisioningError(
+            f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
+            "network connection and try again"
+        ) from None
+
+
+def _error_body(response: Any) -> dict[str, Any] | None:
+    text = getattr(response, "text", None)
+    if not text:
+        return None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and "code" in body else None
 
 
 def check_public_url(url: str, *, path: str | None = None) -> str:
@@ -337,17 +374,32 @@ class Twilio:
         entry = self.state.get(self.account_sid, "numbers", number.sid)
         if entry is None:
             return None
-        previous = {k: (v if v is not None else "") for k, v in entry["previous"].items()}
-        if previous.get("voice_method") == "":
-            previous.pop("voice_method")  # Twilio refuses an empty method
-        if previous.get("status_callback_method") == "":
-            previous.pop("status_callback_method")
-        if previous.get("voice_fallback_method") == "":
-            previous.pop("voice_fallback_method")
-        with twilio_errors(f"restoring {number.phone_number}"):
-            number.update(**previous)
+        self.put_back(number, entry["previous"])
         self.state.forget(self.account_sid, "numbers", number.sid)
         return entry
+
+    def set_voice_url(self, number: Any, url: str) -> Any:
+        """Point a number straight at a webhook URL (no record: the caller keeps its own)."""
+        with twilio_errors(f"updating {number.phone_number}"):
+            return number.update(voice_url=url, voice_method="POST", voice_application_sid="")
+
+    def put_back(self, number: Any, previous: dict[str, Any]) -> Any:
+        """Set a number's voice settings to ``previous`` (as recorded by :func:`voice_of`)."""
+        current = _voice(number)
+        # Only what differs: a field crctl never touched is not re-sent (and "" is how Twilio
+        # clears a URL or an application).
+        values = {
+            k: (v if v is not None else "")
+            for k, v in previous.items()
+            if (v or None) != (current.get(k) or None)
+        }
+        for method in ("voice_method", "status_callback_method", "voice_fallback_method"):
+            if values.get(method) == "":
+                values.pop(method)  # Twilio refuses an empty method
+        if not values:
+            return number
+        with twilio_errors(f"restoring {number.phone_number}"):
+            return number.update(**values)
 
     def release(self, number: Any) -> None:
         """Give the number back to Twilio (it stops ringing for good)."""
@@ -360,6 +412,11 @@ class Twilio:
         with twilio_errors(f"deleting application {app.sid}"):
             app.delete()
         self.state.forget(self.account_sid, "applications", app.sid)
+
+
+def voice_of(resource: Any) -> dict[str, Any]:
+    """The voice settings of a number or application, as crctl records them."""
+    return _voice(resource)
 
 
 def _voice(resource: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import pytest
 from tests.fakes.fake_llm import FakeLLM
 from tests.support import RelayServer, config
 
+pytest_plugins = ["tests.fakes.twilio_fixtures"]
+
 
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:

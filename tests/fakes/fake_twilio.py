@@ -45,7 +45,11 @@ Behaviour worth knowing: buying a number the account already owns answers 201 an
 the given fields (Twilio does that); ``VoiceApplicationSid=""`` detaches the application;
 deleting an application detaches it from the numbers that used it; a released number does
 not return to the available pool; unknown form parameters are ignored, as Twilio does
-(the OpenAPI contract check in :mod:`tests.fakes.prism` reports them).
+(the OpenAPI contract check in :mod:`tests.fakes.prism` reports them); ``*Method`` values are
+taken in any case and stored upper-case (the contract wants GET/POST); ``VoiceEnabled`` &co
+filter only when "true". Codes are Twilio's; the wording of the 21402/21403/21420/21421/22108
+messages is the fake's own. Credentials valid for the fake's account used on another
+account's path get 20003 (a choice: Twilio does not document it).
 
 Test controls (thread-safe): :meth:`add_number`, :meth:`add_application`,
 :meth:`add_available`, :attr:`available`, :attr:`numbers`, :attr:`applications`,
@@ -573,7 +577,7 @@ class FakeTwilio:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        raw_query = request.query_string
+        raw_query = request.rel_url.raw_query_string
         form: dict[str, FormValue] = {}
         if request.content_type == "application/x-www-form-urlencoded":
             form = _multi(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))

@@ -7,11 +7,12 @@
 (same method, path, query string, body, Content-Type and Authorization) and returns every
 contract violation as ``"POST /2010-04-01/.../IncomingPhoneNumbers/PN....json: <reason>"``.
 
-Prism quirks met, and what is done about each (see :func:`patch_spec` and :func:`validate`):
+Prism quirks met, and what is done about each (see :func:`patch_spec` and :meth:`Prism.check`):
 
 - Form arrays (``StatusCallbackEvent`` on Calls...) are rejected as "must be array" unless the
   spec carries ``encoding: {style: form, explode: true}`` for them: patched in, for every
-  array property of every form body.
+  array property of every form body. (With an encoding, Prism also rejects unescaped reserved
+  characters in the raw value; the SDK percent-encodes them.)
 - Unknown form parameters pass: Prism decodes a form body into the schema's own properties
   before validating it, dropping any other parameter (so ``additionalProperties: false`` does
   not help). Twilio ignores unknown parameters too, so a typo such as ``VoiceURL`` would be
@@ -22,8 +23,14 @@ Prism quirks met, and what is done about each (see :func:`patch_spec` and :func:
 - ``VoiceApplicationSid=""`` (how Twilio detaches an application from a number) is rejected by
   the spec's ``^AP...`` pattern although Twilio accepts it: exactly that violation is ignored,
   in :func:`_false_positive`, the one place that knows about it.
-- Prism ignores formats it does not know (``phone-number``, ``iso-country-code``...) but does
-  check ``uri``: ``VoiceUrl=""`` (clearing a URL) IS reported.
+- Prism ignores formats it does not know (``phone-number``, ``iso-country-code``...: any string
+  passes) but does check ``uri``: an empty URL (``VoiceUrl=""``, ``StatusCallback=""``, how one
+  would clear it) IS reported; Twilio's spec does not document "" for those, so it stays a
+  violation: send only the fields that must change.
+- Prism names parameters in lower case in its messages (``path parameter sid``, ``query
+  parameter pagesize``); messages are passed on as Prism wrote them, plus the value sent.
+- Prism also checks its own canned responses against the spec and logs the (many) mismatches
+  of Twilio's examples; without ``--errors`` they do not change the answer, and are ignored.
 - A list call without ``limit`` pages forever against Prism's canned example (its
   ``next_page_uri`` is not null): irrelevant here, requests are replayed one by one and the
   answer's body is not followed.
@@ -88,11 +95,19 @@ def patch_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def _false_positive(item: dict[str, Any], rec: RecordedRequest) -> bool:
     """Violations Prism reports although Twilio accepts the request.
 
-    Only one: ``VoiceApplicationSid=""`` detaches the application from a number (Twilio's
-    documented way; the spec's ``^AP[0-9a-fA-F]{32}$`` pattern and minLength 34 reject it).
+    Two, both an empty value that clears a setting on a number: ``VoiceApplicationSid=""``
+    detaches the application (Twilio's documented way; the spec's ``^AP[0-9a-fA-F]{32}$``
+    pattern and minLength 34 reject it), and ``VoiceUrl=""`` removes the voice webhook (how a
+    number that had none gets it back after crctl pointed it somewhere; the spec's
+    ``format: uri`` rejects it). Every other field, and any non-empty bad value, stays strict.
     """
-    return item.get("location") == ["body", "VoiceApplicationSid"] and (
-        rec.form.get("VoiceApplicationSid") == ""
+    cleared = ("VoiceApplicationSid", "VoiceUrl")
+    location = item.get("location") or []
+    return (
+        len(location) == 2
+        and location[0] == "body"
+        and location[1] in cleared
+        and rec.form.get(location[1]) == ""
     )
 
 
@@ -208,7 +223,8 @@ class Prism:
     @cached_property
     def spec(self) -> dict[str, Any]:
         """The unpatched spec."""
-        return json.loads(self.spec_path.read_text())
+        spec: dict[str, Any] = json.loads(self.spec_path.read_text())
+        return spec
 
     @cached_property
     def _operations(self) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
@@ -298,12 +314,10 @@ class Prism:
                     continue
                 problems.append(f"{where}: {self._describe(item, rec)}")
         else:
-            reason = " - ".join(
-                str(answer[k])
-                for k in ("title", "detail")
-                if isinstance(answer, dict) and k in answer
-            )
-            problems.append(f"{where}: HTTP {status} {reason or raw[:200]!r}")
+            reason = ""
+            if isinstance(answer, dict):
+                reason = " - ".join(str(answer[k]) for k in ("title", "detail") if k in answer)
+            problems.append(f"{where}: HTTP {status} {reason or repr(raw[:200])}")
         return problems
 
     @staticmethod

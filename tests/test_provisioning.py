@@ -260,3 +260,38 @@ def test_app_show_and_delete_refused_while_in_use(fake_twilio: Any) -> None:
     assert used["sid"] in fake_twilio.applications
     forced = crctl("app", "delete", used["sid"], "--yes", "--force")
     assert forced.exit_code == 0 and used["sid"] not in fake_twilio.applications
+
+
+def test_point_at_an_application_by_name(fake_twilio: Any) -> None:
+    target = fake_twilio.add_application("support line", voice_url=PUBLIC + "/twiml")
+    owned = fake_twilio.add_number("+15005550014", voice_url="https://before.example.com/x")
+    result = crctl("numbers", "point", owned["sid"], "--app", "support line")
+    assert result.exit_code == 0, result.output
+    assert fake_twilio.numbers[owned["sid"]]["voice_application_sid"] == target["sid"]
+    listed = crctl("numbers", "list")
+    assert target["sid"][:8] in listed.stdout or "support" in listed.stdout
+
+
+@pytest.mark.parametrize(("country", "kind"), [("US", "toll-free"), ("GB", "mobile")])
+def test_other_number_types_are_searched(fake_twilio: Any, country: str, kind: str) -> None:
+    result = crctl(
+        "provision-number",
+        "--public-url",
+        PUBLIC,
+        "--dry-run",
+        "--country",
+        country,
+        "--type",
+        kind,
+    )
+    assert result.exit_code == 0, result.output
+    path = {"toll-free": "TollFree", "mobile": "Mobile"}[kind]
+    assert any(
+        f"AvailablePhoneNumbers/{country}/{path}.json" in r.path for r in fake_twilio.requests
+    )
+    assert "buy +" in result.stdout
+
+
+def test_unknown_number_type_is_refused_before_any_request(fake_twilio: Any) -> None:
+    result = crctl("provision-number", "--public-url", PUBLIC, "--type", "pager", "--yes")
+    assert result.exit_code == 1 and "local, toll-free, mobile" in result.stderr

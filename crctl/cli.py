@@ -16,6 +16,7 @@ from crctl.errors import CrctlError
 from crctl.numbers import apps_app, numbers_app, provision_number, whoami
 from crctl.serve import serve
 from crctl.twiml import app as twiml_app
+from crctl.up import up
 from relay_server.errors import RelayError
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command(name="whoami")(whoami)
 app.command(name="provision-number")(provision_number)
 app.add_typer(numbers_app, name="numbers")
 app.add_typer(apps_app, name="app")
+app.command(name="up")(up)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -1,0 +1,265 @@
+"""``crctl up``: tunnel + relay + the number pointed at it + the live call log, in one command,
+and everything put back on exit.
+
+The number's previous voice settings are saved in the state file (``up`` sessions, with this
+process's pid) before it is pointed at the tunnel. Ctrl-C or SIGTERM puts them back; if the
+process dies without that (SIGKILL, a crash, a closed laptop), the next ``crctl up`` finds the
+session of a dead pid and puts them back first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from crctl.credentials import resolve
+from crctl.errors import CrctlError
+from crctl.provisioning import Twilio, voice_of
+from crctl.serve import _setup_logging, bind, run_relay
+from crctl.settings import Settings, SettingsError, load_settings
+from crctl.state import State
+from crctl.tunnel import Tunnel, open_tunnel
+from relay_server.agents import EchoAgent, LLMAgent
+from relay_server.app import create_app, resolve_agent
+from relay_server.errors import RelayError
+from relay_server.events import CallEvent, EventBus
+
+console = Console(highlight=False, soft_wrap=True)
+SESSIONS = "up_sessions"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Session:
+    """What this ``crctl up`` changed, to undo on exit."""
+
+    tunnel: Tunnel | None = None
+    twilio: Twilio | None = None
+    number: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def repair(twilio: Twilio, state: State) -> list[str]:
+    """Put back numbers left pointed at a tunnel by a ``crctl up`` that died; what was done."""
+    done = []
+    sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
+    for sid, entry in list(sessions.items()):
+        if entry.get("account") != twilio.account_sid or _alive(int(entry.get("pid", 0))):
+            continue
+        number = twilio.number(sid)
+        twilio.put_back(number, entry["previous"])
+        del sessions[sid]
+        state.save()
+        where = (
+            entry["previous"].get("voice_application_sid")
+            or entry["previous"].get("voice_url")
+            or "nothing"
+        )
+        done.append(
+            f"repaired {entry['phone']}: an earlier crctl up (pid {entry['pid']}) died "
+            f"without restoring it; it points at {where} again"
+        )
+    return done
+
+
+def point(twilio: Twilio, state: State, ref: str, url: str) -> Any:
+    """Point the number at ``url`` for this session, saving what it had."""
+    number = twilio.number(ref)
+    sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
+    other = sessions.get(number.sid)
+    if other is not None and other.get("pid") != os.getpid() and _alive(int(other["pid"])):
+        raise CrctlError(
+            f"another crctl up (pid {other['pid']}) is using {number.phone_number}: stop it first"
+        )
+    sessions[number.sid] = {
+        "pid": os.getpid(),
+        "account": twilio.account_sid,
+        "phone": number.phone_number,
+        "previous": voice_of(number),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    state.save()  # saved before the change: a crash right after it is still repairable
+    return twilio.set_voice_url(number, url)
+
+
+def restore(session: Session, state: State) -> None:
+    """Undo this session: the number's previous webhook, then the tunnel."""
+    if session.twilio is not None and session.number is not None:
+        sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
+        entry = sessions.get(session.number.sid)
+        if entry is not None:
+            try:
+                session.twilio.put_back(session.number, entry["previous"])
+                del sessions[session.number.sid]
+                state.save()
+                console.print(f"[green]✓[/] {entry['phone']} restored to its previous webhook")
+            except CrctlError as exc:
+                console.print(
+                    f"[bold red]error:[/] {escape(str(exc))} — the next crctl up "
+                    "or `crctl numbers restore` will put it back"
+                )
+    if session.tunnel is not None:
+        session.tunnel.close()
+        console.print("[green]✓[/] tunnel closed")
+
+
+def up(
+    port: Optional[int] = typer.Option(
+        None, help="Local port of the relay. [env CRCTL_PORT; 8080]"
+    ),
+    public_url: Optional[str] = typer.Option(
+        None, help="Use your own tunnel or host instead of ngrok. [env CRCTL_PUBLIC_URL]"
+    ),
+    no_tunnel: bool = typer.Option(False, "--no-tunnel", help="Local only: no tunnel, no number."),
+    number: Optional[str] = typer.Option(
+        None,
+        envvar="CRCTL_NUMBER",
+        help="Number to point at this run (+E164 or PN…). [env CRCTL_NUMBER]",
+    ),
+    agent: Optional[str] = typer.Option(None, help="llm, echo or package.module:Class."),
+    model: Optional[str] = typer.Option(None, help="LLM model."),
+    twiml_template: Optional[str] = typer.Option(None, help="TwiML template /twiml serves."),
+    profile: Optional[str] = typer.Option(None, help="twilio-cli profile."),
+    log_level: Optional[str] = typer.Option("WARNING", help="Relay log level."),
+) -> None:
+    """Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back."""
+    state = State()
+    session = Session()
+    try:
+        settings = load_settings(
+            port=port,
+            public_url=public_url,
+            agent=agent,
+            model=model,
+            twiml_template=twiml_template,
+            log_level=log_level,
+        )
+        sock = bind(settings)
+        twilio = _twilio(profile, session)
+        if twilio is not None:
+            with console.status("checking for numbers left pointed by an earlier run…"):
+                for line in repair(twilio, state):
+                    console.print(f"[yellow]![/] {escape(line)}")
+        public = settings.public_url
+        if public is None and not no_tunnel:
+            public = _tunnel(settings.port, session)
+        update: dict[str, Any] = {"public_url": public}
+        if public is None and settings.host in ("127.0.0.1", "localhost", "::1"):
+            # Local only: nothing but this machine reaches the relay, and there is no public
+            # URL to check Twilio's signatures against.
+            update["verify_signatures"] = False
+        settings = settings.model_copy(update=update)
+        problems, warnings = settings.startup_problems()
+        if public is None:
+            warnings = [w for w in warnings if "signature checks are OFF" not in w]
+        if problems:
+            raise SettingsError(problems[0])
+        bus = EventBus()
+        config = settings.relay_config()
+        app = create_app(config, events=bus)
+        agent_cls = resolve_agent(config)
+        if twilio is not None and public is not None:
+            _point(twilio, state, number, public + "/twiml", session)
+        elif number and twilio is not None:
+            session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
+    except (CrctlError, RelayError) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        restore(session, state)
+        raise typer.Exit(2) from None
+    _setup_logging(settings.log_level or "WARNING")
+    _panel(settings, config, agent_cls, session, warnings)
+    bus.subscribe(_printer())
+    try:
+        asyncio.run(run_relay(app, settings, sock=sock))
+    finally:
+        console.print("stopping…")
+        restore(session, state)
+
+
+def _twilio(profile: str | None, session: Session) -> Twilio | None:
+    try:
+        twilio = Twilio(resolve(profile=profile))
+    except CrctlError as exc:
+        session.notes.append(
+            f"Twilio not configured ({exc}); no number is pointed — test with `crctl call` instead"
+        )
+        return None
+    session.twilio = twilio
+    return twilio
+
+
+def _tunnel(port: int, session: Session) -> str | None:
+    try:
+        with console.status("opening the tunnel…"):
+            session.tunnel = open_tunnel(port)
+    except CrctlError as exc:
+        session.notes.append(f"no tunnel: {exc}; running local-only")
+        return None
+    console.print(f"[green]✓[/] tunnel {session.tunnel.public_url} → 127.0.0.1:{port}")
+    return session.tunnel.public_url
+
+
+def _point(twilio: Twilio, state: State, number: str | None, url: str, session: Session) -> None:
+    if not number:
+        session.notes.append(
+            "no number given (--number or CRCTL_NUMBER): none is pointed; "
+            "`crctl provision-number` gets one"
+        )
+        return
+    with console.status(f"pointing {number} at {url}…"):
+        session.number = point(twilio, state, number, url)
+    console.print(f"[green]✓[/] {session.number.phone_number} → {url} (previous webhook saved)")
+
+
+def _panel(
+    settings: Settings, config: Any, agent_cls: type, session: Session, warnings: list[str]
+) -> None:
+    local = f"http://127.0.0.1:{settings.port}"
+    table = Table(show_header=False, box=None, title="crctl up", title_justify="left")
+    table.add_row("relay", local)
+    table.add_row("public URL", settings.public_url or "[yellow]none (local only)[/]")
+    table.add_row("number", session.number.phone_number if session.number is not None else "-")
+    if session.twilio is not None:
+        table.add_row(
+            "account", f"{session.twilio.account_sid} ({session.twilio.credentials.source})"
+        )
+    if agent_cls is EchoAgent and config.agent is None:
+        table.add_row("agent", "echo (no OPENAI_API_KEY: set it, or OPENAI_BASE_URL)")
+    else:
+        model = config.agent_config.model if issubclass(agent_cls, LLMAgent) else "-"
+        table.add_row("agent", f"{agent_cls.__name__}, model {model}")
+    table.add_row("try it", f"crctl call {local}")
+    console.print(table)
+    for note in [*warnings, *session.notes]:
+        console.print(f"[yellow]![/] {escape(note)}")
+    console.print("[dim]calls appear below; Ctrl-C stops and puts everything back[/]")
+
+
+def _printer() -> Any:
+    from crctl.console import CallLog
+
+    log = CallLog(console)
+
+    def show(event: CallEvent) -> None:
+        log.add(
+            {"kind": event.kind, "call_sid": event.call_sid, "ts": event.ts, "data": event.data}
+        )
+
+    return show

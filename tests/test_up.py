@@ -1,0 +1,156 @@
+"""``crctl up`` end to end, as a real process: a fake tunnel, the fake Twilio API (contract-
+checked) and the relay; the number pointed, then restored on SIGINT, and repaired after the
+process was killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import free_port, sign, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+TUNNEL = "https://fake-tunnel.example.test"
+OLD = "https://yesterday.example.com/voice"
+pytestmark = pytest.mark.usefixtures("contract")
+
+
+class Up:
+    """``crctl up`` in its own process group, its output collected in a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.log = tmp_path / f"up-{self.port}.log"
+        handle = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crctl", "up", "--port", str(self.port), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def healthy(self) -> bool:
+        try:
+            return (
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=0.5).status_code == 200
+            )
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 8.0) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def up_env(twilio_env: Any, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NGROK_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        CRCTL_STATE_DIR=str(tmp_path / "state"),
+        CRCTL_TUNNEL_FACTORY="tests.fakes.fake_tunnel:FakeTunnel",
+        CRCTL_FAKE_TUNNEL_URL=TUNNEL,
+        CRCTL_FAKE_TUNNEL_LOG=str(tmp_path / "tunnel.log"),
+        CRCTL_EVENTS_DB=str(tmp_path / "events.sqlite3"),
+    )
+    return env
+
+
+def voice_url(fake: Any, sid: str) -> str | None:
+    return fake.numbers[sid]["voice_url"]  # type: ignore[no-any-return]
+
+
+def test_up_points_the_number_and_restores_it_on_sigint(
+    fake_twilio: Any, up_env: dict[str, str], tmp_path: Path
+) -> None:
+    owned = fake_twilio.add_number("+15005550020", voice_url=OLD, voice_method="GET")
+    up = Up(tmp_path, up_env, "--number", "+15005550020")
+    try:
+        assert wait_until(lambda: voice_url(fake_twilio, owned["sid"]) == TUNNEL + "/twiml", 20), (
+            up.output
+        )
+        assert wait_until(up.healthy, 10), up.output
+        # signatures are checked against the tunnel's URL, as Twilio signs it
+        unsigned = httpx.get(f"http://127.0.0.1:{up.port}/twiml", timeout=2)
+        assert unsigned.status_code == 403
+        signature = sign(TUNNEL + "/twiml", token=fake_twilio.auth_token)
+        twiml = httpx.get(
+            f"http://127.0.0.1:{up.port}/twiml",
+            timeout=2,
+            headers={"X-Twilio-Signature": signature},
+        )
+        assert twiml.status_code == 200 and "wss://fake-tunnel.example.test/ws" in twiml.text
+        assert "+15005550020" in up.output and TUNNEL in up.output
+        started = time.monotonic()
+        assert up.stop(signal.SIGINT) == 0, up.output
+        assert time.monotonic() - started < 6  # within a few seconds
+    finally:
+        if up.proc.poll() is None:
+            up.stop(signal.SIGKILL)
+    number = fake_twilio.numbers[owned["sid"]]
+    assert (number["voice_url"], number["voice_method"]) == (OLD, "GET")
+    assert "restored" in up.output
+    assert (tmp_path / "tunnel.log").read_text().split()[::3] == ["open", "close"]
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state.get("up_sessions") == {}
+
+
+def test_up_after_sigkill_repairs_the_number(
+    fake_twilio: Any, up_env: dict[str, str], tmp_path: Path
+) -> None:
+    owned = fake_twilio.add_number("+15005550021", voice_url=OLD)
+    first = Up(tmp_path, up_env, "--number", "+15005550021")
+    assert wait_until(lambda: voice_url(fake_twilio, owned["sid"]) == TUNNEL + "/twiml", 20)
+    first.stop(signal.SIGKILL)  # dies without restoring: "it just rings" tomorrow
+    assert voice_url(fake_twilio, owned["sid"]) == TUNNEL + "/twiml"
+    second = Up(tmp_path, up_env, "--number", "+15005550021")
+    try:
+        assert wait_until(lambda: "repaired" in second.output, 20), second.output
+        assert wait_until(second.healthy, 10), second.output
+        assert voice_url(fake_twilio, owned["sid"]) == TUNNEL + "/twiml"
+        assert second.stop(signal.SIGTERM) == 0, second.output
+    finally:
+        if second.proc.poll() is None:
+            second.stop(signal.SIGKILL)
+    assert voice_url(fake_twilio, owned["sid"]) == OLD  # the original, not the dead run's tunnel
+
+
+def test_up_with_pieces_missing_says_what_and_runs_locally(
+    up_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = dict(up_env)
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "CRCTL_TUNNEL_FACTORY"):
+        env.pop(name, None)
+    up = Up(tmp_path, env)
+    try:
+        assert wait_until(up.healthy, 15), up.output
+        assert wait_until(lambda: "Ctrl-C" in up.output, 5), up.output
+        out = up.output
+        assert "NGROK_AUTHTOKEN" in out and "Twilio not configured" in out
+        assert "echo" in out and "crctl call" in out
+        local = httpx.get(f"http://127.0.0.1:{up.port}/twiml", timeout=2)
+        assert local.status_code == 200 and f"ws://127.0.0.1:{up.port}/ws" in local.text
+        assert up.stop(signal.SIGTERM) == 0, up.output
+    finally:
+        if up.proc.poll() is None:
+            up.stop(signal.SIGKILL)

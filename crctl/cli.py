@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from crctl import __version__
+from crctl.call import call
 from crctl.errors import CrctlError
 from crctl.numbers import apps_app, numbers_app, provision_number, whoami
 from crctl.serve import serve
+from crctl.tail import calls_app, tail
 from crctl.twiml import app as twiml_app
 from crctl.up import up
 from relay_server.errors import RelayError
@@ -33,6 +35,9 @@ app.command(name="provision-number")(provision_number)
 app.add_typer(numbers_app, name="numbers")
 app.add_typer(apps_app, name="app")
 app.command(name="up")(up)
+app.command(name="call")(call)
+app.command(name="tail")(tail)
+app.add_typer(calls_app, name="calls")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

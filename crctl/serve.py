@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +19,15 @@ from quart import Quart
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.settings import Settings, SettingsError, load_settings
+from crctl.settings import (
+    Settings,
+    SettingsError,
+    api_token_path,
+    ensure_api_token,
+    load_settings,
+)
 from relay_server.agents import EchoAgent, LLMAgent
-from relay_server.app import create_app, resolve_agent
+from relay_server.app import create_app, end_streams, resolve_agent
 from relay_server.errors import RelayError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -81,6 +88,17 @@ def serve(
         help="Collect digits until # or a pause instead of one turn per key.",
     ),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR."),
+    events_db: Optional[str] = typer.Option(
+        None,
+        help="SQLite file of call events ('' keeps them in memory only). "
+        "[env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3]",
+    ),
+    events_keep_days: Optional[float] = typer.Option(
+        None, help="Delete call events older than this many days. [30]"
+    ),
+    events_max_rows: Optional[int] = typer.Option(
+        None, help="Keep at most this many call events. [500000]"
+    ),
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz."""
     try:
@@ -104,11 +122,19 @@ def serve(
             filler_after_ms=filler_after_ms,
             silence_timeout=silence_timeout,
             dtmf_buffer=dtmf_buffer,
+            events_db=events_db,
+            events_keep_days=events_keep_days,
+            events_max_rows=events_max_rows,
         )
         problems, warnings = settings.startup_problems()
         if problems:
             raise SettingsError(problems[0])
         config = settings.relay_config()
+        token_from = "CRCTL_API_TOKEN"
+        if config.api_token is None:
+            # Always authenticated, zero-config locally: `crctl tail` reads the same file.
+            config = replace(config, api_token=ensure_api_token())
+            token_from = str(api_token_path())
         app = create_app(config)
         agent_cls = resolve_agent(config)
         sock = bind(settings)
@@ -130,6 +156,11 @@ def serve(
     else:
         model = f", model {config.agent_config.model}" if issubclass(agent_cls, LLMAgent) else ""
         err.print(f"  agent: {agent_cls.__name__}{model}")
+    stored = config.events_db or "memory only"
+    err.print(
+        f"  call log: crctl tail --url {local}   (events in {escape(stored)}; "
+        f"API token from {escape(token_from)})"
+    )
     asyncio.run(run_relay(app, settings, sock=sock))
 
 
@@ -231,6 +262,7 @@ async def run_relay(
     async def watch() -> None:
         await stop.wait()
         server.should_exit = True
+        end_streams(app)  # open /events streams would hold the shutdown until its timeout
 
     watcher = asyncio.create_task(watch())
     try:

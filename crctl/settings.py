@@ -7,6 +7,10 @@ so a logged or printed settings object never shows them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +68,10 @@ class Settings(BaseSettings):
     dtmf_buffer: bool = AgentConfig.dtmf_buffer
     dtmf_pause: float = Field(AgentConfig.dtmf_pause, gt=0)
     max_frame_bytes: int = Field(RelayConfig.max_frame_bytes, ge=1024)
+    #: SQLite file of call events; ``None``: ``~/.crctl/events.sqlite3``; ``""``: memory only.
+    events_db: str | None = None
+    events_keep_days: float = Field(RelayConfig.events_keep_days, gt=0)
+    events_max_rows: int = Field(RelayConfig.events_max_rows, ge=100)
     log_level: str = "INFO"
 
     @field_validator("public_url", "openai_base_url")
@@ -131,6 +139,9 @@ class Settings(BaseSettings):
             twiml_template=self.twiml_template,
             handoff_number=self.handoff_number,
             max_frame_bytes=self.max_frame_bytes,
+            events_db=self.events_db_path(),
+            events_keep_days=self.events_keep_days,
+            events_max_rows=self.events_max_rows,
             agent_config=AgentConfig(**agent_kwargs),
             llm=LLMConfig(
                 api_key=secret(self.openai_api_key),
@@ -139,6 +150,12 @@ class Settings(BaseSettings):
                 max_retries=self.llm_retries,
             ),
         )
+
+    def events_db_path(self) -> str | None:
+        """Where call events are stored (``None``: in memory only)."""
+        if self.events_db is None:
+            return str(default_events_db())
+        return str(Path(self.events_db).expanduser()) if self.events_db else None
 
     def startup_problems(self) -> tuple[list[str], list[str]]:
         """Cross-setting checks: (errors that stop start-up, warnings to print)."""
@@ -202,3 +219,64 @@ _ENV_NAMES = {
     "twilio_auth_token": "TWILIO_AUTH_TOKEN",
 }
 _FIELD_OF_ENV = {env: name for name, env in _ENV_NAMES.items()}
+
+
+# ------------------------------------------------------------------ files in ~/.crctl
+def state_dir() -> Path:
+    """crctl's own directory: ``$CRCTL_STATE_DIR`` or ``~/.crctl``."""
+    base = os.environ.get("CRCTL_STATE_DIR")
+    return Path(base) if base else Path.home() / ".crctl"
+
+
+def default_events_db() -> Path:
+    """The default SQLite file of call events."""
+    return state_dir() / "events.sqlite3"
+
+
+def api_token_path() -> Path:
+    """Where ``crctl serve`` keeps the relay's API token when none is configured."""
+    return state_dir() / "api-token"
+
+
+def read_api_token(path: Path | None = None) -> str | None:
+    """The token in the token file, if there is one."""
+    try:
+        token = (path or api_token_path()).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return token or None
+
+
+def ensure_api_token(path: Path | None = None) -> str:
+    """The local API token: the token file's, or a new random one written there first.
+
+    The file is created readable by its owner only (0600), atomically, so two relays started at
+    once agree on one token; later starts reuse it, so a running ``crctl tail`` keeps working
+    across relay restarts. The token itself is never printed or logged.
+    """
+    path = path or api_token_path()
+    token = read_api_token(path)
+    if token is not None:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        return token
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".api-token-", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(secrets.token_urlsafe(32) + "\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # fails if another process was first: use its token
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise SettingsError(
+            f"setting api_token (CRCTL_API_TOKEN): none is set and {path} cannot be written "
+            f"({exc.strerror or exc}); set CRCTL_API_TOKEN or CRCTL_STATE_DIR"
+        ) from None
+    token = read_api_token(path)
+    if token is None:
+        raise SettingsError(f"setting api_token (CRCTL_API_TOKEN): {path} is empty; delete it")
+    return token

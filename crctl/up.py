@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -20,11 +21,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl.call_script import load_script, play_script
+from crctl.caller import SimulatedCaller
 from crctl.credentials import resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import Twilio, voice_of
 from crctl.serve import _setup_logging, bind, run_relay
-from crctl.settings import Settings, SettingsError, load_settings
+from crctl.settings import Settings, SettingsError, ensure_api_token, load_settings
 from crctl.state import State
 from crctl.tunnel import Tunnel, open_tunnel
 from relay_server.agents import EchoAgent, LLMAgent
@@ -137,12 +140,19 @@ def up(
     model: Optional[str] = typer.Option(None, help="LLM model."),
     twiml_template: Optional[str] = typer.Option(None, help="TwiML template /twiml serves."),
     profile: Optional[str] = typer.Option(None, help="twilio-cli profile."),
+    call_script: Optional[Path] = typer.Option(
+        None,
+        "--call",
+        help="Once up, play this `crctl call` script against the relay (no phone needed), "
+        "then stop; the exit code is the script's.",
+    ),
     log_level: Optional[str] = typer.Option("WARNING", help="Relay log level."),
 ) -> None:
     """Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back."""
     state = State()
     session = Session()
     try:
+        turns = load_script(call_script) if call_script is not None else None
         settings = load_settings(
             port=port,
             public_url=public_url,
@@ -173,6 +183,9 @@ def up(
             raise SettingsError(problems[0])
         bus = EventBus()
         config = settings.relay_config()
+        if config.api_token is None:
+            # as crctl serve: `crctl tail` in another terminal reads the same token file
+            config = replace(config, api_token=ensure_api_token())
         app = create_app(config, events=bus)
         agent_cls = resolve_agent(config)
         if twilio is not None and public is not None:
@@ -186,11 +199,54 @@ def up(
     _setup_logging(settings.log_level or "WARNING")
     _panel(settings, config, agent_cls, session, warnings)
     bus.subscribe(_printer())
+    code = 0
     try:
-        asyncio.run(run_relay(app, settings, sock=sock))
+        code = asyncio.run(_serve(app, settings, sock, turns))
     finally:
         console.print("stopping…")
         restore(session, state)
+    raise typer.Exit(code)
+
+
+async def _serve(app: Any, settings: Settings, sock: Any, turns: list[Any] | None) -> int:
+    """Run the relay until a signal; with ``turns``, call it once it is up, then stop."""
+    stop = asyncio.Event()
+    relay = asyncio.create_task(run_relay(app, settings, stop=stop, sock=sock))
+    if turns is None:
+        await relay
+        return 0
+    code = 1
+    try:
+        await _listening(settings.port)
+        token = settings.twilio_auth_token
+        caller = SimulatedCaller(
+            f"http://127.0.0.1:{settings.port}",
+            auth_token=token.get_secret_value() if token is not None else None,
+            public_url=settings.public_url,
+            timeout=15.0,
+        )
+        await caller.connect(await caller.fetch())
+        code = await play_script(caller, turns, console)
+    except CrctlError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    finally:
+        stop.set()
+        await relay
+    return code
+
+
+async def _listening(port: int, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise CrctlError(f"the relay did not start listening on port {port}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
 
 
 def _twilio(profile: str | None, session: Session) -> Twilio | None:

@@ -1,4 +1,5 @@
-"""The Quart app: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz`` and the messages API.
+"""The Quart app: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, the messages API and
+the call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
 
 Handlers only move frames and form fields between Twilio and the sessions; they never hold
 conversation logic (DESIGN.md). Build the app with :func:`create_app` so tests inject fakes.
@@ -6,6 +7,7 @@ conversation logic (DESIGN.md). Build the app with :func:`create_app` so tests i
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -26,6 +28,7 @@ from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import SignatureChecker, bearer_ok
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
+from relay_server.store import EventStore, parse_since
 from relay_server.tools import load_tool_modules
 from twiml_templates import TemplateError, load_template, render
 
@@ -84,7 +87,19 @@ def create_app(
         else None
     )
     link = SessionLink(_no_socket, bus, config, services)
-    app.extensions["crctl"] = {"registry": registry, "events": bus, "config": config}
+    try:
+        store = EventStore(
+            config.events_db, keep_days=config.events_keep_days, max_rows=config.events_max_rows
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"setting events_db (CRCTL_EVENTS_DB): {exc}") from exc
+    bus.subscribe(store.append)
+    app.extensions["crctl"] = {
+        "registry": registry,
+        "events": bus,
+        "config": config,
+        "store": store,
+    }
 
     @app.before_serving
     async def _open_llm() -> None:
@@ -93,6 +108,11 @@ def create_app(
     @app.after_serving
     async def _close_llm() -> None:
         await services["llm"].aclose()
+
+    @app.after_serving
+    async def _close_store() -> None:
+        store.end_streams()
+        await asyncio.to_thread(store.close)  # writes what is still queued
 
     def base() -> str:
         return config.public_base(request.host_url)
@@ -215,7 +235,71 @@ def create_app(
         await session.push(message)
         return {"sent": type(message).__struct_config__.tag}, 202
 
+    # ------------------------------------------------------------------ the call log API
+    def refused() -> tuple[dict[str, str], int, dict[str, str]] | None:
+        """A 401 with a one-line reason, unless the request carries the API token."""
+        header = request.headers.get("Authorization")
+        if bearer_ok(config.api_token, header):
+            return None
+        if not config.api_token:
+            why = "this relay has no API token: set CRCTL_API_TOKEN"
+        elif not header:
+            why = "send the relay's API token as 'Authorization: Bearer <token>'"
+        else:
+            why = "wrong API token"
+        return {"error": f"unauthorized: {why}"}, 401, {"WWW-Authenticate": "Bearer"}
+
+    @app.get("/events")
+    async def events_route() -> Any:
+        if (answer := refused()) is not None:
+            return answer
+        args = request.args
+        try:
+            since = parse_since(args.get("since"))
+            after_text = args.get("after") or request.headers.get("Last-Event-ID") or None
+            after = int(after_text) if after_text is not None else None
+        except ValueError as exc:
+            message = str(exc) if "since" in str(exc) else "after: expected an event id"
+            return {"error": message}, 400
+        if store.ending:
+            return {"error": "the relay is stopping"}, 503
+        body = store.stream(since=since, call_sid=args.get("call") or None, after=after)
+        response = Response(
+            body,
+            content_type="text/event-stream; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.timeout = None  # a stream, not a request that may hang
+        return response
+
+    @app.get("/calls")
+    async def calls_route() -> Any:
+        if (answer := refused()) is not None:
+            return answer
+        try:
+            limit = min(max(int(request.args.get("limit", 50)), 1), 1000)
+        except ValueError:
+            return {"error": "limit: expected a number"}, 400
+        return {"calls": await asyncio.to_thread(store.calls, limit)}
+
+    @app.get("/calls/<call_sid>")
+    async def call_route(call_sid: str) -> Any:
+        if (answer := refused()) is not None:
+            return answer
+        call = await asyncio.to_thread(store.call, call_sid)
+        if call is None:
+            return {"error": f"no stored call {call_sid}"}, 404
+        return call
+
     return app
+
+
+def end_streams(app: Quart) -> None:
+    """End the app's open ``/events`` streams, so a stopping server need not wait for them
+    (call from the event loop as soon as the server is asked to stop)."""
+    store = app.extensions.get("crctl", {}).get("store")
+    if store is not None:
+        store.end_streams()
 
 
 def _wants_handoff(handoff: str | None) -> bool:

@@ -169,8 +169,9 @@ class CallConnection:
         sid = self.session.call_sid if self.session else ""
         self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)
 
-    async def close(self) -> None:
-        """The socket is gone: stop the session and unregister it."""
+    async def close(self, code: int | None = None) -> None:
+        """The socket is gone (``code``: its close code, if known): stop the session and
+        unregister it."""
         session, self.session = self.session, None
         if session is None:
             return
@@ -178,3 +179,4 @@ class CallConnection:
             await session.close()
         finally:
             self.registry.remove(session)
+            self.link.events.publish(ev.SOCKET_CLOSED, session.call_sid, code=code)

@@ -63,7 +63,7 @@ class RelayConfig:
     auth_token: str | None = field(default=None, repr=False)
     #: Explicit opt-out of signature checks (warned about at start).
     verify_signatures: bool = True
-    #: Bearer token for the relay's own API (``POST /calls/{sid}/messages``); ``None`` disables it.
+    #: Bearer token for the relay's own API (``/events``, ``/calls``…); ``None`` disables it.
     api_token: str | None = field(default=None, repr=False)
     #: ``package.module:Class``, ``llm`` or ``echo``; ``None``: ``llm`` with a key, else ``echo``.
     agent: str | None = None
@@ -81,6 +81,11 @@ class RelayConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     #: Seconds a closed call's history is kept for a reconnect through ``/action``.
     resume_ttl: float = 120.0
+    #: SQLite file of the call events (``/events``, ``/calls``); ``None``: kept in memory only.
+    events_db: str | None = None
+    #: Events older than this many days, or beyond this many rows, are deleted.
+    events_keep_days: float = 30.0
+    events_max_rows: int = 500_000
     agent_config: AgentConfig = field(default_factory=AgentConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
 

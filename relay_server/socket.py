@@ -65,6 +65,7 @@ class RelaySocket:
             await send({"type": "websocket.send", "text": frame})
 
         conn = CallConnection(send_frame, self.registry, self.factory, self.link, peer)
+        code: int | None = None
         try:
             while True:
                 message = await receive()
@@ -73,9 +74,10 @@ class RelaySocket:
                     text = message.get("text")
                     await conn.receive(text if text is not None else message.get("bytes") or b"")
                 elif kind == "websocket.disconnect":
+                    code = message.get("code")
                     break
         finally:  # hang-up, server shutdown or cancellation: the session always closes
-            await conn.close()
+            await conn.close(code)
 
     def _signed(self, scope: Scope, peer: str) -> bool:
         if self.checker is None:

@@ -13,6 +13,14 @@ from tests.support import RelayServer, config
 pytest_plugins = ["tests.fakes.twilio_fixtures"]
 
 
+@pytest.fixture(autouse=True)
+def _scratch_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """crctl's state, token file and events database never land in the real home."""
+    monkeypatch.setenv("CRCTL_STATE_DIR", str(tmp_path_factory.mktemp("crctl-state")))
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:
     with FakeLLM() as llm:

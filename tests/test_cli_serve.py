@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -44,6 +45,8 @@ def _env(**extra: str) -> dict[str, str]:
     }
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env["PYTHONUNBUFFERED"] = "1"
+    # the token file and the events database go to a scratch folder, never the real home
+    env["CRCTL_STATE_DIR"] = tempfile.mkdtemp(prefix="crctl-state-")
     env.update(extra)
     return env
 

@@ -154,3 +154,22 @@ def test_up_with_pieces_missing_says_what_and_runs_locally(
     finally:
         if up.proc.poll() is None:
             up.stop(signal.SIGKILL)
+
+
+def test_up_with_a_call_script_runs_the_whole_stack_and_stops(
+    up_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The README's main command: no accounts, a simulated conversation through it all."""
+    env = dict(up_env)
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):
+        env.pop(name, None)
+    script = ROOT / "examples" / "conversation.yaml"
+    up = Up(tmp_path, env, "--no-tunnel", "--call", str(script))
+    assert up.proc.wait(60) == 0, up.output
+    assert "4 of 4 turns passed" in up.output
+    assert "barge-in" in up.output and "caller" in up.output  # the live call log
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- say: hello\n  expect:\n    contains: something the echo never says\n")
+    failing = Up(tmp_path, env, "--no-tunnel", "--call", str(bad))
+    assert failing.proc.wait(60) == 1, failing.output
+    assert "something the echo never says" in failing.output

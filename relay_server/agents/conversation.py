@@ -54,11 +54,12 @@ class ConversationAgent(CallSession):
         self.link.events.publish(
             ev.CALL_STARTED,
             self.call_sid,
-            from_=setup.from_,
+            **{"from": setup.from_},
             to=setup.to,
             direction=setup.direction,
             custom_parameters=setup.custom_parameters,
             session_id=setup.session_id,
+            resumed=self._resumed,
         )
 
     async def on_prompt(self, prompt: Prompt) -> None:

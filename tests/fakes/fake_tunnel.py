@@ -1,4 +1,4 @@
-"""A stand-in for ngrok in ``crctl up`` tests (CRCTL_TUNNEL_FACTORY=tests.fakes.fake_tunnel:FakeTunnel).
+"""A stand-in for ngrok in ``crctl up`` tests (``CRCTL_TUNNEL_FACTORY``).
 
 It opens nothing: the public URL is a name the test controls (``CRCTL_FAKE_TUNNEL_URL``), and
 what happened is appended to ``CRCTL_FAKE_TUNNEL_LOG`` so a test can see the tunnel opened and

@@ -1,0 +1,264 @@
+"""Rich rendering of call events (the relay publishes them; only the CLI renders, DESIGN.md).
+
+:class:`CallLog` takes events as ``/events`` serves them (dicts with ``kind``, ``call_sid``,
+``ts``, ``data``) and prints each as it comes: a coloured rule when a call starts, then one
+line per event with a bar in the call's colour, so interleaved calls stay apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+#: One colour per call, in order of appearance.
+PALETTE = (
+    "cyan",
+    "magenta",
+    "green",
+    "yellow",
+    "blue",
+    "bright_magenta",
+    "bright_cyan",
+    "bright_green",
+)
+
+
+def short_sid(sid: str) -> str:
+    """``CA1234…cdef``: enough to tell calls apart on one screen."""
+    return sid if len(sid) <= 12 else f"{sid[:6]}…{sid[-4:]}"
+
+
+def shorten(value: Any, width: int = 80) -> str:
+    """One line of at most ``width`` characters (JSON for structures)."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _clock(ts: Any) -> str:
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError):
+        return "--:--:--"
+
+
+def _ms(value: Any) -> str:
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+class CallLog:
+    """Renders call events on ``console`` as a live transcript, a colour per call.
+
+    ``partials=True`` also shows the caller's partial transcripts (dimmed).
+    """
+
+    def __init__(self, console: Console, *, partials: bool = False) -> None:
+        self.console = console
+        self.partials = partials
+        self._colours: dict[str, str] = {}
+
+    def colour(self, call_sid: str) -> str:
+        """The colour of a call (assigned on first sight)."""
+        colour = self._colours.get(call_sid)
+        if colour is None:
+            colour = PALETTE[len(self._colours) % len(PALETTE)]
+            self._colours[call_sid] = colour
+        return colour
+
+    def add_all(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Render several events in order."""
+        for event in events:
+            self.add(event)
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        """Render one event."""
+        kind = str(event.get("kind", "?"))
+        sid = str(event.get("call_sid") or "")
+        data = event.get("data") or {}
+        if not isinstance(data, Mapping):
+            data = {"value": data}
+        new_call = sid and sid not in self._colours
+        if kind == "call.started" or new_call:
+            self._header(sid, event.get("ts"), data if kind == "call.started" else None)
+            if kind == "call.started":
+                return
+        render = getattr(self, "_" + kind.replace(".", "_"), None)
+        if render is None:
+            self._line(event, kind, Text(shorten(dict(data), 100), style="dim"))
+        else:
+            render(event, data)
+
+    # ------------------------------------------------------------------------ layout
+    def _header(self, sid: str, ts: Any, data: Mapping[str, Any] | None) -> None:
+        colour = self.colour(sid) if sid else "white"
+        title = Text()
+        title.append(f" {sid or 'no call'} ", style=f"bold {colour}")
+        if data is not None:
+            title.append(f"{data.get('from') or '?'} → {data.get('to') or '?'}", style=colour)
+            params = data.get("custom_parameters") or {}
+            if params:
+                pairs = " ".join(f"{k}={v}" for k, v in dict(params).items())
+                title.append(f"  {shorten(pairs, 60)}", style="dim")
+            if data.get("resumed"):
+                title.append("  (reconnected)", style="yellow")
+            title.append(f"  {_clock(ts)} ", style="dim")
+        self.console.print(Rule(title, style=colour, align="left"))
+
+    def _line(
+        self, event: Mapping[str, Any], role: str, body: Text, role_style: str = "bold"
+    ) -> None:
+        sid = str(event.get("call_sid") or "")
+        colour = self.colour(sid) if sid else "white"
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True, width=9)
+        grid.add_column(overflow="fold")
+        prefix = Text("┃ ", style=colour)
+        prefix.append(_clock(event.get("ts")), style="dim")
+        prefix.append(" " + short_sid(sid) if sid else "", style=colour)
+        grid.add_row(prefix, Text(role, style=role_style), body)
+        self.console.print(grid)
+
+    def _fix(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        if data.get("fix"):
+            self._line(event, "", Text(f"fix: {data['fix']}", style="bold yellow"))
+
+    # ----------------------------------------------------------------------- kinds
+    def _caller_speech(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        if data.get("last", True):
+            self._line(event, "caller", Text(str(data.get("text", ""))), "bold green")
+        elif self.partials:
+            self._line(event, "caller…", Text(str(data.get("text", "")), style="dim italic"))
+
+    def _agent_reply(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        text = str(data.get("text") or "")
+        body = Text(text) if text else Text("(nothing said)", style="dim")
+        timing = [f"ttft {_ms(data['ttft_ms'])}"] if data.get("ttft_ms") is not None else []
+        if data.get("duration_ms") is not None:
+            timing.append(f"took {_ms(data['duration_ms'])}")
+        if timing:
+            body.append("  " + " · ".join(timing), style="dim cyan")
+        if data.get("cancelled"):
+            body.append("  (cut off)", style="yellow")
+        self._line(event, "agent", body, "bold blue")
+
+    def _barge_in(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text("caller cut in; heard ")
+        body.append(f"“{data.get('heard', '')}”", style="italic")
+        if data.get("duration_ms"):
+            body.append(f" after {_ms(data['duration_ms'])}", style="dim")
+        self._line(event, "barge-in", body, "bold yellow")
+
+    def _dtmf(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        self._line(event, "keypad", Text(f"pressed {data.get('digit', '?')}"), "bold magenta")
+
+    def _tool_call(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text()
+        body.append(str(data.get("name", "?")), style="bold")
+        body.append(f"({shorten(data.get('arguments') or '', 50)})", style="dim")
+        body.append(" → " + shorten(data.get("result", ""), 80))
+        self._line(event, "tool", body, "bold cyan")
+
+    def _language(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        parts = [f"{k} {data[k]}" for k in ("tts", "transcription") if data.get(k)]
+        self._line(event, "language", Text("switched: " + ", ".join(parts)), "bold cyan")
+
+    def _error(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text()
+        if data.get("code"):
+            body.append(f"{data['code']} {data.get('title', '')}".strip() + ": ", style="bold")
+        body.append(str(data.get("explanation") or data.get("message") or "error"))
+        if data.get("explanation") and data.get("message"):
+            body.append(f"  [{shorten(data['message'], 80)}]", style="dim")
+        self._line(event, "ERROR", body, "bold white on red")
+        self._fix(event, data)
+
+    def _llm_fault(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text(f"{data.get('kind', '?')}: {data.get('detail', '')}", style="red")
+        self._line(event, "LLM FAULT", body, "bold white on red")
+        self._fix(event, data)
+
+    def _frame_bad(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        reason = shorten(data.get("reason", ""), 100)
+        self._line(event, "bad frame", Text(f"dropped: {reason}", style="yellow"), "bold yellow")
+
+    def _socket_closed(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        code = data.get("code")
+        what = "hung up" if code in (1000, None) else "socket closed"
+        self._line(event, "socket", Text(what if code is None else f"{what} ({code})"), "dim")
+
+    def _session_end(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text()
+        body.append(f"session {data.get('status') or '?'}", style="bold")
+        if data.get("duration"):
+            body.append(f" after {data['duration']} s", style="dim")
+        if data.get("handoff_data"):
+            body.append("  hand-off: ", style="bold magenta")
+            body.append(shorten(data["handoff_data"], 100))
+        self._line(event, "end", body, "bold")
+        if data.get("error_code"):
+            error = Text()
+            error.append(f"{data['error_code']} {data.get('title', '')}".strip() + ": ", "bold")
+            error.append(str(data.get("explanation") or data.get("error_message") or ""))
+            self._line(event, "ERROR", error, "bold white on red")
+            self._fix(event, data)
+
+    def _call_status(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text(f"call {data.get('status') or '?'}")
+        if data.get("duration"):
+            body.append(f" ({data['duration']} s)", style="dim")
+        self._line(event, "status", body, "dim")
+
+
+# ------------------------------------------------------------------------ stored calls
+def calls_table(calls: Iterable[Mapping[str, Any]]) -> Table:
+    """``crctl calls list``: one row per stored call, newest first."""
+    table = Table(title="calls", title_justify="left", header_style="bold")
+    for column in ("call", "from", "to", "started", "length", "status", "turns", "errors"):
+        table.add_column(column, justify="right" if column in ("turns", "errors") else "left")
+    for call in calls:
+        started, ended = call.get("started"), call.get("ended")
+        length = f"{float(ended) - float(started):.0f} s" if started and ended else "-"
+        day = time.strftime("%Y-%m-%d ", time.localtime(float(started))) if started else ""
+        status = str(call.get("status") or "?")
+        style = "red" if "failed" in status or call.get("errors") else None
+        table.add_row(
+            str(call.get("sid")),
+            str(call.get("from") or "-"),
+            str(call.get("to") or "-"),
+            day + _clock(started),
+            length,
+            Text(status, style="green" if status == "live" else (style or "")),
+            str(call.get("turns", 0)),
+            Text(str(call.get("errors", 0)), style=style or ""),
+        )
+    return table
+
+
+def print_call(console: Console, call: Mapping[str, Any]) -> None:
+    """``crctl calls show``: a stored call's whole transcript."""
+    log = CallLog(console)
+    events = list(call.get("events") or [])
+    if not events or events[0].get("kind") != "call.started":
+        log.add(
+            {
+                "kind": "call.started",
+                "call_sid": call.get("sid"),
+                "ts": call.get("started"),
+                "data": {"from": call.get("from"), "to": call.get("to")},
+            }
+        )
+    log.add_all(events)
+    status = Text(f"status {call.get('status')}, {call.get('turns', 0)} turns", style="dim")
+    console.print(status)

@@ -1,0 +1,445 @@
+"""``crctl call``: the simulated Twilio caller against the real relay (and a recording server
+for the exact frames), scripted and interactive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from click.testing import Result
+from rich.console import Console
+from typer.testing import CliRunner
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from crctl.call import call
+from crctl.call_script import Turn, TurnResult, _check_handoff, report
+from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
+from relay_server.security import SignatureChecker
+from tests.fakes.fake_llm import Script, ToolCallSpec
+from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, free_port
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "conversation.yaml"
+_app = typer.Typer()
+_app.command()(call)
+_CLEAN_ENV = {"TWILIO_AUTH_TOKEN": None, "CRCTL_PUBLIC_URL": None}
+
+
+def run(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(_app, list(args), input=input, env=_CLEAN_ENV)
+
+
+def signed(relay: RelayServer) -> list[str]:
+    """Sign like Twilio calling the relay's public URL, while connecting locally."""
+    return [relay.base_url, "--auth-token", AUTH_TOKEN, "--public-url", PUBLIC_URL]
+
+
+def script(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "conversation.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def events(relay: RelayServer, kind: str) -> list[dict[str, Any]]:
+    return [e.data for e in list(relay.events) if e.kind == kind]
+
+
+# ------------------------------------------------------------------------ scripted calls
+
+
+def test_the_sample_script_passes_against_the_echo_agent(relay_factory):
+    relay = relay_factory(agent="echo")
+    result = run(*signed(relay), "--script", str(EXAMPLE))
+    assert result.exit_code == 0, result.output
+    assert "via ws://127.0.0.1:" in result.output  # the TwiML names wss://relay.example.test/ws
+    assert "4 of 4 turns passed" in result.output
+    assert "turn 3 pass" in result.output and "[barged in]" in result.output
+    started = events(relay, "call.started")[0]
+    assert (started["from"], started["to"], started["direction"]) == (
+        "+15550100001",
+        "+15550100002",
+        "inbound",
+    )
+    # The barge-in said what the caller heard: the first four words of the reply.
+    assert [e["heard"] for e in events(relay, "barge_in")] == ["You said: Tell me"]
+    # Hang-up, then the signed <Connect action> callback the relay accepted.
+    assert events(relay, "session.end")[0]["status"] == "completed"
+    assert 'call: the caller hung up (close 1000 "Closing websocket session")' in result.output
+
+
+def test_setup_has_the_twiml_parameters_and_partials_are_cumulative(relay_factory, tmp_path):
+    template = tmp_path / "with-params.toml"
+    template.write_text('extends = "basic"\n[parameters]\ncustomerId = "42"\n')
+    relay = relay_factory(agent="echo", twiml_template=str(template))
+    path = script(tmp_path, "- say: check my order\n  expect: {contains: check my order}\n")
+    result = run(*signed(relay), "--script", path, "--partials")
+    assert result.exit_code == 0, result.output
+    started = events(relay, "call.started")[0]
+    assert started["custom_parameters"] == {"customerId": "42"}
+    assert re.fullmatch(r"VX[0-9a-f]{32}", started["session_id"])
+    speech = [(e["text"], e["last"]) for e in events(relay, "caller.speech")]
+    assert speech == [
+        ("check", False),
+        ("check my", False),
+        ("check my order", False),
+        ("check my order", True),  # the final repeats the last partial
+    ]
+
+
+def test_a_failing_script_exits_nonzero_and_says_why(relay_factory, tmp_path):
+    relay = relay_factory(agent="echo")
+    path = script(
+        tmp_path,
+        "- say: hello\n  expect: {contains: goodbye}\n"
+        "- say: again\n  expect: {matches: '^Nope', max_first_token_ms: 5000}\n",
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 1
+    assert "turn 1 FAIL  'hello' → You said: hello" in result.output
+    assert "reply does not contain 'goodbye'" in result.output
+    assert "reply does not match /^Nope/" in result.output
+    assert "0 of 2 turns passed" in result.output
+
+
+def test_a_barge_in_leaves_only_the_heard_words_in_the_relays_history(relay, fake_llm, tmp_path):
+    story = ["Once", " upon", " a", " time", " there", " was", " a", " long", " story."]
+    fake_llm.enqueue(Script(tokens=story, delay=0.05), Script(tokens=["Okay", "."]))
+    path = script(
+        tmp_path,
+        "- say: tell me a story\n  interrupt_after_words: 3\n"
+        "- say: stop\n  expect: {contains: okay}\n",
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 0, result.output
+    assert [e["heard"] for e in events(relay, "barge_in")] == ["Once upon a"]
+    assert isinstance(events(relay, "barge_in")[0]["duration_ms"], int)
+    messages = fake_llm.records[1].body["messages"]
+    assert messages[-3:] == [
+        {"role": "user", "content": "tell me a story"},
+        {"role": "assistant", "content": "Once upon a"},
+        {"role": "user", "content": "stop"},
+    ]
+
+
+def test_a_preemptible_filler_does_not_end_the_reply(relay_factory, fake_llm, tmp_path):
+    relay = relay_factory(agent_filler_after_ms=100)
+    fake_llm.enqueue(Script(tokens=["Here", " it", " is."], ttft=0.5))
+    path = script(
+        tmp_path, "- say: hi\n  expect: {contains: here it is, max_first_token_ms: 400}\n"
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 0, result.output
+    assert "One moment.Here it is." in result.output
+
+
+def test_end_call_and_handoff_are_checked_and_reported(relay_factory, fake_llm, tmp_path):
+    relay = relay_factory(handoff_number="+15550100999")
+    fake_llm.enqueue(
+        Script(tokens=["Goodbye", "!"], tool_calls=[ToolCallSpec("end_call", '{"reason": "x"}')])
+    )
+    path = script(tmp_path, "- say: bye\n  expect: {contains: goodbye, ends_call: true}\n")
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 0, result.output
+    assert "the agent ended the call (end)" in result.output
+    assert events(relay, "session.end")[0]["status"] == "ended"
+
+    fake_llm.enqueue(
+        Script(
+            tokens=["Transferring", " you."],
+            tool_calls=[ToolCallSpec("transfer_to_human", '{"reason": "billing dispute"}')],
+        )
+    )
+    path = script(
+        tmp_path,
+        "- say: I want a person\n  expect: {handoff: {reason: billing}, ends_call: true}\n"
+        "- say: hello?\n",
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 1
+    assert "turn 1 pass" in result.output
+    assert "turn 2 FAIL" in result.output and "the call was over after turn 1" in result.output
+    assert '"reasonCode": "live-agent-handoff"' in result.output
+    assert "/action → dials +15550100999" in result.output
+    end = events(relay, "session.end")[1]
+    assert end["status"] == "ended" and json.loads(end["handoff_data"])["reason"] == (
+        "billing dispute"
+    )
+
+
+@pytest.mark.parametrize(
+    ("wanted", "reasons"),
+    [
+        (True, []),
+        ("billing", []),
+        ({"reason": "BILLING", "reasonCode": "live-agent-handoff"}, []),
+        ({"reason": "refund"}, ["handoffData reason is 'billing dispute', expected 'refund'"]),
+        ({"queue": "vip"}, ["handoffData has no 'queue'"]),
+        (False, ["unexpected hand-off"]),
+    ],
+)
+def test_handoff_expectations(wanted, reasons):
+    data = json.dumps({"reasonCode": "live-agent-handoff", "reason": "billing dispute"})
+    got = _check_handoff(wanted, {"type": "end", "handoffData": data})
+    assert len(got) == len(reasons)
+    assert all(got[i].startswith(reason) for i, reason in enumerate(reasons))
+    assert _check_handoff(True, None) == ["no hand-off: the agent did not end the call"]
+
+
+# ------------------------------------------------------------------------------- failures
+
+
+def test_a_wrong_auth_token_is_refused_in_one_line(relay):
+    result = run(relay.base_url, "--auth-token", "wrong", "--public-url", PUBLIC_URL)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "refused POST" in lines[0] and "HTTP 403" in lines[0]
+    assert f"over {PUBLIC_URL}/twiml did not match" in lines[0]
+
+
+async def test_a_refused_websocket_handshake_is_one_error(relay):
+    caller = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
+    plan = await caller.fetch()
+    assert plan.ws_url == "wss://relay.example.test/ws"
+    assert plan.connect_url == relay.ws_url
+    # Signed over a URL the relay is not published at: it refuses the upgrade.
+    with pytest.raises(CallError, match=r"refused the WebSocket .* \(HTTP 403\)"):
+        await caller.connect(replace(plan, ws_url="wss://elsewhere.example.test/ws"))
+
+
+def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run(url, "--timeout", "2")
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: cannot reach {url}/twiml: connection refused"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- say: hi\n- say: there\n  dtmf: '1'\n", "turn 2: give exactly one of say:"),
+        ("- say: hi\n- sya: typo\n", "turn 2: unknown key 'sya'"),
+        ("- say: hi\n  expect: {matches: '('}\n", "turn 1: expect.matches: not a valid regular"),
+        ("- say: hi\n  expect: {max_first_token_ms: fast}\n", "turn 1: expect.max_first_token"),
+        ("- say: hi\n  expect: {contain: hi}\n", "turn 1: unknown expect key 'contain'"),
+        ("- dtmf: '12a'\n", "turn 1: dtmf: must be keys 0-9"),
+        ("- say: hi\n  interrupt_after_words: 0\n", "turn 1: interrupt_after_words:"),
+        ("say: hi\n", "a script is a non-empty YAML list of turns"),
+        ("- say: [unclosed\n", "not valid YAML (line 2)"),
+    ],
+)
+def test_a_malformed_script_exits_2_naming_the_turn(tmp_path, text, problem):
+    path = script(tmp_path, text)
+    result = run("http://127.0.0.1:9", "--script", path)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"error: {path}: ")
+    assert problem in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- interactive
+
+
+def test_interactive_mode_from_stdin(relay_factory):
+    relay = relay_factory(agent="echo")
+    result = run(*signed(relay), input="hello there\n/dtmf 7\n/what\n/hangup\nnot sent\n")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "agent: Hello! How can I help you today? (welcome greeting)" in out
+    assert "agent: You said: hello there  first token" in out
+    assert "agent: You said: [The caller pressed 7 on the keypad]" in out
+    assert "/dtmf 1 presses keys" in out  # /what: the help
+    assert 'call over: the caller hung up (close 1000 "Closing websocket session")' in out
+    assert [e["text"] for e in events(relay, "caller.speech")] == ["hello there"]
+    assert events(relay, "session.end")[0]["status"] == "completed"
+
+
+# ------------------------------------------------------------- the frames, byte for byte
+
+BASIC = {
+    "welcomeGreeting": "Hi!",
+    "interruptible": "any",
+    "dtmfDetection": "true",
+    "events": "speaker-events tokens-played",
+}
+
+
+class Recorder:
+    """A WebSocket server that records what the caller sends and answers like the relay."""
+
+    def __init__(self, behaviour: Callable[[ServerConnection, dict[str, Any]], Any]) -> None:
+        self.behaviour = behaviour
+        self.frames: list[dict[str, Any]] = []
+        self.request: Any = None
+        self.close: tuple[int | None, str | None] = (None, None)
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        self.request = ws.request
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                frame = json.loads(raw)
+                self.frames.append(frame)
+                await self.behaviour(ws, frame)
+        self.close = (ws.close_code, ws.close_reason)
+
+
+def short(frame: dict[str, Any]) -> tuple[Any, ...]:
+    kind = frame["type"]
+    if kind == "info":
+        return ("info", frame["name"], frame["value"])
+    if kind == "prompt":
+        assert list(frame) == ["type", "voicePrompt", "lang", "last"]
+        return ("prompt", frame["voicePrompt"], frame["last"])
+    if kind == "interrupt":
+        assert isinstance(frame["durationUntilInterruptMs"], int)
+        return ("interrupt", frame["utteranceUntilInterrupt"])
+    if kind == "dtmf":
+        return ("dtmf", frame["digit"])
+    if kind == "error":
+        return ("error", frame["description"])
+    return (kind,)
+
+
+async def test_frames_and_handshake_are_twilios():
+    answering: list[asyncio.Task[None]] = []
+
+    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
+        async def answer() -> None:
+            for token in ["Let", " me", " check", " that", " for", " you."]:
+                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await asyncio.sleep(0.03)
+            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+
+        if frame["type"] == "prompt" and frame["last"]:
+            answering.append(asyncio.create_task(answer()))
+        elif frame["type"] == "interrupt":  # as the relay does: stop, close the cycle
+            answering.pop().cancel()
+            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+        elif frame["type"] == "dtmf":
+            await ws.send("not json")
+            await ws.send(json.dumps({"type": "text", "token": "Pressed.", "last": True}))
+
+    recorder = Recorder(behaviour)
+    async with serve(recorder, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        plan = CallPlan(
+            ws_url="wss://relay.example.test/ws?tenant=7",
+            connect_url=f"ws://127.0.0.1:{port}/ws?tenant=7",
+            attributes=BASIC,
+            parameters={"customerId": "42"},
+        )
+        caller = SimulatedCaller(auth_token=AUTH_TOKEN, partials=True, partial_gap=0.01)
+        await caller.connect(plan)
+        first = await caller.say("is my order here", interrupt_after_words=3)
+        assert first is not None
+        await asyncio.wait_for(first.done.wait(), 5)
+        second = await caller.dtmf("1")
+        await asyncio.wait_for(second.done.wait(), 5)
+        outcome = await caller.hangup()
+
+    assert first.interrupted and first.text == "Let me check"
+    assert second.text == "Pressed." and second.first_token_ms is not None
+    headers = recorder.request.headers
+    assert recorder.request.path == "/ws?tenant=7"
+    assert headers["User-Agent"] == "Jetty/11.0.24"
+    assert headers["Accept-Encoding"] == "gzip"
+    assert "Sec-WebSocket-Protocol" not in headers  # no subprotocol
+    assert "Sec-WebSocket-Extensions" not in headers  # no permessage-deflate
+    signature = headers["X-Twilio-Signature"]
+    assert SignatureChecker(AUTH_TOKEN).websocket_ok(plan.ws_url, signature)
+    assert headers["x-amzn-bedrock-agentcore-runtime-custom-twilio-signature"] == signature
+
+    setup, *rest = recorder.frames
+    assert list(setup) == [
+        "type", "sessionId", "callSid", "parentCallSid", "from", "to", "forwardedFrom",
+        "callerName", "direction", "callType", "callStatus", "accountSid", "customParameters",
+    ]  # fmt: skip
+    assert re.fullmatch(r"VX[0-9a-f]{32}", setup["sessionId"])
+    assert re.fullmatch(r"CA[0-9a-f]{32}", setup["callSid"])
+    assert re.fullmatch(r"AC[0-9a-f]{32}", setup["accountSid"])
+    assert (setup["parentCallSid"], setup["callerName"], setup["forwardedFrom"]) == (
+        "",
+        "",
+        "+15550100002",
+    )
+    assert (setup["direction"], setup["callType"], setup["callStatus"]) == (
+        "inbound",
+        "PSTN",
+        "RINGING",
+    )
+    assert setup["customParameters"] == {"customerId": "42"}
+    assert [short(f) for f in rest] == [
+        ("info", "agentSpeaking", "on"),  # the welcome greeting
+        ("info", "tokensPlayed", "Hi!"),
+        ("info", "agentSpeaking", "off"),
+        ("info", "clientSpeaking", "on"),
+        ("prompt", "is", False),  # cumulative partials
+        ("prompt", "is my", False),
+        ("prompt", "is my order", False),
+        ("prompt", "is my order here", False),
+        ("info", "clientSpeaking", "off"),
+        ("prompt", "is my order here", True),  # the final repeats the last partial
+        ("info", "agentSpeaking", "on"),
+        ("info", "clientSpeaking", "on"),  # barge-in, in Twilio's order
+        ("info", "tokensPlayed", "Let me check"),
+        ("interrupt", "Let me check"),
+        ("info", "agentSpeaking", "off"),
+        ("info", "clientSpeaking", "off"),
+        ("dtmf", "1"),
+        ("error", "Invalid message received, code: 64107, not json"),
+        ("info", "agentSpeaking", "on"),
+        ("info", "tokensPlayed", "Pressed."),
+        ("info", "agentSpeaking", "off"),
+    ]
+    assert recorder.close == (1000, "Closing websocket session")
+    assert outcome.status == "completed"
+
+
+@pytest.mark.parametrize("fault", ["malformed", "drop"])
+async def test_a_broken_session_ends_failed_64105(fault):
+    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
+        if frame["type"] != "setup":
+            return
+        if fault == "drop":
+            await ws.close(1011, "bye")
+            return
+        for _ in range(10):
+            await ws.send('{"type": "text"}')  # no token: invalid
+
+    recorder = Recorder(behaviour)
+    async with serve(recorder, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/ws"
+        caller = SimulatedCaller(on_event=lambda *_: None)
+        await caller.connect(CallPlan(ws_url=url, connect_url=url, attributes=BASIC))
+        outcome = await caller.wait_closed(5)
+    assert (outcome.status, outcome.error_code) == ("failed", "64105")
+    if fault == "malformed":
+        assert recorder.close == (1007, "Too many consecutive malformed messages.")
+        errors = [f for f in recorder.frames if f["type"] == "error"]
+        assert len(errors) == 10 and "64107" in errors[0]["description"]
+    else:
+        assert outcome.close_code == 1011
+
+
+def test_the_report_is_a_table_on_a_terminal():
+    turn = Turn(1, say="hi")
+    reply = Reply(input="hi", sent_at=0.0, text="Hello!", first_token_at=0.123)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120, color_system=None)
+    ok = report(
+        console, [TurnResult(turn, reply, ["reply does not contain 'bye'"])], SimulatedCaller()
+    )
+    text = buffer.getvalue()
+    assert not ok
+    assert "┃ # ┃ caller" in text and "123 ms" in text and "reply does not contain 'bye'" in text
+    assert "0 of 1 turns passed" in text

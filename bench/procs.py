@@ -141,6 +141,9 @@ class RelayProc:
             ):
                 del env[var]  # no stray setting; the relay reaches the fake directly on loopback
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        # The relay's default event store (SQLite) stays on, in a scratch folder: the figures
+        # include it, and nothing lands in the real home.
+        env["CRCTL_STATE_DIR"] = tempfile.mkdtemp(prefix="crctl-bench-state-")
         runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
         if pyinstrument is not None:  # sampling profiler (pip install pyinstrument; not a dep)
             runner = ["-m", "pyinstrument", "-i", "0.001", "-r", "text", "--show-all",

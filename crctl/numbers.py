@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
@@ -9,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl import up_sessions
 from crctl.credentials import Credentials, redact, resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
@@ -43,21 +47,38 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _connect(
-    account_sid: str | None,
-    auth_token: str | None,
-    api_key: str | None,
-    api_secret: str | None,
-    profile: str | None,
-) -> Twilio:
-    creds = resolve(
-        account_sid=account_sid,
-        auth_token=auth_token,
-        api_key=api_key,
-        api_secret=api_secret,
-        profile=profile,
-    )
-    return Twilio(creds)
+_CREDENTIALS = {
+    "account_sid": ACCOUNT,
+    "auth_token": TOKEN,
+    "api_key": KEY,
+    "api_secret": SECRET,
+    "profile": PROFILE,
+}
+
+
+def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the credential options (``--account-sid`` … ``--profile``) and call it
+    with ``twilio``, connected with them; a credentials problem is one error line."""
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "twilio"]
+    params += [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[str]
+        )
+        for name, option in _CREDENTIALS.items()
+    ]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        credentials = {name: kwargs.pop(name) for name in _CREDENTIALS}
+        try:
+            twilio = Twilio(resolve(**credentials))
+        except CrctlError as exc:
+            raise _fail(exc) from None
+        command(*args, twilio=twilio, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return run
 
 
 def _webhook(number: Any, apps: dict[str, Any]) -> tuple[str, str]:
@@ -69,16 +90,12 @@ def _webhook(number: Any, apps: dict[str, Any]) -> tuple[str, str]:
     return number.voice_url or "[red]nothing: calls are not answered[/]", "-"
 
 
+@with_twilio
 def whoami(
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """The Twilio account crctl uses and where the credentials came from (secrets redacted)."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         account = twilio.account()
     except CrctlError as exc:
         raise _fail(exc) from None
@@ -94,6 +111,7 @@ def whoami(
         )
 
 
+@with_twilio
 def provision_number(
     public_url: str = typer.Option(..., help="The relay's public https:// base URL."),
     number: Optional[str] = typer.Option(None, help="Use a number you own: +E164 or PN…"),
@@ -104,18 +122,13 @@ def provision_number(
     app_name: str = typer.Option(DEFAULT_APP_NAME, help="TwiML App to create or reuse."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
     yes: bool = YES,
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
     whose voice URL is the relay's /twiml, and point the number at it. A second run changes
     nothing."""
     try:
         check_public_url(public_url, path="")
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         plan = twilio.plan(public_url, number=number, app_name=app_name)
         if plan.phone_number is None:
             choice = _choose(twilio, country, type_, area_code, contains, yes or dry_run)
@@ -175,16 +188,12 @@ def _choose(
 
 
 @numbers_app.command("list")
+@with_twilio
 def numbers_list(
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Numbers, friendly names, where their voice webhook points, and the application."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         owned = twilio.numbers()
         apps = {a.sid: a for a in twilio.applications()}
     except CrctlError as exc:
@@ -210,22 +219,18 @@ def numbers_list(
 
 
 @numbers_app.command("point")
+@with_twilio
 def numbers_point(
     number: str = typer.Argument(..., help="+E164 or PN…"),
     url: Optional[str] = typer.Option(None, help="Voice webhook URL (https, public)."),
     app: Optional[str] = typer.Option(None, help="TwiML App SID (AP…)."),
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Send a number's calls to a URL or an application (the old setting is recorded)."""
     try:
         if (url is None) == (app is None):
             raise CrctlError("give exactly one of --url URL or --app AP…")
         checked = check_public_url(url) if url is not None else None
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         owned = twilio.number(number)
         app_sid = twilio.application(app).sid if app is not None else None
         twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
@@ -238,19 +243,21 @@ def numbers_point(
 
 
 @numbers_app.command("restore")
+@with_twilio
 def numbers_restore(
     number: str = typer.Argument(..., help="+E164 or PN…"),
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Put back the voice settings the number had before crctl changed them."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         owned = twilio.number(number)
         entry = twilio.restore(owned)
+        if entry is None:
+            # pointed by a `crctl up` that is no longer running (killed, crashed)?
+            done = up_sessions.put_back(twilio, twilio.state, owned.sid, dead_only=True)
+            if done is not None:
+                out.print(f"restored after a crctl up that did not: {escape(done)}")
+                return
     except CrctlError as exc:
         raise _fail(exc) from None
     if entry is None:
@@ -262,18 +269,14 @@ def numbers_restore(
 
 
 @numbers_app.command("release")
+@with_twilio
 def numbers_release(
     number: str = typer.Argument(..., help="+E164 or PN…"),
     yes: bool = YES,
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Give a number back to Twilio (after a confirmation)."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         owned = twilio.number(number)
         if not yes and not typer.confirm(
             f"Release {owned.phone_number}? It cannot be bought back for sure"
@@ -286,17 +289,13 @@ def numbers_release(
 
 
 @apps_app.command("show")
+@with_twilio
 def app_show(
     app: Optional[str] = typer.Argument(None, help="AP… or friendly name; all when omitted."),
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """TwiML Applications: voice URL, status callback and the numbers using them."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         apps = [twilio.application(app)] if app else twilio.applications()
         owned = twilio.numbers()
     except CrctlError as exc:
@@ -317,19 +316,15 @@ def app_show(
 
 
 @apps_app.command("delete")
+@with_twilio
 def app_delete(
     app: str = typer.Argument(..., help="AP… or friendly name."),
     yes: bool = YES,
     force: bool = typer.Option(False, help="Delete even if numbers still use it."),
-    account_sid: Optional[str] = ACCOUNT,
-    auth_token: Optional[str] = TOKEN,
-    api_key: Optional[str] = KEY,
-    api_secret: Optional[str] = SECRET,
-    profile: Optional[str] = PROFILE,
+    twilio: Any = None,
 ) -> None:
     """Delete a TwiML Application (refused while numbers use it, unless --force)."""
     try:
-        twilio = _connect(account_sid, auth_token, api_key, api_secret, profile)
         found = twilio.application(app)
         using = [n.phone_number for n in twilio.numbers() if n.voice_application_sid == found.sid]
         if using and not force:

@@ -8,10 +8,13 @@ back to what was there before crctl touched it. The file is JSON in ``~/.crctl/s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,12 @@ def state_path() -> Path:
 
 
 class State:
-    """Recorded previous voice settings, by account and resource sid."""
+    """Recorded previous voice settings, by account and resource sid.
+
+    Every change is a locked read-modify-write of the file (``state.lock`` beside it), so two
+    crctl processes (two ``crctl up``, or ``numbers point`` during an ``up``) never write back
+    a stale copy over each other's records.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_path()
@@ -56,11 +64,32 @@ class State:
                 f"cannot read crctl's state file {self.path}: {exc}; fix or move it (it holds "
                 "the voice settings crctl replaced, for `crctl numbers restore`)"
             ) from exc
+        if not isinstance(data, dict):
+            return {"version": 1, "accounts": {}}
         data.setdefault("accounts", {})
-        return data if isinstance(data, dict) else {"version": 1, "accounts": {}}
+        return data
 
-    def _account(self, account_sid: str) -> dict[str, Any]:
-        account: dict[str, Any] = self.data["accounts"].setdefault(account_sid, {})
+    @contextlib.contextmanager
+    def change(self) -> Iterator[dict[str, Any]]:
+        """Lock the file, re-read it, let the caller change the data, write it back."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = (self.path.parent / "state.lock").open("a")
+        except OSError as exc:
+            raise StateError(f"cannot lock crctl's state file {self.path}: {exc.strerror}") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._load()
+            yield self.data
+            self._write()
+
+    def reload(self) -> dict[str, Any]:
+        """The file's current content (another process may have changed it)."""
+        self.data = self._load()
+        return self.data
+
+    def _account(self, data: dict[str, Any], account_sid: str) -> dict[str, Any]:
+        account: dict[str, Any] = data["accounts"].setdefault(account_sid, {})
         account.setdefault("numbers", {})
         account.setdefault("applications", {})
         return account
@@ -70,36 +99,35 @@ class State:
     ) -> bool:
         """Record ``previous`` voice settings of a number or application, unless already
         recorded. Returns True when a new record was written."""
-        entries = self._account(account_sid)[kind]
-        if sid in entries:
-            return False
-        entries[sid] = {
-            "label": label,
-            "previous": {k: previous.get(k) for k in VOICE_FIELDS if k in previous},
-            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "by": why,
-        }
-        self.save()
-        return True
+        with self.change() as data:
+            entries = self._account(data, account_sid)[kind]
+            if sid in entries:
+                return False
+            entries[sid] = {
+                "label": label,
+                "previous": {k: previous.get(k) for k in VOICE_FIELDS if k in previous},
+                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "by": why,
+            }
+            return True
 
     def get(self, account_sid: str, kind: str, sid: str) -> dict[str, Any] | None:
         """The record of one resource, if any."""
-        entry: dict[str, Any] | None = self._account(account_sid)[kind].get(sid)
+        entry: dict[str, Any] | None = self._account(self.reload(), account_sid)[kind].get(sid)
         return entry
 
     def entries(self, account_sid: str, kind: str) -> dict[str, Any]:
         """Every record of one kind ("numbers" or "applications") for an account."""
-        return dict(self._account(account_sid)[kind])
+        return dict(self._account(self.reload(), account_sid)[kind])
 
     def forget(self, account_sid: str, kind: str, sid: str) -> None:
         """Drop a record (after a restore or a release)."""
-        if self._account(account_sid)[kind].pop(sid, None) is not None:
-            self.save()
+        with self.change() as data:
+            self._account(data, account_sid)[kind].pop(sid, None)
 
-    def save(self) -> None:
+    def _write(self) -> None:
         """Write atomically (a crash never leaves a half-written file)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.data, handle, indent=2, sort_keys=True)

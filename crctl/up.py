@@ -10,8 +10,11 @@ session of a dead pid and puts them back first.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
+import contextlib
+import queue
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +24,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl import up_sessions
 from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
 from crctl.credentials import resolve
 from crctl.errors import CrctlError
-from crctl.provisioning import Twilio, voice_of
+from crctl.provisioning import Twilio
 from crctl.serve import _setup_logging, bind, run_relay
 from crctl.settings import Settings, SettingsError, ensure_api_token, load_settings
 from crctl.state import State
@@ -36,17 +40,6 @@ from relay_server.errors import RelayError
 from relay_server.events import CallEvent, EventBus
 
 console = Console(highlight=False, soft_wrap=True)
-SESSIONS = "up_sessions"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -59,68 +52,54 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
 
-def repair(twilio: Twilio, state: State) -> list[str]:
-    """Put back numbers left pointed at a tunnel by a ``crctl up`` that died; what was done."""
-    done = []
-    sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
-    for sid, entry in list(sessions.items()):
-        if entry.get("account") != twilio.account_sid or _alive(int(entry.get("pid", 0))):
-            continue
-        number = twilio.number(sid)
-        twilio.put_back(number, entry["previous"])
-        del sessions[sid]
-        state.save()
-        where = (
-            entry["previous"].get("voice_application_sid")
-            or entry["previous"].get("voice_url")
-            or "nothing"
-        )
-        done.append(
-            f"repaired {entry['phone']}: an earlier crctl up (pid {entry['pid']}) died "
-            f"without restoring it; it points at {where} again"
-        )
-    return done
-
-
-def point(twilio: Twilio, state: State, ref: str, url: str) -> Any:
-    """Point the number at ``url`` for this session, saving what it had."""
-    number = twilio.number(ref)
-    sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
-    other = sessions.get(number.sid)
-    if other is not None and other.get("pid") != os.getpid() and _alive(int(other["pid"])):
-        raise CrctlError(
-            f"another crctl up (pid {other['pid']}) is using {number.phone_number}: stop it first"
-        )
-    sessions[number.sid] = {
-        "pid": os.getpid(),
-        "account": twilio.account_sid,
-        "phone": number.phone_number,
-        "previous": voice_of(number),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    state.save()  # saved before the change: a crash right after it is still repairable
-    return twilio.set_voice_url(number, url)
-
-
 def restore(session: Session, state: State) -> None:
-    """Undo this session: the number's previous webhook, then the tunnel."""
+    """Undo this session: the number's previous webhook, then the tunnel. Each step is
+    guarded, so the tunnel closes even if Twilio cannot be reached."""
     if session.twilio is not None and session.number is not None:
-        sessions: dict[str, Any] = state.data.setdefault(SESSIONS, {})
-        entry = sessions.get(session.number.sid)
-        if entry is not None:
-            try:
-                session.twilio.put_back(session.number, entry["previous"])
-                del sessions[session.number.sid]
-                state.save()
-                console.print(f"[green]✓[/] {entry['phone']} restored to its previous webhook")
-            except CrctlError as exc:
-                console.print(
-                    f"[bold red]error:[/] {escape(str(exc))} — the next crctl up "
-                    "or `crctl numbers restore` will put it back"
-                )
+        try:
+            result = up_sessions.put_back(
+                session.twilio, state, session.number.sid, dead_only=False
+            )
+            if result is not None:
+                console.print(f"[green]✓[/] restored: {escape(result)}")
+        except CrctlError as exc:
+            console.print(
+                f"[bold red]error:[/] {escape(str(exc))} — the next crctl up or `crctl numbers "
+                f"restore {session.number.phone_number}` will put it back"
+            )
+        session.number = None
     if session.tunnel is not None:
-        session.tunnel.close()
-        console.print("[green]✓[/] tunnel closed")
+        try:
+            session.tunnel.close()
+            console.print("[green]✓[/] tunnel closed")
+        except Exception as exc:  # the tunnel library's own failure must not stop the exit
+            console.print(f"[bold red]error:[/] closing the tunnel: {escape(str(exc))}")
+        session.tunnel = None
+
+
+@contextlib.contextmanager
+def _interruptible_setup() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C while ``up`` is getting ready, so the ``finally`` that
+    puts things back runs for both (the relay installs its own handlers once it serves)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_restore(session: Session, state: State) -> None:
+    """Restore with SIGINT/SIGTERM ignored: a second Ctrl-C must not cut the restore short."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        restore(session, state)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def up(
@@ -151,6 +130,57 @@ def up(
     """Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back."""
     state = State()
     session = Session()
+    code = 2
+    try:
+        with _interruptible_setup():
+            prepared = _prepare(
+                state,
+                session,
+                port,
+                public_url,
+                no_tunnel,
+                number,
+                agent,
+                model,
+                twiml_template,
+                profile,
+                call_script,
+                log_level,
+            )
+        if prepared is None:
+            raise typer.Exit(2)
+        app, settings, sock, turns, agent_cls, config, warnings, bus = prepared
+        _setup_logging(settings.log_level or "WARNING")
+        _panel(settings, config, agent_cls, session, warnings)
+        bus.subscribe(_printer())
+        # A signal between here and the relay's own handlers is a normal stop, not a crash.
+        early = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: early.set())
+        code = asyncio.run(_serve(app, settings, sock, turns, early))
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        console.print("stopping…")
+        _quiet_restore(session, state)
+    raise typer.Exit(code)
+
+
+def _prepare(
+    state: State,
+    session: Session,
+    port: int | None,
+    public_url: str | None,
+    no_tunnel: bool,
+    number: str | None,
+    agent: str | None,
+    model: str | None,
+    twiml_template: str | None,
+    profile: str | None,
+    call_script: Path | None,
+    log_level: str | None,
+) -> tuple[Any, ...] | None:
+    """Everything before serving; ``None`` after printing the one error that stops it."""
     try:
         turns = load_script(call_script) if call_script is not None else None
         settings = load_settings(
@@ -162,12 +192,14 @@ def up(
             log_level=log_level,
         )
         sock = bind(settings)
-        twilio = _twilio(profile, session)
+        twilio = _twilio(profile, session, state)
         if twilio is not None:
             with console.status("checking for numbers left pointed by an earlier run…"):
-                for line in repair(twilio, state):
-                    console.print(f"[yellow]![/] {escape(line)}")
-        public = settings.public_url
+                done, problems = up_sessions.repair(twilio, state)
+            for line in done:
+                console.print(f"[yellow]![/] {escape(line)}")
+            session.notes.extend(problems)
+        public = None if no_tunnel else settings.public_url
         if public is None and not no_tunnel:
             public = _tunnel(settings.port, session)
         update: dict[str, Any] = {"public_url": public}
@@ -194,24 +226,25 @@ def up(
             session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
     except (CrctlError, RelayError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
-        restore(session, state)
-        raise typer.Exit(2) from None
-    _setup_logging(settings.log_level or "WARNING")
-    _panel(settings, config, agent_cls, session, warnings)
-    bus.subscribe(_printer())
-    code = 0
-    try:
-        code = asyncio.run(_serve(app, settings, sock, turns))
-    finally:
-        console.print("stopping…")
-        restore(session, state)
-    raise typer.Exit(code)
+        return None
+    return app, settings, sock, turns, agent_cls, config, warnings, bus
 
 
-async def _serve(app: Any, settings: Settings, sock: Any, turns: list[Any] | None) -> int:
+async def _serve(
+    app: Any, settings: Settings, sock: Any, turns: list[Any] | None, early: threading.Event
+) -> int:
     """Run the relay until a signal; with ``turns``, call it once it is up, then stop."""
     stop = asyncio.Event()
     relay = asyncio.create_task(run_relay(app, settings, stop=stop, sock=sock))
+
+    async def watch_early() -> None:
+        while not stop.is_set():
+            if early.is_set():
+                stop.set()
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_early())
+    relay.add_done_callback(lambda _: watcher.cancel())
     if turns is None:
         await relay
         return 0
@@ -249,9 +282,9 @@ async def _listening(port: int, timeout: float = 10.0) -> None:
         return
 
 
-def _twilio(profile: str | None, session: Session) -> Twilio | None:
+def _twilio(profile: str | None, session: Session, state: State) -> Twilio | None:
     try:
-        twilio = Twilio(resolve(profile=profile))
+        twilio = Twilio(resolve(profile=profile), state)
     except CrctlError as exc:
         session.notes.append(
             f"Twilio not configured ({exc}); no number is pointed — test with `crctl call` instead"
@@ -280,7 +313,11 @@ def _point(twilio: Twilio, state: State, number: str | None, url: str, session: 
         )
         return
     with console.status(f"pointing {number} at {url}…"):
-        session.number = point(twilio, state, number, url)
+        found = twilio.number(number)
+        # saved before the change: a crash right after it is still repairable
+        up_sessions.claim(twilio, state, found, url)
+        session.number = found
+        twilio.set_voice_url(found, url)
     console.print(f"[green]✓[/] {session.number.phone_number} → {url} (previous webhook saved)")
 
 
@@ -301,7 +338,11 @@ def _panel(
     else:
         model = config.agent_config.model if issubclass(agent_cls, LLMAgent) else "-"
         table.add_row("agent", f"{agent_cls.__name__}, model {model}")
-    table.add_row("try it", f"crctl call {local}")
+    try_it = f"crctl call {local}"
+    if settings.public_url:
+        # the relay checks signatures against its public URL: the caller must sign that one
+        try_it += f" --public-url {settings.public_url}"
+    table.add_row("try it", try_it)
     console.print(table)
     for note in [*warnings, *session.notes]:
         console.print(f"[yellow]![/] {escape(note)}")
@@ -309,13 +350,24 @@ def _panel(
 
 
 def _printer() -> Any:
+    """An event subscriber that never blocks the relay: events go through a bounded queue to
+    a printing thread (a paused terminal or an unread pipe must not stall calls)."""
     from crctl.console import CallLog
 
     log = CallLog(console)
+    pending: queue.Queue[CallEvent] = queue.Queue(maxsize=10_000)
+
+    def printer() -> None:
+        while True:
+            event = pending.get()
+            log.add(
+                {"kind": event.kind, "call_sid": event.call_sid, "ts": event.ts, "data": event.data}
+            )
+
+    threading.Thread(target=printer, name="crctl-up-log", daemon=True).start()
 
     def show(event: CallEvent) -> None:
-        log.add(
-            {"kind": event.kind, "call_sid": event.call_sid, "ts": event.ts, "data": event.data}
-        )
+        with contextlib.suppress(queue.Full):  # drop rather than stall a call
+            pending.put_nowait(event)
 
     return show

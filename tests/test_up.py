@@ -173,3 +173,69 @@ def test_up_with_a_call_script_runs_the_whole_stack_and_stops(
     failing = Up(tmp_path, env, "--no-tunnel", "--call", str(bad))
     assert failing.proc.wait(60) == 1, failing.output
     assert "something the echo never says" in failing.output
+
+
+def test_two_ups_keep_each_others_records_and_a_hand_fix_is_never_overwritten(
+    fake_twilio: Any, up_env: dict[str, str], tmp_path: Path
+) -> None:
+    a_num = fake_twilio.add_number("+15005550031", voice_url=OLD)
+    b_num = fake_twilio.add_number("+15005550032", voice_url=OLD)
+    c_num = fake_twilio.add_number("+15005550033", voice_url=OLD)
+    a = Up(tmp_path, up_env, "--number", "+15005550031")
+    b = Up(tmp_path, up_env, "--number", "+15005550032")
+    c = Up(tmp_path, up_env, "--number", "+15005550033")
+    try:
+        for num in (a_num, b_num, c_num):
+            assert wait_until(
+                lambda n=num: voice_url(fake_twilio, n["sid"]) == TUNNEL + "/twiml", 20
+            )
+        for run in (a, b, c):
+            assert wait_until(run.healthy, 20), run.output
+        assert a.stop(signal.SIGINT) == 0, a.output  # A's restore must not drop B's or C's record
+        assert voice_url(fake_twilio, a_num["sid"]) == OLD
+        b.stop(signal.SIGKILL)
+        c.stop(signal.SIGKILL)
+    finally:
+        for run in (a, b, c):
+            if run.proc.poll() is None:
+                run.stop(signal.SIGKILL)
+    fake_twilio.numbers[c_num["sid"]]["voice_url"] = "https://fixed-by-hand.example.com/x"
+    # `crctl numbers restore` also repairs a dead run's number
+    restored = subprocess.run(
+        [sys.executable, "-m", "crctl", "numbers", "restore", "+15005550032"],
+        cwd=tmp_path,
+        env=up_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert voice_url(fake_twilio, b_num["sid"]) == OLD
+    again = Up(tmp_path, up_env, "--no-tunnel")
+    try:
+        assert wait_until(lambda: "changed since" in again.output, 20), again.output
+        assert wait_until(again.healthy, 20), again.output
+        assert again.stop(signal.SIGINT) == 0
+    finally:
+        if again.proc.poll() is None:
+            again.stop(signal.SIGKILL)
+    assert voice_url(fake_twilio, c_num["sid"]) == "https://fixed-by-hand.example.com/x"
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["up_sessions"] == {}
+
+
+def test_up_with_the_llm_and_a_scripted_call(
+    fake_twilio: Any, fake_llm: Any, up_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(up_env, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=fake_llm.base_url)
+    fake_twilio.add_number("+15005550040", voice_url=OLD)
+    script = tmp_path / "llm.yaml"
+    script.write_text("- say: book a table\n  expect:\n    contains: book a table\n")
+    up = Up(tmp_path, env, "--number", "+15005550040", "--call", str(script))
+    assert up.proc.wait(60) == 0, up.output
+    assert "LLMAgent" in up.output and "1 of 1 turns passed" in up.output
+    assert (
+        fake_llm.records and fake_llm.records[-1].body["messages"][-1]["content"] == "book a table"
+    )
+    number = fake_twilio.number_by_phone("+15005550040")
+    assert number is not None and number["voice_url"] == OLD  # put back when the script ended

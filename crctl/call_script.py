@@ -224,7 +224,8 @@ async def _await_reply(caller: SimulatedCaller, reply: Reply, timeout: float) ->
     if not await _wait(reply.done, timeout):
         got = f" (so far: {reply.received!r})" if reply.received else ""
         return [f"no complete reply within {timeout:g} s{got}"]
-    if reply.error and not reply.received:
+    if reply.error:
+        # also after some text: a reply cut by a dropped socket is a failure, whatever it said
         return [reply.error]
     return []
 
@@ -330,11 +331,14 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
                 soft_wrap=True,
             )
     passed = sum(r.passed for r in results)
+    failed_call = caller.outcome is not None and caller.outcome.status == "failed"
     if caller.outcome is not None:
-        out.print(f"call: {escape(caller.outcome.describe())}", soft_wrap=True)
-    style = "green" if passed == len(results) else "red"
+        verdict = "[red]FAIL[/]: " if failed_call else ""
+        out.print(f"call: {verdict}{escape(caller.outcome.describe())}", soft_wrap=True)
+    ok = passed == len(results) and not failed_call
+    style = "green" if ok else "red"
     out.print(f"[bold {style}]{passed} of {len(results)} turns passed[/]")
-    return passed == len(results)
+    return ok
 
 
 async def play_script(caller: SimulatedCaller, turns: list[Turn], out: Console) -> int:

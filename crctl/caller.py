@@ -559,8 +559,17 @@ class SimulatedCaller:
             if i:
                 await asyncio.sleep(self.key_gap)
             head = self._speaking()
-            if head is not None and "dtmf" in plan.interruptible:
-                await self._barge_in(head, head.received.rstrip(), speech=False)
+            if head is not None:
+                if "dtmf" in plan.interruptible:
+                    await self._barge_in(head, head.received.rstrip(), speech=False)
+                elif "dtmf" not in plan.report_input:
+                    # as for speech: keys over the agent are not reported under "none" (§1.2)
+                    self._drop(
+                        "the agent is speaking, and with reportInputDuringAgentSpeech="
+                        f"{plan.attributes.get('reportInputDuringAgentSpeech', 'none')!r} Twilio "
+                        f"does not report key {digit}"
+                    )
+                    return reply
             self._supersede_silent()
             last = i == len(digits) - 1
             reply = self._expect(f"dtmf {digit}", interrupt_after_words if last else None)

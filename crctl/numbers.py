@@ -25,10 +25,10 @@ numbers_app = typer.Typer(
 )
 apps_app = typer.Typer(help="TwiML Applications.", no_args_is_help=True)
 
-ACCOUNT = typer.Option(None, "--account-sid", help="[env TWILIO_ACCOUNT_SID]")
-TOKEN = typer.Option(None, "--auth-token", help="[env TWILIO_AUTH_TOKEN]")
-KEY = typer.Option(None, "--api-key", help="[env TWILIO_API_KEY]")
-SECRET = typer.Option(None, "--api-secret", help="[env TWILIO_API_SECRET]")
+ACCOUNT = typer.Option(None, "--account-sid", help="(env TWILIO_ACCOUNT_SID)")
+TOKEN = typer.Option(None, "--auth-token", help="(env TWILIO_AUTH_TOKEN)")
+KEY = typer.Option(None, "--api-key", help="(env TWILIO_API_KEY)")
+SECRET = typer.Option(None, "--api-secret", help="(env TWILIO_API_SECRET)")
 PROFILE = typer.Option(None, "--profile", help="twilio-cli profile (~/.twilio-cli/config.json).")
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 

@@ -34,21 +34,21 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def serve(
-    host: Optional[str] = typer.Option(None, help="Address to bind. [env CRCTL_HOST; 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, help="Port to bind. [env CRCTL_PORT; 8080]"),
+    host: Optional[str] = typer.Option(None, help="Address to bind. (env CRCTL_HOST; 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="Port to bind. (env CRCTL_PORT; 8080)"),
     public_url: Optional[str] = typer.Option(
         None,
         help="Public https:// base URL Twilio uses (signatures are checked against it). "
-        "[env CRCTL_PUBLIC_URL]",
+        "(env CRCTL_PUBLIC_URL)",
     ),
     agent: Optional[str] = typer.Option(
         None,
         help="llm, echo, or package.module:Class. [env CRCTL_AGENT; llm with "
         "OPENAI_API_KEY, else echo]",
     ),
-    model: Optional[str] = typer.Option(None, help="LLM model. [env CRCTL_MODEL]"),
+    model: Optional[str] = typer.Option(None, help="LLM model. (env CRCTL_MODEL)"),
     openai_base_url: Optional[str] = typer.Option(
-        None, help="OpenAI-compatible endpoint (Ollama, vLLM, Groq…). [env OPENAI_BASE_URL]"
+        None, help="OpenAI-compatible endpoint (Ollama, vLLM, Groq…). (env OPENAI_BASE_URL)"
     ),
     system_prompt: Optional[str] = typer.Option(None, help="System prompt text."),
     system_prompt_file: Optional[Path] = typer.Option(
@@ -59,7 +59,7 @@ def serve(
     ),
     twiml_template: Optional[str] = typer.Option(
         None,
-        help="TwiML template /twiml serves (crctl twiml list). [env CRCTL_TWIML_TEMPLATE; basic]",
+        help="TwiML template /twiml serves (crctl twiml list). (env CRCTL_TWIML_TEMPLATE; basic)",
     ),
     welcome_greeting: Optional[str] = typer.Option(
         None, help="Spoken when the call connects (overrides the template's)."
@@ -91,7 +91,7 @@ def serve(
     events_db: Optional[str] = typer.Option(
         None,
         help="SQLite file of call events ('' keeps them in memory only). "
-        "[env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3]",
+        "(env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3)",
     ),
     events_keep_days: Optional[float] = typer.Option(
         None, help="Delete call events older than this many days. [30]"

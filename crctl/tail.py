@@ -45,8 +45,13 @@ class TailError(CrctlError):
 
 
 # ---------------------------------------------------------------------------- HTTP
-def _token(explicit: str | None) -> str | None:
-    return explicit or read_api_token()
+def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
+    """The token to send: the one given, else this machine's token file, but only to a relay
+    on this machine (it is never sent to a remote --url)."""
+    if explicit:
+        return explicit
+    host = urlsplit(url).hostname or ""
+    return read_api_token() if host in ("127.0.0.1", "localhost", "::1") else None
 
 
 def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailError:
@@ -166,7 +171,7 @@ class Follower:
                 conn, response = _connect(
                     self.url,
                     self._path(),
-                    _token(self.token),
+                    _token(self.token, self.url),
                     accept="text/event-stream",
                     timeout=self.read_timeout,
                 )
@@ -198,7 +203,7 @@ class Follower:
 
 def tail(
     url: str = typer.Option(
-        DEFAULT_URL, "--url", envvar="CRCTL_URL", help="The relay's address. [env CRCTL_URL]"
+        DEFAULT_URL, "--url", envvar="CRCTL_URL", help="The relay's address. (env CRCTL_URL)"
     ),
     call: Optional[str] = typer.Option(None, "--call", help="Only this call (CA…)."),
     since: Optional[str] = typer.Option(
@@ -214,7 +219,7 @@ def tail(
         None,
         "--token",
         envvar="CRCTL_API_TOKEN",
-        help="The relay's API token. [env CRCTL_API_TOKEN; else ~/.crctl/api-token]",
+        help="The relay's API token. (env CRCTL_API_TOKEN; else ~/.crctl/api-token)",
     ),
 ) -> None:
     """Follow the relay's calls live: a transcript per call, latency, errors with the fix."""
@@ -254,7 +259,7 @@ calls_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DB_HELP = "The events database. [env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3]"
+_DB_HELP = "The events database. (env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3)"
 _URL_HELP = "Ask the relay at this address instead of reading the database."
 
 
@@ -292,7 +297,7 @@ def calls_list(
     """List stored calls, newest first."""
     try:
         if url:
-            calls = _get_json(url.rstrip("/"), f"/calls?limit={limit}", _token(token))["calls"]
+            calls = _get_json(url.rstrip("/"), f"/calls?limit={limit}", _token(token, url))["calls"]
         else:
             store = _open_db(db)
             try:
@@ -323,7 +328,7 @@ def calls_show(
     """Show one stored call's transcript and events."""
     try:
         if url:
-            call = _get_json(url.rstrip("/"), f"/calls/{quote(sid, safe='')}", _token(token))
+            call = _get_json(url.rstrip("/"), f"/calls/{quote(sid, safe='')}", _token(token, url))
         else:
             store = _open_db(db)
             try:

@@ -104,16 +104,16 @@ def _quiet_restore(session: Session, state: State) -> None:
 
 def up(
     port: Optional[int] = typer.Option(
-        None, help="Local port of the relay. [env CRCTL_PORT; 8080]"
+        None, help="Local port of the relay. (env CRCTL_PORT; 8080)"
     ),
     public_url: Optional[str] = typer.Option(
-        None, help="Use your own tunnel or host instead of ngrok. [env CRCTL_PUBLIC_URL]"
+        None, help="Use your own tunnel or host instead of ngrok. (env CRCTL_PUBLIC_URL)"
     ),
     no_tunnel: bool = typer.Option(False, "--no-tunnel", help="Local only: no tunnel, no number."),
     number: Optional[str] = typer.Option(
         None,
         envvar="CRCTL_NUMBER",
-        help="Number to point at this run (+E164 or PN…). [env CRCTL_NUMBER]",
+        help="Number to point at this run (+E164 or PN…). (env CRCTL_NUMBER)",
     ),
     agent: Optional[str] = typer.Option(None, help="llm, echo or package.module:Class."),
     model: Optional[str] = typer.Option(None, help="LLM model."),

@@ -443,3 +443,49 @@ def test_the_report_is_a_table_on_a_terminal():
     assert not ok
     assert "┃ # ┃ caller" in text and "123 ms" in text and "reply does not contain 'bye'" in text
     assert "0 of 1 turns passed" in text
+
+
+def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
+    """A relay that drops the socket after one token (Twilio would report failed/64105): the
+    script fails even though the reply had the expected words."""
+    from aiohttp import web
+    from rich.console import Console as FileConsole
+
+    from crctl.call_script import parse_turns, play_script
+
+    port = free_port()
+
+    async def twiml(request: web.Request) -> web.Response:
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+            f'<ConversationRelay url="ws://127.0.0.1:{port}/ws" /></Connect></Response>'
+        )
+        return web.Response(text=body, content_type="text/xml")
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if json.loads(message.data).get("type") == "prompt":
+                await ws.send_str(json.dumps({"type": "text", "token": "It is 42.", "last": False}))
+                await ws.close(code=1011)
+        return ws
+
+    async def run() -> int:
+        app = web.Application()
+        app.router.add_post("/twiml", twiml)
+        app.router.add_get("/ws", socket)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            caller = SimulatedCaller(f"http://127.0.0.1:{port}", timeout=3.0)
+            await caller.connect(await caller.fetch())
+            turns = parse_turns([{"say": "what is my order", "expect": {"contains": "42"}}])
+            with (tmp_path / "report.txt").open("w") as out:
+                return await play_script(caller, turns, FileConsole(file=out))
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == 1
+    assert "FAIL" in (tmp_path / "report.txt").read_text()

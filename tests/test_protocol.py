@@ -213,12 +213,15 @@ def test_error_observed_frame_carries_code_64107() -> None:
     assert msg.code == 64107
 
 
-def test_error_docs_frame_has_no_code() -> None:
+def test_error_docs_frame_without_a_code_is_64107() -> None:
     frame = r'{"type":"error","description":"Invalid message received: { \"foo\" : \"bar\" }"}'
     msg = decode(frame)
     assert isinstance(msg, Error)
     assert msg.description == 'Invalid message received: { "foo" : "bar" }'
-    assert msg.code is None
+    # the docs' form names no code, but "Invalid message received" is 64107 (§2.5)
+    assert msg.code == 64107
+    other = decode('{"type":"error","description":"something else went wrong"}')
+    assert isinstance(other, Error) and other.code is None
 
 
 @pytest.mark.parametrize(

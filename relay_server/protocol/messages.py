@@ -86,7 +86,10 @@ class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
     def code(self) -> int | None:
         """The 64xxx code when the description carries one ("…, code: 64107, …")."""
         match = _CODE_RE.search(self.description)
-        return int(match.group(1)) if match else None
+        if match:
+            return int(match.group(1))
+        # The docs' form carries no code: "Invalid message received: { ... }" is 64107 (§2.5).
+        return 64107 if self.description.startswith("Invalid message received") else None
 
 
 _CODE_RE = re.compile(r"\b(64\d{3})\b")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import signal
@@ -27,10 +26,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
+
+from tests.fakes.background import BackgroundServer
 
 MODEL = "fake-llm"
 FAULTS = (None, "status", "hang", "cut", "garbage", "reset")
@@ -153,7 +153,7 @@ def _drop(request: web.Request, *, reset: bool) -> None:
         transport.close()
 
 
-class FakeLLM:
+class FakeLLM(BackgroundServer):
     """Fake OpenAI Chat Completions server on 127.0.0.1, run in a background thread."""
 
     def __init__(
@@ -171,10 +171,7 @@ class FakeLLM:
         self._queue: deque[Script] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_event: asyncio.Event | None = None
-        self._start_error: BaseException | None = None
+        super().__init__()
         self._stopping = False
 
     # ---- public API ----------------------------------------------------------
@@ -183,30 +180,11 @@ class FakeLLM:
         with self._lock:
             self._queue.extend(scripts)
 
-    def start(self) -> Self:
-        """Start serving on a free (or the configured) port; returns once listening."""
-        if self._thread is not None:
-            raise RuntimeError("FakeLLM already started")
-        ready = threading.Event()
-        self._stopping, self._start_error = False, None
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or self._start_error is not None:
-            self.stop()
-            raise RuntimeError("FakeLLM failed to start") from self._start_error
-        return self
+    def _starting(self) -> None:
+        self._stopping = False
 
-    def stop(self) -> None:
-        """Stop serving (cancels open streams, even hanging ones); join the thread."""
-        thread, loop, event = self._thread, self._loop, self._stop_event
-        if thread is None:
-            return
-        self._stopping = True
-        if loop is not None and event is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closed meanwhile
-                loop.call_soon_threadsafe(event.set)
-        thread.join(timeout=10)
-        self._thread = self._loop = self._stop_event = None
+    def _stopping_now(self) -> None:
+        self._stopping = True  # streams cancelled by stop() are not client disconnects
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         """Poll ``predicate`` every 10 ms until true or ``timeout`` s; return it."""
@@ -217,18 +195,6 @@ class FakeLLM:
             time.sleep(0.01)
         return True
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # ---- server thread -------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
         try:
             asyncio.run(self._main(ready))

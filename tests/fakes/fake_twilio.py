@@ -62,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import email.utils
 import ipaddress
 import re
@@ -71,11 +70,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
+
+from tests.fakes.background import BackgroundServer
 
 API_VERSION = "2010-04-01"
 TWILIO_API_BASE = "https://api.twilio.com"
@@ -346,7 +346,7 @@ def default_available() -> dict[tuple[str, str], list[dict[str, Any]]]:
 Handler = Callable[..., tuple[int, dict[str, Any] | None]]
 
 
-class FakeTwilio:
+class FakeTwilio(BackgroundServer):
     """Fake Twilio REST API (2010-04-01) on 127.0.0.1, run in a background thread."""
 
     def __init__(
@@ -380,11 +380,8 @@ class FakeTwilio:
         self._port = port
         self._lock = threading.RLock()
         self._failures: list[_Failure] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_event: asyncio.Event | None = None
+        super().__init__()
         self._runner: web.AppRunner | None = None
-        self._start_error: BaseException | None = None
         acc = r"/2010-04-01/Accounts/(?P<account>[^/]+)"
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
             (re.compile(acc + r"\.json"), {"GET": self._fetch_account}),
@@ -496,40 +493,6 @@ class FakeTwilio:
         return self._runner is not None
 
     # ---- lifecycle ------------------------------------------------------------
-    def start(self) -> Self:
-        """Start serving on a free (or the configured) port; returns once listening."""
-        if self._thread is not None:
-            raise RuntimeError("FakeTwilio already started")
-        ready = threading.Event()
-        self._start_error = None
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or self._start_error is not None:
-            self.stop()
-            raise RuntimeError("FakeTwilio failed to start") from self._start_error
-        return self
-
-    def stop(self) -> None:
-        thread, loop, event = self._thread, self._loop, self._stop_event
-        if thread is None:
-            return
-        if loop is not None and event is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-        thread.join(timeout=10)
-        self._thread = self._loop = self._stop_event = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ---- server thread ---------------------------------------------------------
     def _call(self, coro: Any) -> None:
         if self._loop is None:

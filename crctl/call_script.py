@@ -144,10 +144,12 @@ def _expect(raw: Any, bad: Any) -> Expect:
     contains = raw.get("contains", ())
     if isinstance(contains, str):
         contains = (contains,)
-    if not isinstance(contains, (list, tuple)) or not all(
-        isinstance(c, str) and c for c in contains
+    if (
+        not isinstance(contains, (list, tuple))
+        or ("contains" in raw and not contains)  # an empty list would check nothing
+        or not all(isinstance(c, str) and c for c in contains)
     ):
-        raise bad("expect.contains: must be text or a list of texts")
+        raise bad("expect.contains: must be text or a non-empty list of texts")
     pattern = None
     if "matches" in raw:
         if not isinstance(raw["matches"], str):

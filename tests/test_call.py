@@ -232,6 +232,7 @@ def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
         ("- say: hi\n  expect: {matches: '('}\n", "turn 1: expect.matches: not a valid regular"),
         ("- say: hi\n  expect: {max_first_token_ms: fast}\n", "turn 1: expect.max_first_token"),
         ("- say: hi\n  expect: {contain: hi}\n", "turn 1: unknown expect key 'contain'"),
+        ("- say: hi\n  expect: {contains: []}\n", "turn 1: expect.contains: must be text or a"),
         ("- dtmf: '12a'\n", "turn 1: dtmf: must be keys 0-9"),
         ("- say: hi\n  interrupt_after_words: 0\n", "turn 1: interrupt_after_words:"),
         ("say: hi\n", "a script is a non-empty YAML list of turns"),

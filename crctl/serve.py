@@ -43,8 +43,8 @@ def serve(
     ),
     agent: Optional[str] = typer.Option(
         None,
-        help="llm, echo, or package.module:Class. [env CRCTL_AGENT; llm with "
-        "OPENAI_API_KEY, else echo]",
+        help="llm, echo, or package.module:Class. (env CRCTL_AGENT; llm with "
+        "OPENAI_API_KEY or OPENAI_BASE_URL, else echo)",
     ),
     model: Optional[str] = typer.Option(None, help="LLM model. (env CRCTL_MODEL)"),
     openai_base_url: Optional[str] = typer.Option(

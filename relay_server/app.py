@@ -35,7 +35,6 @@ from twiml_templates import TemplateError, load_template, render
 log = logging.getLogger("relay_server.app")
 
 _TWIML = "text/xml; charset=utf-8"
-_CALL_OVER = {"completed", "failed", "busy", "no-answer", "canceled"}
 
 
 def resolve_agent(config: RelayConfig) -> type[CallSession]:
@@ -212,7 +211,7 @@ def create_app(
         form = await request.form
         sid, status = form.get("CallSid", ""), form.get("CallStatus", "")
         bus.publish(ev.CALL_STATUS, sid, status=status, duration=form.get("CallDuration"))
-        if status in _CALL_OVER:
+        if status in ev.CALL_OVER:
             registry.forget(sid)
         return Response("", 204)
 
@@ -220,22 +219,7 @@ def create_app(
     async def health_route() -> Any:
         return {"status": "ok", "calls": len(registry), "parked": registry.parked}
 
-    @app.post("/calls/<call_sid>/messages")
-    async def push_route(call_sid: str) -> Any:
-        if not bearer_ok(config.api_token, request.headers.get("Authorization")):
-            why = "set CRCTL_API_TOKEN to enable" if not config.api_token else "bad token"
-            return {"error": f"unauthorized: {why}"}, 401
-        session = registry.get(call_sid)
-        if session is None:
-            return {"error": f"no live call {call_sid}"}, 404
-        try:
-            message = decode_outbound(await request.get_data())
-        except ProtocolError as exc:
-            return {"error": str(exc)}, 400
-        await session.push(message)
-        return {"sent": type(message).__struct_config__.tag}, 202
-
-    # ------------------------------------------------------------------ the call log API
+    # --------------------------------------------------- the relay's own API (bearer token)
     def refused() -> tuple[dict[str, str], int, dict[str, str]] | None:
         """A 401 with a one-line reason, unless the request carries the API token."""
         header = request.headers.get("Authorization")
@@ -248,6 +232,20 @@ def create_app(
         else:
             why = "wrong API token"
         return {"error": f"unauthorized: {why}"}, 401, {"WWW-Authenticate": "Bearer"}
+
+    @app.post("/calls/<call_sid>/messages")
+    async def push_route(call_sid: str) -> Any:
+        if (refusal := refused()) is not None:
+            return refusal
+        session = registry.get(call_sid)
+        if session is None:
+            return {"error": f"no live call {call_sid}"}, 404
+        try:
+            message = decode_outbound(await request.get_data())
+        except ProtocolError as exc:
+            return {"error": str(exc)}, 400
+        await session.push(message)
+        return {"sent": type(message).__struct_config__.tag}, 202
 
     @app.get("/events")
     async def events_route() -> Any:

@@ -112,7 +112,6 @@ class CallConnection:
         self.link = SessionLink(send, link.events, link.config, link.services)
         self.session: CallSession | None = None
         self.peer = peer
-        self.bad_frames = 0
         #: The agent could not be created: frames are dropped quietly (logged once).
         self._broken = False
 
@@ -164,7 +163,6 @@ class CallConnection:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
 
     def _bad(self, reason: str) -> None:
-        self.bad_frames += 1
         log.warning("call %s: bad frame dropped: %s", self.call_id, reason)
         sid = self.session.call_sid if self.session else ""
         self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)

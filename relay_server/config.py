@@ -65,7 +65,7 @@ class RelayConfig:
     verify_signatures: bool = True
     #: Bearer token for the relay's own API (``/events``, ``/calls``…); ``None`` disables it.
     api_token: str | None = field(default=None, repr=False)
-    #: ``package.module:Class``, ``llm`` or ``echo``; ``None``: ``llm`` with a key, else ``echo``.
+    #: ``package.module:Class``, ``llm`` or ``echo``; ``None``: ``llm`` with a key or base URL.
     agent: str | None = None
     #: Python modules whose ``@tool`` functions the LLM agent may call.
     tool_modules: tuple[str, ...] = ()

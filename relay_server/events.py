@@ -57,6 +57,8 @@ TOOL_CALL = "tool.call"
 LANGUAGE = "language"
 ERROR = "error"
 SESSION_END = "session.end"
+#: Twilio call statuses after which a call is over (status callbacks).
+CALL_OVER = frozenset({"completed", "failed", "busy", "no-answer", "canceled"})
 CALL_STATUS = "call.status"
 LLM_FAULT = "llm.fault"
 BAD_FRAME = "frame.bad"

@@ -121,16 +121,13 @@ class ChatStream:
         chunks = self._response.http_response.aiter_bytes()
         try:
             async for chunk in chunks:
-                buffer += chunk
-                while True:
-                    end = buffer.find(b"\n")
-                    if end < 0:
-                        break
-                    line = buffer[:end].rstrip(b"\r")
-                    buffer = buffer[end + 1 :]
-                    if not line.startswith(b"data:"):
+                # One split per network read: no copy of the rest of the buffer per line.
+                lines = (buffer + chunk).split(b"\n")
+                buffer = lines.pop()  # the unfinished last line, if any
+                for raw in lines:
+                    if not raw.startswith(b"data:"):
                         continue  # blank separators, comments, event: lines
-                    payload = line[5:].strip()
+                    payload = raw[5:].strip()
                     if payload == b"[DONE]":
                         done = True
                         break

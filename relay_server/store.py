@@ -47,7 +47,6 @@ Live = tuple[int, str, bytes]
 #: Rows kept by a store that is not on disk.
 MEMORY_MAX_ROWS = 20_000
 _PRUNE_EVERY_SECONDS = 300.0
-_CALL_OVER = ("completed", "failed", "busy", "no-answer", "canceled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -494,7 +493,7 @@ def _track_call(con: sqlite3.Connection, event: ev.CallEvent) -> None:
             "UPDATE calls SET ended = ?, status = ?, handoff = coalesce(?, handoff) WHERE sid = ?",
             (ts, status, data.get("handoff_data") or None, sid),
         )
-    elif kind == ev.CALL_STATUS and data.get("status") in _CALL_OVER:
+    elif kind == ev.CALL_STATUS and data.get("status") in ev.CALL_OVER:
         # The session's own status (ended, failed…) says more than the call's final one.
         con.execute(
             "UPDATE calls SET ended = max(coalesce(ended, 0), ?), status = CASE WHEN status "

@@ -1,10 +1,10 @@
 """Tools the LLM agent may call: plain Python functions, described to the model by their
 signature and docstring.
 
-The JSON schema and the argument checking come from pydantic (already a dependency of
-``openai``): a function's annotated parameters become a model, the model's JSON schema is what
-the LLM sees, and the model validates the arguments the LLM streams back. A parameter named
-``session`` is not shown to the model; the calling :class:`CallSession` is passed in.
+The JSON schema and the argument checking come from pydantic: a function's annotated
+parameters become a model, the model's JSON schema is what the LLM sees, and the model
+validates the arguments the LLM streams back. A parameter named ``session`` is not shown to
+the model; the calling :class:`CallSession` is passed in.
 
 A tool that fails, an unknown tool and bad arguments all become a text result for the model
 ("error: …"): the model can recover or apologise, and the call goes on.
@@ -118,12 +118,6 @@ class ToolBox:
         if self._specs is None:
             self._specs = [t.spec() for t in self._tools.values()]
         return self._specs
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tools
-
-    def __len__(self) -> int:
-        return len(self._tools)
 
     async def call(self, name: str, arguments: str, session: Any) -> str:
         """Run a tool by name; an unknown name is reported to the model, not raised."""

@@ -1,5 +1,6 @@
 """Turn-taking on top of :class:`CallSession`: history, barge-in truncation, DTMF entry and
-silence reminders. The echo and LLM agents differ only in :meth:`ConversationAgent.reply`.
+silence reminders. The echo and LLM agents differ in :meth:`ConversationAgent.reply` (the LLM
+agent also ends or hands off the call after its reply).
 
 History holds only what the caller heard: a reply cut by a barge-in is shortened to Twilio's
 ``utteranceUntilInterrupt`` (protocol.md §2.4, mistake 5 in §6).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, ClassVar
@@ -14,8 +13,7 @@ from relay_server.llm import ChatStream, LLMClient, LLMError
 from relay_server.protocol import Setup
 from relay_server.session import SessionLink
 from relay_server.tools import ToolBox
-
-_LANG_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$|^multi$")
+from twiml_templates import schema
 
 
 # ------------------------------------------------------------------ built-in relay actions
@@ -45,7 +43,9 @@ async def send_dtmf(session: LLMAgent, digits: str) -> str:
 async def switch_language(session: LLMAgent, language: str) -> str:
     """Switch the language you speak and listen in, as a BCP-47 code such as es-ES or fr-FR.
     Then answer in that language."""
-    if not _LANG_RE.match(language):
+    try:
+        language = schema.language(multi=True)(language)
+    except ValueError:
         return f"error: {language!r} is not a BCP-47 language code such as es-ES"
     await session.set_language(tts=language, transcription=language)
     return f"switched to {language}"

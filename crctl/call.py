@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from crctl.caller import DEFAULT_FROM, DEFAULT_TO, DEFAULT_URL, CallError, Reply, SimulatedCaller
+from crctl.console import err, fail
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 _HELP = "Type what the caller says; /dtmf 1 presses keys, /interrupt barges in, /hangup ends."
 
 
@@ -230,8 +230,7 @@ def call(
         turns = load_script(script) if script is not None else None
         auth_token, public_url = _defaults(url, auth_token, public_url)
     except (ScriptError, SettingsError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        raise fail(exc, 2) from None
     tty = sys.stdin.isatty()
     caller = SimulatedCaller(
         url,
@@ -246,8 +245,7 @@ def call(
     try:
         code = asyncio.run(_run(caller, turns, tty))
     except CallError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        raise fail(exc, 1) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: hung up[/]")
         raise typer.Exit(130) from None

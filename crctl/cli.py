@@ -8,11 +8,10 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from crctl import __version__
 from crctl.call import call
+from crctl.console import fail
 from crctl.errors import CrctlError
 from crctl.numbers import apps_app, numbers_app, provision_number, whoami
 from crctl.serve import serve
@@ -39,8 +38,6 @@ app.command(name="call")(call)
 app.command(name="tail")(tail)
 app.add_typer(calls_app, name="calls")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -62,5 +59,5 @@ def main() -> None:
     try:
         app()
     except (CrctlError, RelayError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        fail(exc)
         sys.exit(2)

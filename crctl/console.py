@@ -12,10 +12,22 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
+
+#: Where every crctl command writes its one-line errors and warnings.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(exc: BaseException | str, code: int = 1) -> typer.Exit:
+    """Print ``error: …`` (one line, markup-safe) and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return typer.Exit(code)
+
 
 #: One colour per call, in order of appearance.
 PALETTE = (

@@ -13,12 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl import up_sessions
+from crctl.console import fail
 from crctl.credentials import Credentials, redact, resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 numbers_app = typer.Typer(
     help="The account's phone numbers and where they point.", no_args_is_help=True
@@ -40,11 +40,6 @@ def _table(*columns: tuple[str, int]) -> Table:
     for name, width in columns:
         table.add_column(name, min_width=width or None, overflow="fold", no_wrap=bool(width))
     return table
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}")
-    return typer.Exit(1)
 
 
 _CREDENTIALS = {
@@ -74,7 +69,7 @@ def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
         try:
             twilio = Twilio(resolve(**credentials))
         except CrctlError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         command(*args, twilio=twilio, **kwargs)
 
     run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
@@ -98,7 +93,7 @@ def whoami(
     try:
         account = twilio.account()
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     creds: Credentials = twilio.credentials
     out.print(f"account   {creds.account_sid}  {escape(account.friendly_name or '')}")
     out.print(f"type      {account.type}, {account.status}")
@@ -150,7 +145,7 @@ def provision_number(
             raise typer.Exit(1)
         twilio.apply(plan)
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(
         f"[green]done:[/] {plan.phone_number} → TwiML App {app_name!r} ({plan.app_sid}) → "
         f"{plan.voice_url}"
@@ -197,7 +192,7 @@ def numbers_list(
         owned = twilio.numbers()
         apps = {a.sid: a for a in twilio.applications()}
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = _table(
         ("number", 13),
         ("friendly name", 0),
@@ -235,7 +230,7 @@ def numbers_point(
         app_sid = twilio.application(app).sid if app is not None else None
         twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(
         f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
         f"{owned.phone_number}` puts the old setting back)"
@@ -259,7 +254,7 @@ def numbers_restore(
                 out.print(f"restored after a crctl up that did not: {escape(done)}")
                 return
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if entry is None:
         out.print(f"nothing recorded for {owned.phone_number}: crctl never changed it")
         return
@@ -284,7 +279,7 @@ def numbers_release(
             raise typer.Exit(1)
         twilio.release(owned)
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"released {owned.phone_number}")
 
 
@@ -299,7 +294,7 @@ def app_show(
         apps = [twilio.application(app)] if app else twilio.applications()
         owned = twilio.numbers()
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = _table(
         ("sid", 34), ("friendly name", 0), ("voice url", 0), ("status callback", 0), ("numbers", 13)
     )
@@ -336,7 +331,7 @@ def app_delete(
             raise typer.Exit(1)
         twilio.delete_application(found)
     except CrctlError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"deleted {found.sid}")
 
 

@@ -9,16 +9,16 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 import uvicorn
 from quart import Quart
-from rich.console import Console
 from rich.markup import escape
 
+from crctl.console import err, fail
 from crctl.settings import (
     Settings,
     SettingsError,
@@ -28,9 +28,9 @@ from crctl.settings import (
 )
 from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.app import create_app, end_streams, resolve_agent
+from relay_server.config import RelayConfig
 from relay_server.errors import RelayError
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from relay_server.events import EventBus
 
 
 def serve(
@@ -129,18 +129,11 @@ def serve(
         problems, warnings = settings.startup_problems()
         if problems:
             raise SettingsError(problems[0])
-        config = settings.relay_config()
-        token_from = "CRCTL_API_TOKEN"
-        if config.api_token is None:
-            # Always authenticated, zero-config locally: `crctl tail` reads the same file.
-            config = replace(config, api_token=ensure_api_token())
-            token_from = str(api_token_path())
-        app = create_app(config)
-        agent_cls = resolve_agent(config)
+        relay = build_relay(settings)
+        config, app = relay.config, relay.app
         sock = bind(settings)
     except (SettingsError, RelayError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        raise fail(exc, 2) from None
     _setup_logging(settings.log_level)
     for warning in warnings:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}")
@@ -148,20 +141,49 @@ def serve(
     base = settings.public_url or local
     err.print(f"[bold green]crctl relay[/] listening on {local}")
     err.print(f"  TwiML (voice webhook): {base}/twiml   WebSocket: {config.websocket_url(local)}")
-    if agent_cls is EchoAgent and config.agent is None:
-        err.print(
-            "  agent: echo — no OPENAI_API_KEY is set, so the relay repeats what the caller "
-            "says (set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model)"
-        )
-    else:
-        model = f", model {config.agent_config.model}" if issubclass(agent_cls, LLMAgent) else ""
-        err.print(f"  agent: {agent_cls.__name__}{model}")
+    err.print(f"  agent: {escape(relay.agent_text)}")
     stored = config.events_db or "memory only"
     err.print(
         f"  call log: crctl tail --url {local}   (events in {escape(stored)}; "
-        f"API token from {escape(token_from)})"
+        f"API token from {escape(relay.token_from)})"
     )
     asyncio.run(run_relay(app, settings, sock=sock))
+
+
+@dataclass
+class Relay:
+    """The relay built from settings, and how to describe it."""
+
+    app: Quart
+    config: RelayConfig
+    agent_cls: type
+    #: Where the API token came from (the variable, or the token file crctl made).
+    token_from: str
+
+    @property
+    def agent_text(self) -> str:
+        """The agent in words, saying why when it is the offline echo agent."""
+        if self.agent_cls is EchoAgent and self.config.agent is None:
+            return (
+                "echo — no OPENAI_API_KEY is set, so the relay repeats what the caller says "
+                "(set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model)"
+            )
+        if issubclass(self.agent_cls, LLMAgent):
+            return f"{self.agent_cls.__name__}, model {self.config.agent_config.model}"
+        return self.agent_cls.__name__
+
+
+def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
+    """The app for ``settings`` (``crctl serve`` and ``crctl up`` alike). Without
+    ``CRCTL_API_TOKEN`` the relay is still authenticated: it uses the token file crctl makes
+    once, where ``crctl tail`` finds it."""
+    config = settings.relay_config()
+    token_from = "CRCTL_API_TOKEN"
+    if config.api_token is None:
+        config = replace(config, api_token=ensure_api_token())
+        token_from = str(api_token_path())
+    app = create_app(config, events=events)
+    return Relay(app, config, resolve_agent(config), token_from)
 
 
 def bind(settings: Settings) -> socket.socket:

@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.console import CallLog, calls_table, print_call
+from crctl.console import CallLog, calls_table, err, fail, print_call
 from crctl.errors import CrctlError
 from crctl.settings import api_token_path, default_events_db, read_api_token
 
@@ -36,8 +36,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 #: The relay sends a comment every 15 s; this long without a byte means it is gone.
 READ_TIMEOUT = 45.0
 MAX_BACKOFF = 2.0
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class TailError(CrctlError):
@@ -281,11 +279,6 @@ def _open_db(db: Path | None) -> Any:
         raise TailError(f"{exc} (`crctl serve` creates it; --url asks a running relay)") from None
 
 
-def _fail(exc: CrctlError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}")
-    return typer.Exit(1)
-
-
 @calls_app.command("list")
 def calls_list(
     limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many, newest first."),
@@ -305,7 +298,7 @@ def calls_list(
             finally:
                 store.close()
     except TailError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if json_out:
         for call in calls:
             typer.echo(json.dumps(call))
@@ -338,7 +331,7 @@ def calls_show(
             if call is None:
                 raise TailError(f"no stored call {sid} in {_db_path(db)}")
     except TailError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if json_out:
         typer.echo(json.dumps(call))
         return

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl.console import err, fail
 from twiml_templates import (
     TemplateError,
     lint,
@@ -22,7 +23,6 @@ from twiml_templates import (
 
 app = typer.Typer(help="ConversationRelay TwiML from validated templates.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
@@ -33,11 +33,6 @@ def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
             raise TemplateError(f"{flag} {item!r}: expected key=value")
         result[key] = value
     return result
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}")
-    return typer.Exit(2)
 
 
 @app.command("list")
@@ -65,7 +60,7 @@ def show(name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .to
     try:
         tpl = load_template(Path(name) if name.endswith(".toml") else name)
     except TemplateError as exc:
-        raise _fail(exc) from None
+        raise fail(exc, 2) from None
     out.print(f"[bold]{tpl.name}[/]  {escape(tpl.description)}")
     out.print("files: " + " <- ".join(str(p) for p in tpl.chain))
     for title, values in (
@@ -97,7 +92,7 @@ def render_cmd(
             tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
         )
     except TemplateError as exc:
-        raise _fail(exc) from None
+        raise fail(exc, 2) from None
     typer.echo(xml)
 
 
@@ -107,7 +102,7 @@ def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> Non
     try:
         document = file.read_bytes()
     except OSError as exc:
-        raise _fail(TemplateError(f"{file}: cannot read it: {exc.strerror}")) from None
+        raise fail(TemplateError(f"{file}: cannot read it: {exc.strerror}"), 2) from None
     problems = lint(document, file)
     for problem in problems:
         err.print(f"[bold red]error:[/] {escape(problem)}")
@@ -135,11 +130,11 @@ def export_cmd(
             tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
         )
     except TemplateError as exc:
-        raise _fail(exc) from None
+        raise fail(exc, 2) from None
     try:
         result = export_serverless(xml, serverless, name=tpl.name, force=force)
     except ExportError as exc:
-        raise _fail(exc) from None
+        raise fail(exc, 2) from None
     for path in result.written:
         note = " (your changes overwritten: --force)" if path in result.overwritten else ""
         out.print(f"  wrote     {path}{note}")

@@ -15,7 +15,7 @@ import queue
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,12 +30,10 @@ from crctl.caller import SimulatedCaller
 from crctl.credentials import resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import Twilio
-from crctl.serve import _setup_logging, bind, run_relay
-from crctl.settings import Settings, SettingsError, ensure_api_token, load_settings
+from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay
+from crctl.settings import Settings, SettingsError, load_settings
 from crctl.state import State
 from crctl.tunnel import Tunnel, open_tunnel
-from relay_server.agents import EchoAgent, LLMAgent
-from relay_server.app import create_app, resolve_agent
 from relay_server.errors import RelayError
 from relay_server.events import CallEvent, EventBus
 
@@ -149,15 +147,15 @@ def up(
             )
         if prepared is None:
             raise typer.Exit(2)
-        app, settings, sock, turns, agent_cls, config, warnings, bus = prepared
+        relay, settings, sock, turns, warnings, bus = prepared
         _setup_logging(settings.log_level or "WARNING")
-        _panel(settings, config, agent_cls, session, warnings)
+        _panel(settings, relay, session, warnings)
         bus.subscribe(_printer())
         # A signal between here and the relay's own handlers is a normal stop, not a crash.
         early = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: early.set())
-        code = asyncio.run(_serve(app, settings, sock, turns, early))
+        code = asyncio.run(_serve(relay.app, settings, sock, turns, early))
     except KeyboardInterrupt:
         code = 130
     finally:
@@ -214,12 +212,7 @@ def _prepare(
         if problems:
             raise SettingsError(problems[0])
         bus = EventBus()
-        config = settings.relay_config()
-        if config.api_token is None:
-            # as crctl serve: `crctl tail` in another terminal reads the same token file
-            config = replace(config, api_token=ensure_api_token())
-        app = create_app(config, events=bus)
-        agent_cls = resolve_agent(config)
+        relay = build_relay(settings, events=bus)
         if twilio is not None and public is not None:
             _point(twilio, state, number, public + "/twiml", session)
         elif number and twilio is not None:
@@ -227,7 +220,7 @@ def _prepare(
     except (CrctlError, RelayError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return None
-    return app, settings, sock, turns, agent_cls, config, warnings, bus
+    return relay, settings, sock, turns, warnings, bus
 
 
 async def _serve(
@@ -321,9 +314,7 @@ def _point(twilio: Twilio, state: State, number: str | None, url: str, session: 
     console.print(f"[green]✓[/] {session.number.phone_number} → {url} (previous webhook saved)")
 
 
-def _panel(
-    settings: Settings, config: Any, agent_cls: type, session: Session, warnings: list[str]
-) -> None:
+def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[str]) -> None:
     local = f"http://127.0.0.1:{settings.port}"
     table = Table(show_header=False, box=None, title="crctl up", title_justify="left")
     table.add_row("relay", local)
@@ -333,11 +324,7 @@ def _panel(
         table.add_row(
             "account", f"{session.twilio.account_sid} ({session.twilio.credentials.source})"
         )
-    if agent_cls is EchoAgent and config.agent is None:
-        table.add_row("agent", "echo (no OPENAI_API_KEY: set it, or OPENAI_BASE_URL)")
-    else:
-        model = config.agent_config.model if issubclass(agent_cls, LLMAgent) else "-"
-        table.add_row("agent", f"{agent_cls.__name__}, model {model}")
+    table.add_row("agent", relay.agent_text)
     try_it = f"crctl call {local}"
     if settings.public_url:
         # the relay checks signatures against its public URL: the caller must sign that one

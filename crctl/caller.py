@@ -520,9 +520,14 @@ class SimulatedCaller:
         ``None`` when Twilio would not report the speech (see the ``dropped`` event)."""
         plan = self._live()
         head = self._speaking()
+        barged = False
         if head is not None:
             if "speech" in plan.interruptible:
-                await self._barge_in(head, head.received.rstrip(), speech=True)
+                # with partials, agentSpeaking off follows the first one (§2.4)
+                barged = self.partials or plan.partial_prompts
+                await self._barge_in(
+                    head, head.received.rstrip(), speech=True, defer_agent_off=barged
+                )
             elif "speech" not in plan.report_input:
                 self._drop(
                     "the agent is speaking, and with reportInputDuringAgentSpeech="
@@ -536,6 +541,8 @@ class SimulatedCaller:
             words = text.split()
             for i in range(1, len(words) + 1):
                 await self._prompt(" ".join(words[:i]), last=False)
+                if barged and i == 1:
+                    await self._agent("off")  # observed after the first partial (§2.4)
                 await asyncio.sleep(self.partial_gap)
             text = " ".join(words)
         await self._client("off")
@@ -658,9 +665,12 @@ class SimulatedCaller:
             reply.finish(now, "superseded by the caller's next input")
             self._pending.remove(reply)
 
-    async def _barge_in(self, reply: Reply, heard: str, *, speech: bool) -> None:
-        """Twilio's barge-in order (§2.4): clientSpeaking on, tokensPlayed, interrupt,
-        agentSpeaking off. Twilio flushes the rest of the cycle: ``heard`` is all it spoke."""
+    async def _barge_in(
+        self, reply: Reply, heard: str, *, speech: bool, defer_agent_off: bool = False
+    ) -> None:
+        """Twilio's barge-in order (§2.4): clientSpeaking on, tokensPlayed, interrupt, then
+        (for speech, after the first partial prompt: :meth:`say` sends it) agentSpeaking off.
+        Twilio flushes the rest of the cycle: ``heard`` is all it spoke."""
         now = time.monotonic()
         if speech:
             await self._client("on")
@@ -676,7 +686,8 @@ class SimulatedCaller:
                 "durationUntilInterruptMs": int((now - first) * 1000),
             }
         )
-        await self._agent("off")
+        if not defer_agent_off:
+            await self._agent("off")
         reply.interrupted, reply.text, reply._cut_at = True, heard, now
         reply.finish(now)
         self._emit("interrupted", reply, heard=heard)

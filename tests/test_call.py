@@ -490,3 +490,49 @@ def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
 
     assert asyncio.run(run()) == 1
     assert "FAIL" in (tmp_path / "report.txt").read_text()
+
+
+async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
+    """clientSpeaking on → tokensPlayed → interrupt → prompt(last:false) → agentSpeaking off
+    (protocol.md §2.4, the observed order)."""
+    answering: list[asyncio.Task[None]] = []
+
+    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
+        async def answer() -> None:
+            for token in ["A", " long", " story", " about", " many", " things."] * 5:
+                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await asyncio.sleep(0.03)
+            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+
+        if frame["type"] == "prompt" and frame["last"] and not answering:
+            answering.append(asyncio.create_task(answer()))
+        elif frame["type"] == "interrupt":
+            answering[0].cancel()
+            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+
+    recorder = Recorder(behaviour)
+    async with serve(recorder, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        plan = CallPlan(
+            ws_url="wss://relay.example.test/ws",
+            connect_url=f"ws://127.0.0.1:{port}/ws",
+            attributes=BASIC,
+            parameters={},
+        )
+        caller = SimulatedCaller(auth_token=AUTH_TOKEN, partials=True, partial_gap=0.01)
+        await caller.connect(plan)
+        first = await caller.say("tell me")
+        assert first is not None
+        while not first.received.strip().endswith("story"):
+            await asyncio.sleep(0.01)
+        await caller.say("stop now")
+        await caller.hangup()
+    frames = [short(f) for f in recorder.frames[1:]]
+    cut = frames.index(("interrupt", first.text))
+    assert frames[cut - 2 : cut + 3] == [
+        ("info", "clientSpeaking", "on"),
+        ("info", "tokensPlayed", frames[cut - 1][2]),
+        ("interrupt", first.text),
+        ("prompt", "stop", False),
+        ("info", "agentSpeaking", "off"),
+    ]

@@ -1,7 +1,8 @@
 """The lifecycle the fake servers share: an asyncio server in a daemon thread of its own.
 
-A subclass implements ``_run(ready)``: it sets ``_loop`` and ``_stop_event``, serves, sets
-``ready`` once listening (or stores ``_start_error``), and returns when ``_stop_event`` is set.
+A subclass implements ``async _main(ready)``: it sets ``_loop`` and ``_stop_event``, serves,
+sets ``ready`` once listening, and returns when ``_stop_event`` is set. A failure to start is
+stored for :meth:`start` to raise.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ class BackgroundServer:
         self._stop_event: asyncio.Event | None = None
         self._start_error: BaseException | None = None
 
-    def _run(self, ready: threading.Event) -> None:
+    async def _main(self, ready: threading.Event) -> None:
         raise NotImplementedError
+
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._main(ready))
+        except BaseException as exc:  # reported to start()
+            self._start_error = exc
+        finally:
+            ready.set()
 
     def _starting(self) -> None:
         """Reset per-run state before the thread starts (a hook)."""

@@ -195,14 +195,6 @@ class FakeLLM(BackgroundServer):
             time.sleep(0.01)
         return True
 
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._main(ready))
-        except BaseException as exc:  # reported to start()
-            self._start_error = exc
-        finally:
-            ready.set()
-
     async def _main(self, ready: threading.Event) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)

@@ -500,14 +500,6 @@ class FakeTwilio(BackgroundServer):
             raise RuntimeError("FakeTwilio is not started")
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._main(ready))
-        except BaseException as exc:  # reported to start()
-            self._start_error = exc
-        finally:
-            ready.set()
-
     async def _main(self, ready: threading.Event) -> None:
         await self._open_site()
         self.base_url = f"http://127.0.0.1:{self._port}"

@@ -1,15 +1,24 @@
-# Sourced by the scripts: make sure .venv exists and holds this checkout's current install.
+# Sourced by the scripts: make .venv hold exactly what uv.lock pins (what the tests last passed
+# with), this checkout installed in it as editable. CRCTL_SYNC=dev adds the test tools.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-extras="${CRCTL_EXTRAS:-}"
-stamp=".venv/.installed${extras:+-$extras}"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+# uv itself is pinned too, and comes from PyPI into .tools/ the first time (about 8 s).
+uv_version=0.13.9
+uv="$root/.tools/bin/uv"
+if ! { [ -x "$uv" ] && [ "$("$uv" --version 2>/dev/null)" = "uv $uv_version" ]; }; then
+  echo "crctl: installing uv $uv_version into .tools/ (once)" >&2
+  rm -rf .tools
+  python3 -m venv .tools
+  .tools/bin/python -m pip install --quiet --disable-pip-version-check "uv==$uv_version" 2>/dev/null \
+    || .tools/bin/python -m pip install --disable-pip-version-check "uv==$uv_version"
 fi
-# Reinstall when pyproject.toml changed since the last install.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-  .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
-  touch "$stamp"
+# Bytecode compiled at install: a first run (and the tests' parallel CLI runs) start warm.
+export UV_PROJECT_ENVIRONMENT="$root/.venv" UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1 UV_COMPILE_BYTECODE=1
+if [ "${CRCTL_SYNC:-}" = dev ]; then
+  # Exactly the lock, test tools included: a package the lock does not name is removed.
+  "$uv" sync --frozen --quiet --python python3
+else
+  # The relay and CLI only; leaves the test tools alone if a test run installed them.
+  "$uv" sync --frozen --quiet --python python3 --no-dev --inexact
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, and .ci/run): lint, type-check, then the whole suite.
-CRCTL_EXTRAS=test
+CRCTL_SYNC=dev
 source "$(dirname "$0")/_venv.sh"
 echo "== ruff"
 .venv/bin/ruff check .

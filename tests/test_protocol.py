@@ -1,7 +1,8 @@
 """The pure protocol core (relay_server.protocol): decode Twilio's frames, encode ours.
 
 Plain sync tests, no event loop, in the spirit of websockets' sans-I/O protocol tests. Frames are
-copied from ../shared/conversationrelay/protocol.md (§2 inbound, §3 outbound).
+shaped like the frames Twilio documents for ConversationRelay (WebSocket messages: inbound
+setup, prompt, dtmf, interrupt, info, error; outbound text, play, sendDigits, language, end).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ after the sans-I/O model of python-websockets).
 
 from __future__ import annotations
 
-from typing import Union, cast
+from typing import Union
 
 import msgspec
 
@@ -41,7 +41,8 @@ def decode(
     if len(frame) * 4 > max_bytes and (size := len(frame.encode())) > max_bytes:
         raise ProtocolError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return cast(Union[Inbound, Unknown], _inbound.decode(frame))
+        message: Union[Inbound, Unknown] = _inbound.decode(frame)
+        return message
     except msgspec.ValidationError as exc:
         return _unknown_or_raise(frame, exc)
     except msgspec.DecodeError as exc:
@@ -70,7 +71,8 @@ def decode_outbound(data: Union[str, bytes]) -> Outbound:
     """Parse an outbound message given as JSON (the relay's messages API), with the same rules
     the constructors enforce. Raises :class:`ProtocolError` with the reason."""
     try:
-        return cast(Outbound, _outbound.decode(data))
+        message: Outbound = _outbound.decode(data)
+        return message
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ProtocolError(f"not a valid outbound message: {exc}") from exc
 

@@ -11,7 +11,7 @@ instead, as crctl does with ``CRCTL_TWILIO_API_URL``)::
     GET, POST         .../Accounts/{AC}/Applications.json
     GET, POST, DELETE .../Accounts/{AC}/Applications/{AP}.json
 
-Resources carry the fields of the OpenAPI schemas in ../shared/twilio-oai (defaults as in
+Resources carry the fields of the OpenAPI schemas in Twilio's twilio-oai contract (defaults as in
 the spec's examples: e.g. a new number's ``voice_url`` is null, its ``sms_url`` ""). Lists page
 like Twilio (``PageSize``/``Page``, ``first_page_uri``/``next_page_uri``/... ; the SDK follows
 ``next_page_uri``). Errors always have Twilio's body ``{"code", "message", "more_info",

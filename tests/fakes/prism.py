@@ -2,7 +2,8 @@
 
 :class:`Prism` runs ``tests/node/node_modules/.bin/prism mock`` (npm ``@stoplight/prism-cli``
 5, installed by ``scripts/test.sh`` from tests/node/package-lock.json) on a free port of
-127.0.0.1 against a patched copy of ../shared/twilio-oai/twilio_api_v2010.json.
+127.0.0.1 against a patched copy of Twilio's OpenAPI contract ``twilio_api_v2010.json`` (the
+twilio-oai documents shipped in the npm package ``@twilio-alpha/mcp``, locked in the same file).
 :meth:`Prism.validate` replays requests recorded by :class:`~tests.fakes.fake_twilio.FakeTwilio`
 (same method, path, query string, body, Content-Type and Authorization) and returns every
 contract violation as ``"POST /2010-04-01/.../IncomingPhoneNumbers/PN....json: <reason>"``.
@@ -62,13 +63,19 @@ from urllib.parse import quote
 from tests.fakes.fake_twilio import RecordedRequest
 
 REPO = Path(__file__).resolve().parents[2]
-#: The contract; ``CRCTL_TWILIO_OAI_SPEC`` overrides the path.
-SPEC = Path(
-    os.environ.get(
-        "CRCTL_TWILIO_OAI_SPEC", REPO.parent / "shared" / "twilio-oai" / "twilio_api_v2010.json"
-    )
+NODE_MODULES = REPO / "tests" / "node" / "node_modules"
+#: The contract, as scripts/test.sh installed it from tests/node/package-lock.json.
+SPEC = (
+    NODE_MODULES
+    / "@twilio-alpha"
+    / "mcp"
+    / "twilio-oai"
+    / "spec"
+    / "json"
+    / "twilio_api_v2010.json"
 )
-PRISM_BIN = REPO / "tests" / "node" / "node_modules" / ".bin" / "prism"
+
+PRISM_BIN = NODE_MODULES / ".bin" / "prism"
 FORM = "application/x-www-form-urlencoded"
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
@@ -146,7 +153,10 @@ class Prism:
                 f"{self.binary} not found: run `npm ci --prefix tests/node` (scripts/test.sh does)"
             )
         if not self.spec_path.exists():
-            raise RuntimeError(f"Twilio OpenAPI spec not found at {self.spec_path}")
+            raise RuntimeError(
+                f"Twilio OpenAPI spec not found at {self.spec_path}: run "
+                "`npm ci --prefix tests/node` (scripts/test.sh does)"
+            )
         self._tmp = Path(tempfile.mkdtemp(prefix="crctl-prism-"))
         patched = self._tmp / "twilio_api_v2010.json"
         patched.write_text(json.dumps(patch_spec(self.spec)))

@@ -28,7 +28,7 @@ from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, free_port
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "conversation.yaml"
+EXAMPLE = Path(__file__).parent.parent / "crctl" / "examples" / "conversation.yaml"
 _app = typer.Typer()
 _app.command()(call)
 _CLEAN_ENV = {"TWILIO_AUTH_TOKEN": None, "CRCTL_PUBLIC_URL": None}

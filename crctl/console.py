@@ -29,6 +29,37 @@ def fail(exc: BaseException | str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def crctl_command() -> str:
+    """How to run crctl again, as the user did: ``crctl`` when that name on PATH is this very
+    install, ``./scripts/dev.sh`` (relative to the working folder) when running from a
+    checkout's ``.venv``, else ``python -m crctl``. Hints that name a command use it, so they
+    run as printed."""
+    import os
+    import shlex
+    import shutil
+    import sys
+    from pathlib import Path
+
+    def same(a: str | os.PathLike[str] | None, b: str | os.PathLike[str]) -> bool:
+        try:
+            return a is not None and os.path.samefile(a, b)
+        except OSError:
+            return False
+
+    on_path = shutil.which("crctl")
+    mine = Path(sys.prefix) / ("Scripts" if os.name == "nt" else "bin") / "crctl"
+    if on_path and (same(on_path, sys.argv[0]) or same(on_path, mine)):
+        return "crctl"
+    dev = Path(sys.prefix).parent / "scripts" / "dev.sh"
+    if Path(sys.prefix).name == ".venv" and dev.is_file():
+        relative = os.path.relpath(dev)
+        return shlex.quote(relative if relative.startswith(".") else "./" + relative)
+    # not samefile: a venv's python is a symlink to the base interpreter, which lacks crctl
+    found = shutil.which("python")
+    python = "python" if found and os.path.abspath(found) == sys.executable else sys.executable
+    return f"{shlex.quote(python)} -m crctl"
+
+
 #: One colour per call, in order of appearance.
 PALETTE = (
     "cyan",

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     verify_signatures: bool = True
     agent: str | None = None
+    #: Where ``--agent module:Class`` and ``--tools module`` are imported from (as uvicorn's
+    #: ``--app-dir``): the current folder unless set.
+    app_dir: Path = Path(".")
     #: Comma-separated in the environment: ``CRCTL_TOOLS=pkg.tools,other.tools``.
     tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model: str = AgentConfig.model
@@ -219,6 +222,13 @@ _ENV_NAMES = {
     "twilio_auth_token": "TWILIO_AUTH_TOKEN",
 }
 _FIELD_OF_ENV = {env: name for name, env in _ENV_NAMES.items()}
+
+
+def env_names(field: str) -> list[str]:
+    """The environment variable(s) that set ``field`` (as in errors and ``--help``)."""
+    if field not in Settings.model_fields:
+        raise KeyError(field)
+    return [_ENV_NAMES.get(field, f"CRCTL_{field.upper()}")]
 
 
 # ------------------------------------------------------------------ files in ~/.crctl

@@ -1,0 +1,167 @@
+"""The relay's command-line options, declared once for ``crctl serve`` and ``crctl up``.
+
+Each option is an ``Annotated`` type whose help text ends with the setting's environment name
+and default, both read from :class:`crctl.settings.Settings` (the one place that declares them),
+so ``--help`` can never disagree with what the relay does. Every option defaults to ``None``:
+"not given", so the environment and dotenv files still apply (flags > env > .env.local > .env).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic_core import PydanticUndefined
+
+from crctl.settings import Settings, env_names
+
+#: Settings whose default is not a constant, in words.
+_DEFAULT_TEXT = {
+    "agent": "llm with OPENAI_API_KEY or OPENAI_BASE_URL, else echo",
+    "app_dir": "the current folder",
+    "events_db": "~/.crctl/events.sqlite3",
+    "model": "gpt-4o-mini; with only OPENAI_BASE_URL, the server's one model",
+}
+
+
+def default_text(field: str) -> str | None:
+    """The default of setting ``field`` as help shows it (``None``: no default worth saying)."""
+    if field in _DEFAULT_TEXT:
+        return _DEFAULT_TEXT[field]
+    info = Settings.model_fields[field]
+    value: Any = info.default
+    if value is PydanticUndefined or value is None:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def setting_option(field: str, metavar: str, text: str, *names: str) -> Any:
+    """A ``typer.Option`` for setting ``field``: ``text``, then ``[env …; default …]``."""
+    extra = [f"env {', '.join(env_names(field))}"]
+    default = default_text(field)
+    if default is not None:
+        extra.append(f"default {default}")
+    return typer.Option(
+        None, *names, metavar=metavar, help=f"{text} [{'; '.join(extra)}]", show_default=False
+    )
+
+
+# ---------------------------------------------------------------- where the relay listens
+Host = Annotated[Optional[str], setting_option("host", "ADDRESS", "Address to bind.")]
+Port = Annotated[Optional[int], setting_option("port", "PORT", "Port of the relay.")]
+PublicUrl = Annotated[
+    Optional[str],
+    setting_option(
+        "public_url",
+        "URL",
+        "Public https:// base URL Twilio calls; signatures are checked against it.",
+    ),
+]
+VerifySignatures = Annotated[
+    Optional[bool],
+    setting_option(
+        "verify_signatures",
+        "",
+        "Check X-Twilio-Signature on every webhook and the WebSocket upgrade "
+        "(turning it off prints a warning).",
+        "--verify-signatures/--no-verify-signatures",
+    ),
+]
+LogLevel = Annotated[
+    Optional[str], setting_option("log_level", "LEVEL", "DEBUG, INFO, WARNING or ERROR.")
+]
+
+# ---------------------------------------------------------------- the agent
+Agent = Annotated[
+    Optional[str],
+    setting_option("agent", "AGENT", "llm, echo, or module:Class (a CallSession subclass)."),
+]
+AppDir = Annotated[
+    Optional[Path],
+    setting_option("app_dir", "DIR", "Folder that --agent and --tools modules are imported from."),
+]
+Model = Annotated[Optional[str], setting_option("model", "NAME", "LLM model.")]
+OpenAIBaseUrl = Annotated[
+    Optional[str],
+    setting_option("openai_base_url", "URL", "OpenAI-compatible endpoint (Ollama, vLLM, Groq…)."),
+]
+SystemPrompt = Annotated[
+    Optional[str], setting_option("system_prompt", "TEXT", "System prompt of the LLM agent.")
+]
+SystemPromptFile = Annotated[
+    Optional[Path],
+    setting_option("system_prompt_file", "FILE", "Read the system prompt from this file."),
+]
+Tools = Annotated[
+    Optional[list[str]],
+    setting_option(
+        "tools",
+        "MODULE",
+        "Module whose @tool functions the LLM may call (repeatable; comma-separated in env).",
+        "--tools",
+    ),
+]
+TwimlTemplate = Annotated[
+    Optional[str],
+    setting_option(
+        "twiml_template", "TEMPLATE", "TwiML template /twiml serves (crctl twiml list)."
+    ),
+]
+WelcomeGreeting = Annotated[
+    Optional[str],
+    setting_option(
+        "welcome_greeting", "TEXT", "Spoken when the call connects (overrides the template's)."
+    ),
+]
+HandoffNumber = Annotated[
+    Optional[str],
+    setting_option(
+        "handoff_number", "NUMBER", "Number or SIP URI dialled when the agent hands off."
+    ),
+]
+LlmTimeout = Annotated[
+    Optional[float],
+    setting_option(
+        "llm_timeout", "SECONDS", "Wait this long for the LLM to connect and for each token."
+    ),
+]
+Apology = Annotated[Optional[str], setting_option("apology", "TEXT", "Spoken when the LLM fails.")]
+FillerAfterMs = Annotated[
+    Optional[int],
+    setting_option(
+        "filler_after_ms", "MS", "Say a preemptible filler when the first token is slower (0: off)."
+    ),
+]
+SilenceTimeout = Annotated[
+    Optional[float],
+    setting_option("silence_timeout", "SECONDS", "Caller silence before a reminder (0: off)."),
+]
+DtmfBuffer = Annotated[
+    Optional[bool],
+    setting_option(
+        "dtmf_buffer",
+        "",
+        "Collect digits until # or a pause instead of one turn per key.",
+        "--dtmf-buffer/--no-dtmf-buffer",
+    ),
+]
+
+# ---------------------------------------------------------------- the call log
+EventsDb = Annotated[
+    Optional[str],
+    setting_option(
+        "events_db", "FILE", "SQLite file of call events ('' keeps them in memory only)."
+    ),
+]
+EventsKeepDays = Annotated[
+    Optional[float],
+    setting_option("events_keep_days", "DAYS", "Delete call events older than this."),
+]
+EventsMaxRows = Annotated[
+    Optional[int], setting_option("events_max_rows", "ROWS", "Keep at most this many call events.")
+]

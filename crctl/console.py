@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
@@ -187,7 +187,10 @@ class CallLog:
     def _agent_reply(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
         text = str(data.get("text") or "")
         body = Text(text) if text else Text("(nothing said)", style="dim")
-        timing = [f"ttft {_ms(data['ttft_ms'])}"] if data.get("ttft_ms") is not None else []
+        # "first token": end of the caller's turn -> the reply's first token sent. Rows
+        # stored before the name was settled carry it as ``ttft_ms``.
+        first = data.get("first_token_ms", data.get("ttft_ms"))
+        timing = [f"first token {_ms(first)}"] if first is not None else []
         if data.get("duration_ms") is not None:
             timing.append(f"took {_ms(data['duration_ms'])}")
         if timing:
@@ -195,6 +198,11 @@ class CallLog:
         if data.get("cancelled"):
             body.append("  (cut off)", style="yellow")
         self._line(event, "agent", body, "bold blue")
+
+    def _agent_pushed(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text(f"{data.get('type') or '?'}: ", style="dim")
+        body.append(shorten(data.get("text") or "", 100))
+        self._line(event, "pushed", body, "bold blue")
 
     def _barge_in(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
         body = Text("caller cut in; heard ")
@@ -228,7 +236,11 @@ class CallLog:
         self._fix(event, data)
 
     def _llm_fault(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text(f"{data.get('kind', '?')}: {data.get('detail', '')}", style="red")
+        kind = str(data.get("kind", "?"))
+        # A connection that never happened is said as that ("cannot resolve host …",
+        # "connection refused to …"), not as the kind's code word.
+        what = "LLM unreachable" if kind == "connection" else kind
+        body = Text(f"{what}: {data.get('detail', '')}", style="red")
         self._line(event, "LLM FAULT", body, "bold white on red")
         self._fix(event, data)
 
@@ -267,17 +279,30 @@ class CallLog:
 # ------------------------------------------------------------------------ stored calls
 def calls_table(calls: Iterable[Mapping[str, Any]]) -> Table:
     """``crctl calls list``: one row per stored call, newest first."""
-    table = Table(title="calls", title_justify="left", header_style="bold")
+    table = Table(
+        title="calls",
+        title_justify="left",
+        header_style="bold",
+        box=None,
+        pad_edge=False,
+    )
+    rows = list(calls)
     for column in ("call", "from", "to", "started", "length", "status", "turns", "errors"):
-        table.add_column(column, justify="right" if column in ("turns", "errors") else "left")
-    for call in calls:
+        if column == "call":
+            # whole SIDs, never cut: they are what `crctl calls show` and `tail --call` take
+            widest = max((len(_sid(call)) for call in rows), default=4)
+            table.add_column(column, no_wrap=True, min_width=widest)
+            continue
+        justify: Literal["left", "right"] = "right" if column in ("turns", "errors") else "left"
+        table.add_column(column, justify=justify)
+    for call in rows:
         started, ended = call.get("started"), call.get("ended")
         length = f"{float(ended) - float(started):.0f} s" if started and ended else "-"
         day = time.strftime("%Y-%m-%d ", time.localtime(float(started))) if started else ""
         status = str(call.get("status") or "?")
         style = "red" if "failed" in status or call.get("errors") else None
         table.add_row(
-            str(call.get("sid")),
+            _sid(call),
             str(call.get("from") or "-"),
             str(call.get("to") or "-"),
             day + _clock(started),
@@ -289,6 +314,11 @@ def calls_table(calls: Iterable[Mapping[str, Any]]) -> Table:
     return table
 
 
+def _sid(call: Mapping[str, Any]) -> str:
+    """A stored call's SID (``sid`` from a relay older than the ``call_sid`` key)."""
+    return str(call.get("call_sid") or call.get("sid") or "?")
+
+
 def print_call(console: Console, call: Mapping[str, Any]) -> None:
     """``crctl calls show``: a stored call's whole transcript."""
     log = CallLog(console)
@@ -297,7 +327,7 @@ def print_call(console: Console, call: Mapping[str, Any]) -> None:
         log.add(
             {
                 "kind": "call.started",
-                "call_sid": call.get("sid"),
+                "call_sid": _sid(call),
                 "ts": call.get("started"),
                 "data": {"from": call.get("from"), "to": call.get("to")},
             }

@@ -2,8 +2,9 @@
 
 ``tail`` follows the relay's ``/events`` stream (Server-Sent Events) with the standard library's
 ``http.client``: no extra dependency, and proxies in the environment never get between a
-developer and a local relay. When the relay goes away it says so once, retries every ≤ 2 s and
-resumes with ``after=<last event id>``, so nothing stored meanwhile is missed.
+developer and a local relay. It says when it is connected; when the relay goes away it says so
+once, retries every ≤ 2 s, says when it is back and resumes with ``after=<last event id>``, so
+nothing stored meanwhile is missed.
 
 ``calls`` reads the events database directly (``--db``, default ``~/.crctl/events.sqlite3``),
 so it works whether the relay runs or not; ``--url`` asks a running relay instead.
@@ -184,8 +185,10 @@ class Follower:
                 time.sleep(delay)
                 delay = min(MAX_BACKOFF, delay * 2)
                 continue
-            if away and connected_once:
-                notice("reconnected")
+            if not connected_once:
+                notice(f"connected to {self.url}, following its calls (Ctrl-C stops)")
+            else:  # after a drop, whether or not the first retry failed
+                notice(f"reconnected to {self.url}")
             away, connected_once, delay = False, True, 0.1
             try:
                 for event_id, data in read_sse(iter(response.readline, b"")):
@@ -279,6 +282,14 @@ def _open_db(db: Path | None) -> Any:
         raise TailError(f"{exc} (`crctl serve` creates it; --url asks a running relay)") from None
 
 
+def _with_call_sid(call: dict[str, Any]) -> dict[str, Any]:
+    """Every --json output names the call's SID ``call_sid`` (a relay from before said
+    ``sid`` in /calls)."""
+    if "call_sid" not in call and "sid" in call:
+        call = {"call_sid": call["sid"], **{k: v for k, v in call.items() if k != "sid"}}
+    return call
+
+
 @calls_app.command("list")
 def calls_list(
     limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many, newest first."),
@@ -301,7 +312,7 @@ def calls_list(
         raise fail(exc) from None
     if json_out:
         for call in calls:
-            typer.echo(json.dumps(call))
+            typer.echo(json.dumps(_with_call_sid(call)))
         return
     console = Console(highlight=False)
     if not calls:
@@ -333,6 +344,6 @@ def calls_show(
     except TailError as exc:
         raise fail(exc) from None
     if json_out:
-        typer.echo(json.dumps(call))
+        typer.echo(json.dumps(_with_call_sid(call)))
         return
     print_call(Console(highlight=False), call)

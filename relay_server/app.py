@@ -245,6 +245,7 @@ def create_app(
         except ProtocolError as exc:
             return {"error": str(exc)}, 400
         await session.push(message)
+        bus.publish(ev.AGENT_PUSHED, call_sid, **ev.pushed(message))
         return {"sent": type(message).__struct_config__.tag}, 202
 
     @app.get("/events")

@@ -9,15 +9,26 @@ Kinds and their ``data`` (every value JSON-serialisable):
 ``call.started``        ``from``, ``to``, ``direction``, ``custom_parameters``, ``session_id``,
                         ``resumed`` (a reconnected socket of the same call)
 ``caller.speech``       ``text``, ``last`` (False: a cumulative partial transcript)
-``agent.reply``         ``text``, ``ttft_ms`` (time to first token), ``duration_ms``,
-                        ``cancelled`` (cut by a barge-in or a newer turn)
+``agent.reply``         ``text``, ``first_token_ms``, ``duration_ms``, ``cancelled`` (cut by a
+                        barge-in or a newer turn). *First token* is the latency of a turn:
+                        from the end of the caller's turn (the final prompt, the DTMF key, or
+                        the end of a buffered key entry, as received by the relay) to the
+                        reply's first ``text`` token sent; ``None`` for what the agent says
+                        on its own (silence reminders) or a reply that said nothing. Rows
+                        stored before this name have ``ttft_ms`` instead. ``duration_ms`` counts
+                        from the same moment to the reply's end.
+``agent.pushed``        ``type`` (the outbound frame's type) and ``text`` (what it says:
+                        the token, the play source, the digits…): a frame pushed into the
+                        call through ``POST /calls/{callSid}/messages``
 ``barge_in``            ``heard`` (the agent's words the caller heard), ``duration_ms``
 ``dtmf``                ``digit``
 ``tool.call``           ``name``, ``arguments`` (JSON text), ``result``
 ``language``            ``tts``, ``transcription``
 ``error``               ``source`` (``twilio`` or ``agent``), ``message``, ``code``, and for a
                         64xxx code ``title``, ``explanation`` and ``fix`` (:func:`explain`)
-``llm.fault``           ``kind``, ``detail``, ``explanation``, ``fix``
+``llm.fault``           ``kind``, ``detail``, ``explanation``, ``fix`` (``kind`` ``connection``
+                        with ``detail`` "cannot resolve host …" or "connection refused to
+                        host:port" when the LLM cannot be reached at all)
 ``frame.bad``           ``reason`` (a frame from Twilio the relay dropped)
 ``socket.closed``       ``code`` (WebSocket close code; 1000 is a normal hang-up)
 ``session.end``         ``status``, ``handoff_data``, ``error_code``, ``error_message``,
@@ -51,6 +62,7 @@ class CallEvent:
 CALL_STARTED = "call.started"
 CALLER_SPEECH = "caller.speech"
 AGENT_REPLY = "agent.reply"
+AGENT_PUSHED = "agent.pushed"
 BARGE_IN = "barge_in"
 DTMF = "dtmf"
 TOOL_CALL = "tool.call"
@@ -166,14 +178,34 @@ def explain(code: int | str | None) -> dict[str, str]:
     return {"title": title, "explanation": explanation, "fix": fix}
 
 
+def pushed(message: Any) -> dict[str, Any]:
+    """The data of an ``agent.pushed`` event for an outbound frame pushed into a call:
+    ``type`` and ``text`` (what it says), plus ``last`` for a text frame."""
+    frame_type = str(type(message).__struct_config__.tag)
+    if frame_type == "language":
+        parts = [("tts", message.tts_language), ("transcription", message.transcription_language)]
+        text = ", ".join(f"{name} {value}" for name, value in parts if value)
+    else:
+        field_name = {"text": "token", "play": "source", "sendDigits": "digits"}.get(
+            frame_type, "handoff_data"
+        )
+        text = getattr(message, field_name, None) or ""
+    data: dict[str, Any] = {"type": frame_type, "text": text}
+    if frame_type == "text":
+        data["last"] = message.last
+    return data
+
+
 def _enrich(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """Words for the codes of error-bearing events, whoever published them."""
     if kind == ERROR:
         return {**data, **explain(data.get("code"))} if data.get("code") else data
     if kind == SESSION_END:
         return {**data, **explain(data.get("error_code"))} if data.get("error_code") else data
-    if kind == LLM_FAULT and "fix" not in data:
-        fix = _LLM_FIXES.get(str(data.get("kind")), "see the relay's log for the cause")
+    if kind == LLM_FAULT and "explanation" not in data:
+        fix = data.get("fix") or _LLM_FIXES.get(
+            str(data.get("kind")), "see the relay's log for the cause"
+        )
         return {
             **data,
             "explanation": "The LLM did not answer; the caller heard the apology and the call "

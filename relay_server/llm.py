@@ -11,8 +11,10 @@ draining it, so a cancelled turn stops the upstream generation at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -22,6 +24,7 @@ import msgspec
 import openai
 
 from relay_server.config import LLMConfig
+from relay_server.errors import ConfigError
 
 log = logging.getLogger("relay_server.llm")
 
@@ -31,12 +34,18 @@ _TAIL_SECONDS = 0.5
 
 class LLMError(Exception):
     """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
-    status, stream_cut, bad_chunk."""
+    status, stream_cut, bad_chunk. ``fix`` is the next step when the cause is known precisely
+    (an unresolvable host, a refused connection)."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(
+        self, kind: str, detail: str, fix: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.fix = fix
+        #: The HTTP status, for an error answer.
+        self.status = status
 
 
 # ---------------------------------------------------------------- chunk structs (the hot path)
@@ -191,34 +200,64 @@ class ChatStream:
 
 
 def _map_error(exc: openai.APIError) -> LLMError:
-    if isinstance(exc, openai.APIConnectionError) and _refused(exc):
-        # The aiohttp transport reports a refused connection as a connect *timeout*.
-        return LLMError("connection", f"cannot reach the LLM: {exc.__cause__ or exc}")
+    if isinstance(exc, openai.APIConnectionError):
+        # Before the timeout check: the aiohttp transport reports an unresolvable host and a
+        # refused connection as a connect *timeout*, which sends people looking at the wrong
+        # thing.
+        unreachable = _unreachable(exc)
+        if unreachable is not None:
+            return unreachable
     if isinstance(exc, openai.APITimeoutError):
         return LLMError("timeout", "the LLM did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
-        return LLMError("connection", f"cannot reach the LLM: {exc}")
+        return LLMError("connection", f"cannot connect: {exc.__cause__ or exc}")
     if isinstance(exc, openai.RateLimitError):
-        return LLMError("rate_limit", "the LLM rate-limited us (HTTP 429)")
+        return LLMError("rate_limit", "the LLM rate-limited us (HTTP 429)", status=429)
     if isinstance(exc, openai.InternalServerError):
-        return LLMError("server", f"the LLM failed (HTTP {exc.status_code})")
+        return LLMError(
+            "server", f"the LLM failed (HTTP {exc.status_code})", status=exc.status_code
+        )
     if isinstance(exc, openai.APIStatusError):
         return LLMError(
-            "status", f"the LLM refused the request (HTTP {exc.status_code}): {exc.message}"
+            "status",
+            f"the LLM refused the request (HTTP {exc.status_code}): {exc.message}",
+            status=exc.status_code,
         )
     return LLMError("connection", str(exc))
 
 
-def _refused(exc: BaseException) -> bool:
+def _unreachable(exc: BaseException) -> LLMError | None:
+    """The connection failed before any HTTP: the host does not resolve, nothing listens on
+    the port, or another socket error. ``None`` for anything else (a real timeout)."""
+    host: str | None = None
+    port: int | None = None
+    seen: set[int] = set()
     cause: BaseException | None = exc
-    while cause is not None:
-        # aiohttp keeps the socket error as ``os_error`` on its ClientConnectorError.
-        if isinstance(cause, ConnectionError) or isinstance(
-            getattr(cause, "os_error", None), ConnectionError
-        ):
-            return True
-        cause = cause.__cause__
-    return False
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        # aiohttp's ClientConnectorError knows the host and port, and keeps the socket error
+        # as ``os_error``.
+        found_host, found_port = getattr(cause, "host", None), getattr(cause, "port", None)
+        host = host or (found_host if isinstance(found_host, str) else None)
+        port = port or (found_port if isinstance(found_port, int) else None)
+        errors = (cause, getattr(cause, "os_error", None))
+        where = f"{host}:{port}" if host and port else (host or "the LLM's host")
+        if any(isinstance(e, socket.gaierror) for e in errors):
+            return LLMError(
+                "connection",
+                f"cannot resolve host {host or '?'}",
+                fix="check the host name in OPENAI_BASE_URL (and this machine's network)",
+            )
+        if any(isinstance(e, ConnectionRefusedError) for e in errors):
+            return LLMError(
+                "connection",
+                f"connection refused to {where}",
+                fix="start the model server, or correct the address in OPENAI_BASE_URL",
+            )
+        if any(isinstance(e, ConnectionError) for e in errors):
+            return LLMError("connection", f"cannot connect to {where}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class LLMClient:
@@ -262,3 +301,110 @@ class LLMClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.close()
+
+
+# ------------------------------------------------------------------------ at start-up
+#: Seconds the start-up check waits for ``GET /models``.
+CHECK_TIMEOUT = 3.0
+
+
+def describe(config: LLMConfig) -> str:
+    """The LLM in words: its base URL, or "OpenAI" for the official API."""
+    return config.base_url or "OpenAI"
+
+
+@dataclass(frozen=True)
+class LLMCheck:
+    """What the start-up check found: the model to use, how it was chosen, and a warning
+    (one line, not fatal) when the LLM cannot be reached or refuses the key."""
+
+    model: str
+    #: "given" (--model / CRCTL_MODEL), "default", or "the only model <url> lists".
+    source: str
+    warning: str | None = None
+
+
+def check_llm(
+    config: LLMConfig, model: str | None, default_model: str, timeout: float = CHECK_TIMEOUT
+) -> LLMCheck:
+    """Ask the LLM for its models (``GET {base_url}/models``) once, at start.
+
+    With a base URL and no ``model``, the server's only model is used; several, none, or a
+    server that cannot be asked stop start-up with one line (:class:`ConfigError`) saying
+    how to pick one. Otherwise ``model`` (or ``default_model``) is used, and an unreachable
+    LLM, a refused key or a model the server does not list is a warning.
+    """
+    where = describe(config)
+    models: list[str] | None = None
+    problem: LLMError | None = None
+    try:
+        models = _run(_list_models(config, min(timeout, config.timeout)))
+    except LLMError as exc:
+        problem = exc
+    pick = "pick one with --model NAME (or CRCTL_MODEL)"
+    if model is None and config.base_url:
+        if problem is not None:
+            fix = f"{problem.fix}, or " if problem.fix else ""
+            raise ConfigError(
+                f"no model chosen, and the LLM at {where} cannot list its models "
+                f"({problem.detail}): {fix}{pick}"
+            )
+        if models is not None and len(models) == 1:
+            return LLMCheck(models[0], f"the only model {where} lists")
+        if not models:
+            raise ConfigError(
+                f"no model chosen, and the LLM at {where} lists none (GET /models): load one "
+                f"into the server, or {pick}"
+            )
+        raise ConfigError(
+            f"no model chosen, and the LLM at {where} lists {len(models)}: "
+            f"{', '.join(models)}; {pick}"
+        )
+    chosen = model or default_model
+    source = "given" if model else "default"
+    if problem is not None:
+        return LLMCheck(chosen, source, _warning(where, problem))
+    if models and chosen not in models:
+        shown = ", ".join(models[:8]) + (", …" if len(models) > 8 else "")
+        return LLMCheck(
+            chosen, source, f"model {chosen!r} is not one the LLM at {where} lists ({shown})"
+        )
+    return LLMCheck(chosen, source)
+
+
+def _warning(where: str, problem: LLMError) -> str | None:
+    if problem.kind in ("connection", "timeout"):
+        fix = f"; {problem.fix}" if problem.fix else ""
+        return f"LLM not reachable at {where}: {problem.detail}{fix} (calls get the apology)"
+    if problem.kind == "status" and problem.status in (401, 403):
+        return f"the LLM at {where} refused the key (HTTP {problem.status}): check OPENAI_API_KEY"
+    if problem.kind == "status" and problem.status == 404:
+        return None  # reachable; it just does not list models
+    return f"the LLM at {where} answered GET /models with an error: {problem.detail}"
+
+
+async def _list_models(config: LLMConfig, timeout: float) -> list[str]:
+    client = openai.AsyncOpenAI(
+        api_key=config.api_key or "unset",
+        base_url=config.base_url,
+        timeout=timeout,
+        max_retries=0,
+        http_client=openai.DefaultAioHttpClient(),
+    )
+    try:
+        page = await client.models.list()
+        return sorted({model.id for model in page.data})
+    except openai.APIError as exc:
+        raise _map_error(exc) from exc
+    finally:
+        await client.close()
+
+
+def _run(coro: Any) -> Any:
+    """Run ``coro`` to the end from synchronous code (in a thread if a loop is running)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -308,7 +308,7 @@ class EventStore:
         return [_event(row) for row in self.select(since, call_sid, after_id, limit)]
 
     def calls(self, limit: int = 50) -> list[dict[str, Any]]:
-        """One row per call, newest first: sid, from, to, started, ended, status, turns…"""
+        """One row per call, newest first: call_sid, from, to, started, ended, status, turns…"""
         if not self.readonly:
             self.flush()
         with self._lock:
@@ -335,7 +335,7 @@ class EventStore:
         if len(found) != 1:
             return None
         call = _call(found[0])
-        call["events"] = self.query(call_sid=call["sid"], limit=limit)
+        call["events"] = self.query(call_sid=call["call_sid"], limit=limit)
         return call
 
     # --------------------------------------------------------------------------- live
@@ -442,7 +442,7 @@ _CALL_COLUMNS = (
 def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     sid, from_, to, params, started, ended, status, turns, errors, handoff = row
     return {
-        "sid": sid,
+        "call_sid": sid,
         "from": from_,
         "to": to,
         "custom_parameters": json.loads(params) if params else {},

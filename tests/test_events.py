@@ -82,8 +82,8 @@ async def test_a_call_is_stored_and_streamed_backlog_then_live(relay_factory, fa
         assert by_kind["tool.call"][0]["result"] == "switched to es-ES"
         reply = by_kind["agent.reply"][0]
         assert reply["text"] == "Your order has shipped."
-        assert reply["ttft_ms"] >= 40  # the fake LLM waited 50 ms before the first token
-        assert reply["duration_ms"] >= reply["ttft_ms"]
+        assert reply["first_token_ms"] >= 40  # the fake LLM waited 50 ms before the first token
+        assert reply["duration_ms"] >= reply["first_token_ms"]
         assert by_kind["barge_in"][0] == {"heard": "Your order", "duration_ms": 640}
         assert by_kind["dtmf"][0] == {"digit": "5"}
         error = by_kind["error"][0]
@@ -98,7 +98,7 @@ async def test_a_call_is_stored_and_streamed_backlog_then_live(relay_factory, fa
 
         # One row per call, and the call with its events.
         calls = (await http.get("/calls")).json()["calls"]
-        assert [c["sid"] for c in calls] == [CA1]
+        assert [c["call_sid"] for c in calls] == [CA1]
         row = calls[0]
         assert (row["from"], row["to"], row["status"]) == (
             "+15550100001",
@@ -109,7 +109,7 @@ async def test_a_call_is_stored_and_streamed_backlog_then_live(relay_factory, fa
         assert row["ended"] >= row["started"]
         one = (await http.get(f"/calls/{CA1}")).json()
         assert [e["kind"] for e in one["events"]] == kinds
-        assert (await http.get(f"/calls/{CA1[:10]}")).json()["sid"] == CA1  # a unique prefix
+        assert (await http.get(f"/calls/{CA1[:10]}")).json()["call_sid"] == CA1  # a unique prefix
         missing = await http.get("/calls/CA" + "9" * 32)
         assert missing.status_code == 404
 
@@ -210,7 +210,7 @@ async def test_events_still_there_after_a_relay_restart(relay_factory, fake_llm,
         )
         assert {e["call_sid"] for e in new} == {CA2}
         assert new[0]["id"] > old[-1]["id"]  # ids keep growing across restarts
-        assert [c["sid"] for c in (await http.get("/calls")).json()["calls"]] == [CA2, CA1]
+        assert [c["call_sid"] for c in (await http.get("/calls")).json()["calls"]] == [CA2, CA1]
 
 
 async def test_stopping_the_relay_ends_open_streams_at_once(relay_factory, db):
@@ -289,15 +289,15 @@ def test_store_query_calls_and_prefix(db):
         assert [r["id"] for r in store.query(after_id=rows[3]["id"])] == [rows[4]["id"]]
         assert len(store.query(limit=2)) == 2
         calls = store.calls()
-        assert [(c["sid"], c["from"], c["turns"]) for c in calls] == [
+        assert [(c["call_sid"], c["from"], c["turns"]) for c in calls] == [
             (CA2, "+1777", 0),
             (CA1, "+1555", 1),
         ]
-        assert store.call(CA1[:8])["sid"] == CA1  # a unique prefix
+        assert store.call(CA1[:8])["call_sid"] == CA1  # a unique prefix
         assert store.call("CA") is None  # too short to guess
         _publish(store, ev.DTMF, CA1[:8] + "x" * 26, None, digit="1")
         assert store.call(CA1[:8]) is None  # no longer unique
-        assert store.call(CA1)["sid"] == CA1
+        assert store.call(CA1)["call_sid"] == CA1
     finally:
         store.close()
     reader = EventStore(db, readonly=True)  # the CLI's view, the relay stopped
@@ -320,7 +320,7 @@ def test_store_prunes_by_rows_and_age(db):
         rows = store.query(limit=1000)
         assert len(rows) == 100
         assert {r["call_sid"] for r in rows} == {CA2}  # the old call went, with its calls row
-        assert [c["sid"] for c in store.calls()] == [CA2]
+        assert [c["call_sid"] for c in store.calls()] == [CA2]
         newest = store.last_id
     finally:
         store.close()

@@ -81,7 +81,7 @@ async def test_call_log_renders_a_real_call(relay_factory, fake_llm, tmp_path):
     assert "where is\n" not in text  # partial transcripts are not shown by default
     agent = line_of("agent")
     assert "Your order has shipped." in agent
-    assert re.search(r"ttft \d+ ms · took \d+ ms", agent), agent
+    assert re.search(r"first token \d+ ms · took \d+ ms", agent), agent
     assert "switch_language" in line_of("tool") and "switched to es-ES" in line_of("tool")
     assert "tts es-ES, transcription es-ES" in line_of("language")
     assert "heard “Your order” after 640 ms" in line_of("barge-in")
@@ -201,7 +201,7 @@ async def test_tail_in_a_pseudo_terminal_is_coloured_and_ctrl_c_exits_0(
         text = term.text()
         plain = ANSI.sub("", text)
         assert "where is my order" in plain and "Your order has shipped." in plain
-        assert re.search(r"ttft \d+ ms", plain)
+        assert re.search(r"first token \d+ ms", plain)
         assert "fix: check what the agent sends" in " ".join(plain.split())
         # colours: the call's bar, the caller in green, the error white on red
         assert re.search(r"\x1b\[3[0-7]m┃", text), text

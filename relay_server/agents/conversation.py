@@ -36,6 +36,9 @@ class ConversationAgent(CallSession):
         self._silence_timer: asyncio.TimerHandle | None = None
         self._reminders = 0
         self._resumed = False
+        #: Loop time the caller's turn ended (its final prompt or key reached the relay); the
+        #: next reply's ``first_token_ms`` counts from it.
+        self._turn_end: float | None = None
 
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncGenerator[str, None]:
@@ -131,10 +134,12 @@ class ConversationAgent(CallSession):
         even if another turn supersedes this one before it runs. A reply cut by this new turn
         keeps what was sent: without an ``interrupt`` Twilio plays everything queued (§3).
         """
+        turn_end = asyncio.get_running_loop().time()
 
         def record() -> None:
             self.history.append({"role": "user", "content": user_text})
             self._trim_history()
+            self._turn_end = turn_end
 
         await self.start_turn(self._respond(user_text), before=record)
 
@@ -146,6 +151,9 @@ class ConversationAgent(CallSession):
         and return the spoken text. Runs inside the turn; cancellation keeps what was sent."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # First token: from the end of the caller's turn, not from here (cancelling the last
+        # reply and starting this one is part of what the caller waits for).
+        turn_end, self._turn_end = self._turn_end, None
         first: float | None = None
         spoken: list[str] = []
         self._message = None
@@ -155,8 +163,6 @@ class ConversationAgent(CallSession):
             # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
             async with aclosing(tokens):
                 async for token in tokens:
-                    if first is None:
-                        first = loop.time()
                     spoken.append(token)
                     if record:
                         if self._message is None:
@@ -164,6 +170,8 @@ class ConversationAgent(CallSession):
                             self.history.append(self._message)
                         self._message["content"] += token
                     await self.send_text(token)
+                    if first is None:
+                        first = loop.time()  # the first token is sent
         finally:
             cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
             if not self.closed and (self._cycle_open or not (spoken or cancelled)):
@@ -175,8 +183,10 @@ class ConversationAgent(CallSession):
                 ev.AGENT_REPLY,
                 self.call_sid,
                 text=text,
-                ttft_ms=None if first is None else round((first - started) * 1000, 1),
-                duration_ms=round((loop.time() - started) * 1000, 1),
+                first_token_ms=None
+                if first is None or turn_end is None
+                else round((first - turn_end) * 1000, 1),
+                duration_ms=round((loop.time() - (turn_end or started)) * 1000, 1),
                 cancelled=cancelled,
             )
             self._arm_silence()
@@ -219,6 +229,9 @@ class ConversationAgent(CallSession):
     def _caller_active(self) -> None:
         self._reminders = 0
         self._resumed = False
+        #: Loop time the caller's turn ended (its final prompt or key reached the relay); the
+        #: next reply's ``first_token_ms`` counts from it.
+        self._turn_end: float | None = None
         self._cancel_silence()
 
     def _cancel_silence(self) -> None:

@@ -105,9 +105,18 @@ class LLMAgent(ConversationAgent):
                         said.append(token)
                         yield token
             except LLMError as exc:
-                self.log.warning("LLM fault on %s: %s", self.call_sid, exc)
+                # One line in the relay's log, and the event (which `crctl up` and `tail` show
+                # instead of the log line: ``call_event`` marks a record said by an event).
+                self.log.warning(
+                    "call %s: LLM fault (%s): %s",
+                    self.call_sid,
+                    exc.kind,
+                    exc.detail,
+                    extra={"call_event": ev.LLM_FAULT},
+                )
+                fix = {"fix": exc.fix} if exc.fix else {}
                 self.link.events.publish(
-                    ev.LLM_FAULT, self.call_sid, kind=exc.kind, detail=exc.detail
+                    ev.LLM_FAULT, self.call_sid, kind=exc.kind, detail=exc.detail, **fix
                 )
                 gap = " " if said and not said[-1].endswith(" ") else ""
                 yield gap + settings.apology

@@ -165,6 +165,11 @@ class FakeLLM(BackgroundServer):
     ) -> None:
         self.responder: Callable[[dict[str, Any]], Script] = responder or echo_responder
         self.records: list[StreamRecord] = []
+        #: What ``GET /v1/models`` lists (ids), and its HTTP status (non-200: an error body).
+        self.models: list[str] = [MODEL]
+        self.models_status = 200
+        #: How many times ``GET /v1/models`` was asked.
+        self.models_requests = 0
         self.base_url = ""
         self._port = port
         self._keep_records = keep_records
@@ -215,8 +220,14 @@ class FakeLLM(BackgroundServer):
             await runner.cleanup()
 
     async def _models(self, request: web.Request) -> web.Response:
-        model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake-llm"}
-        return web.json_response({"object": "list", "data": [model]})
+        self.models_requests += 1
+        if self.models_status != 200:
+            return _error_response(self.models_status)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fake-llm"}
+            for name in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     def _next_script(self, body: dict[str, Any]) -> Script:
         with self._lock:

@@ -25,11 +25,21 @@ numbers_app = typer.Typer(
 )
 apps_app = typer.Typer(help="TwiML Applications.", no_args_is_help=True)
 
-ACCOUNT = typer.Option(None, "--account-sid", help="(env TWILIO_ACCOUNT_SID)")
-TOKEN = typer.Option(None, "--auth-token", help="(env TWILIO_AUTH_TOKEN)")
-KEY = typer.Option(None, "--api-key", help="(env TWILIO_API_KEY)")
-SECRET = typer.Option(None, "--api-secret", help="(env TWILIO_API_SECRET)")
-PROFILE = typer.Option(None, "--profile", help="twilio-cli profile (~/.twilio-cli/config.json).")
+ACCOUNT = typer.Option(
+    None, "--account-sid", metavar="AC…", help="Twilio account SID. (env TWILIO_ACCOUNT_SID)"
+)
+TOKEN = typer.Option(
+    None, "--auth-token", metavar="TOKEN", help="Its auth token. (env TWILIO_AUTH_TOKEN)"
+)
+KEY = typer.Option(
+    None, "--api-key", metavar="SK…", help="An API key, instead of the token. (env TWILIO_API_KEY)"
+)
+SECRET = typer.Option(
+    None, "--api-secret", metavar="SECRET", help="The API key's secret. (env TWILIO_API_SECRET)"
+)
+PROFILE = typer.Option(
+    None, "--profile", metavar="NAME", help="twilio-cli profile (~/.twilio-cli/config.json)."
+)
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
@@ -108,13 +118,23 @@ def whoami(
 
 @with_twilio
 def provision_number(
-    public_url: str = typer.Option(..., help="The relay's public https:// base URL."),
-    number: Optional[str] = typer.Option(None, help="Use a number you own: +E164 or PN…"),
-    country: str = typer.Option("US", help="Country to search in (ISO code)."),
-    type_: str = typer.Option("local", "--type", help="local, toll-free or mobile."),
-    area_code: Optional[int] = typer.Option(None, help="Area code to search in."),
-    contains: Optional[str] = typer.Option(None, help="Digits (or letters) the number contains."),
-    app_name: str = typer.Option(DEFAULT_APP_NAME, help="TwiML App to create or reuse."),
+    public_url: str = typer.Option(
+        ..., metavar="URL", help="The relay's public https:// base URL."
+    ),
+    number: Optional[str] = typer.Option(
+        None, metavar="NUMBER", help="Use a number you own: +E164 or PN…"
+    ),
+    country: str = typer.Option("US", metavar="CC", help="Country to search in (ISO code)."),
+    type_: str = typer.Option(
+        "local", "--type", metavar="TYPE", help="local, toll-free or mobile."
+    ),
+    area_code: Optional[int] = typer.Option(None, metavar="CODE", help="Area code to search in."),
+    contains: Optional[str] = typer.Option(
+        None, metavar="DIGITS", help="Digits (or letters) the number contains."
+    ),
+    app_name: str = typer.Option(
+        DEFAULT_APP_NAME, metavar="NAME", help="TwiML App to create or reuse."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
     yes: bool = YES,
     twilio: Any = None,
@@ -216,9 +236,11 @@ def numbers_list(
 @numbers_app.command("point")
 @with_twilio
 def numbers_point(
-    number: str = typer.Argument(..., help="+E164 or PN…"),
-    url: Optional[str] = typer.Option(None, help="Voice webhook URL (https, public)."),
-    app: Optional[str] = typer.Option(None, help="TwiML App SID (AP…)."),
+    number: str = typer.Argument(..., metavar="NUMBER", help="+E164 or PN…"),
+    url: Optional[str] = typer.Option(
+        None, metavar="URL", help="Voice webhook URL (https, public)."
+    ),
+    app: Optional[str] = typer.Option(None, metavar="AP…", help="TwiML App SID (AP…)."),
     twilio: Any = None,
 ) -> None:
     """Send a number's calls to a URL or an application (the old setting is recorded)."""
@@ -240,7 +262,7 @@ def numbers_point(
 @numbers_app.command("restore")
 @with_twilio
 def numbers_restore(
-    number: str = typer.Argument(..., help="+E164 or PN…"),
+    number: str = typer.Argument(..., metavar="NUMBER", help="+E164 or PN…"),
     twilio: Any = None,
 ) -> None:
     """Put back the voice settings the number had before crctl changed them."""
@@ -266,7 +288,7 @@ def numbers_restore(
 @numbers_app.command("release")
 @with_twilio
 def numbers_release(
-    number: str = typer.Argument(..., help="+E164 or PN…"),
+    number: str = typer.Argument(..., metavar="NUMBER", help="+E164 or PN…"),
     yes: bool = YES,
     twilio: Any = None,
 ) -> None:
@@ -286,7 +308,9 @@ def numbers_release(
 @apps_app.command("show")
 @with_twilio
 def app_show(
-    app: Optional[str] = typer.Argument(None, help="AP… or friendly name; all when omitted."),
+    app: Optional[str] = typer.Argument(
+        None, metavar="APP", help="AP… or friendly name; all when omitted."
+    ),
     twilio: Any = None,
 ) -> None:
     """TwiML Applications: voice URL, status callback and the numbers using them."""
@@ -313,7 +337,7 @@ def app_show(
 @apps_app.command("delete")
 @with_twilio
 def app_delete(
-    app: str = typer.Argument(..., help="AP… or friendly name."),
+    app: str = typer.Argument(..., metavar="APP", help="AP… or friendly name."),
     yes: bool = YES,
     force: bool = typer.Option(False, help="Delete even if numbers still use it."),
     twilio: Any = None,

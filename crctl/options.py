@@ -41,13 +41,13 @@ def default_text(field: str) -> str | None:
 
 
 def setting_option(field: str, metavar: str, text: str, *names: str) -> Any:
-    """A ``typer.Option`` for setting ``field``: ``text``, then ``[env …; default …]``."""
+    """A ``typer.Option`` for setting ``field``: ``text``, then ``(env …; default …)``."""
     extra = [f"env {', '.join(env_names(field))}"]
     default = default_text(field)
     if default is not None:
         extra.append(f"default {default}")
     return typer.Option(
-        None, *names, metavar=metavar, help=f"{text} [{'; '.join(extra)}]", show_default=False
+        *names, metavar=metavar, help=f"{text} ({'; '.join(extra)})", show_default=False
     )
 
 

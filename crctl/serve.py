@@ -10,14 +10,12 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional
 
-import typer
 import uvicorn
 from quart import Quart
 from rich.markup import escape
 
+from crctl import options as opts
 from crctl.console import err, fail
 from crctl.settings import (
     Settings,
@@ -34,71 +32,29 @@ from relay_server.events import EventBus
 
 
 def serve(
-    host: Optional[str] = typer.Option(None, help="Address to bind. (env CRCTL_HOST; 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, help="Port to bind. (env CRCTL_PORT; 8080)"),
-    public_url: Optional[str] = typer.Option(
-        None,
-        help="Public https:// base URL Twilio uses (signatures are checked against it). "
-        "(env CRCTL_PUBLIC_URL)",
-    ),
-    agent: Optional[str] = typer.Option(
-        None,
-        help="llm, echo, or package.module:Class. (env CRCTL_AGENT; llm with "
-        "OPENAI_API_KEY or OPENAI_BASE_URL, else echo)",
-    ),
-    model: Optional[str] = typer.Option(None, help="LLM model. (env CRCTL_MODEL)"),
-    openai_base_url: Optional[str] = typer.Option(
-        None, help="OpenAI-compatible endpoint (Ollama, vLLM, Groq…). (env OPENAI_BASE_URL)"
-    ),
-    system_prompt: Optional[str] = typer.Option(None, help="System prompt text."),
-    system_prompt_file: Optional[Path] = typer.Option(
-        None, help="Read the system prompt from a file."
-    ),
-    tools: Optional[list[str]] = typer.Option(
-        None, "--tools", help="Python module whose @tool functions the LLM may call (repeatable)."
-    ),
-    twiml_template: Optional[str] = typer.Option(
-        None,
-        help="TwiML template /twiml serves (crctl twiml list). (env CRCTL_TWIML_TEMPLATE; basic)",
-    ),
-    welcome_greeting: Optional[str] = typer.Option(
-        None, help="Spoken when the call connects (overrides the template's)."
-    ),
-    handoff_number: Optional[str] = typer.Option(
-        None, help="Number or SIP URI to dial when the agent hands off to a person."
-    ),
-    verify_signatures: Optional[bool] = typer.Option(
-        None,
-        "--verify-signatures/--no-verify-signatures",
-        help="Check X-Twilio-Signature (on by default; turning it off prints a warning).",
-    ),
-    llm_timeout: Optional[float] = typer.Option(
-        None, help="Seconds to wait for the LLM (connect, and between chunks). [15]"
-    ),
-    apology: Optional[str] = typer.Option(None, help="Spoken when the LLM fails."),
-    filler_after_ms: Optional[int] = typer.Option(
-        None, help="Say a preemptible filler when the first token is slower than this (0: off)."
-    ),
-    silence_timeout: Optional[float] = typer.Option(
-        None, help="Seconds of caller silence before a reminder (0: off). [15]"
-    ),
-    dtmf_buffer: Optional[bool] = typer.Option(
-        None,
-        "--dtmf-buffer/--no-dtmf-buffer",
-        help="Collect digits until # or a pause instead of one turn per key.",
-    ),
-    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR."),
-    events_db: Optional[str] = typer.Option(
-        None,
-        help="SQLite file of call events ('' keeps them in memory only). "
-        "(env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3)",
-    ),
-    events_keep_days: Optional[float] = typer.Option(
-        None, help="Delete call events older than this many days. [30]"
-    ),
-    events_max_rows: Optional[int] = typer.Option(
-        None, help="Keep at most this many call events. [500000]"
-    ),
+    host: opts.Host = None,
+    port: opts.Port = None,
+    public_url: opts.PublicUrl = None,
+    agent: opts.Agent = None,
+    app_dir: opts.AppDir = None,
+    model: opts.Model = None,
+    openai_base_url: opts.OpenAIBaseUrl = None,
+    system_prompt: opts.SystemPrompt = None,
+    system_prompt_file: opts.SystemPromptFile = None,
+    tools: opts.Tools = None,
+    twiml_template: opts.TwimlTemplate = None,
+    welcome_greeting: opts.WelcomeGreeting = None,
+    handoff_number: opts.HandoffNumber = None,
+    verify_signatures: opts.VerifySignatures = None,
+    llm_timeout: opts.LlmTimeout = None,
+    apology: opts.Apology = None,
+    filler_after_ms: opts.FillerAfterMs = None,
+    silence_timeout: opts.SilenceTimeout = None,
+    dtmf_buffer: opts.DtmfBuffer = None,
+    log_level: opts.LogLevel = None,
+    events_db: opts.EventsDb = None,
+    events_keep_days: opts.EventsKeepDays = None,
+    events_max_rows: opts.EventsMaxRows = None,
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz."""
     try:
@@ -107,6 +63,7 @@ def serve(
             port=port,
             public_url=public_url,
             agent=agent,
+            app_dir=app_dir,
             model=model,
             openai_base_url=openai_base_url,
             system_prompt=system_prompt,

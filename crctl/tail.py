@@ -204,12 +204,17 @@ class Follower:
 
 def tail(
     url: str = typer.Option(
-        DEFAULT_URL, "--url", envvar="CRCTL_URL", help="The relay's address. (env CRCTL_URL)"
+        DEFAULT_URL,
+        "--url",
+        envvar="CRCTL_URL",
+        metavar="URL",
+        help="The relay's address. (env CRCTL_URL)",
     ),
-    call: Optional[str] = typer.Option(None, "--call", help="Only this call (CA…)."),
+    call: Optional[str] = typer.Option(None, "--call", metavar="CA…", help="Only this call."),
     since: Optional[str] = typer.Option(
         None,
         "--since",
+        metavar="AGO",
         help="First show stored events this far back: 30s, 10m, 2h, 1d or an ISO time "
         "(default: only new events).",
     ),
@@ -220,7 +225,8 @@ def tail(
         None,
         "--token",
         envvar="CRCTL_API_TOKEN",
-        help="The relay's API token. (env CRCTL_API_TOKEN; else ~/.crctl/api-token)",
+        metavar="TOKEN",
+        help="The relay's API token. (env CRCTL_API_TOKEN; default ~/.crctl/api-token)",
     ),
 ) -> None:
     """Follow the relay's calls live: a transcript per call, latency, errors with the fix."""
@@ -260,8 +266,15 @@ calls_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DB_HELP = "The events database. (env CRCTL_EVENTS_DB; ~/.crctl/events.sqlite3)"
+_DB_HELP = "The events database. (env CRCTL_EVENTS_DB; default ~/.crctl/events.sqlite3)"
 _URL_HELP = "Ask the relay at this address instead of reading the database."
+_TOKEN_OPTION = typer.Option(
+    None,
+    "--token",
+    envvar="CRCTL_API_TOKEN",
+    metavar="TOKEN",
+    help="The relay's API token, with --url. (env CRCTL_API_TOKEN; default ~/.crctl/api-token)",
+)
 
 
 def _db_path(db: Path | None) -> Path:
@@ -292,10 +305,12 @@ def _with_call_sid(call: dict[str, Any]) -> dict[str, Any]:
 
 @calls_app.command("list")
 def calls_list(
-    limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many, newest first."),
-    db: Optional[Path] = typer.Option(None, "--db", help=_DB_HELP),
-    url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
-    token: Optional[str] = typer.Option(None, "--token", envvar="CRCTL_API_TOKEN"),
+    limit: int = typer.Option(
+        20, "--limit", min=1, max=1000, metavar="N", help="How many, newest first (1-1000)."
+    ),
+    db: Optional[Path] = typer.Option(None, "--db", metavar="FILE", help=_DB_HELP),
+    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help=_URL_HELP),
+    token: Optional[str] = _TOKEN_OPTION,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per call."),
 ) -> None:
     """List stored calls, newest first."""
@@ -324,9 +339,9 @@ def calls_list(
 @calls_app.command("show")
 def calls_show(
     sid: str = typer.Argument(..., help="The call's CA… sid (or its first 6+ characters)."),
-    db: Optional[Path] = typer.Option(None, "--db", help=_DB_HELP),
-    url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
-    token: Optional[str] = typer.Option(None, "--token", envvar="CRCTL_API_TOKEN"),
+    db: Optional[Path] = typer.Option(None, "--db", metavar="FILE", help=_DB_HELP),
+    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help=_URL_HELP),
+    token: Optional[str] = _TOKEN_OPTION,
     json_out: bool = typer.Option(False, "--json", help="The call and its events as JSON."),
 ) -> None:
     """Show one stored call's transcript and events."""

@@ -55,7 +55,11 @@ def list_templates() -> None:
 
 
 @app.command("show")
-def show(name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path.")) -> None:
+def show(
+    name: str = typer.Argument(
+        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
+    ),
+) -> None:
     """The effective settings of a template, after inheritance."""
     try:
         tpl = load_template(Path(name) if name.endswith(".toml") else name)
@@ -79,11 +83,19 @@ def show(name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .to
 
 @app.command("render")
 def render_cmd(
-    name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path."),
-    url: Optional[str] = typer.Option(None, help="The relay's wss:// URL (…/ws)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Attribute override key=value."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="<Parameter> name=value."),
-    action: Optional[str] = typer.Option(None, help="<Connect action> URL (https:// or /path)."),
+    name: str = typer.Argument(
+        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
+    ),
+    url: Optional[str] = typer.Option(None, metavar="URL", help="The relay's wss:// URL (…/ws)."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Attribute override (repeatable)."
+    ),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", metavar="NAME=VALUE", help="A <Parameter> (repeatable)."
+    ),
+    action: Optional[str] = typer.Option(
+        None, metavar="URL", help="<Connect action> URL (https:// or /path)."
+    ),
 ) -> None:
     """Print the TwiML document (exit 0), or the one error (exit 2)."""
     try:
@@ -97,7 +109,7 @@ def render_cmd(
 
 
 @app.command("lint")
-def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> None:
+def lint_cmd(file: Path = typer.Argument(..., metavar="FILE", help="A TwiML .xml file.")) -> None:
     """Check an existing TwiML document by the template rules."""
     try:
         document = file.read_bytes()
@@ -113,12 +125,22 @@ def lint_cmd(file: Path = typer.Argument(..., help="A TwiML .xml file.")) -> Non
 
 @app.command("export")
 def export_cmd(
-    name: str = typer.Argument(..., help="Preset name, ./twiml/ name or .toml path."),
-    url: Optional[str] = typer.Option(None, help="The relay's wss:// URL (…/ws)."),
-    serverless: Path = typer.Option(..., help="Folder of the Twilio Serverless project."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Attribute override key=value."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="<Parameter> name=value."),
-    action: Optional[str] = typer.Option(None, help="<Connect action> URL (https:// or /path)."),
+    name: str = typer.Argument(
+        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
+    ),
+    url: Optional[str] = typer.Option(None, metavar="URL", help="The relay's wss:// URL (…/ws)."),
+    serverless: Path = typer.Option(
+        ..., metavar="DIR", help="Folder of the Twilio Serverless project."
+    ),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Attribute override (repeatable)."
+    ),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", metavar="NAME=VALUE", help="A <Parameter> (repeatable)."
+    ),
+    action: Optional[str] = typer.Option(
+        None, metavar="URL", help="<Connect action> URL (https:// or /path)."
+    ),
     force: bool = typer.Option(False, help="Overwrite files you changed since the last export."),
 ) -> None:
     """Write a Twilio Serverless project whose function answers with this TwiML."""

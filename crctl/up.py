@@ -17,13 +17,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl import options as opts
 from crctl import up_sessions
 from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
@@ -101,29 +102,62 @@ def _quiet_restore(session: Session, state: State) -> None:
 
 
 def up(
-    port: Optional[int] = typer.Option(
-        None, help="Local port of the relay. (env CRCTL_PORT; 8080)"
-    ),
-    public_url: Optional[str] = typer.Option(
-        None, help="Use your own tunnel or host instead of ngrok. (env CRCTL_PUBLIC_URL)"
-    ),
-    no_tunnel: bool = typer.Option(False, "--no-tunnel", help="Local only: no tunnel, no number."),
-    number: Optional[str] = typer.Option(
-        None,
-        envvar="CRCTL_NUMBER",
-        help="Number to point at this run (+E164 or PN…). (env CRCTL_NUMBER)",
-    ),
-    agent: Optional[str] = typer.Option(None, help="llm, echo or package.module:Class."),
-    model: Optional[str] = typer.Option(None, help="LLM model."),
-    twiml_template: Optional[str] = typer.Option(None, help="TwiML template /twiml serves."),
-    profile: Optional[str] = typer.Option(None, help="twilio-cli profile."),
-    call_script: Optional[Path] = typer.Option(
-        None,
-        "--call",
-        help="Once up, play this `crctl call` script against the relay (no phone needed), "
-        "then stop; the exit code is the script's.",
-    ),
-    log_level: Optional[str] = typer.Option("WARNING", help="Relay log level."),
+    port: opts.Port = None,
+    public_url: Annotated[
+        Optional[str],
+        opts.setting_option(
+            "public_url", "URL", "Your own tunnel or host, instead of opening an ngrok tunnel."
+        ),
+    ] = None,
+    no_tunnel: Annotated[
+        bool, typer.Option("--no-tunnel", help="Local only: no tunnel, no number.")
+    ] = False,
+    number: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="CRCTL_NUMBER",
+            show_envvar=False,
+            metavar="NUMBER",
+            help="Number to point at this run, +E164 or PN…. (env CRCTL_NUMBER)",
+        ),
+    ] = None,
+    profile: Annotated[
+        Optional[str], typer.Option(metavar="NAME", help="twilio-cli profile for the credentials.")
+    ] = None,
+    call_script: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--call",
+            metavar="SCRIPT",
+            help="Once up, play this `crctl call` script against the relay (no phone needed), "
+            "then stop; the exit code is the script's.",
+        ),
+    ] = None,
+    agent: opts.Agent = None,
+    app_dir: opts.AppDir = None,
+    model: opts.Model = None,
+    openai_base_url: opts.OpenAIBaseUrl = None,
+    system_prompt: opts.SystemPrompt = None,
+    system_prompt_file: opts.SystemPromptFile = None,
+    tools: opts.Tools = None,
+    twiml_template: opts.TwimlTemplate = None,
+    welcome_greeting: opts.WelcomeGreeting = None,
+    handoff_number: opts.HandoffNumber = None,
+    llm_timeout: opts.LlmTimeout = None,
+    apology: opts.Apology = None,
+    filler_after_ms: opts.FillerAfterMs = None,
+    silence_timeout: opts.SilenceTimeout = None,
+    dtmf_buffer: opts.DtmfBuffer = None,
+    events_db: opts.EventsDb = None,
+    events_keep_days: opts.EventsKeepDays = None,
+    events_max_rows: opts.EventsMaxRows = None,
+    log_level: Annotated[
+        str,
+        typer.Option(
+            metavar="LEVEL",
+            help="Relay log level: DEBUG, INFO, WARNING or ERROR (below the live call log).",
+        ),
+    ] = "WARNING",
 ) -> None:
     """Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back."""
     state = State()
@@ -138,12 +172,29 @@ def up(
                 public_url,
                 no_tunnel,
                 number,
-                agent,
-                model,
-                twiml_template,
                 profile,
                 call_script,
-                log_level,
+                {
+                    "agent": agent,
+                    "app_dir": app_dir,
+                    "model": model,
+                    "openai_base_url": openai_base_url,
+                    "system_prompt": system_prompt,
+                    "system_prompt_file": system_prompt_file,
+                    "tools": tools,
+                    "twiml_template": twiml_template,
+                    "welcome_greeting": welcome_greeting,
+                    "handoff_number": handoff_number,
+                    "llm_timeout": llm_timeout,
+                    "apology": apology,
+                    "filler_after_ms": filler_after_ms,
+                    "silence_timeout": silence_timeout,
+                    "dtmf_buffer": dtmf_buffer,
+                    "events_db": events_db,
+                    "events_keep_days": events_keep_days,
+                    "events_max_rows": events_max_rows,
+                    "log_level": log_level,
+                },
             )
         if prepared is None:
             raise typer.Exit(2)
@@ -171,24 +222,14 @@ def _prepare(
     public_url: str | None,
     no_tunnel: bool,
     number: str | None,
-    agent: str | None,
-    model: str | None,
-    twiml_template: str | None,
     profile: str | None,
     call_script: Path | None,
-    log_level: str | None,
+    flags: dict[str, Any],
 ) -> tuple[Any, ...] | None:
     """Everything before serving; ``None`` after printing the one error that stops it."""
     try:
         turns = load_script(call_script) if call_script is not None else None
-        settings = load_settings(
-            port=port,
-            public_url=public_url,
-            agent=agent,
-            model=model,
-            twiml_template=twiml_template,
-            log_level=log_level,
-        )
+        settings = load_settings(port=port, public_url=public_url, **flags)
         sock = bind(settings)
         twilio = _twilio(profile, session, state)
         if twilio is not None:

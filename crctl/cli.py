@@ -1,42 +1,164 @@
-"""The ``crctl`` command: a Typer app composed of one sub-app per command module.
+"""The ``crctl`` command: a Typer app whose commands are imported only when one is run.
+
+Each command lives in its own module (``crctl.serve`` imports uvicorn and Quart, ``crctl.call``
+websockets, ``crctl.numbers`` the twilio REST client…). Importing them all to print ``crctl
+--help`` took ~1.7 s, so the root group is lazy (click's documented LazyGroup pattern): it
+knows every command's name and one-line help, and imports a command's module when that command
+is run or its own ``--help`` is asked for. ``tests/test_startup.py`` checks that the help lines
+below are the commands' own, and which modules a command may import.
 
 Known failures are caught here once and printed as one line; nobody sees a traceback for them.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from crctl import __version__
-from crctl.call import call
-from crctl.console import fail
-from crctl.errors import CrctlError
-from crctl.numbers import apps_app, numbers_app, provision_number, whoami
-from crctl.serve import serve
-from crctl.tail import calls_app, tail
-from crctl.twiml import app as twiml_app
-from crctl.up import up
-from relay_server.errors import RelayError
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """Where a command is defined, and the help line ``crctl --help`` shows for it."""
+
+    module: str
+    #: a command function, or a ``typer.Typer`` of subcommands
+    attribute: str
+    #: the first paragraph of the command's help, exactly (checked by tests/test_startup.py)
+    help: str
+
+    def load(self, name: str) -> Any:
+        """The click command, built by Typer from the real function or sub-app."""
+        target = getattr(importlib.import_module(self.module), self.attribute)
+        command: Any
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)  # as add_typer: no completion options
+        else:
+            single = typer.Typer(add_completion=False)
+            single.command(name=name)(target)
+            command = typer.main.get_command(single)
+        command.name = name
+        return command
+
+
+#: In ``crctl --help`` order: commands, then groups of commands.
+COMMANDS: dict[str, LazyCommand] = {
+    "serve": LazyCommand(
+        "crctl.serve", "serve", "Run the relay: /twiml, /ws, /action, /status, /healthz."
+    ),
+    "whoami": LazyCommand(
+        "crctl.numbers",
+        "whoami",
+        "The Twilio account crctl uses and where the credentials came from (secrets redacted).",
+    ),
+    "provision-number": LazyCommand(
+        "crctl.numbers",
+        "provision_number",
+        "Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App\n"
+        "whose voice URL is the relay's /twiml, and point the number at it. A second run changes\n"
+        "nothing.",
+    ),
+    "up": LazyCommand(
+        "crctl.up",
+        "up",
+        "Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back.",
+    ),
+    "call": LazyCommand(
+        "crctl.call",
+        "call",
+        "Call the relay as Twilio would, without a phone: type what the caller says, or play\n"
+        "and check a --script.",
+    ),
+    "tail": LazyCommand(
+        "crctl.tail",
+        "tail",
+        "Follow the relay's calls live: a transcript per call, latency, errors with the fix.",
+    ),
+    "twiml": LazyCommand("crctl.twiml", "app", "ConversationRelay TwiML from validated templates."),
+    "numbers": LazyCommand(
+        "crctl.numbers", "numbers_app", "The account's phone numbers and where they point."
+    ),
+    "app": LazyCommand("crctl.numbers", "apps_app", "TwiML Applications."),
+    "calls": LazyCommand(
+        "crctl.tail",
+        "calls_app",
+        "Stored calls and their transcripts: from the events database (works while the relay "
+        "is down), or from a running relay with --url.",
+    ),
+}
+
+
+class _Commands(MutableMapping[str, Any]):
+    """The root group's commands by name: all of :data:`COMMANDS`, each built on first access
+    (so Typer's own lookups and "did you mean" suggestions see every name)."""
+
+    def __init__(self, loaded: MutableMapping[str, Any]) -> None:
+        self._loaded = dict(loaded)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = COMMANDS[name].load(name)  # KeyError: no such command
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from COMMANDS
+        yield from (name for name in self._loaded if name not in COMMANDS)
+
+    def __len__(self) -> int:
+        return len(set(COMMANDS) | set(self._loaded))
+
+
+class LazyGroup(TyperGroup):
+    """The root group: commands from :data:`COMMANDS`, each imported when it is used.
+
+    While the group's own help is rendered, :meth:`get_command` returns a stand-in carrying
+    only the name and help line, so ``crctl --help`` imports no command module.
+    """
+
+    _listing = False
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.commands = _Commands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)  # the names only: TyperGroup's would build every command
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        lazy = COMMANDS.get(cmd_name)
+        if self._listing and lazy is not None:
+            return typer.core.TyperCommand(name=cmd_name, help=lazy.help)
+        return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     name="crctl",
     help="Build, run and test voice AI agents on Twilio ConversationRelay.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command(name="serve")(serve)
-app.add_typer(twiml_app, name="twiml")
-app.command(name="whoami")(whoami)
-app.command(name="provision-number")(provision_number)
-app.add_typer(numbers_app, name="numbers")
-app.add_typer(apps_app, name="app")
-app.command(name="up")(up)
-app.command(name="call")(call)
-app.command(name="tail")(tail)
-app.add_typer(calls_app, name="calls")
 
 
 def _version(value: bool) -> None:
@@ -56,8 +178,13 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    from crctl.errors import CrctlError
+    from relay_server.errors import RelayError
+
     try:
         app()
     except (CrctlError, RelayError) as exc:
+        from crctl.console import fail
+
         fail(exc)
         sys.exit(2)

@@ -49,16 +49,21 @@ def _polish_param(param: Any) -> None:
         param.show_default = False
         return
     if param.metavar is None or param.metavar.startswith("<"):
-        param.metavar = (param.name or "value").upper()
-    if not isinstance(param, TyperOption):
-        return
-    envvar = param.envvar if isinstance(param.envvar, str) else None
-    notes: list[str] = []
+        # The long option's own name (--from: FROM), else the parameter's.
+        longs = [opt for opt in param.opts if opt.startswith("--")]
+        name = longs[0][2:] if longs else (param.name or "value")
+        param.metavar = name.strip("_").replace("-", "_").upper()
     text = param.help or ""
-    if envvar and param.show_envvar and envvar not in text:
-        notes.append(f"env {envvar}")
-    param.show_envvar = False
-    if param.show_default not in (False, None) or param.show_default is None:
+    notes: list[str] = []
+    if isinstance(param, TyperOption):
+        envvar = param.envvar if isinstance(param.envvar, str) else None
+        if envvar and param.show_envvar and envvar not in text:
+            notes.append(f"env {envvar}")
+        param.show_envvar = False
+    else:
+        # An argument's name column already shows its metavar: no type column beside it.
+        param.display_type_rich = lambda ctx: None
+    if param.show_default is not False:
         default = _shown(param.default) if not callable(param.default) else None
         if default is not None and "default" not in text:
             notes.append(f"default {default}")
@@ -77,8 +82,9 @@ def _append(param: Any, note: str) -> None:
         param.help = f"{text} ({note})".strip()
 
 
-def polish(command: Any) -> Any:
-    """Apply the house style to ``command`` and every subcommand; returns it."""
+def polish(command: Any, *, subcommands: bool = True) -> Any:
+    """Apply the house style to ``command`` and (unless told not to) every subcommand;
+    returns it."""
     command.context_settings.setdefault("help_option_names", HELP_OPTION_NAMES)
     for param in command.params:
         _polish_param(param)
@@ -92,7 +98,7 @@ def polish(command: Any) -> Any:
         return option
 
     command.get_help_option = get_help_option
-    for sub in getattr(command, "commands", {}).values():
+    for sub in getattr(command, "commands", {}).values() if subcommands else ():
         polish(sub)
     return command
 

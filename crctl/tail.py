@@ -306,7 +306,7 @@ def _with_call_sid(call: dict[str, Any]) -> dict[str, Any]:
 @calls_app.command("list")
 def calls_list(
     limit: int = typer.Option(
-        20, "--limit", min=1, max=1000, metavar="N", help="How many, newest first (1-1000)."
+        20, "--limit", min=1, max=1000, metavar="N", help="How many, newest first."
     ),
     db: Optional[Path] = typer.Option(None, "--db", metavar="FILE", help=_DB_HELP),
     url: Optional[str] = typer.Option(None, "--url", metavar="URL", help=_URL_HELP),

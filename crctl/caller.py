@@ -69,6 +69,10 @@ class CallError(CrctlError):
     """The call could not be placed or went wrong: one line saying why and what to do."""
 
 
+class Unreachable(CallError):
+    """Nothing answers at the relay's address (refused, unknown host, timed out)."""
+
+
 def new_sid(prefix: str) -> str:
     """A Twilio-shaped SID: two letters and 32 hex digits."""
     return prefix + secrets.token_hex(16)
@@ -150,15 +154,25 @@ class CallPlan:
         return attrs.get("transcriptionLanguage") or attrs.get("language") or "en-US"
 
 
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
 def route(target: str, fetched: str) -> str:
-    """Where to send a request Twilio would send to ``target``: a relay fetched over plain
-    ``http://`` whose TwiML names another host (its public URL) is reached where it was
-    fetched, with the path and query of ``target``."""
+    """Where to send a request Twilio would send to ``target``, for a relay fetched over plain
+    ``http://``: one whose TwiML names another host (its public URL) is reached where it was
+    fetched, with the path and query of ``target``; one whose TwiML names ``wss://`` (or
+    ``https://``) on the very host and port that just answered plain HTTP is reached without
+    TLS, which that port does not speak. Signatures stay over ``target``, as Twilio signs."""
     t, f = urlsplit(target), urlsplit(fetched)
-    if f.scheme != "http" or t.netloc == f.netloc:
+    if f.scheme != "http":
         return target
-    scheme = {"wss": "ws", "ws": "ws"}.get(t.scheme, "http")
-    return urlunsplit((scheme, f.netloc, t.path, t.query, ""))
+    plain = "ws" if t.scheme in ("ws", "wss") else "http"
+    if t.netloc == f.netloc and t.scheme == plain:
+        return target
+    same_port = (t.port or _DEFAULT_PORTS.get(t.scheme)) == (f.port or 80)
+    if t.hostname == f.hostname and not same_port:
+        return target  # another service on that host (e.g. TLS on 443): as Twilio would
+    return urlunsplit((plain, f.netloc, t.path, t.query, ""))
 
 
 def parse_twiml(document: str, *, fetched: str, signed: str) -> CallPlan:
@@ -244,7 +258,7 @@ def _http(
     except (URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         text = getattr(reason, "strerror", None) or str(reason)
-        raise CallError(f"cannot reach {url.split('?')[0]}: {str(text).lower()}") from None
+        raise Unreachable(f"cannot reach {url.split('?')[0]}: {str(text).lower()}") from None
 
 
 # ------------------------------------------------------------------------------- the caller

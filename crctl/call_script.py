@@ -8,25 +8,42 @@ A script is a YAML list of turns::
         contains: [open, monday]        # each, case-insensitive
         matches: "\\d+ ?(am|pm)"        # a Python regex searched in the reply
         max_first_token_ms: 1500
-    - dtmf: "1"                          # keys 0-9 * #, one frame per key
+    - dtmf: "12"                         # keys 0-9 * #, one frame per key
+      expect: {reply: none}             # the agent must stay silent (settle_ms: 1000)
     - say: Tell me everything about your prices.
       interrupt_after_words: 5          # barge in after 5 words of the reply
     - say: Put me through to a person, please.
       expect:
         handoff: {reason: person}       # true/false, text in handoffData, or JSON subset
         ends_call: true
+
+The schema is :class:`Script` (pydantic); a bad script is one line naming the file, the turn,
+the key, the value and what is allowed. ``--script example`` plays the example shipped in
+``crctl/examples/``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -34,40 +51,205 @@ from rich.table import Table
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import CrctlError
 
-_TURN_KEYS = ("say", "dtmf", "interrupt_after_words", "expect")
-_EXPECT_KEYS = ("contains", "matches", "max_first_token_ms", "ends_call", "handoff")
 #: How long a turn that must *not* end the call waits for a stray ``end``.
 _END_GRACE = 0.3
+#: How long a ``reply: none`` turn listens for an answer that must not come (``settle_ms``).
+DEFAULT_SETTLE_MS = 1000.0
+#: ``--script example`` (a name that is not a file) plays this shipped script.
+EXAMPLES = {"example": "conversation.yaml", "conversation": "conversation.yaml"}
 
 
 class ScriptError(CrctlError):
-    """A malformed script: one line naming the file, the turn and the problem."""
+    """A malformed script: one line naming the file, the turn, the key, the value and what is
+    allowed."""
 
 
-@dataclass(frozen=True)
-class Expect:
-    contains: tuple[str, ...] = ()
-    matches: re.Pattern[str] | None = None
-    max_first_token_ms: float | None = None
-    ends_call: bool | None = None
-    handoff: bool | str | dict[str, Any] | None = None
+# --------------------------------------------------------------------------------- schema
+
+#: What each key allows, in words: the ``expected …`` of an error line (and the schema's docs).
+ALLOWED = {
+    "say": "non-empty text (what the caller says)",
+    "dtmf": 'keys 0-9, * and # (quote them: dtmf: "1#")',
+    "interrupt_after_words": "a whole number of at least 1 (barge in after that many words)",
+    "expect": "a mapping of contains, matches, max_first_token_ms, ends_call, handoff, reply, "
+    "settle_ms",
+    "expect.contains": "text or a non-empty list of texts (each must be in the reply)",
+    "expect.matches": "a Python regular expression, as text",
+    "expect.max_first_token_ms": "a positive number of milliseconds",
+    "expect.ends_call": "true or false",
+    "expect.handoff": "true, false, text in handoffData, or a mapping of handoffData keys",
+    "expect.reply": "none (the agent must not answer this turn)",
+    "expect.settle_ms": f"a positive number of milliseconds (default {DEFAULT_SETTLE_MS:g}), "
+    "only with reply: none",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty_values(cls, data: Any) -> Any:
+        # `ends_call:` with nothing after it is a YAML null: a mistake, never "not set"
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if value is None and key in cls.model_fields:
+                    raise _KeyError(str(key), None, "an empty value")
+        return data
+
+
+class _KeyError(ValueError):
+    """A problem with one key's value, raised where the key name is known."""
+
+    def __init__(self, key: str, value: Any, problem: str, allowed: str | None = None) -> None:
+        super().__init__(problem)
+        self.key, self.value, self.problem, self.allowed = key, value, problem, allowed
+
+
+class Expect(_Strict):
+    """What a turn's reply (and the call) must look like; every key optional."""
+
+    contains: tuple[str, ...] = Field((), description=ALLOWED["expect.contains"])
+    matches: Optional[re.Pattern[str]] = Field(None, description=ALLOWED["expect.matches"])
+    max_first_token_ms: Optional[float] = Field(
+        None, gt=0, description=ALLOWED["expect.max_first_token_ms"]
+    )
+    ends_call: Optional[bool] = Field(None, description=ALLOWED["expect.ends_call"])
+    handoff: Optional[Union[bool, str, dict[str, Any]]] = Field(
+        None, description=ALLOWED["expect.handoff"]
+    )
+    reply: Optional[Literal["none"]] = Field(None, description=ALLOWED["expect.reply"])
+    settle_ms: Optional[float] = Field(None, gt=0, description=ALLOWED["expect.settle_ms"])
+
+    @field_validator("contains", mode="before")
+    @classmethod
+    def _contains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:  # [] would check nothing
+            raise ValueError("")
+        if not all(isinstance(c, str) and c for c in value):
+            raise ValueError("every item must be non-empty text")
+        return tuple(value)
+
+    @field_validator("matches", mode="before")
+    @classmethod
+    def _matches(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("")
+        try:
+            return re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+
+    @model_validator(mode="after")
+    def _reply_none_alone(self) -> Expect:
+        if self.reply == "none":
+            clash = [k for k in ("contains", "matches", "max_first_token_ms") if _given(self, k)]
+            if clash:
+                raise _KeyError(
+                    "reply",
+                    "none",
+                    f"together with {', '.join(clash)}, which check a reply that must not come",
+                    "reply: none alone, or checks of a reply without reply: none",
+                )
+        elif self.settle_ms is not None:
+            raise _KeyError("settle_ms", self.settle_ms, "without reply: none")
+        return self
 
     @property
     def wants_end(self) -> bool:
         return bool(self.ends_call) or (self.handoff is not None and self.handoff is not False)
 
+    @property
+    def silent(self) -> bool:
+        """``reply: none``: the agent must say nothing to this turn."""
+        return self.reply == "none"
 
-@dataclass(frozen=True)
-class Turn:
-    number: int
-    say: str | None = None
-    dtmf: str | None = None
-    interrupt_after_words: int | None = None
-    expect: Expect = field(default_factory=Expect)
+    @property
+    def settle(self) -> float:
+        """Seconds a ``reply: none`` turn listens before it is judged."""
+        return (self.settle_ms or DEFAULT_SETTLE_MS) / 1000
+
+
+def _given(model: BaseModel, key: str) -> bool:
+    return key in model.model_fields_set
+
+
+class Turn(_Strict):
+    """One thing the caller does: ``say`` or ``dtmf``, and what to ``expect`` of the reply."""
+
+    say: Optional[str] = Field(None, description=ALLOWED["say"])
+    dtmf: Optional[str] = Field(None, description=ALLOWED["dtmf"])
+    interrupt_after_words: Optional[int] = Field(
+        None, ge=1, description=ALLOWED["interrupt_after_words"]
+    )
+    expect: Expect = Field(Expect.model_validate({}), description=ALLOWED["expect"])
+    _number: int = PrivateAttr(0)
+
+    @field_validator("say", mode="before")
+    @classmethod
+    def _say(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("")
+        return value
+
+    @field_validator("dtmf", mode="before")
+    @classmethod
+    def _dtmf(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)  # dtmf: 1
+        if not isinstance(value, str) or not value or set(value) - set("0123456789*#"):
+            raise ValueError("")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Turn:
+        if (self.say is None) == (self.dtmf is None):
+            got = (self.say, self.dtmf) if self.say is not None else None
+            raise _KeyError("say/dtmf", got, "both" if got else "neither")
+        if self.expect.silent and self.interrupt_after_words is not None:
+            raise _KeyError(
+                "interrupt_after_words",
+                self.interrupt_after_words,
+                "on a turn whose expect has reply: none, so there is nothing to barge in on",
+                "no interrupt_after_words with reply: none",
+            )
+        return self
+
+    @classmethod
+    def numbered(cls, number: int, **keys: Any) -> Turn:
+        """A turn built in code (tests, other tools), numbered as in a script."""
+        turn = cls.model_validate(keys)
+        turn._number = number
+        return turn
+
+    @property
+    def number(self) -> int:
+        """The turn's position in its script, from 1."""
+        return self._number
 
     @property
     def label(self) -> str:
         return repr(self.say) if self.say is not None else f"dtmf {self.dtmf}"
+
+
+class Script(RootModel[list[Turn]]):
+    """A call script: a non-empty YAML list of turns (the one schema of ``--script``)."""
+
+    root: list[Turn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _number(self) -> Script:
+        for number, turn in enumerate(self.root, 1):
+            turn._number = number
+        return self
+
+
+_TURN_KEYS = tuple(Turn.model_fields)
+_EXPECT_KEYS = tuple(Expect.model_fields)
 
 
 @dataclass
@@ -81,12 +263,28 @@ class TurnResult:
         return not self.reasons
 
 
+def example_path(name: str = "example") -> Path:
+    """The shipped example script called ``name`` (``example``)."""
+    folder = resources.files("crctl") / "examples"
+    return Path(str(folder / EXAMPLES.get(name, f"{name}.yaml")))
+
+
+def resolve_script(path: Path) -> Path:
+    """``path``, or for a bare name that is not a file (``example``) the shipped script."""
+    if path.exists() or path.parent != Path(".") or path.suffix:
+        return path
+    shipped = example_path(path.name)
+    return shipped if path.name in EXAMPLES and shipped.is_file() else path
+
+
 def load_script(path: Path) -> list[Turn]:
-    """Read and check a script; raises :class:`ScriptError` naming the file and turn."""
+    """Read and check a script (``example`` is the shipped one); raises :class:`ScriptError`
+    naming the file, the turn, the key and the value."""
+    path = resolve_script(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ScriptError(f"{path}: cannot read the script: {exc.strerror}") from None
+        raise ScriptError(f"{path}: cannot read the script: {exc.strerror}{_hint(path)}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -97,79 +295,105 @@ def load_script(path: Path) -> list[Turn]:
     return parse_turns(data, path)
 
 
+def _hint(path: Path) -> str:
+    if path.exists():
+        return ""
+    from crctl.console import crctl_command
+
+    crctl = crctl_command()
+    return (
+        f"; `{crctl} call --script example` plays the shipped example, "
+        f"`{crctl} call --example > my-agent.yaml` copies it to edit"
+    )
+
+
 def parse_turns(data: Any, source: Path | str = "<script>") -> list[Turn]:
+    """The turns of a parsed YAML document; raises :class:`ScriptError` (one line)."""
     if not isinstance(data, list) or not data:
         raise ScriptError(
-            f"{source}: a script is a non-empty YAML list of turns (- say: … / - dtmf: …)"
+            f"{source}: a script is a non-empty YAML list of turns (- say: … / - dtmf: …), "
+            f"got {_value(data)}"
         )
-    return [_turn(item, number, source) for number, item in enumerate(data, 1)]
+    try:
+        return Script.model_validate(data).root
+    except ValidationError as exc:
+        raise ScriptError(f"{source}: {_explain(exc, data)}") from None
 
 
-def _turn(item: Any, number: int, source: Path | str) -> Turn:
-    def bad(problem: str) -> ScriptError:
-        return ScriptError(f"{source}: turn {number}: {problem}")
-
-    if not isinstance(item, dict):
-        raise bad("expected a mapping with say: or dtmf:")
-    unknown = [str(k) for k in item if k not in _TURN_KEYS]
-    if unknown:
-        raise bad(f"unknown key {unknown[0]!r}; a turn takes {', '.join(_TURN_KEYS)}")
-    if ("say" in item) == ("dtmf" in item):
-        raise bad("give exactly one of say: (what the caller says) or dtmf: (keys to press)")
-    say = item.get("say")
-    if "say" in item and (not isinstance(say, str) or not say.strip()):
-        raise bad("say: must be non-empty text")
-    dtmf = item.get("dtmf")
-    if "dtmf" in item:
-        if isinstance(dtmf, int) and not isinstance(dtmf, bool) and dtmf >= 0:
-            dtmf = str(dtmf)
-        if not isinstance(dtmf, str) or not dtmf or set(dtmf) - set("0123456789*#"):
-            raise bad(f'dtmf: must be keys 0-9, * and # (quote them: dtmf: "1#"), got {dtmf!r}')
-    words = item.get("interrupt_after_words")
-    if "interrupt_after_words" in item and (
-        not isinstance(words, int) or isinstance(words, bool) or words < 1
-    ):
-        raise bad(f"interrupt_after_words: must be a whole number of at least 1, got {words!r}")
-    return Turn(number, say, dtmf, words, _expect(item.get("expect"), bad))
+# ----------------------------------------------------------------------- error lines
 
 
-def _expect(raw: Any, bad: Any) -> Expect:
-    if raw is None:
-        return Expect()
-    if not isinstance(raw, dict):
-        raise bad("expect: must be a mapping (contains, matches, max_first_token_ms, …)")
-    unknown = [str(k) for k in raw if k not in _EXPECT_KEYS]
-    if unknown:
-        raise bad(f"unknown expect key {unknown[0]!r}; expect takes {', '.join(_EXPECT_KEYS)}")
-    contains = raw.get("contains", ())
-    if isinstance(contains, str):
-        contains = (contains,)
-    if (
-        not isinstance(contains, (list, tuple))
-        or ("contains" in raw and not contains)  # an empty list would check nothing
-        or not all(isinstance(c, str) and c for c in contains)
-    ):
-        raise bad("expect.contains: must be text or a non-empty list of texts")
-    pattern = None
-    if "matches" in raw:
-        if not isinstance(raw["matches"], str):
-            raise bad("expect.matches: must be a regular expression (text)")
-        try:
-            pattern = re.compile(raw["matches"])
-        except re.error as exc:
-            raise bad(f"expect.matches: not a valid regular expression: {exc}") from None
-    limit = raw.get("max_first_token_ms")
-    if "max_first_token_ms" in raw and (
-        not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit <= 0
-    ):
-        raise bad(f"expect.max_first_token_ms: must be a positive number, got {limit!r}")
-    ends = raw.get("ends_call")
-    if "ends_call" in raw and not isinstance(ends, bool):
-        raise bad(f"expect.ends_call: must be true or false, got {ends!r}")
-    handoff = raw.get("handoff")
-    if "handoff" in raw and not isinstance(handoff, (bool, str, dict)):
-        raise bad("expect.handoff: must be true/false, text, or a mapping of handoffData keys")
-    return Expect(tuple(contains), pattern, limit, ends, handoff)
+def _value(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _suggest(key: str, level: str) -> str:
+    """``did you mean …?`` for a misspelt key, also one put at the wrong level."""
+
+    def norm(name: str) -> str:
+        return name.lower().replace("-", "_").replace(" ", "_")
+
+    here, there = (_TURN_KEYS, _EXPECT_KEYS) if level == "turn" else (_EXPECT_KEYS, _TURN_KEYS)
+    candidates = {norm(k): k for k in here}
+    elsewhere = {norm(k): k for k in there if norm(k) not in candidates}
+    match = difflib.get_close_matches(norm(key), [*candidates, *elsewhere], n=1, cutoff=0.6)
+    if not match:
+        return ""
+    if match[0] in candidates:
+        return f", did you mean {candidates[match[0]]!r}?"
+    name = elsewhere[match[0]]
+    if level == "turn":
+        return f", did you mean {name!r} under expect: (expect: {{{name}: …}})?"
+    return f", did you mean {name!r}, a key of the turn (beside expect:)?"
+
+
+def _explain(exc: ValidationError, data: list[Any]) -> str:
+    """The first problem of a script as one line: turn, key, value and what is allowed."""
+    errors = exc.errors(include_url=False)
+    # a misspelt key explains everything else wrong with its turn: report it first
+    errors.sort(key=lambda e: (e["loc"][:1], e["type"] != "extra_forbidden"))
+    error = errors[0]
+    loc = error["loc"]
+    if not loc or not isinstance(loc[0], int):
+        return f"a script is a non-empty YAML list of turns, got {_value(data)}"
+    where = f"turn {loc[0] + 1}"
+    names = [str(part) for part in loc[1:] if part in _TURN_KEYS or part in _EXPECT_KEYS]
+    if error["type"] == "extra_forbidden":
+        key, level = str(loc[-1]), "expect" if loc[1:2] == ("expect",) else "turn"
+        parent = "expect." if level == "expect" else ""
+        keys = _EXPECT_KEYS if level == "expect" else _TURN_KEYS
+        suggestion = _suggest(key, level)
+        return (
+            f"{where}: unknown key {parent + key!r} (value {_value(error['input'])})"
+            f"{suggestion or ';'} {'expect' if level == 'expect' else 'a turn'} takes "
+            f"{', '.join(keys)}"
+        )
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type") and len(names) < 2:
+        what = "expect" if names == ["expect"] else "the turn"
+        allowed = ALLOWED["expect"] if names == ["expect"] else "a mapping with say: or dtmf:"
+        return f"{where}: {what}: got {_value(error['input'])}; expected {allowed}"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyError):
+        key = ".".join([*names, cause.key]) if names else cause.key
+        if key == "say/dtmf":
+            got = "neither"
+            if cause.value:
+                got = f"both, say {_value(cause.value[0])} and dtmf {_value(cause.value[1])}"
+            return (
+                f"{where}: say/dtmf: got {got}; expected exactly one of say: (what the caller "
+                "says) or dtmf: (keys to press)"
+            )
+        allowed = cause.allowed or ALLOWED.get(key, "")
+        return f"{where}: {key}: got {_value(cause.value)} ({cause.problem}); expected {allowed}"
+    key = ".".join(names)
+    problem = str(cause) if isinstance(cause, ValueError) else ""  # "": the allowed says it
+    if error["type"] in ("greater_than", "greater_than_equal"):
+        problem = "too small"
+    if isinstance(error["input"], bool) and key == "expect.reply":
+        problem = "YAML reads an unquoted no, off or false as false"
+    detail = f" ({problem})" if problem else ""
+    return f"{where}: {key}: got {_value(error['input'])}{detail}; expected {ALLOWED.get(key, '')}"
 
 
 # ------------------------------------------------------------------------------- running
@@ -188,6 +412,7 @@ async def run_script(
             )
             continue
         words = turn.interrupt_after_words
+        before = len(caller.replies)
         try:
             if turn.say is not None:
                 reply = await caller.say(turn.say, interrupt_after_words=words)
@@ -200,7 +425,12 @@ async def run_script(
         if reply is None:
             results.append(TurnResult(turn, None, [caller.last_drop or "input not sent"]))
             continue
-        reasons = await _await_reply(caller, reply, timeout)
+        if turn.expect.silent:
+            # no answer must come: judged once it has had settle_ms to arrive
+            await _wait(caller.closed, turn.expect.settle)
+            reasons = _check_silence(turn.expect, caller.replies[before:])
+        else:
+            reasons = await _await_reply(caller, reply, timeout)
         if turn.interrupt_after_words and not reply.interrupted and not reasons:
             reasons.append(
                 f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
@@ -244,9 +474,11 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
     if expect.max_first_token_ms is not None:
         ms = reply.first_token_ms
         if ms is None:
-            reasons.append("no token arrived, so no first-token time")
+            reasons.append("no first token: no text arrived")
         elif ms > expect.max_first_token_ms:
-            reasons.append(f"first token after {ms:.0f} ms (max {expect.max_first_token_ms:g})")
+            reasons.append(
+                f"first token {ms:.0f} ms, over max_first_token_ms {expect.max_first_token_ms:g}"
+            )
     end = caller.end_frame
     if expect.ends_call is True and end is None:
         reasons.append("the agent did not end the call (no end message)")
@@ -255,6 +487,23 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
     if expect.handoff is not None:
         reasons += _check_handoff(expect.handoff, end)
     return reasons
+
+
+def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
+    """``reply: none``: what the agent sent within the settle time after this turn's input
+    (``replies``: every reply opened since, one per key of a ``dtmf`` turn)."""
+    came = []
+    for reply in replies:
+        if reply.received.strip():
+            came.append(f"said {reply.received.strip()!r}")
+        came += [f"played {source!r}" for source in reply.plays]
+        came += [f"sent digits {digits!r}" for digits in reply.digits]
+    if not came:
+        return []
+    window = expect.settle * 1000
+    return [
+        f"expected no reply within {window:g} ms (reply: none), but the agent {', '.join(came)}"
+    ]
 
 
 def _check_handoff(wanted: bool | str | dict[str, Any], end: dict[str, Any] | None) -> list[str]:
@@ -305,7 +554,7 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
     """Print the results (a table on a terminal, one line per turn in a log) and the call's
     end; True when every turn passed."""
     if out.is_terminal:
-        table = Table("#", "caller", "agent", "1st token", "result")
+        table = Table("#", "caller", "agent", "first token", "result")
         for result in results:
             ms = result.reply.first_token_ms if result.reply else None
             verdict = (
@@ -324,7 +573,7 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
     else:
         for result in results:
             ms = result.reply.first_token_ms if result.reply else None
-            timing = "" if ms is None else f" [dim]({ms:.0f} ms to first token)[/]"
+            timing = "" if ms is None else f"  [dim]first token {ms:.0f} ms[/]"
             verdict = "[green]pass[/]" if result.passed else "[red]FAIL[/]"
             why = "" if result.passed else ": " + escape("; ".join(result.reasons))
             out.print(

@@ -13,50 +13,85 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.caller import DEFAULT_FROM, DEFAULT_TO, DEFAULT_URL, CallError, Reply, SimulatedCaller
-from crctl.console import err, fail
+from crctl.caller import (
+    DEFAULT_FROM,
+    DEFAULT_TO,
+    DEFAULT_URL,
+    CallError,
+    Reply,
+    SimulatedCaller,
+    Unreachable,
+)
+from crctl.console import crctl_command, err, fail
+
+if TYPE_CHECKING:
+    from prompt_toolkit.history import History
 
 out = Console(highlight=False, soft_wrap=True)
 _HELP = "Type what the caller says; /dtmf 1 presses keys, /interrupt barges in, /hangup ends."
 
 
 class LivePrinter:
-    """Prints a call as it happens: the reply streamed token by token, then its timing."""
+    """Prints a call as it happens: the reply streamed token by token, then its timing.
 
-    def __init__(self, console: Console) -> None:
+    With ``live=True`` (the interactive prompt) a reply being streamed is not printed piece by
+    piece: it is kept in :attr:`live`, which the prompt shows above its input line, and printed
+    whole once it ends, so every line printed is complete and lands above the prompt."""
+
+    def __init__(self, console: Console, *, live: bool = False) -> None:
         self.out = console
+        self.live_mode = live
+        #: The reply being streamed (live mode), shown by the prompt until it is printed.
+        self.live = ""
+        #: Called when :attr:`live` changes (the prompt redraws).
+        self.changed: Callable[[], None] = lambda: None
         self._open: Reply | None = None
 
     def _break(self) -> None:
         if self._open is not None:
-            self.out.print()
+            if self.live_mode:
+                self.out.print(f"[bold cyan]agent:[/] {escape(self.live)}")
+                self._set_live("")
+            else:
+                self.out.print()
             self._open = None
+
+    def _set_live(self, text: str) -> None:
+        self.live = text
+        self.changed()
 
     def __call__(self, kind: str, reply: Reply | None, data: dict[str, Any]) -> None:
         if kind == "token" and reply is not None:
             if self._open is not reply:
                 self._break()
-                self.out.print("[bold cyan]agent:[/] ", end="")
+                if not self.live_mode:
+                    self.out.print("[bold cyan]agent:[/] ", end="")
                 self._open = reply
-            self.out.print(escape(data["token"]), end="")
+            if self.live_mode:
+                self._set_live(self.live + data["token"])
+            else:
+                self.out.print(escape(data["token"]), end="")
             return
         if kind == "reply" and reply is not None:
-            if self._open is not reply and not reply.tokens:
-                self._break()
-                self.out.print("[bold cyan]agent:[/] [dim](said nothing)[/]", end="")
-                self._open = reply
             ms = reply.first_token_ms
-            timing = "" if ms is None or not reply.solicited else f"first token {ms:.0f} ms"
-            self.out.print(f"  [dim]{timing}[/]" if timing else "")
+            timing = f"  [dim]{first_token(ms)}[/]" if ms is not None and reply.solicited else ""
+            if self._open is reply:  # its text is on the line (or in live): close it
+                line = f"[bold cyan]agent:[/] {escape(self.live)}" if self.live_mode else ""
+            else:  # nothing said, or its text was printed before another event
+                self._break()
+                line = "" if reply.tokens else "[bold cyan]agent:[/] [dim](said nothing)[/]"
+            self.out.print(f"{line}{timing}")
             self._open = None
+            self._set_live("")
             return
         self._break()
         if kind == "greeting":
@@ -87,9 +122,40 @@ class LivePrinter:
             self.out.print(f"[dim]call over: {escape(data['outcome'].describe())}[/]")
 
 
-async def _interactive(caller: SimulatedCaller, tty: bool) -> int:
-    """Read what the caller says from stdin; a pipe waits for each reply before the next line,
-    a terminal lets the user talk over the agent (a barge-in, as on a phone)."""
+def first_token(ms: float) -> str:
+    """The latency of a turn, as crctl names it everywhere: ``first token 312 ms``."""
+    return f"first token {ms:.0f} ms"
+
+
+async def _command(caller: SimulatedCaller, line: str) -> tuple[bool, Reply | None]:
+    """Act on one input line: (go on?, the reply to wait for, if any)."""
+    text = line.strip()
+    command, _, arg = text.partition(" ")
+    if command == "/hangup":
+        return False, None
+    reply: Reply | None = None
+    try:
+        if not text:
+            pass
+        elif command == "/dtmf":
+            reply = await caller.dtmf(arg.replace(" ", ""))
+        elif command == "/interrupt":
+            if not await caller.interrupt():
+                out.print("[yellow]nothing to interrupt: the agent is not speaking[/]")
+        elif command.startswith("/"):
+            out.print(f"[dim]{_HELP}[/]")
+        else:
+            reply = await caller.say(text)
+    except ValueError as exc:
+        out.print(f"[yellow]{escape(str(exc))}[/]")
+    except CallError:
+        return False, None  # the call ended while sending
+    return True, reply
+
+
+async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> int:
+    """Read what the caller says from stdin, a line at a time, waiting for each reply before
+    the next line (a pipe or a file: the replies come in order)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -106,37 +172,77 @@ async def _interactive(caller: SimulatedCaller, tty: bool) -> int:
     threading.Thread(target=read, name="crctl-call-stdin", daemon=True).start()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, lambda: lines.put_nowait(None))
-    if tty:
-        out.print(f"[dim]{_HELP}[/]")
     try:
         while not caller.closed.is_set():
             line = await _next_line(lines, caller.closed)
-            if line is None or line.strip() == "/hangup":
+            if line is None:
                 break
-            command, _, arg = line.strip().partition(" ")
-            reply: Reply | None = None
-            try:
-                if not line.strip():
-                    continue
-                if command == "/dtmf":
-                    reply = await caller.dtmf(arg.replace(" ", ""))
-                elif command == "/interrupt":
-                    if not await caller.interrupt():
-                        out.print("[yellow]nothing to interrupt: the agent is not speaking[/]")
-                elif command.startswith("/"):
-                    out.print(f"[dim]{_HELP}[/]")
-                else:
-                    reply = await caller.say(line.strip())
-            except ValueError as exc:
-                out.print(f"[yellow]{escape(str(exc))}[/]")
-            except CallError:
-                break  # the call ended while sending
-            if reply is not None and not tty:
+            go_on, reply = await _command(caller, line)
+            if not go_on:
+                break
+            if reply is not None:
                 await _until(reply.done, caller.timeout)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
     await caller.hangup()
+    return 0
+
+
+def _history() -> History:
+    """The prompt's history: ``call-history`` in crctl's state folder, in memory if that
+    folder cannot be written."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    from crctl.settings import state_dir
+
+    path = state_dir() / "call-history"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError:
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+async def _prompt(caller: SimulatedCaller, printer: LivePrinter) -> int:
+    """The interactive caller on a terminal: a prompt with line editing and history (↑, ^R);
+    replies stream on a line of their own above it, and every other line prints above it too,
+    so what the user is typing is never broken. Speaking while the agent talks barges in, as
+    on a phone."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.formatted_text import FormattedText
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    def message() -> FormattedText:
+        parts = [("", "")]
+        if printer.live:
+            parts = [("bold ansicyan", "agent: "), ("", printer.live + "\n")]
+        return FormattedText([*parts, ("bold ansigreen", "you> ")])
+
+    session: PromptSession[str] = PromptSession(message, history=_history())
+    printer.changed = session.app.invalidate
+    out.print(f"[dim]{_HELP} ↑ and ^R search what you said; ^D hangs up.[/]")
+    with patch_stdout(raw=True):
+        while not caller.closed.is_set():
+            asking = asyncio.ensure_future(session.prompt_async())
+            closed = asyncio.ensure_future(caller.closed.wait())
+            await asyncio.wait({asking, closed}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if not asking.done():  # the agent ended the call: stop asking
+                if session.app.is_running:
+                    session.app.exit(exception=EOFError())
+                with contextlib.suppress(EOFError, KeyboardInterrupt, asyncio.CancelledError):
+                    await asking
+                break
+            try:
+                line = asking.result()
+            except (EOFError, KeyboardInterrupt):  # ^D, ^C
+                break
+            go_on, _ = await _command(caller, line)
+            if not go_on:
+                break
+        await caller.hangup()
     return 0
 
 
@@ -173,7 +279,7 @@ def _defaults(
     return auth_token, public_url
 
 
-async def _run(caller: SimulatedCaller, script: Any, tty: bool) -> int:
+async def _run(caller: SimulatedCaller, script: Any, printer: LivePrinter | None) -> int:
     from crctl.call_script import play_script
 
     plan = await caller.fetch()
@@ -183,8 +289,10 @@ async def _run(caller: SimulatedCaller, script: Any, tty: bool) -> int:
         f"{escape(plan.ws_url)}{escape(via)}[/]"
     )
     await caller.connect(plan)
+    if script is None and printer is not None and printer.live_mode:
+        return await _prompt(caller, printer)
     if script is None:
-        return await _interactive(caller, tty)
+        return await _interactive(caller, printer)
     if plan.welcome_greeting:
         out.print(f"[dim]welcome greeting: {escape(plan.welcome_greeting)}[/]")
     return await play_script(caller, script, Console(highlight=False))
@@ -220,18 +328,28 @@ def call(
     timeout: float = typer.Option(
         15.0, "--timeout", min=0.1, help="Seconds to wait for the relay and for each reply."
     ),
+    example: bool = typer.Option(
+        False,
+        "--example",
+        help="Print the example script (every key, explained) and exit: "
+        "crctl call --example > my-agent.yaml. --script example plays it as it is.",
+    ),
 ) -> None:
     """Call the relay as Twilio would, without a phone: type what the caller says, or play
     and check a --script."""
     from crctl.call_script import ScriptError, load_script
     from crctl.settings import SettingsError
 
+    if example:
+        _print_example()
+        raise typer.Exit(0)
     try:
         turns = load_script(script) if script is not None else None
         auth_token, public_url = _defaults(url, auth_token, public_url)
     except (ScriptError, SettingsError) as exc:
         raise fail(exc, 2) from None
-    tty = sys.stdin.isatty()
+    # a terminal gets the prompt; a pipe or a file is read a line per reply
+    printer = None if turns is not None else LivePrinter(out, live=_terminal())
     caller = SimulatedCaller(
         url,
         auth_token=auth_token,
@@ -240,13 +358,43 @@ def call(
         to=to,
         partials=partials,
         timeout=timeout,
-        on_event=LivePrinter(out) if turns is None else None,
+        on_event=printer,
     )
     try:
-        code = asyncio.run(_run(caller, turns, tty))
+        code = asyncio.run(_run(caller, turns, printer))
+    except Unreachable as exc:
+        raise fail(f"{exc}{_start_hint(url)}", 1) from None
     except CallError as exc:
         raise fail(exc, 1) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: hung up[/]")
         raise typer.Exit(130) from None
     raise typer.Exit(code)
+
+
+def _terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _print_example() -> None:
+    """The shipped example script on stdout, its comments naming crctl as it was run."""
+    from crctl.call_script import example_path
+
+    text = example_path().read_text(encoding="utf-8")
+    crctl = crctl_command()
+    if crctl != "crctl":
+        text = "\n".join(
+            line.replace("`crctl ", f"`{crctl} ") if line.startswith("#") else line
+            for line in text.split("\n")
+        )
+    sys.stdout.write(text)
+
+
+def _start_hint(url: str) -> str:
+    """How to start a relay at ``url``, when it is on this machine."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return ""
+    port = parts.port or 80
+    flag = "" if port == 8080 else f" --port {port}"
+    return f"; is the relay running? `{crctl_command()} up --no-tunnel{flag}` starts one"

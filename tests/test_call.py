@@ -24,9 +24,10 @@ from websockets.exceptions import ConnectionClosed
 from crctl.call import call
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
 from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
+from crctl.console import crctl_command
 from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
-from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, free_port
+from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
 
 EXAMPLE = Path(__file__).parent.parent / "crctl" / "examples" / "conversation.yaml"
 _app = typer.Typer()
@@ -63,6 +64,8 @@ def test_the_sample_script_passes_against_the_echo_agent(relay_factory):
     assert "via ws://127.0.0.1:" in result.output  # the TwiML names wss://relay.example.test/ws
     assert "4 of 4 turns passed" in result.output
     assert "turn 3 pass" in result.output and "[barged in]" in result.output
+    # the latency of a turn has one name: first token
+    assert re.search(r"turn 1 pass .*You said: Hello.*  first token \d+ ms\n", result.output)
     started = events(relay, "call.started")[0]
     assert (started["from"], started["to"], started["direction"]) == (
         "+15550100001",
@@ -221,30 +224,142 @@ def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     result = run(url, "--timeout", "2")
     assert result.exit_code == 1
-    assert result.output.strip() == f"error: cannot reach {url}/twiml: connection refused"
+    assert result.output.strip() == (
+        f"error: cannot reach {url}/twiml: connection refused; is the relay running? "
+        f"`{crctl_command()} up --no-tunnel --port {url.rsplit(':', 1)[1]}` starts one"
+    )
+    tls = run(url.replace("http:", "https:"), "--timeout", "2")  # not one `crctl up` starts
+    assert tls.exit_code == 1 and "cannot reach" in tls.output
+    assert "is the relay running" not in tls.output
+
+
+ONE_OF = "expected exactly one of say: (what the caller says) or dtmf: (keys to press)"
+TURN_KEYS = "a turn takes say, dtmf, interrupt_after_words, expect"
+EXPECT_KEYS = (
+    "expect takes contains, matches, max_first_token_ms, ends_call, handoff, reply, settle_ms"
+)
 
 
 @pytest.mark.parametrize(
-    ("text", "problem"),
+    ("text", "line"),
     [
-        ("- say: hi\n- say: there\n  dtmf: '1'\n", "turn 2: give exactly one of say:"),
-        ("- say: hi\n- sya: typo\n", "turn 2: unknown key 'sya'"),
-        ("- say: hi\n  expect: {matches: '('}\n", "turn 1: expect.matches: not a valid regular"),
-        ("- say: hi\n  expect: {max_first_token_ms: fast}\n", "turn 1: expect.max_first_token"),
-        ("- say: hi\n  expect: {contain: hi}\n", "turn 1: unknown expect key 'contain'"),
-        ("- say: hi\n  expect: {contains: []}\n", "turn 1: expect.contains: must be text or a"),
-        ("- dtmf: '12a'\n", "turn 1: dtmf: must be keys 0-9"),
-        ("- say: hi\n  interrupt_after_words: 0\n", "turn 1: interrupt_after_words:"),
-        ("say: hi\n", "a script is a non-empty YAML list of turns"),
-        ("- say: [unclosed\n", "not valid YAML (line 2)"),
+        (
+            "- say: hi\n- say: there\n  dtmf: '1'\n",
+            f"turn 2: say/dtmf: got both, say 'there' and dtmf '1'; {ONE_OF}",
+        ),
+        ("- say: hi\n- expect: {contains: x}\n", f"turn 2: say/dtmf: got neither; {ONE_OF}"),
+        (
+            "- say: hi\n- sya: typo\n",
+            f"turn 2: unknown key 'sya' (value 'typo'), did you mean 'say'? {TURN_KEYS}",
+        ),
+        (
+            "- say: hi\n  expect: {contain: hi}\n",
+            "turn 1: unknown key 'expect.contain' (value 'hi'), did you mean 'contains'? "
+            + EXPECT_KEYS,
+        ),
+        (  # an expect key beside expect:
+            "- say: hi\n  max_first_token_ms: 900\n",
+            "turn 1: unknown key 'max_first_token_ms' (value 900), did you mean "
+            f"'max_first_token_ms' under expect: (expect: {{max_first_token_ms: …}})? {TURN_KEYS}",
+        ),
+        ("- say: hi\n  zzz: 1\n", f"turn 1: unknown key 'zzz' (value 1); {TURN_KEYS}"),
+        (
+            "- say: hi\n  expect: {matches: '('}\n",
+            "turn 1: expect.matches: got '(' (not a valid regular expression (missing ), "
+            "unterminated subpattern at position 0)); expected a Python regular expression, "
+            "as text",
+        ),
+        (
+            "- say: hi\n  expect: {max_first_token_ms: fast}\n",
+            "turn 1: expect.max_first_token_ms: got 'fast'; expected a positive number of "
+            "milliseconds",
+        ),
+        (
+            "- say: hi\n  expect: {max_first_token_ms: 0}\n",
+            "turn 1: expect.max_first_token_ms: got 0 (too small); expected a positive number "
+            "of milliseconds",
+        ),
+        (
+            "- say: hi\n  expect: {contains: []}\n",
+            "turn 1: expect.contains: got []; expected text or a non-empty list of texts (each "
+            "must be in the reply)",
+        ),
+        (
+            "- say: hi\n  expect: {ends_call: }\n",
+            "turn 1: expect.ends_call: got None (an empty value); expected true or false",
+        ),
+        (
+            "- say: hi\n  expect: {handoff: 3}\n",
+            "turn 1: expect.handoff: got 3; expected true, false, text in handoffData, or a "
+            "mapping of handoffData keys",
+        ),
+        (
+            "- dtmf: '12a'\n",
+            "turn 1: dtmf: got '12a'; expected keys 0-9, * and # (quote them: dtmf: \"1#\")",
+        ),
+        (
+            "- say: hi\n  interrupt_after_words: 0\n",
+            "turn 1: interrupt_after_words: got 0 (too small); expected a whole number of at "
+            "least 1 (barge in after that many words)",
+        ),
+        (
+            "- say: hi\n  interrupt_after_words: '3'\n",
+            "turn 1: interrupt_after_words: got '3'; expected a whole number of at least 1 "
+            "(barge in after that many words)",
+        ),
+        (
+            "- say: hi\n  expect: {reply: no}\n",
+            "turn 1: expect.reply: got False (YAML reads an unquoted no, off or false as false); "
+            "expected none (the agent must not answer this turn)",
+        ),
+        (
+            "- say: hi\n  expect: {reply: none, contains: hi}\n",
+            "turn 1: expect.reply: got 'none' (together with contains, which check a reply that "
+            "must not come); expected reply: none alone, or checks of a reply without reply: none",
+        ),
+        (
+            "- say: hi\n  expect: {settle_ms: 500}\n",
+            "turn 1: expect.settle_ms: got 500.0 (without reply: none); expected a positive "
+            "number of milliseconds (default 1000), only with reply: none",
+        ),
+        (
+            "- say: hi\n  interrupt_after_words: 2\n  expect: {reply: none}\n",
+            "turn 1: interrupt_after_words: got 2 (on a turn whose expect has reply: none, so "
+            "there is nothing to barge in on); expected no interrupt_after_words with reply: none",
+        ),
+        ("- hi\n", "turn 1: the turn: got 'hi'; expected a mapping with say: or dtmf:"),
+        (
+            "- say: hi\n  expect: [contains]\n",
+            "turn 1: expect: got ['contains']; expected a mapping of contains, matches, "
+            "max_first_token_ms, ends_call, handoff, reply, settle_ms",
+        ),
+        (
+            "say: hi\n",
+            "a script is a non-empty YAML list of turns (- say: … / - dtmf: …), got {'say': 'hi'}",
+        ),
+        (
+            "- say: [unclosed\n",
+            "not valid YAML (line 2): expected ',' or ']', but got '<stream end>'",
+        ),
     ],
 )
-def test_a_malformed_script_exits_2_naming_the_turn(tmp_path, text, problem):
+def test_a_malformed_script_is_one_line_naming_turn_key_value_and_what_is_allowed(
+    tmp_path, text, line
+):
     path = script(tmp_path, text)
     result = run("http://127.0.0.1:9", "--script", path)
     assert result.exit_code == 2
-    assert result.output.strip().startswith(f"error: {path}: ")
-    assert problem in result.output and len(result.output.strip().splitlines()) == 1
+    assert result.output == f"error: {path}: {line}\n"
+
+
+def test_a_missing_script_says_how_to_get_the_example(tmp_path):
+    result = run("http://127.0.0.1:9", "--script", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {tmp_path / 'nope.yaml'}: cannot read the script: No such")
+    assert "call --script example` plays the shipped example" in lines[0]
+    assert "call --example > my-agent.yaml` copies it to edit" in lines[0]
 
 
 # ---------------------------------------------------------------------------- interactive
@@ -433,7 +548,7 @@ async def test_a_broken_session_ends_failed_64105(fault):
 
 
 def test_the_report_is_a_table_on_a_terminal():
-    turn = Turn(1, say="hi")
+    turn = Turn.numbered(1, say="hi")
     reply = Reply(input="hi", sent_at=0.0, text="Hello!", first_token_at=0.123)
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=120, color_system=None)
@@ -442,7 +557,12 @@ def test_the_report_is_a_table_on_a_terminal():
     )
     text = buffer.getvalue()
     assert not ok
-    assert "┃ # ┃ caller" in text and "123 ms" in text and "reply does not contain 'bye'" in text
+    assert (
+        "┃ # ┃ caller" in text
+        and "first token" in text
+        and "123 ms" in text
+        and "reply does not contain 'bye'" in text
+    )
     assert "0 of 1 turns passed" in text
 
 
@@ -536,3 +656,107 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
         ("prompt", "stop", False),
         ("info", "agentSpeaking", "off"),
     ]
+
+
+# ------------------------------------------------------------- reply: none, settle_ms
+
+
+def test_reply_none_passes_while_a_digit_collector_stays_silent(relay_factory, tmp_path):
+    relay = relay_factory(agent="echo", agent_dtmf_buffer=True)
+    path = script(
+        tmp_path,
+        '- dtmf: "12"\n  expect: {reply: none}\n'
+        '- dtmf: "3"\n  expect: {reply: none, settle_ms: 300}\n'
+        '- dtmf: "4#"\n  expect: {contains: entered 1234}\n',
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 0, result.output
+    assert "turn 1 pass  dtmf 12 → (no reply)" in result.output
+    assert "turn 2 pass  dtmf 3 → (no reply)" in result.output
+    assert re.search(
+        r"turn 3 pass .*entered 1234 on the keypad.*  first token \d+ ms", result.output
+    )
+    assert "3 of 3 turns passed" in result.output
+    assert [e["digit"] for e in events(relay, "dtmf")] == ["1", "2", "3", "4", "#"]
+
+
+def test_reply_none_fails_naming_what_the_agent_said(relay_factory, tmp_path):
+    relay = relay_factory(agent="echo")  # answers every key and every prompt
+    path = script(
+        tmp_path,
+        '- dtmf: "1"\n  expect: {reply: none}\n'
+        "- say: hello\n  expect: {reply: none, settle_ms: 3000}\n"
+        "- say: still there?\n  expect: {contains: still there}\n",
+    )
+    result = run(*signed(relay), "--script", path)
+    assert result.exit_code == 1, result.output
+    assert re.search(
+        r"turn 1 FAIL  dtmf 1 → You said: \[The caller pressed 1 on the keypad\]  first token "
+        r"\d+ ms: expected no reply within 1000 ms \(reply: none\), but the agent said "
+        r"'You said: \[The caller pressed 1 on the keypad\]'\n",
+        result.output,
+    ), result.output
+    assert (
+        "expected no reply within 3000 ms (reply: none), but the agent said 'You said: hello'"
+        in result.output
+    )
+    assert "turn 3 pass" in result.output and "1 of 3 turns passed" in result.output
+
+
+# ------------------------------------------------------------------- the shipped example
+
+
+def test_script_example_plays_the_shipped_script_and_example_prints_it(
+    relay_factory, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # no file called "example" here
+    relay = relay_factory(agent="echo")
+    result = run(*signed(relay), "--script", "example")
+    assert result.exit_code == 0, result.output
+    assert "4 of 4 turns passed" in result.output
+
+    printed = run("--example")
+    assert printed.exit_code == 0
+    shipped = (
+        Path(__file__).parent.parent / "crctl" / "examples" / "conversation.yaml"
+    ).read_text()
+    assert [line for line in printed.output.splitlines() if not line.startswith("#")] == [
+        line for line in shipped.splitlines() if not line.startswith("#")
+    ]
+    assert f"{crctl_command()} call --script example" in printed.output
+    mine = tmp_path / "my-agent.yaml"
+    mine.write_text(printed.output.replace("contains: pressed 1", "contains: pressed 9"))
+    edited = run(*signed(relay), "--script", str(mine))
+    assert edited.exit_code == 1 and "reply does not contain 'pressed 9'" in edited.output
+
+    (tmp_path / "example").write_text("- say: a file of that name wins\n")
+    local = run(*signed(relay), "--script", "example")
+    assert local.exit_code == 0 and "1 of 1 turns passed" in local.output
+
+
+def test_the_example_ships_in_the_package():
+    from crctl.call_script import example_path, load_script
+
+    assert example_path().is_file()
+    assert example_path().parent == Path(__file__).parent.parent / "crctl" / "examples"
+    assert [t.number for t in load_script(Path("example"))] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------- plain-http relays
+
+
+def test_a_plain_http_relay_naming_wss_on_its_own_port_is_reached_with_ws():
+    """A relay that answered /twiml over plain HTTP and names wss:// on that same host and
+    port: the socket (and /action) go there without TLS, still signed over the wss:// URL."""
+    port = free_port()
+    public = f"https://127.0.0.1:{port}"
+    relay = RelayServer(config(public_url=public, agent="echo"))
+    relay.port, relay.base_url = port, f"http://127.0.0.1:{port}"
+    with relay:
+        path_args = [relay.base_url, "--auth-token", AUTH_TOKEN, "--public-url", public]
+        result = run(*path_args, "--script", str(EXAMPLE))
+    assert result.exit_code == 0, result.output
+    assert f"wss://127.0.0.1:{port}/ws via ws://127.0.0.1:{port}/ws" in result.output
+    assert "4 of 4 turns passed" in result.output
+    assert "/action → hangs up" in result.output  # the signed callback, over http
+    assert events(relay, "session.end")[0]["status"] == "completed"

@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import uvicorn
 from quart import Quart
@@ -29,6 +30,9 @@ from relay_server.app import create_app, end_streams, resolve_agent
 from relay_server.config import RelayConfig
 from relay_server.errors import RelayError
 from relay_server.events import EventBus
+
+if TYPE_CHECKING:
+    from relay_server.llm import LLMCheck
 
 
 def serve(
@@ -92,13 +96,15 @@ def serve(
     except (SettingsError, RelayError) as exc:
         raise fail(exc, 2) from None
     _setup_logging(settings.log_level)
-    for warning in warnings:
+    for warning in [*warnings, *relay.warnings]:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}")
     local = f"http://{_url_host(settings.host)}:{settings.port}"
     base = settings.public_url or local
     err.print(f"[bold green]crctl relay[/] listening on {local}")
     err.print(f"  TwiML (voice webhook): {base}/twiml   WebSocket: {config.websocket_url(local)}")
     err.print(f"  agent: {escape(relay.agent_text)}")
+    if relay.llm is not None:
+        err.print(f"  LLM: {escape(relay.llm_text)}   model: {escape(relay.model_text)}")
     stored = config.events_db or "memory only"
     err.print(
         f"  call log: crctl tail --url {local}   (events in {escape(stored)}; "
@@ -116,6 +122,26 @@ class Relay:
     agent_cls: type
     #: Where the API token came from (the variable, or the token file crctl made).
     token_from: str
+    #: What the start-up check of the LLM found (``None``: the agent uses no LLM).
+    llm: LLMCheck | None = None
+
+    @property
+    def llm_text(self) -> str:
+        """The LLM's base URL, or "OpenAI" for the official API."""
+        return self.config.llm.base_url or "OpenAI"
+
+    @property
+    def model_text(self) -> str:
+        """The model, and how it was chosen when it was not given."""
+        model = self.config.agent_config.model
+        if self.llm is None or self.llm.source == "given":
+            return model
+        return f"{model} ({self.llm.source})"
+
+    @property
+    def warnings(self) -> list[str]:
+        """One-line warnings about the LLM (not reachable, key refused…), not fatal."""
+        return [self.llm.warning] if self.llm is not None and self.llm.warning else []
 
     @property
     def agent_text(self) -> str:
@@ -125,9 +151,9 @@ class Relay:
                 "echo — no OPENAI_API_KEY is set, so the relay repeats what the caller says "
                 "(set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model)"
             )
-        if issubclass(self.agent_cls, LLMAgent):
+        if issubclass(self.agent_cls, LLMAgent) and self.llm is None:
             return f"{self.agent_cls.__name__}, model {self.config.agent_config.model}"
-        return self.agent_cls.__name__
+        return self.agent_cls.__name__  # the LLM and model have lines of their own
 
 
 def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
@@ -139,8 +165,24 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
     if config.api_token is None:
         config = replace(config, api_token=ensure_api_token())
         token_from = str(api_token_path())
-    app = create_app(config, events=events)
-    return Relay(app, config, resolve_agent(config), token_from)
+    agent_cls = resolve_agent(config)
+    llm = None
+    if issubclass(agent_cls, LLMAgent):
+        if not (config.llm.api_key or config.llm.base_url):
+            # Caught here, not at the first call's 401: the default agent falls back to echo,
+            # an agent chosen by name is taken at its word.
+            raise SettingsError(
+                f"agent {config.agent or 'llm'} ({agent_cls.__name__}) talks to an LLM and none "
+                "is configured: set OPENAI_API_KEY, or OPENAI_BASE_URL for a local model"
+            )
+        from relay_server.llm import check_llm
+
+        # GET /models once: picks the local server's only model when none was chosen, and
+        # warns now, not at the first call, when the LLM cannot be reached.
+        llm = check_llm(config.llm, settings.model, config.agent_config.model)
+        config = replace(config, agent_config=replace(config.agent_config, model=llm.model))
+    app = create_app(config, events=events, agent=agent_cls)
+    return Relay(app, config, agent_cls, token_from, llm)
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -167,11 +209,16 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, events_shown: bool = False) -> None:
+    """Log lines to stderr. ``events_shown``: the call log renders the call events (``crctl
+    up``), so a log line that says the same as an event (marked ``call_event``) is left out."""
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if events_shown:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not hasattr(record, "call_event"))
     # One line per LLM request is noise next to the relay's own call log.
     for name in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))

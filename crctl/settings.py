@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     app_dir: Path = Path(".")
     #: Comma-separated in the environment: ``CRCTL_TOOLS=pkg.tools,other.tools``.
     tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    model: str = AgentConfig.model
+    #: ``None``: not chosen; the official API gets ``AgentConfig.model``, and with only
+    #: OPENAI_BASE_URL the relay asks the server for its one model at start.
+    model: str | None = None
     system_prompt: str | None = None
     system_prompt_file: Path | None = None
     welcome_greeting: str | None = None
@@ -120,7 +122,7 @@ class Settings(BaseSettings):
                     f"{exc.strerror}"
                 ) from exc
         agent_kwargs: dict[str, Any] = {
-            "model": self.model,
+            "model": self.model or AgentConfig.model,
             "apology": self.apology,
             "filler": self.filler,
             "filler_after_ms": self.filler_after_ms,

@@ -199,7 +199,7 @@ def up(
         if prepared is None:
             raise typer.Exit(2)
         relay, settings, sock, turns, warnings, bus = prepared
-        _setup_logging(settings.log_level or "WARNING")
+        _setup_logging(settings.log_level or "WARNING", events_shown=True)
         _panel(settings, relay, session, warnings)
         bus.subscribe(_printer())
         # A signal between here and the relay's own handlers is a normal stop, not a crash.
@@ -231,7 +231,8 @@ def _prepare(
         turns = load_script(call_script) if call_script is not None else None
         settings = load_settings(port=port, public_url=public_url, **flags)
         sock = bind(settings)
-        twilio = _twilio(profile, session, state)
+        # Local only needs no Twilio: without credentials there is nothing to say.
+        twilio = _twilio(profile, session, state, quiet=no_tunnel)
         if twilio is not None:
             with console.status("checking for numbers left pointed by an earlier run…"):
                 done, problems = up_sessions.repair(twilio, state)
@@ -256,7 +257,7 @@ def _prepare(
         relay = build_relay(settings, events=bus)
         if twilio is not None and public is not None:
             _point(twilio, state, number, public + "/twiml", session)
-        elif number and twilio is not None:
+        elif number and (twilio is not None or no_tunnel):
             session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
     except (CrctlError, RelayError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
@@ -316,13 +317,17 @@ async def _listening(port: int, timeout: float = 10.0) -> None:
         return
 
 
-def _twilio(profile: str | None, session: Session, state: State) -> Twilio | None:
+def _twilio(
+    profile: str | None, session: Session, state: State, quiet: bool = False
+) -> Twilio | None:
     try:
         twilio = Twilio(resolve(profile=profile), state)
     except CrctlError as exc:
-        session.notes.append(
-            f"Twilio not configured ({exc}); no number is pointed — test with `crctl call` instead"
-        )
+        if not quiet:
+            session.notes.append(
+                f"Twilio not configured ({exc}); no number is pointed — test with `crctl call` "
+                "instead"
+            )
         return None
     session.twilio = twilio
     return twilio
@@ -365,14 +370,17 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
         table.add_row(
             "account", f"{session.twilio.account_sid} ({session.twilio.credentials.source})"
         )
-    table.add_row("agent", relay.agent_text)
+    table.add_row("agent", escape(relay.agent_text))
+    if relay.llm is not None:
+        table.add_row("LLM", escape(relay.llm_text))
+        table.add_row("model", escape(relay.model_text))
     try_it = f"crctl call {local}"
     if settings.public_url:
         # the relay checks signatures against its public URL: the caller must sign that one
         try_it += f" --public-url {settings.public_url}"
     table.add_row("try it", try_it)
     console.print(table)
-    for note in [*warnings, *session.notes]:
+    for note in [*warnings, *relay.warnings, *session.notes]:
         console.print(f"[yellow]![/] {escape(note)}")
     console.print("[dim]calls appear below; Ctrl-C stops and puts everything back[/]")
 

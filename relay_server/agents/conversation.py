@@ -229,9 +229,6 @@ class ConversationAgent(CallSession):
     def _caller_active(self) -> None:
         self._reminders = 0
         self._resumed = False
-        #: Loop time the caller's turn ended (its final prompt or key reached the relay); the
-        #: next reply's ``first_token_ms`` counts from it.
-        self._turn_end: float | None = None
         self._cancel_silence()
 
     def _cancel_silence(self) -> None:

@@ -107,12 +107,13 @@ class LLMAgent(ConversationAgent):
             except LLMError as exc:
                 # One line in the relay's log, and the event (which `crctl up` and `tail` show
                 # instead of the log line: ``call_event`` marks a record said by an event).
-                self.log.warning(
+                # (The session's LoggerAdapter would replace ``extra``: log on its logger.)
+                self.log.logger.warning(
                     "call %s: LLM fault (%s): %s",
                     self.call_sid,
                     exc.kind,
                     exc.detail,
-                    extra={"call_event": ev.LLM_FAULT},
+                    extra={"call_event": ev.LLM_FAULT, "call_sid": self.call_sid},
                 )
                 fix = {"fix": exc.fix} if exc.fix else {}
                 self.link.events.publish(

@@ -308,7 +308,10 @@ async def test_tail_json_zero_config_and_reconnect_after_a_relay_restart(tmp_pat
     ids = [e["id"] for e in events]
     assert ids == sorted(set(ids))  # resumed after the last id: no gap, no repeat
     assert errors.count("relay went away, reconnecting…") == 1, errors
-    assert "reconnected" in errors
+    assert errors.count("reconnected to http://127.0.0.1") == 1, errors
+    # it says when it is connected, before any call (and once: the reconnect says reconnected)
+    assert errors.count("connected to http://127.0.0.1") == 2, errors
+    assert errors.index("connected to") < errors.index("relay went away")
     token_file = state / "api-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert token_file.read_text().strip() not in log.read_text()  # never logged

@@ -140,6 +140,7 @@ class Settings(BaseSettings):
             api_token=secret(self.api_token),
             agent=self.agent,
             tool_modules=tuple(self.tools),
+            app_dir=str(self.app_dir.expanduser().resolve()),
             welcome_greeting=self.welcome_greeting or None,
             twiml_template=self.twiml_template,
             handoff_number=self.handoff_number,

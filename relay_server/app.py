@@ -8,7 +8,6 @@ conversation logic (DESIGN.md). Build the app with :func:`create_app` so tests i
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 from dataclasses import replace
@@ -29,7 +28,7 @@ from relay_server.security import SignatureChecker, bearer_ok
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
 from relay_server.store import EventStore, parse_since
-from relay_server.tools import load_tool_modules
+from relay_server.tools import import_user_module, load_tool_modules, module_file
 from twiml_templates import TemplateError, load_template, render
 
 log = logging.getLogger("relay_server.app")
@@ -38,22 +37,43 @@ _TWIML = "text/xml; charset=utf-8"
 
 
 def resolve_agent(config: RelayConfig) -> type[CallSession]:
-    """The agent class for ``config.agent``: ``llm``, ``echo``, ``package.module:Class``, or by
-    default ``llm`` when an API key is configured and ``echo`` otherwise."""
+    """The agent class for ``config.agent``: ``llm``, ``echo``, ``module:Class`` (imported from
+    ``config.app_dir`` first), or by default ``llm`` when an API key or base URL is configured
+    and ``echo`` otherwise. Raises :class:`ConfigError` with one line saying what is wrong."""
     name = config.agent or ("llm" if config.llm.api_key or config.llm.base_url else "echo")
     if name == "llm":
         return LLMAgent
     if name == "echo":
         return EchoAgent
-    module_name, _, attr = name.partition(":")
-    if not attr:
-        raise ConfigError(f"agent {name!r}: expected llm, echo or package.module:Class")
+    what = f"agent {name!r}"
+    module_name, colon, attr = name.partition(":")
+    if not colon:
+        raise ConfigError(
+            f"{what}: expected llm, echo or module:Class (a CallSession subclass); to use a "
+            f"class from {name}.py, name it: {name}:ClassName"
+        )
+    if not module_name or not attr:
+        raise ConfigError(f"{what}: expected module:Class, e.g. my_agent:MyAgent")
+    module = import_user_module(module_name, config.app_dir, what)
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # ImportError, AttributeError, or any error the module raises
-        raise ConfigError(f"agent {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, CallSession)):
-        raise ConfigError(f"agent {name!r} is not a subclass of relay_server.CallSession")
+        cls: Any = module
+        for part in attr.split("."):
+            cls = getattr(cls, part)
+    except AttributeError:
+        own = sorted(
+            n
+            for n, v in vars(module).items()
+            if isinstance(v, type) and issubclass(v, CallSession) and v.__module__ == module_name
+        )
+        defines = f"it defines {', '.join(own)}" if own else "it defines no CallSession subclass"
+        raise ConfigError(
+            f"{what}: {module_name} ({module_file(module)}) has no {attr!r}; {defines}"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, CallSession)) or cls is CallSession:
+        kind = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise ConfigError(
+            f"{what}: {module_name}.{attr} is {kind}, not a subclass of relay_server.CallSession"
+        )
     return cls
 
 
@@ -76,10 +96,7 @@ def create_app(
         # The greeting the caller hears is the template's: the agent keeps it in history.
         config = replace(config, welcome_greeting=template.relay.get("welcomeGreeting"))
     services: dict[str, Any] = {}
-    try:
-        services["tools"] = load_tool_modules(config.tool_modules)
-    except Exception as exc:  # the module fails to import, or a tool's signature is unusable
-        raise ConfigError(f"tools cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    services["tools"] = load_tool_modules(config.tool_modules, config.app_dir)  # ConfigError
     checker = (
         SignatureChecker(config.auth_token)
         if config.auth_token and config.verify_signatures

@@ -69,6 +69,9 @@ class RelayConfig:
     agent: str | None = None
     #: Python modules whose ``@tool`` functions the LLM agent may call.
     tool_modules: tuple[str, ...] = ()
+    #: Folder the agent's and the tools' modules are imported from first (put at the front of
+    #: ``sys.path``, like uvicorn's ``--app-dir``); ``None``: ``sys.path`` as it is.
+    app_dir: str | None = None
     #: The ``twiml_templates`` template ``/twiml`` serves (a preset, ./twiml/ name or .toml path).
     twiml_template: str = "basic"
     #: Overrides the template's welcomeGreeting (``None``: the template's).

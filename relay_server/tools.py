@@ -15,11 +15,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import msgspec
 import pydantic
+
+from relay_server.errors import ConfigError
 
 _TOOL_ATTR = "__crctl_tool__"
 
@@ -128,13 +133,93 @@ class ToolBox:
         return await found.call(arguments, session)
 
 
-def load_tool_modules(modules: Iterable[str]) -> list[Tool]:
-    """Import modules and collect their ``@tool`` functions. Raises what the import raises
-    (``ImportError`` naming the module, or the module's own error)."""
+def load_tool_modules(modules: Iterable[str], app_dir: str | None = None) -> list[Tool]:
+    """Import modules (from ``app_dir`` first, see :func:`import_user_module`) and collect
+    their ``@tool`` functions. Raises :class:`ConfigError` (one line) when a module cannot be
+    imported, has no ``@tool`` function, or has one whose signature cannot be described."""
     found: list[Tool] = []
     for name in modules:
-        module = importlib.import_module(name)
-        for value in vars(module).values():
-            if callable(value) and hasattr(value, _TOOL_ATTR):
-                found.append(Tool(value))
+        what = f"tools {name!r}"
+        module = import_user_module(name, app_dir, what)
+        marked = [v for v in vars(module).values() if callable(v) and hasattr(v, _TOOL_ATTR)]
+        if not marked:
+            raise ConfigError(
+                f"{what}: {name} ({module_file(module)}) has no @tool function; mark the "
+                "functions the model may call with @tool (from relay_server import tool)"
+            )
+        for func in marked:
+            try:
+                found.append(Tool(func))
+            except Exception as exc:  # pydantic cannot make a schema of its parameters
+                raise ConfigError(
+                    f"{what}: the @tool {getattr(func, '__name__', func)!r} cannot be described "
+                    f"to the model: {type(exc).__name__}: {_one_line(exc)}"
+                ) from None
     return found
+
+
+# ------------------------------------------------------------------------- the user's code
+def import_user_module(name: str, app_dir: str | None, what: str) -> ModuleType:
+    """Import the user's module ``name`` (of ``--agent module:Class`` or ``--tools module``).
+
+    ``app_dir`` (resolved) goes to the front of ``sys.path`` first and stays there, as uvicorn
+    does with its ``--app-dir``: the module may import its neighbours later, from inside a
+    function. It is only added when a module of the user's is imported.
+
+    Every failure is a :class:`ConfigError` of one line starting with ``what``: a module that is
+    not there says where it was looked for and what to do; an error raised while the module
+    runs (a missing dependency of its own, a syntax error…) is reported as that, with the file
+    and line.
+    """
+    folder = None
+    if app_dir is not None:
+        folder = str(Path(app_dir).expanduser().resolve())
+        if not Path(folder).is_dir():
+            raise ConfigError(
+                f"{what}: the app dir {folder} is not a folder; pass --app-dir DIR "
+                "(env CRCTL_APP_DIR), the folder that holds your module"
+            )
+        if sys.path[:1] != [folder]:
+            sys.path.insert(0, folder)
+        importlib.invalidate_caches()  # a file written a moment ago is seen
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            where = f"in {folder} (the app dir)" if folder else "on sys.path"
+            file = name.replace(".", "/") + ".py"
+            raise ConfigError(
+                f"{what}: no module named {missing!r} {where} or in the installed packages; "
+                f"run crctl from the folder that holds {file}, or pass --app-dir DIR "
+                "(env CRCTL_APP_DIR)"
+            ) from None
+        raise ConfigError(
+            f"{_failed(name, exc, what)} ({name} imports {missing or 'a module'}, which is not "
+            f"installed in the Python crctl runs with, {sys.prefix}: install it there)"
+        ) from None
+    except (Exception, SystemExit) as exc:  # the module's own error, while it runs
+        raise ConfigError(_failed(name, exc, what)) from None
+
+
+def module_file(module: ModuleType) -> str:
+    """Where a module was loaded from, for messages."""
+    return getattr(module, "__file__", None) or "built-in"
+
+
+def _failed(name: str, exc: BaseException, what: str) -> str:
+    """``what: importing NAME failed at FILE:LINE: Type: message`` (one line)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        place = f"{exc.filename}:{exc.lineno}"
+        message = exc.msg
+    else:
+        place = ""
+        tb = exc.__traceback__
+        while tb is not None:  # the last frame of the user's code, not of importlib
+            if not tb.tb_frame.f_code.co_filename.startswith("<"):
+                place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        message = str(exc)
+    at = f" at {place}" if place else ""
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{what}: importing {name} failed{at}: {' '.join(text.split())[:300]}"

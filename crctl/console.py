@@ -25,8 +25,16 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def fail(exc: BaseException | str, code: int = 1) -> typer.Exit:
     """Print ``error: …`` (one line, markup-safe) and return the Exit to raise."""
-    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    err.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
     return typer.Exit(code)
+
+
+def runnable(text: str) -> str:
+    """``text`` with every quoted `` `crctl …` `` hint spelt the way this crctl was run
+    (:func:`crctl_command`), so a hint runs as printed; messages say `` `crctl …` `` and the
+    printing edge calls this."""
+    command = crctl_command()
+    return text if command == "crctl" else text.replace("`crctl ", f"`{command} ")
 
 
 def crctl_command() -> str:

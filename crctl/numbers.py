@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl import up_sessions
-from crctl.console import fail
+from crctl.console import fail, runnable
 from crctl.credentials import Credentials, redact, resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
@@ -111,8 +111,11 @@ def whoami(
     out.print(f"from      {creds.source}")
     if creds.auth_token is None:
         out.print(
-            "[yellow]note:[/] only an API key is configured; `crctl serve` checks Twilio's "
-            "signatures with the account's auth token: set TWILIO_AUTH_TOKEN for that"
+            "[yellow]note:[/] "
+            + runnable(
+                "only an API key is configured; `crctl serve` checks Twilio's "
+                "signatures with the account's auth token: set TWILIO_AUTH_TOKEN for that"
+            )
         )
 
 
@@ -230,7 +233,9 @@ def numbers_list(
             app,
             "restore available" if saved else "",
         )
-    out.print(table if owned else "this account owns no numbers: `crctl provision-number`")
+    out.print(
+        table if owned else runnable("this account owns no numbers: `crctl provision-number`")
+    )
 
 
 @numbers_app.command("point")
@@ -254,8 +259,10 @@ def numbers_point(
     except CrctlError as exc:
         raise fail(exc) from None
     out.print(
-        f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
-        f"{owned.phone_number}` puts the old setting back)"
+        runnable(
+            f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
+            f"{owned.phone_number}` puts the old setting back)"
+        )
     )
 
 

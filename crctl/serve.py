@@ -17,7 +17,7 @@ from quart import Quart
 from rich.markup import escape
 
 from crctl import options as opts
-from crctl.console import err, fail
+from crctl.console import crctl_command, err, fail
 from crctl.settings import (
     Settings,
     SettingsError,
@@ -107,7 +107,7 @@ def serve(
         err.print(f"  LLM: {escape(relay.llm_text)}   model: {escape(relay.model_text)}")
     stored = config.events_db or "memory only"
     err.print(
-        f"  call log: crctl tail --url {local}   (events in {escape(stored)}; "
+        f"  call log: {crctl_command()} tail --url {local}   (events in {escape(stored)}; "
         f"API token from {escape(relay.token_from)})"
     )
     asyncio.run(run_relay(app, settings, sock=sock))

@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.console import CallLog, calls_table, err, fail, print_call
+from crctl.console import CallLog, calls_table, err, fail, print_call, runnable
 from crctl.errors import CrctlError
 from crctl.settings import api_token_path, default_events_db, read_api_token
 
@@ -253,7 +253,7 @@ def tail(
     try:
         follower.run(on_event, notice)
     except TailError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(0) from None

@@ -28,6 +28,7 @@ from crctl import options as opts
 from crctl import up_sessions
 from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
+from crctl.console import crctl_command, runnable
 from crctl.credentials import resolve
 from crctl.errors import CrctlError
 from crctl.provisioning import Twilio
@@ -62,10 +63,11 @@ def restore(session: Session, state: State) -> None:
             if result is not None:
                 console.print(f"[green]✓[/] restored: {escape(result)}")
         except CrctlError as exc:
-            console.print(
-                f"[bold red]error:[/] {escape(str(exc))} — the next crctl up or `crctl numbers "
-                f"restore {session.number.phone_number}` will put it back"
+            text = (
+                f"{exc} — the next `crctl up` or `crctl numbers restore "
+                f"{session.number.phone_number}` will put it back"
             )
+            console.print(f"[bold red]error:[/] {escape(runnable(text))}")
         session.number = None
     if session.tunnel is not None:
         try:
@@ -260,7 +262,7 @@ def _prepare(
         elif number and (twilio is not None or no_tunnel):
             session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
     except (CrctlError, RelayError) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        console.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
         return None
     return relay, settings, sock, turns, warnings, bus
 
@@ -296,7 +298,7 @@ async def _serve(
         await caller.connect(await caller.fetch())
         code = await play_script(caller, turns, console)
     except CrctlError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        console.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
     finally:
         stop.set()
         await relay
@@ -374,14 +376,14 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
     if relay.llm is not None:
         table.add_row("LLM", escape(relay.llm_text))
         table.add_row("model", escape(relay.model_text))
-    try_it = f"crctl call {local}"
+    try_it = f"{crctl_command()} call {local}"
     if settings.public_url:
         # the relay checks signatures against its public URL: the caller must sign that one
         try_it += f" --public-url {settings.public_url}"
     table.add_row("try it", try_it)
     console.print(table)
     for note in [*warnings, *relay.warnings, *session.notes]:
-        console.print(f"[yellow]![/] {escape(note)}")
+        console.print(f"[yellow]![/] {escape(runnable(note))}")
     console.print("[dim]calls appear below; Ctrl-C stops and puts everything back[/]")
 
 

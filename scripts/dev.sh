@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# Run crctl from this checkout on a fresh machine: ./scripts/dev.sh serve
+# Run crctl from this checkout on a fresh machine, in the folder you are in:
+#   ./scripts/dev.sh up --no-tunnel --call example
 source "$(dirname "$0")/_venv.sh"
-exec .venv/bin/crctl "$@"
+exec "$root/.venv/bin/crctl" "$@"

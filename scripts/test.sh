@@ -2,6 +2,7 @@
 # The test command (README, and .ci/run): lint, type-check, then the whole suite.
 CRCTL_SYNC=dev
 source "$(dirname "$0")/_venv.sh"
+cd "$root"
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

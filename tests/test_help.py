@@ -4,14 +4,20 @@ taking every agent flag `crctl serve` takes."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.core import TyperArgument, TyperOption
 from typer.testing import CliRunner
 
+from crctl import console
 from crctl.cli import COMMANDS, app
 from crctl.helptext import env_names_in
 
@@ -97,3 +103,40 @@ ALL_BY_PATH = [(" ".join(path), command) for path, command in ALL]
 def test_root_help_has_short_flag_and_no_type_column() -> None:
     text = _help(["-h"])
     assert "--version" in text and "<bool>" not in text
+
+
+def test_a_printed_hint_runs_as_printed(tmp_path: Path) -> None:
+    """crctl run from a checkout's .venv is not on PATH: its hints name scripts/dev.sh, relative
+    to where the user is, and that command is really there and runs."""
+    missing = tmp_path / "none.sqlite3"
+    env = {**os.environ, "CRCTL_STATE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "crctl", "calls", "list", "--db", str(missing)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    hint = re.search(r"`([^`]+) serve` creates it", done.stderr)
+    assert hint, done.stderr
+    command = hint.group(1)
+    if Path(sys.prefix).name == ".venv" and (Path(sys.prefix).parent / "scripts").is_dir():
+        assert command.endswith("scripts/dev.sh"), command
+    ran = subprocess.run(
+        [*shlex.split(command), "calls", "list", "--db", str(missing)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.stderr == done.stderr  # the same crctl answered
+
+
+def test_hints_keep_crctl_when_it_is_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "crctl_command", lambda: "crctl")
+    assert console.runnable("run `crctl numbers list`") == "run `crctl numbers list`"
+    monkeypatch.setattr(console, "crctl_command", lambda: "python -m crctl")
+    assert console.runnable("run `crctl numbers list`") == "run `python -m crctl numbers list`"

@@ -163,7 +163,13 @@ class CallConnection:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
 
     def _bad(self, reason: str) -> None:
-        log.warning("call %s: bad frame dropped: %s", self.call_id, reason)
+        # Said by the ``frame.bad`` event too: ``call_event`` lets `crctl up` show it once.
+        log.warning(
+            "call %s: bad frame dropped: %s",
+            self.call_id,
+            reason,
+            extra={"call_event": ev.BAD_FRAME, "call_sid": self.call_id},
+        )
         sid = self.session.call_sid if self.session else ""
         self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)
 

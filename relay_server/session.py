@@ -87,7 +87,14 @@ class CallSession:
 
     async def on_error(self, error: Error) -> None:
         """Twilio reported an error (usually 64107: it rejected one of our frames)."""
-        self.log.warning("Twilio error on %s: %s", self.call_sid, error.description)
+        # Said by the ``error`` event too: ``call_event`` lets `crctl up` show it once.
+        # (The LoggerAdapter would replace ``extra``: log on its logger.)
+        self.log.logger.warning(
+            "Twilio error on %s: %s",
+            self.call_sid,
+            error.description,
+            extra={"call_event": ev.ERROR, "call_sid": self.call_sid},
+        )
 
     async def on_info(self, info: Info) -> None:
         """Opt-in speaker / tokens-played events."""
@@ -243,9 +250,21 @@ class CallSession:
             await coro
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self.log.exception("turn failed on %s", self.call_sid)
-            self.link.events.publish(ev.ERROR, self.call_sid, source="agent", message="turn failed")
+        except Exception as exc:
+            # The event names the exception and where it was raised, so the live log of
+            # `crctl up` says it in one line; the relay's log keeps the whole traceback.
+            self.log.logger.error(
+                "turn failed on %s",
+                self.call_sid,
+                exc_info=True,
+                extra={"call_event": ev.ERROR, "call_sid": self.call_sid},
+            )
+            self.link.events.publish(
+                ev.ERROR,
+                self.call_sid,
+                source="agent",
+                message=f"turn failed: {_raised(exc)}",
+            )
         finally:
             if self._cycle_open and not self.closed:
                 # Close the talk cycle even when cancelled: Twilio needs last:true (§3).
@@ -291,3 +310,16 @@ class CallSession:
 
     def restore(self, state: Any) -> None:
         """Adopt state saved by :meth:`resume_state` of this call's previous socket."""
+
+
+def _raised(exc: BaseException) -> str:
+    """``ValueError: bad value (my_agent.py:12)``: the exception and the innermost frame."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" ({code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name})"
+    text = str(exc)
+    return f"{type(exc).__name__}{': ' + text if text else ''}{where}"

@@ -249,6 +249,78 @@ def test_up_local_only_shows_the_llm_and_says_a_fault_once(tmp_path: Path) -> No
     assert "LLM fault" not in output  # the relay's log line is said by the event instead
 
 
+BROKEN_AGENT = """
+from relay_server import CallSession
+
+
+class Broken(CallSession):
+    async def on_prompt(self, prompt):
+        if prompt.last:
+            await self.start_turn(self.answer())
+
+    async def answer(self):
+        await self.send_text("Let me see")
+        raise ValueError("no such order")
+"""
+
+
+def test_up_says_an_agent_failure_and_a_bad_frame_once_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_agent.py").write_text(BROKEN_AGENT)
+    env = _env(
+        CRCTL_EVENTS_DB="",
+        HOME=str(tmp_path),
+        COLUMNS="200",
+        PYTHONPATH=os.pathsep.join((str(ROOT), str(tmp_path))),
+    )
+    port = free_port()
+    log = tmp_path / "up.log"
+    args = ["up", "--no-tunnel", "--port", str(port), "--agent", "broken_agent:Broken"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crctl", *args],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert wait_until(lambda: _healthy(port), 30), log.read_text()
+        asyncio_run(_broken_turn(port))
+        assert wait_until(lambda: "no such order" in log.read_text(), 10), log.read_text()
+        assert wait_until(lambda: "dropped:" in log.read_text(), 10), log.read_text()
+        time.sleep(0.3)  # a second rendering or log line would come right after the first
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text()
+    # the event: the exception and where it was raised, once; no traceback in the live log
+    assert output.count("turn failed: ValueError: no such order (broken_agent.py:") == 1, output
+    assert "in answer)" in output
+    assert "Traceback" not in output and "turn failed on" not in output, output
+    # a bad frame: the event once, not also the relay's log line
+    assert output.count("dropped:") == 1, output
+    assert ": bad frame dropped" not in output, output
+
+
+async def _broken_turn(port: int) -> None:
+    import websockets
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:
+        await ws.send(json.dumps(setup_frame("CA" + "3" * 32)))
+        await ws.send(json.dumps({"type": "prompt", "voicePrompt": "where is it", "last": True}))
+        while json.loads(await ws.recv()).get("last") is not True:
+            pass  # "Let me see", then the session closes the talk cycle
+        await ws.send("this is not json")
+        await ws.send(json.dumps({"type": "prompt", "voicePrompt": "hello?", "last": False}))
+
+
 def _healthy(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200

@@ -163,8 +163,7 @@ def test_up_with_a_call_script_runs_the_whole_stack_and_stops(
     env = dict(up_env)
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):
         env.pop(name, None)
-    script = ROOT / "examples" / "conversation.yaml"
-    up = Up(tmp_path, env, "--no-tunnel", "--call", str(script))
+    up = Up(tmp_path, env, "--no-tunnel", "--call", "example")  # the script crctl ships
     assert up.proc.wait(60) == 0, up.output
     assert "4 of 4 turns passed" in up.output
     assert "barge-in" in up.output and "caller" in up.output  # the live call log

@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from crctl import __version__
+from crctl.helptext import HELP_OPTION_NAMES, polish
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class LazyCommand:
             single.command(name=name)(target)
             command = typer.main.get_command(single)
         command.name = name
-        return command
+        return polish(command)
 
 
 #: In ``crctl --help`` order: commands, then groups of commands.
@@ -133,6 +134,7 @@ class LazyGroup(TyperGroup):
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         self.commands = _Commands(self.commands)
+        polish(self, subcommands=False)  # each command is polished as it is loaded
 
     def list_commands(self, ctx: Any) -> list[str]:
         return list(self.commands)  # the names only: TyperGroup's would build every command
@@ -152,6 +154,7 @@ class LazyGroup(TyperGroup):
 
 
 app = typer.Typer(
+    context_settings={"help_option_names": HELP_OPTION_NAMES},
     cls=LazyGroup,
     name="crctl",
     help="Build, run and test voice AI agents on Twilio ConversationRelay.",

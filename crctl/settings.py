@@ -90,7 +90,8 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         if parts.scheme == "https" and parts.port == 443:
-            # Twilio's signature check fails on wss URLs with an explicit :443 (§4.1 gotcha 2).
+            # Twilio's signature check fails on wss URLs with an explicit :443 (Twilio docs: webhook
+            # security).
             host = parts.netloc.rsplit(":", 1)[0]
             value = urlunsplit((parts.scheme, host, parts.path, "", ""))
         return value.rstrip("/")

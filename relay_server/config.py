@@ -57,7 +57,7 @@ class RelayConfig:
     """Everything :func:`relay_server.app.create_app` needs."""
 
     #: The base URL Twilio uses to reach this relay (``https://host``), as configured, never
-    #: rebuilt from request headers (protocol.md §4.1 gotcha 1). ``None``: local only.
+    #: rebuilt from request headers (Twilio docs: webhook security). ``None``: local only.
     public_url: str | None = None
     #: Twilio's primary auth token; with it every webhook and WS upgrade must be signed.
     auth_token: str | None = field(default=None, repr=False)

@@ -79,7 +79,7 @@ SOCKET_CLOSED = "socket.closed"
 Subscriber = Callable[[CallEvent], None]
 
 # ------------------------------------------------------------------ 64xxx codes in words
-#: ConversationRelay error codes (protocol.md §5): title, what happened, how to fix it.
+#: ConversationRelay error codes (Twilio docs: error codes): title, what happened, how to fix it.
 TWILIO_ERRORS: dict[int, tuple[str, str, str]] = {
     64101: (
         "Invalid parameter",
@@ -160,7 +160,8 @@ _LLM_FIXES = {
 
 def explain(code: int | str | None) -> dict[str, str]:
     """``title``, ``explanation`` and ``fix`` for a ConversationRelay 64xxx error code
-    (protocol.md §5); an empty dict for no code. Unknown codes point at Twilio's error page."""
+    (Twilio docs: error codes); an empty dict for no code. Unknown codes point at Twilio's error
+    page."""
     try:
         number = int(code) if code not in (None, "") else None
     except (TypeError, ValueError):

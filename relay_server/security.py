@@ -1,8 +1,8 @@
-"""X-Twilio-Signature checks with the twilio SDK's RequestValidator (protocol.md §4).
+"""X-Twilio-Signature checks with the twilio SDK's RequestValidator (Twilio docs: webhook security).
 
 URLs are always rebuilt from the *configured* public URL, never from request headers: behind
 ngrok or a load balancer the relay sees ``http``, an internal host or a stripped prefix, and a
-signature computed by Twilio over the public URL would never match (§4.1 gotcha 1).
+signature computed by Twilio over the public URL would never match (Twilio docs: webhook security).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class SignatureChecker:
         """A WebSocket upgrade: ``signed_url`` is the ``wss://`` URL as written in the TwiML.
 
         Twilio's own servers (TAC) sign ``wss://host/path`` with the query pairs as params;
-        a query kept in the URL is accepted too (§4.1: which one Twilio uses is not settled).
+        a query kept in the URL is accepted too (Twilio docs: webhook security: which one Twilio
+        uses is not settled).
         """
         if not signature:
             return False

@@ -5,7 +5,7 @@ order Twilio sent the frames, so they must return quickly. Anything slow (an LLM
 runs as the *turn*: ``await self.start_turn(coro)``. A session has at most one turn; starting a
 new one cancels the old one, a barge-in cancels it (the default ``on_interrupt``), and so does
 the socket closing. A turn that sent tokens is always closed with ``last: true``, also when it
-was cancelled or failed (protocol.md §3, "Talk cycle").
+was cancelled or failed (Twilio docs: WebSocket messages, "Talk cycle").
 
 A session never sees Quart: it writes encoded frames through :class:`SessionLink.send`.
 """
@@ -156,7 +156,8 @@ class CallSession:
     async def end(self, handoff_data: str | dict[str, Any] | None = None) -> None:
         """End the session after queued speech; ``handoff_data`` reaches ``/action`` verbatim.
 
-        A dict is JSON-encoded (``handoffData`` is a string on the wire, protocol.md §3).
+        A dict is JSON-encoded (``handoffData`` is a string on the wire; Twilio docs: WebSocket
+        messages).
         """
         if self._turn_task is not asyncio.current_task():
             await self.cancel_turn()  # called from outside the turn: nothing may follow end
@@ -267,7 +268,8 @@ class CallSession:
             )
         finally:
             if self._cycle_open and not self.closed:
-                # Close the talk cycle even when cancelled: Twilio needs last:true (§3).
+                # Close the talk cycle even when cancelled: Twilio needs last:true (Twilio docs:
+                # WebSocket messages).
                 await self.send_text("", last=True)
 
     # ------------------------------------------------------------------ called by the relay

@@ -98,7 +98,7 @@ def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN
 
 
 def setup_frame(call_sid: str, **extra: Any) -> dict[str, Any]:
-    """A setup frame shaped like the captured one (protocol.md §2.1)."""
+    """A setup frame shaped like the captured one (Twilio docs: WebSocket messages)."""
     frame = {
         "type": "setup",
         "sessionId": "VX" + call_sid[2:],

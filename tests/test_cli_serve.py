@@ -188,7 +188,8 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
     env = _env(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=fake_llm.base_url, TWILIO_AUTH_TOKEN=TOKEN)
     args = ["--host", "127.0.0.1", "--port", str(port), "--public-url", public]
     with serve(tmp_path, args, env) as relay:
-        signed_ws = f"wss://127.0.0.1:{port}/ws"  # what Twilio signs: the TwiML url= (§4.1)
+        # what Twilio signs: the TwiML url= (Twilio docs: webhook security)
+        signed_ws = f"wss://127.0.0.1:{port}/ws"
 
         # A signed call gets the (fake) LLM's streamed answer, closed by last:true.
         async with _connect(relay, sign(signed_ws, token=TOKEN)) as ws:
@@ -200,7 +201,7 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
         user = [m for m in fake_llm.records[0].body["messages"] if m["role"] == "user"]
         assert user[-1]["content"] == "hello there"
 
-        # Unsigned, wrong token, and signed over https:// instead of wss:// (§6 mistake 13).
+        # Unsigned, wrong token, and signed over https:// instead of wss://.
         await _assert_refused(relay, None)
         await _assert_refused(relay, sign(signed_ws, token="not-the-token"))
         await _assert_refused(relay, sign(f"https://127.0.0.1:{port}/ws", token=TOKEN))

@@ -1,9 +1,10 @@
 """The relay's HTTP surface over real sockets: /twiml, the /ws upgrade, /action, /status,
-/healthz and the messages API (protocol.md §1.4, §4).
+/healthz and the messages API (Twilio docs: <Connect> action).
 
 Every webhook is signed exactly as Twilio signs it: over the *public* URL the relay is
 configured with (``tests.support.PUBLIC_URL``), never over the 127.0.0.1 address the test
-actually connects to. That is what proves the relay checks the configured URL (§4.1 gotcha 1).
+actually connects to. That is what proves the relay checks the configured URL (Twilio docs: webhook
+security).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def voice_params(call_sid: str = CALL_SID, **extra: str) -> dict[str, str]:
 
 
 def action_params(call_sid: str = CALL_SID, status: str = "completed", **extra: str) -> dict:
-    """The ``<Connect action>`` callback body: the observed key set of §1.4."""
+    """The ``<Connect action>`` callback body: the key set Twilio sends (Twilio docs: <Connect>
+    action)."""
     call_status = "completed" if status == "completed" else "in-progress"
     return voice_params(
         call_sid,
@@ -103,7 +105,8 @@ def parse_twiml(response: httpx.Response) -> ET.Element:
 
 
 def assert_relay_twiml(root: ET.Element, greeting: str) -> None:
-    """``<Connect action method><ConversationRelay url welcomeGreeting …/>`` as §1 wants."""
+    """``<Connect action method><ConversationRelay url welcomeGreeting …/>`` as Twilio documents
+    it."""
     connect = root.find("Connect")
     assert connect is not None, ET.tostring(root)
     assert connect.attrib == {"action": ACTION_PUBLIC, "method": "POST"}
@@ -152,7 +155,7 @@ async def ws_accepted(relay: RelayServer, url: str, signature: str) -> None:
 
 
 async def drop(caller: TwilioCaller) -> None:
-    """Drop the socket abruptly, without a close frame (the 1006 case of §5)."""
+    """Drop the socket abruptly, without a close frame (close code 1006)."""
     caller.ws.transport.abort()
     await asyncio.sleep(0)
 

@@ -35,7 +35,7 @@ from relay_server.protocol import (
     text_frame,
 )
 
-# §2.1, captured frame [OBS interrupt.jsonl], verbatim.
+# A setup frame as Twilio sends it on a real call, verbatim.
 SETUP_CAPTURED = (
     '{"type":"setup","sessionId":"VX00000000000000000000000000000001",'
     '"callSid":"CA00000000000000000000000000000001",'
@@ -53,7 +53,7 @@ def _setup_dict(**changes: Any) -> dict[str, Any]:
     return frame
 
 
-# --------------------------------------------------------------------------- setup (§2.1)
+# --------------------------------------------------------------------------- setup
 
 
 def test_setup_captured_frame_decodes_every_field() -> None:
@@ -96,7 +96,7 @@ def test_setup_with_application_sid_string() -> None:
 
 
 def test_setup_ignores_unknown_fields() -> None:
-    # §2: Twilio adds fields over time; they must be ignored, not rejected.
+    # Twilio adds fields over time; they must be ignored, not rejected.
     frame = _setup_dict(futureField={"nested": [1, 2]}, anotherOne=7, ts="2026-08-30")
     msg = decode(json.dumps(frame))
     assert isinstance(msg, Setup)
@@ -115,7 +115,7 @@ def test_setup_without_call_sid_is_malformed() -> None:
         decode(json.dumps(frame))
 
 
-# ---------------------------------------------------------------------- prompt/dtmf (§2.2-3)
+# ---------------------------------------------------------------------- prompt/dtmf
 
 
 @pytest.mark.parametrize("last", [True, False])
@@ -149,7 +149,7 @@ def test_dtmf(digit: str) -> None:
     assert msg.digit == digit
 
 
-# ------------------------------------------------------------------------ interrupt (§2.4)
+# ------------------------------------------------------------------------ interrupt
 
 
 def test_interrupt_with_integer_duration() -> None:
@@ -200,7 +200,7 @@ def test_interrupt_with_infinite_string_duration_is_a_protocol_error(duration: s
         decode(frame)
 
 
-# ---------------------------------------------------------------------- error/info (§2.5-6)
+# ---------------------------------------------------------------------- error/info
 
 
 def test_error_observed_frame_carries_code_64107() -> None:
@@ -219,7 +219,8 @@ def test_error_docs_frame_without_a_code_is_64107() -> None:
     msg = decode(frame)
     assert isinstance(msg, Error)
     assert msg.description == 'Invalid message received: { "foo" : "bar" }'
-    # the docs' form names no code, but "Invalid message received" is 64107 (§2.5)
+    # the docs' form names no code, but "Invalid message received" is 64107 (Twilio docs: WebSocket
+    # messages)
     assert msg.code == 64107
     other = decode('{"type":"error","description":"something else went wrong"}')
     assert isinstance(other, Error) and other.code is None
@@ -255,7 +256,7 @@ def test_info(frame: str, name: str, value: str) -> None:
     "frame",
     [
         '{"type":"configUpdated","provider":"Google","language":"en-US"}',
-        '{"type":"interrupted","reason":"speech"}',  # §6 mistake 3: not a Twilio type
+        '{"type":"interrupted","reason":"speech"}',  # a tutorial's invention: not a Twilio type
         '{"type":"media","media":{"payload":"AAAA"}}',  # Media Streams, not CR
         '{"type":""}',
     ],
@@ -337,9 +338,10 @@ def test_multibyte_frame_over_the_byte_limit_is_refused() -> None:
         decode(frame, max_bytes=150)
 
 
-# -------------------------------------------------------------------------- outbound (§3)
+# -------------------------------------------------------------------------- outbound
 
-# §3 "Examples (verbatim docs)", with the message that should produce each.
+# The examples of Twilio's WebSocket messages docs, verbatim, with the message that should
+# produce each.
 DOCS_OUTBOUND: list[tuple[Any, str]] = [
     (
         Text(token="Hello world!", last=False, interruptible=False, preemptible=False),
@@ -378,7 +380,8 @@ def test_encode_matches_docs_example(message: Any, docs: str) -> None:
     encoded = json.loads(encode(message))
     expected = json.loads(docs)
     if isinstance(message, Play):
-        # play.loop defaults to 1 on Twilio's side (§3 table) and omit_defaults leaves the
+        # play.loop defaults to 1 on Twilio's side (Twilio docs: WebSocket messages table) and
+        # omit_defaults leaves the
         # default off the wire; everything else must match the docs exactly.
         assert "loop" not in encoded or encoded["loop"] == 1
         encoded.setdefault("loop", 1)
@@ -466,7 +469,8 @@ def test_send_digits_accepts(digits: str) -> None:
 
 @pytest.mark.parametrize("digits", ["", "12a", "1 2", "W", "+15550100", "12\n", "\n"])
 def test_send_digits_rejects(digits: str) -> None:
-    # "12\n": a trailing newline must not slip past the "only 0-9 w # *" rule (§3).
+    # "12\n": a trailing newline must not slip past the "only 0-9 w # *" rule (Twilio docs:
+    # WebSocket messages).
     with pytest.raises(ProtocolError, match="sendDigits"):
         SendDigits(digits=digits)
 

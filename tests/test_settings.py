@@ -258,7 +258,7 @@ def test_public_url_default_port_goes_into_the_websocket_url_without_port() -> N
     ],
 )
 def test_public_url_https_port_443_dropped_for_any_host_spelling(given: str) -> None:
-    # §4.1 gotcha 2: an explicit :443 breaks Twilio signature checks, whatever the host looks like
+    # An explicit :443 breaks Twilio signature checks, whatever the host looks like
     # (mixed case, IPv6 literal).
     public_url = load_settings(public_url=given).public_url
     assert public_url is not None

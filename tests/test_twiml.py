@@ -247,7 +247,7 @@ ttsLanguageTextNormalization = "auto"
     assert relay.get("interruptible") == "any"  # true means any
     assert relay.get("eotThreshold") == "0.8" and relay.get("speechTimeout") == "auto"
     assert relay.get("includeInPrompt") == "turn-state prompt-segments"
-    assert set(relay.attrib) == set(schema.RELAY)  # every attribute of protocol.md §1.2
+    assert set(relay.attrib) == set(schema.RELAY)  # every attribute Twilio documents
     assert all("_" not in name for name in relay.attrib)
     language = relay.find("Language")
     assert language is not None and language.get("asrSmartFormat") == "false"

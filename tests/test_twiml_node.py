@@ -1,7 +1,8 @@
 """Python TwiML against the Node twilio SDK's ``conversationRelay()`` (C14N 2.0 comparison).
 
-Every preset, plus templates that set every §1.2 attribute, ``<Language>`` entries with every
-§1.3 attribute and ``<Parameter>``s, is rendered twice from the same attributes: by
+Every preset, plus templates that set every ``<ConversationRelay>`` attribute, ``<Language>``
+entries with every attribute of theirs and ``<Parameter>``s, is rendered twice from the same
+attributes: by
 ``twiml_templates.render`` (Python SDK) and by ``tests/node/render_cr.js`` (Node SDK,
 ``VoiceResponse().connect().conversationRelay().language().parameter()``). The two documents
 must be the same XML once canonicalised. Node runs once for the whole module.
@@ -34,7 +35,7 @@ from twiml_templates import (
 NODE_DIR = Path(__file__).parent / "node"
 URL = "wss://relay.example.com/ws"
 
-#: Every ``<ConversationRelay>`` attribute of protocol.md §1.2 (the removed ``interruptByDtmf``
+#: Every ``<ConversationRelay>`` attribute Twilio documents (the removed ``interruptByDtmf``
 #: aside), with values that need escaping where text is free.
 ALL_RELAY_TOML = """\
 description = "Every ConversationRelay attribute"
@@ -237,7 +238,7 @@ def test_node_sdk_is_the_version_the_export_pins(rendered: Rendered) -> None:
 
 
 def test_all_attributes_case_covers_every_attribute(rendered: Rendered) -> None:
-    """The big template really sets every §1.2 attribute, every §1.3 <Language> attribute,
+    """The big template really sets every <ConversationRelay> attribute, every <Language> attribute,
     and Node emitted each of them (no name dropped or renamed)."""
     case = rendered.cases["all-attributes"]
     relay = ET.fromstring(c14n(rendered.node["all-attributes"])).find(".//ConversationRelay")

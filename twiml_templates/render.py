@@ -2,7 +2,7 @@
 
 Never hand-built XML: ``VoiceResponse().connect().conversation_relay(...)`` escapes values and
 sorts attributes. Names are passed in camelCase, which the SDK leaves as they are (it only
-camel-cases names with an underscore), so every attribute of §1.2, including those the SDK has
+camel-cases names with an underscore), so every documented attribute, including those the SDK has
 no keyword for (``eotThreshold``), comes out as Twilio documents it.
 """
 

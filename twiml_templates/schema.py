@@ -1,4 +1,4 @@
-"""What each ConversationRelay attribute accepts (protocol.md §1.2, §1.3).
+"""What each ConversationRelay attribute accepts (Twilio docs: <ConversationRelay>).
 
 Every check turns a value (typed, from TOML, or a string, from XML) into its wire form, or
 raises :class:`ValueError` whose message says what is allowed. Names are camelCase, as Twilio
@@ -112,7 +112,8 @@ def text(value: object) -> str:
 
 
 def wss_url(value: object) -> str:
-    """The relay's WebSocket URL: ``wss://`` and no explicit ``:443`` (protocol.md §4.1)."""
+    """The relay's WebSocket URL: ``wss://`` and no explicit ``:443`` (Twilio docs: webhook
+    security)."""
     return _ws_url(value, insecure=False)
 
 
@@ -156,7 +157,7 @@ _TTS = enum("Google", "Amazon", "ElevenLabs")
 _STT = enum("Google", "Deepgram")
 _MODES = ("none", "dtmf", "speech", "any")
 
-#: ``<ConversationRelay>`` attributes (§1.2), camelCase.
+#: ``<ConversationRelay>`` attributes (Twilio docs: <ConversationRelay>), camelCase.
 RELAY: dict[str, Attr] = {
     "url": Attr(wss_url, "wss:// URL of the relay's /ws (required)"),
     "welcomeGreeting": Attr(text, "spoken once the socket is up"),
@@ -199,7 +200,7 @@ RELAY: dict[str, Attr] = {
     "turnDetection": Attr(boolean),
 }
 
-#: ``<Language>`` attributes (§1.3).
+#: ``<Language>`` attributes (Twilio docs: <ConversationRelay>).
 LANGUAGE: dict[str, Attr] = {
     "code": Attr(language(multi=True), "required"),
     "ttsProvider": Attr(_TTS),
@@ -248,7 +249,7 @@ NEVER_EXISTED = {
     "midSentenceCutSilenceTimeout": None,
 }
 
-#: Speech models of Deepgram that understand ``multi`` (§1.2, §1.3).
+#: Speech models of Deepgram that understand ``multi`` (Twilio docs: <ConversationRelay>).
 MULTI_MODELS = ("nova-2-general", "nova-3-general")
 FLUX_MODELS = ("flux", "flux-general-en")
 

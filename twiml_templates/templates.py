@@ -199,7 +199,8 @@ def check_combination(
     file: Path | Callable[[str], Path],
 ) -> None:
     """Rules across attributes: ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS
-    in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (§1.2, §1.3)."""
+    in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (Twilio docs:
+    <ConversationRelay>)."""
 
     def where(key: str) -> Path:
         return file(key) if callable(file) else file

@@ -3,7 +3,7 @@ silence reminders. The echo and LLM agents differ in :meth:`ConversationAgent.re
 agent also ends or hands off the call after its reply).
 
 History holds only what the caller heard: a reply cut by a barge-in is shortened to Twilio's
-``utteranceUntilInterrupt`` (protocol.md §2.4, mistake 5 in §6).
+``utteranceUntilInterrupt`` (Twilio docs: WebSocket messages).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class ConversationAgent(CallSession):
 
         The input goes into history as soon as the previous turn has cleaned up, so it is kept
         even if another turn supersedes this one before it runs. A reply cut by this new turn
-        keeps what was sent: without an ``interrupt`` Twilio plays everything queued (§3).
+        keeps what was sent: without an ``interrupt`` Twilio plays everything queued (Twilio docs:
+        WebSocket messages).
         """
         turn_end = asyncio.get_running_loop().time()
 
@@ -175,7 +176,8 @@ class ConversationAgent(CallSession):
         finally:
             cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
             if not self.closed and (self._cycle_open or not (spoken or cancelled)):
-                # Every turn ends with last:true, also an empty or cut one (§3, §6.11); a
+                # Every turn ends with last:true, also an empty or cut one (Twilio docs: WebSocket
+                # messages); a
                 # cancelled turn that said nothing has no cycle to close.
                 await self.send_text("", last=True)
             text = "".join(spoken)

@@ -164,7 +164,8 @@ class LLMAgent(ConversationAgent):
 
     async def _with_filler(self, tokens: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         """Pass ``tokens`` through; if the first one is slower than ``filler_after_ms``, say the
-        filler first as its own preemptible talk cycle, which the real answer then cuts (§3)."""
+        filler first as its own preemptible talk cycle, which the real answer then cuts (Twilio
+        docs: WebSocket messages)."""
         delay = self.settings.filler_after_ms / 1000
         iterator = tokens
         async with aclosing(iterator):

@@ -1,4 +1,5 @@
-"""ConversationRelay wire protocol: typed messages and a pure codec (protocol.md §2-3)."""
+"""ConversationRelay wire protocol: typed messages and a pure codec (Twilio docs: WebSocket
+messages)."""
 
 from relay_server.protocol.codec import (
     DEFAULT_MAX_FRAME_BYTES,

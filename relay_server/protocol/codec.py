@@ -13,7 +13,8 @@ import msgspec
 from relay_server.protocol.errors import ProtocolError
 from relay_server.protocol.messages import Inbound, Outbound, Unknown
 
-#: Twilio publishes no message-size cap (§5); a frame larger than this is refused by the relay.
+#: Twilio publishes no message-size cap (Twilio docs: error codes); a frame larger than this is
+#: refused by the relay.
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 
 _inbound = msgspec.json.Decoder(Inbound)
@@ -29,7 +30,7 @@ def decode(
     """Decode one frame from Twilio.
 
     Returns a typed message, or :class:`Unknown` for a well-formed frame of a type this relay
-    does not know (§2: unknown types and fields must be ignored).
+    does not know (Twilio docs: WebSocket messages: unknown types and fields must be ignored).
     Raises :class:`ProtocolError` for a binary frame, an oversized frame, non-JSON, a JSON value
     that is not an object with a string ``type``, or a known type with wrong field types.
     """
@@ -63,7 +64,8 @@ def _unknown_or_raise(frame: str, exc: msgspec.ValidationError) -> Unknown:
 
 
 def encode(message: Outbound) -> str:
-    """Encode one of our messages as the JSON text Twilio validates (§3)."""
+    """Encode one of our messages as the JSON text Twilio validates (Twilio docs: WebSocket
+    messages)."""
     return _encoder.encode(message).decode()
 
 

@@ -1,4 +1,4 @@
-"""Typed ConversationRelay messages (../shared/conversationrelay/protocol.md §2-3).
+"""Typed ConversationRelay messages (Twilio docs: WebSocket messages).
 
 Every message is a msgspec Struct tagged by its wire ``type`` and renamed to camelCase.
 Inbound structs are lenient the way Twilio needs (optional fields default, unknown fields are
@@ -19,11 +19,11 @@ import msgspec
 
 from relay_server.protocol.errors import ProtocolError
 
-# --------------------------------------------------------------------------- inbound (§2)
+# --------------------------------------------------------------------------- inbound
 
 
 class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_only=True):
-    """First frame of every socket (§2.1)."""
+    """First frame of every socket (Twilio docs: WebSocket messages)."""
 
     call_sid: str
     session_id: str = ""
@@ -32,18 +32,19 @@ class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_on
     to: str = ""
     direction: str = ""
     call_type: str = ""
-    #: Upper-snake on the wire: ``RINGING`` or ``IN_PROGRESS`` (§2.1).
+    #: Upper-snake on the wire: ``RINGING`` or ``IN_PROGRESS`` (Twilio docs: WebSocket messages).
     call_status: str = ""
     parent_call_sid: str = ""
     forwarded_from: str = ""
     caller_name: str = ""
     custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
-    #: ``null`` in 2024-25 captures, absent in 2026 ones (§2.1).
+    #: ``null`` in 2024-25 captures, absent in 2026 ones (Twilio docs: WebSocket messages).
     application_sid: str | None = None
 
 
 class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_only=True):
-    """Caller speech (§2.2). ``last=False`` frames are cumulative partials."""
+    """Caller speech (Twilio docs: WebSocket messages). ``last=False`` frames are cumulative
+    partials."""
 
     voice_prompt: str
     lang: str = ""
@@ -51,7 +52,7 @@ class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_
 
 
 class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
-    """One key press (§2.3): ``0-9``, ``*`` or ``#``."""
+    """One key press (Twilio docs: WebSocket messages): ``0-9``, ``*`` or ``#``."""
 
     digit: str
 
@@ -61,10 +62,12 @@ class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel", kw_only=True):
-    """Caller barged in (§2.4). ``utterance_until_interrupt`` is the agent text the caller heard."""
+    """Caller barged in (Twilio docs: WebSocket messages). ``utterance_until_interrupt`` is the
+    agent text the caller heard."""
 
     utterance_until_interrupt: str = ""
-    #: An int in 2026 captures, a string in the early docs ("460"): both accepted (§2.4).
+    #: An int in 2026 captures, a string in the early docs ("460"): both accepted (Twilio docs:
+    #: WebSocket messages).
     duration_until_interrupt_ms: Union[int, float, str] = 0
 
     def __post_init__(self) -> None:
@@ -78,7 +81,7 @@ class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
-    """Twilio rejected one of our frames or hit a problem (§2.5)."""
+    """Twilio rejected one of our frames or hit a problem (Twilio docs: WebSocket messages)."""
 
     description: str = ""
 
@@ -88,7 +91,8 @@ class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
         match = _CODE_RE.search(self.description)
         if match:
             return int(match.group(1))
-        # The docs' form carries no code: "Invalid message received: { ... }" is 64107 (§2.5).
+        # The docs' form carries no code: "Invalid message received: { ... }" is 64107 (Twilio docs:
+        # WebSocket messages).
         return 64107 if self.description.startswith("Invalid message received") else None
 
 
@@ -96,7 +100,8 @@ _CODE_RE = re.compile(r"\b(64\d{3})\b")
 
 
 class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
-    """Opt-in speaker / tokens-played / debugging events (§2.6). ``value`` is kept as a string."""
+    """Opt-in speaker / tokens-played / debugging events (Twilio docs: WebSocket messages).
+    ``value`` is kept as a string."""
 
     name: str
     value: Union[str, int, float, bool, None] = ""
@@ -120,7 +125,7 @@ class Unknown(msgspec.Struct, kw_only=True):
 
 Inbound = Union[Setup, Prompt, Dtmf, Interrupt, Error, Info]
 
-# -------------------------------------------------------------------------- outbound (§3)
+# -------------------------------------------------------------------------- outbound
 
 _DIGITS_RE = re.compile(r"[0-9w#*]+")
 

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import uvicorn
-from quart import Quart
 from rich.markup import escape
 
 from crctl import options as opts
@@ -25,13 +23,16 @@ from crctl.settings import (
     ensure_api_token,
     load_settings,
 )
-from relay_server.agents import EchoAgent, LLMAgent
-from relay_server.app import create_app, end_streams, resolve_agent
 from relay_server.config import RelayConfig
 from relay_server.errors import RelayError
 from relay_server.events import EventBus
 
 if TYPE_CHECKING:
+    # The server's libraries are imported when the relay is built, not with this module, so
+    # a bad setting is reported without loading them (and `crctl serve --help` is quick).
+    import uvicorn
+    from quart import Quart
+
     from relay_server.llm import LLMCheck
 
 
@@ -146,6 +147,8 @@ class Relay:
     @property
     def agent_text(self) -> str:
         """The agent in words, saying why when it is the offline echo agent."""
+        from relay_server.agents import EchoAgent, LLMAgent
+
         if self.agent_cls is EchoAgent and self.config.agent is None:
             return (
                 "echo — no OPENAI_API_KEY is set, so the relay repeats what the caller says "
@@ -160,6 +163,9 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
     """The app for ``settings`` (``crctl serve`` and ``crctl up`` alike). Without
     ``CRCTL_API_TOKEN`` the relay is still authenticated: it uses the token file crctl makes
     once, where ``crctl tail`` finds it."""
+    from relay_server.agents import LLMAgent
+    from relay_server.app import create_app, resolve_agent
+
     config = settings.relay_config()
     token_from = "CRCTL_API_TOKEN"
     if config.api_token is None:
@@ -231,6 +237,8 @@ def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
     (bench/). Per-message deflate is off: ConversationRelay frames are tiny JSON, and zlib's
     contexts cost about 45 KiB per idle call and CPU on every token.
     """
+    import uvicorn
+
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -247,13 +255,17 @@ def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
     )
 
 
-class _Server(uvicorn.Server):
+def _server(config: uvicorn.Config) -> uvicorn.Server:
     """Uvicorn, with SIGINT/SIGTERM handled by :func:`run_relay` (exit code 0 after a clean
     stop) rather than re-raised after shutdown."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server(config)
 
 
 async def run_relay(
@@ -264,7 +276,9 @@ async def run_relay(
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set. A second signal forces
     the exit without waiting for open calls."""
-    server = _Server(server_config(app, settings))
+    from relay_server.app import end_streams
+
+    server = _server(server_config(app, settings))
     # Everything alive now (imports, the app) lives as long as the process: keep it out of the
     # collector's way, or full collections over ~230k objects stall every call (bench/).
     gc.collect()

@@ -194,7 +194,7 @@ def _history() -> History:
     folder cannot be written."""
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
-    from crctl.settings import state_dir
+    from crctl.paths import state_dir
 
     path = state_dir() / "call-history"
     try:

@@ -20,6 +20,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
 from crctl.errors import CrctlError
+
+# Re-exported: crctl's files are looked up through settings by serve, up and the tests.
+from crctl.paths import api_token_path as api_token_path
+from crctl.paths import default_events_db as default_events_db
+from crctl.paths import read_api_token as read_api_token
+from crctl.paths import state_dir as state_dir
 from relay_server.config import AgentConfig, LLMConfig, RelayConfig
 
 
@@ -236,31 +242,6 @@ def env_names(field: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ files in ~/.crctl
-def state_dir() -> Path:
-    """crctl's own directory: ``$CRCTL_STATE_DIR`` or ``~/.crctl``."""
-    base = os.environ.get("CRCTL_STATE_DIR")
-    return Path(base) if base else Path.home() / ".crctl"
-
-
-def default_events_db() -> Path:
-    """The default SQLite file of call events."""
-    return state_dir() / "events.sqlite3"
-
-
-def api_token_path() -> Path:
-    """Where ``crctl serve`` keeps the relay's API token when none is configured."""
-    return state_dir() / "api-token"
-
-
-def read_api_token(path: Path | None = None) -> str | None:
-    """The token in the token file, if there is one."""
-    try:
-        token = (path or api_token_path()).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return token or None
-
-
 def ensure_api_token(path: Path | None = None) -> str:
     """The local API token: the token file's, or a new random one written there first.
 

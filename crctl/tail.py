@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from crctl.console import CallLog, calls_table, err, fail, print_call, runnable
 from crctl.errors import CrctlError
-from crctl.settings import api_token_path, default_events_db, read_api_token
+from crctl.paths import api_token_path, default_events_db, read_api_token
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: The relay sends a comment every 15 s; this long without a byte means it is gone.

@@ -1,28 +1,28 @@
 """A simulated Twilio caller that speaks ConversationRelay as Twilio does (``crctl call``).
 
-What it mirrors (../shared/conversationrelay/protocol.md):
+What it mirrors (Twilio's ConversationRelay docs, and frames seen on real calls):
 
-- The voice webhook first (§4.2): ``POST /twiml`` with Twilio's voice parameters, signed with
+- The voice webhook first: ``POST /twiml`` with Twilio's voice parameters, signed with
   ``X-Twilio-Signature`` over the URL Twilio would request (the public URL behind a tunnel).
-- The socket named by ``<Connect><ConversationRelay url=…>`` (§1): a local relay whose TwiML
+- The socket named by ``<Connect><ConversationRelay url=…>``: a local relay whose TwiML
   names its public ``wss://`` URL is reached at the local address, and the handshake is signed
-  over the public URL, as Twilio does through a tunnel (§4.1). Handshake headers as captured
+  over the public URL, as Twilio does through a tunnel. Handshake headers as captured
   (``user-agent: Jetty/11.0.24``, ``x-twilio-signature`` and its duplicate, ``accept-encoding:
-  gzip``), no subprotocol, no permessage-deflate, no pings (§2, §5).
+  gzip``), no subprotocol, no permessage-deflate, no pings.
 - ``setup`` shaped like the captured frame, ``customParameters`` from the ``<Parameter>``s
-  (§2.1); ``prompt`` with ``voicePrompt``/``lang``/``last``, optionally cumulative partials
-  every ~250 ms with the final repeating the last partial (§2.2); one ``dtmf`` frame per key,
-  only with ``dtmfDetection="true"`` (§2.3).
+ ; ``prompt`` with ``voicePrompt``/``lang``/``last``, optionally cumulative partials
+  every ~250 ms with the final repeating the last partial; one ``dtmf`` frame per key,
+  only with ``dtmfDetection="true"``.
 - Barge-in in Twilio's order: ``info clientSpeaking on`` → ``info tokensPlayed`` → ``interrupt``
   (``utteranceUntilInterrupt`` = the words of the reply received so far, an int
-  ``durationUntilInterruptMs``) → ``info agentSpeaking off`` (§2.4); only when the TwiML's
+  ``durationUntilInterruptMs``) → ``info agentSpeaking off``; only when the TwiML's
   ``interruptible`` allows it; speech over the agent is dropped under
-  ``reportInputDuringAgentSpeech="none"`` (§2.2). Info events only when the TwiML's
-  ``events``/``debug`` asks for them (§2.6).
-- The relay's frames validated as Twilio does (§3): a bad one is answered with an ``error``
+  ``reportInputDuringAgentSpeech="none"``. Info events only when the TwiML's
+  ``events``/``debug`` asks for them.
+- The relay's frames validated as Twilio does: a bad one is answered with an ``error``
   64107, ten in a row close the socket with 1007. A talk cycle ends at ``last: true``; a cycle
   made only of ``preemptible`` text (a filler) does not end the reply.
-- The end (§1.4, §5): hang-up closes with 1000 "Closing websocket session"; after ``end`` the
+- The end: hang-up closes with 1000 "Closing websocket session"; after ``end`` the
   socket closes the same way; then the ``<Connect action>`` callback is posted (signed) with
   ``SessionStatus`` completed / ended (+ ``HandoffData``) / failed (64105).
 """
@@ -447,7 +447,7 @@ class SimulatedCaller:
         if "://" not in base:  # "127.0.0.1:8080"
             base = "http://" + base
         fetched = base if base.endswith("/twiml") else base + "/twiml"
-        # Twilio requests the public URL; a tunnel forwards it here (§4.2).
+        # Twilio requests the public URL; a tunnel forwards it here.
         signed = self.public_url + "/twiml" if self.public_url else fetched
         params = self.voice_params("ringing")
         status, body = await asyncio.to_thread(
@@ -537,7 +537,7 @@ class SimulatedCaller:
         barged = False
         if head is not None:
             if "speech" in plan.interruptible:
-                # with partials, agentSpeaking off follows the first one (§2.4)
+                # with partials, agentSpeaking off follows the first one
                 barged = self.partials or plan.partial_prompts
                 await self._barge_in(
                     head, head.received.rstrip(), speech=True, defer_agent_off=barged
@@ -556,7 +556,7 @@ class SimulatedCaller:
             for i in range(1, len(words) + 1):
                 await self._prompt(" ".join(words[:i]), last=False)
                 if barged and i == 1:
-                    await self._agent("off")  # observed after the first partial (§2.4)
+                    await self._agent("off")  # observed after the first partial
                 await asyncio.sleep(self.partial_gap)
             text = " ".join(words)
         await self._client("off")
@@ -584,7 +584,7 @@ class SimulatedCaller:
                 if "dtmf" in plan.interruptible:
                     await self._barge_in(head, head.received.rstrip(), speech=False)
                 elif "dtmf" not in plan.report_input:
-                    # as for speech: keys over the agent are not reported under "none" (§1.2)
+                    # as for speech: keys over the agent are not reported under "none"
                     self._drop(
                         "the agent is speaking, and with reportInputDuringAgentSpeech="
                         f"{plan.attributes.get('reportInputDuringAgentSpeech', 'none')!r} Twilio "
@@ -682,7 +682,7 @@ class SimulatedCaller:
     async def _barge_in(
         self, reply: Reply, heard: str, *, speech: bool, defer_agent_off: bool = False
     ) -> None:
-        """Twilio's barge-in order (§2.4): clientSpeaking on, tokensPlayed, interrupt, then
+        """Twilio's barge-in order: clientSpeaking on, tokensPlayed, interrupt, then
         (for speech, after the first partial prompt: :meth:`say` sends it) agentSpeaking off.
         Twilio flushes the rest of the cycle: ``heard`` is all it spoke."""
         now = time.monotonic()
@@ -733,7 +733,8 @@ class SimulatedCaller:
             await self._finish()
 
     async def _validate(self, raw: str | bytes) -> dict[str, Any] | None:
-        """Check one frame as Twilio does (§3); answer a bad one with ``error`` 64107."""
+        """Check one frame as Twilio does (Twilio docs: WebSocket messages); answer a bad one
+        with ``error`` 64107."""
         problem, frame = _check_frame(raw)
         if problem is None:
             self._malformed = 0
@@ -889,7 +890,7 @@ _BOOL_FIELDS = {
 
 
 def _check_frame(raw: str | bytes) -> tuple[str | None, dict[str, Any]]:
-    """(problem, frame): the problem Twilio would reject an app frame for, or None (§3)."""
+    """(problem, frame): the problem Twilio would reject an app frame for, or None."""
     if not isinstance(raw, str):
         return "a binary frame (ConversationRelay takes JSON text)", {}
     try:

@@ -614,7 +614,7 @@ def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
 
 async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
     """clientSpeaking on → tokensPlayed → interrupt → prompt(last:false) → agentSpeaking off
-    (protocol.md §2.4, the observed order)."""
+    (the order observed on real calls)."""
     answering: list[asyncio.Task[None]] = []
 
     async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:

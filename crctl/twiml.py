@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,26 @@ from twiml_templates import (
     templates,
     user_templates,
 )
+
+# The options render and export share, declared once.
+TemplateName = Annotated[
+    str, typer.Argument(metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path.")
+]
+RelayUrl = Annotated[
+    Optional[str], typer.Option(metavar="URL", help="The relay's wss:// URL (…/ws).")
+]
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="Attribute override (repeatable)."),
+]
+Parameters = Annotated[
+    Optional[list[str]],
+    typer.Option("--param", metavar="NAME=VALUE", help="A <Parameter> (repeatable)."),
+]
+ConnectAction = Annotated[
+    Optional[str],
+    typer.Option(metavar="URL", help="<Connect action> URL (https:// or /path)."),
+]
 
 app = typer.Typer(help="ConversationRelay TwiML from validated templates.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -56,9 +76,7 @@ def list_templates() -> None:
 
 @app.command("show")
 def show(
-    name: str = typer.Argument(
-        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
-    ),
+    name: TemplateName,
 ) -> None:
     """The effective settings of a template, after inheritance."""
     try:
@@ -83,19 +101,11 @@ def show(
 
 @app.command("render")
 def render_cmd(
-    name: str = typer.Argument(
-        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
-    ),
-    url: Optional[str] = typer.Option(None, metavar="URL", help="The relay's wss:// URL (…/ws)."),
-    set_: Optional[list[str]] = typer.Option(
-        None, "--set", metavar="KEY=VALUE", help="Attribute override (repeatable)."
-    ),
-    param: Optional[list[str]] = typer.Option(
-        None, "--param", metavar="NAME=VALUE", help="A <Parameter> (repeatable)."
-    ),
-    action: Optional[str] = typer.Option(
-        None, metavar="URL", help="<Connect action> URL (https:// or /path)."
-    ),
+    name: TemplateName,
+    url: RelayUrl = None,
+    set_: Overrides = None,
+    param: Parameters = None,
+    action: ConnectAction = None,
 ) -> None:
     """Print the TwiML document (exit 0), or the one error (exit 2)."""
     try:
@@ -125,22 +135,14 @@ def lint_cmd(file: Path = typer.Argument(..., metavar="FILE", help="A TwiML .xml
 
 @app.command("export")
 def export_cmd(
-    name: str = typer.Argument(
-        ..., metavar="TEMPLATE", help="Preset name, ./twiml/ name or .toml path."
-    ),
-    url: Optional[str] = typer.Option(None, metavar="URL", help="The relay's wss:// URL (…/ws)."),
+    name: TemplateName,
+    url: RelayUrl = None,
     serverless: Path = typer.Option(
         ..., metavar="DIR", help="Folder of the Twilio Serverless project."
     ),
-    set_: Optional[list[str]] = typer.Option(
-        None, "--set", metavar="KEY=VALUE", help="Attribute override (repeatable)."
-    ),
-    param: Optional[list[str]] = typer.Option(
-        None, "--param", metavar="NAME=VALUE", help="A <Parameter> (repeatable)."
-    ),
-    action: Optional[str] = typer.Option(
-        None, metavar="URL", help="<Connect action> URL (https:// or /path)."
-    ),
+    set_: Overrides = None,
+    param: Parameters = None,
+    action: ConnectAction = None,
     force: bool = typer.Option(False, help="Overwrite files you changed since the last export."),
 ) -> None:
     """Write a Twilio Serverless project whose function answers with this TwiML."""

@@ -9,8 +9,15 @@ through a tunnel) while connecting to the local address.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
+import pty
+import select
 import socket
+import struct
+import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -227,3 +234,53 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+class Pty:
+    """A program whose stdin, stdout and stderr are a pseudo-terminal of ``size`` (rows,
+    columns); what it prints is collected (:attr:`raw`) and passed to :meth:`received`."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], cwd: Any, size: tuple[int, int] = (30, 100)
+    ) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+        self.proc = subprocess.Popen(
+            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True
+        )
+        os.close(slave)
+        self.master = master
+        self.raw = ""
+        self.lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def received(self, text: str) -> None:
+        """Called under :attr:`lock` with each chunk printed (subclasses interpret it)."""
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # the program exited: EIO
+                    return
+                if not chunk:
+                    return
+                with self.lock:
+                    text = chunk.decode("utf-8", "replace")
+                    self.raw += text
+                    self.received(text)
+            elif self.proc.poll() is not None:
+                return
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._reader.join(2)
+        os.close(self.master)

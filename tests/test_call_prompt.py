@@ -5,22 +5,14 @@ streaming above the input line, the line being typed intact, history across line
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
-import pty
 import re
-import select
-import struct
-import subprocess
 import sys
-import termios
-import threading
 import time
 from pathlib import Path
 
 from tests.events_support import REPO, subprocess_env
 from tests.fakes.fake_llm import Script
-from tests.support import AUTH_TOKEN, PUBLIC_URL
+from tests.support import AUTH_TOKEN, PUBLIC_URL, Pty
 
 COLUMNS, ROWS = 100, 30
 _CSI = re.compile(r"\x1b\[([?>]?)([0-9;]*)([A-Za-z@])|\x1b[=>]|\x1b\][^\x07]*\x07")
@@ -117,46 +109,19 @@ class Screen:
         return self.lines()[self.row] if self.row < len(self.rows) else ""
 
 
-class Terminal:
+class Terminal(Pty):
     """``crctl call`` on a pseudo-terminal of COLUMNS x ROWS; what it prints feeds a Screen."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-        self.proc = subprocess.Popen(
-            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, close_fds=True
-        )
-        os.close(slave)
-        self.master = master
         self.screen = Screen(COLUMNS)
-        self.raw = ""
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(args, env, REPO, (ROWS, COLUMNS))
 
-    def _read(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    chunk = os.read(self.master, 65536)
-                except OSError:  # the program exited: EIO
-                    return
-                if not chunk:
-                    return
-                with self._lock:
-                    text = chunk.decode("utf-8", "replace")
-                    self.raw += text
-                    self.screen.feed(text)
-            elif self.proc.poll() is not None:
-                return
-
-    def type(self, keys: str) -> None:
-        os.write(self.master, keys.encode())
+    def received(self, text: str) -> None:
+        self.screen.feed(text)
 
     def snapshot(self) -> tuple[list[str], int, str]:
         """(screen lines, cursor row, the cursor's line)."""
-        with self._lock:
+        with self.lock:
             return self.screen.lines(), self.screen.row, self.screen.cursor_line()
 
     async def until(self, check, what: str, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
@@ -168,13 +133,6 @@ class Terminal:
             assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.raw}"
             assert time.monotonic() < deadline, f"{what}; the screen:\n" + "\n".join(lines)
             await asyncio.sleep(0.02)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        self._reader.join(2)
-        os.close(self.master)
 
 
 def prompt_is(text: str):  # type: ignore[no-untyped-def]

@@ -212,32 +212,7 @@ def test_up_local_only_shows_the_llm_and_says_a_fault_once(tmp_path: Path) -> No
         COLUMNS="200",
         PYTHONPATH=str(ROOT),
     )
-    port = free_port()
-    log = tmp_path / "up.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crctl", "up", "--no-tunnel", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        assert wait_until(lambda: _healthy(port), 30), log.read_text()
-        asyncio_run(_one_turn(port))
-        assert wait_until(lambda: "LLM FAULT" in log.read_text(), 10), log.read_text()
-        time.sleep(0.3)  # a second rendering or log line would come right after the first
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    output = log.read_text()
+    output = _up_live_log(tmp_path, env, [], _one_turn, ["LLM FAULT"])
     assert re.search(rf"LLM\s+{re.escape(closed)}", output), output
     assert re.search(r"model\s+llama3\.2:1b", output), output
     assert output.count("LLM not reachable") == 1, output
@@ -272,34 +247,13 @@ def test_up_says_an_agent_failure_and_a_bad_frame_once_in_one_line(tmp_path: Pat
         COLUMNS="200",
         PYTHONPATH=os.pathsep.join((str(ROOT), str(tmp_path))),
     )
-    port = free_port()
-    log = tmp_path / "up.log"
-    args = ["up", "--no-tunnel", "--port", str(port), "--agent", "broken_agent:Broken"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crctl", *args],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        assert wait_until(lambda: _healthy(port), 30), log.read_text()
-        asyncio_run(_broken_turn(port))
-        assert wait_until(lambda: "no such order" in log.read_text(), 10), log.read_text()
-        assert wait_until(lambda: "dropped:" in log.read_text(), 10), log.read_text()
-        time.sleep(0.3)  # a second rendering or log line would come right after the first
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    output = log.read_text()
+    output = _up_live_log(
+        tmp_path,
+        env,
+        ["--agent", "broken_agent:Broken"],
+        _broken_turn,
+        ["no such order", "dropped:"],
+    )
     # the event: the exception and where it was raised, once; no traceback in the live log
     assert output.count("turn failed: ValueError: no such order (broken_agent.py:") == 1, output
     assert "in answer)" in output
@@ -319,6 +273,44 @@ async def _broken_turn(port: int) -> None:
             pass  # "Let me see", then the session closes the talk cycle
         await ws.send("this is not json")
         await ws.send(json.dumps({"type": "prompt", "voicePrompt": "hello?", "last": False}))
+
+
+def _up_live_log(
+    tmp_path: Path,
+    env: dict[str, str],
+    args: list[str],
+    drive: Any,
+    shown: list[str],
+) -> str:
+    """Run ``crctl up --no-tunnel`` as a process, ``drive(port)`` a call through it, wait until
+    the live log shows each of ``shown``, stop it with SIGINT; its output."""
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crctl", "up", "--no-tunnel", "--port", str(port), *args],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert wait_until(lambda: _healthy(port), 30), log.read_text()
+        asyncio_run(drive(port))
+        for needle in shown:
+            assert wait_until(lambda n=needle: n in log.read_text(), 10), log.read_text()
+        time.sleep(0.3)  # a second rendering or log line would come right after the first
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return log.read_text()
 
 
 def _healthy(port: int) -> bool:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import pty
 import re
-import select
 import signal
 import socket
 import stat
@@ -37,7 +34,7 @@ from tests.events_support import (
     echo_call,
     subprocess_env,
 )
-from tests.support import TwilioCaller, free_port
+from tests.support import Pty, TwilioCaller, free_port
 from tests.tail_entry import app as cli
 
 CA1, CA2 = "CA" + "1" * 32, "CA" + "2" * 32
@@ -141,36 +138,14 @@ def test_read_sse_messages_comments_and_ids():
 
 
 # ---------------------------------------------------------------------- pseudo-terminal
-class Pty:
-    """A program whose stdout and stderr are a pseudo-terminal; output collected."""
+class TailPty(Pty):
+    """``crctl tail`` on a pseudo-terminal."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        master, slave = pty.openpty()
-        self.proc = subprocess.Popen(
-            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, close_fds=True
-        )
-        os.close(slave)
-        self.master = master
-        self.output = b""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    chunk = os.read(self.master, 65536)
-                except OSError:  # the program exited: EIO
-                    return
-                if not chunk:
-                    return
-                self.output += chunk
-            elif self.proc.poll() is not None:
-                return
+        super().__init__(args, env, REPO)
 
     def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
+        return self.raw
 
     async def wait_for(self, needle: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -178,13 +153,6 @@ class Pty:
             assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.text()}"
             assert time.monotonic() < deadline, f"{needle!r} not in:\n{self.text()}"
             await asyncio.sleep(0.02)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        self._reader.join(2)
-        os.close(self.master)
 
 
 async def test_tail_in_a_pseudo_terminal_is_coloured_and_ctrl_c_exits_0(
@@ -194,7 +162,7 @@ async def test_tail_in_a_pseudo_terminal_is_coloured_and_ctrl_c_exits_0(
     env = subprocess_env(tmp_path, TERM="xterm-256color", COLUMNS="120")
     env.pop("NO_COLOR", None)
     args = ["tail", "--url", relay.base_url, "--token", TOKEN, "--since", "1m"]
-    term = Pty([sys.executable, "-m", "tests.tail_entry", *args], env)
+    term = TailPty([sys.executable, "-m", "tests.tail_entry", *args], env)
     try:
         await call_part2(relay, await call_part1(relay, fake_llm, CA1))
         await term.wait_for("call completed (9 s)")

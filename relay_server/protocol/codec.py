@@ -31,8 +31,9 @@ def decode(
 
     Returns a typed message, or :class:`Unknown` for a well-formed frame of a type this relay
     does not know (Twilio docs: WebSocket messages: unknown types and fields must be ignored).
-    Raises :class:`ProtocolError` for a binary frame, an oversized frame, non-JSON, a JSON value
-    that is not an object with a string ``type``, or a known type with wrong field types.
+    Raises :class:`ProtocolError` for a binary frame, an oversized frame, non-JSON, JSON nested
+    too deeply, a JSON value that is not an object with a string ``type``, or a known type with
+    wrong field types.
     """
     if isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(
@@ -48,12 +49,21 @@ def decode(
         return _unknown_or_raise(frame, exc)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not JSON: {exc}") from exc
+    except RecursionError:
+        # msgspec guards its recursion with the interpreter's limit: JSON nested ~1,000 deep
+        # (2 KB is enough, whatever the type) raises this, not a DecodeError.
+        raise ProtocolError(_TOO_DEEP) from None
+
+
+_TOO_DEEP = "JSON nested too deeply"
 
 
 def _unknown_or_raise(frame: str, exc: msgspec.ValidationError) -> Unknown:
     # The slow path: only reached for frames that did not decode as a known message.
     try:
         envelope = _envelope.decode(frame)
+    except RecursionError:
+        raise ProtocolError(_TOO_DEEP) from None
     except msgspec.ValidationError:
         raise ProtocolError(
             f"not a ConversationRelay message (needs a string 'type'): {exc}"
@@ -77,6 +87,8 @@ def decode_outbound(data: Union[str, bytes]) -> Outbound:
         return message
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ProtocolError(f"not a valid outbound message: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(f"not a valid outbound message: {_TOO_DEEP}") from None
 
 
 def text_frame(token: str, last: bool) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from tests.fakes.background import BackgroundServer
 
 MODEL = "fake-llm"
 FAULTS = (None, "status", "hang", "cut", "garbage", "reset")
+KEEPALIVES = ("comment", "empty", "role")
 _ERRORS: dict[int, tuple[str, str, str | None]] = {
     400: ("Invalid request.", "invalid_request_error", None),
     401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
@@ -79,10 +80,28 @@ class Script:
     gzip: bool = False
     #: End with ``data: [DONE]``; False ends cleanly after the finish_reason chunk.
     done: bool = True
+    #: Keep-alives, as queuing gateways send them: after ``keepalive_after`` tokens, one every
+    #: ``keepalive_every`` s for ``keepalive`` s (``math.inf``: until the client goes away),
+    #: then the rest of the script. ``keepalive_kind``: "comment" (the SSE comment
+    #: ``: keep-alive``), "empty" (a chunk with an empty delta) or "role" (a role-only chunk).
+    keepalive: float = 0.0
+    keepalive_every: float = 0.05
+    keepalive_after: int = 0
+    keepalive_kind: str = "comment"
+    #: Before the first token, one ``data:`` line of this many bytes of content, streamed in
+    #: pieces of ``line_piece`` bytes (one reused block: the fake never holds the whole line)
+    #: with no newline until the end; then the line is closed (a valid chunk) and the script
+    #: goes on. ``math.inf``: the line never ends.
+    long_line: float = 0
+    line_piece: int = 65536
+    #: Send ``tokens`` this many times over: a very long reply without a very long list.
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
+        if self.keepalive_kind not in KEEPALIVES:
+            raise ValueError(f"unknown keepalive_kind {self.keepalive_kind!r}: {KEEPALIVES}")
 
 
 @dataclass
@@ -264,17 +283,45 @@ class FakeLLM(BackgroundServer):
             raise
 
     @staticmethod
-    def _deltas(script: Script, ids: list[str]) -> list[dict[str, Any]]:
-        deltas: list[dict[str, Any]] = [{"content": t} for t in script.tokens]
+    def _deltas(script: Script, ids: list[str]) -> tuple[int, Iterator[dict[str, Any]]]:
+        """How many deltas the script streams, and the deltas (made as they are sent)."""
+        tools: list[dict[str, Any]] = []
         for i, (tc, call_id) in enumerate(zip(script.tool_calls, ids, strict=True)):
             func = {"name": tc.name, "arguments": ""}
             head = {"index": i, "id": call_id, "type": "function", "function": func}
-            deltas.append({"tool_calls": [head]})
-            deltas += [
+            tools.append({"tool_calls": [head]})
+            tools += [
                 {"tool_calls": [{"index": i, "function": {"arguments": frag}}]}
                 for frag in _split(tc.arguments, tc.fragments)
             ]
-        return deltas
+        repeat = max(1, script.repeat)
+        content = ({"content": t} for _ in range(repeat) for t in script.tokens)
+        return len(script.tokens) * repeat + len(tools), itertools.chain(content, tools)
+
+    @staticmethod
+    async def _keepalive(resp: web.StreamResponse, script: Script, event: Any) -> None:
+        """Keep-alives for ``script.keepalive`` seconds (see :class:`Script`)."""
+        line = {
+            "comment": b": keep-alive\n\n",
+            "empty": event({}),
+            "role": event({"role": "assistant"}),
+        }[script.keepalive_kind]
+        until = time.monotonic() + script.keepalive
+        while time.monotonic() < until:
+            await resp.write(line)
+            await asyncio.sleep(script.keepalive_every)
+
+    @staticmethod
+    async def _long_line(resp: web.StreamResponse, script: Script) -> None:
+        """One ``data:`` line of ``script.long_line`` bytes of content, in pieces."""
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"')
+        block = b"x" * max(1, script.line_piece)
+        left = script.long_line
+        while left > 0:
+            piece = block if left >= len(block) else block[: int(left)]
+            await resp.write(piece)
+            left -= len(piece)
+        await resp.write(b'"},"finish_reason":null}]}\n\n')
 
     async def _stream(
         self, request: web.Request, rec: StreamRecord, ids: list[str]
@@ -294,16 +341,21 @@ class FakeLLM(BackgroundServer):
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             return _sse({**base, "choices": [choice]})
 
-        deltas = self._deltas(script, ids)
+        count, deltas = self._deltas(script, ids)
         midstream = script.fault in ("cut", "reset", "garbage")
-        fault_at = min(script.cut_after, len(deltas)) if midstream else -1
+        fault_at = min(script.cut_after, count) if midstream else -1
+        keepalive_at = min(script.keepalive_after, count) if script.keepalive > 0 else -1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         if script.gzip:
             resp.enable_compression(web.ContentCoding.gzip)
         try:
             await resp.prepare(request)
             await resp.write(event({"role": "assistant", "content": ""}))
-            for i, delta in enumerate([*deltas, None]):
+            if script.long_line:
+                await self._long_line(resp, script)
+            for i, delta in enumerate(itertools.chain(deltas, [None])):
+                if i == keepalive_at:
+                    await self._keepalive(resp, script, event)
                 if i == fault_at:
                     if script.fault == "garbage":
                         await resp.write(b"data: {not json\n\n")
@@ -335,7 +387,7 @@ class FakeLLM(BackgroundServer):
         self, request: web.Request, rec: StreamRecord, ids: list[str]
     ) -> web.StreamResponse:
         body, script = rec.body, rec.script
-        n = len(script.tokens) + len(script.tool_calls)
+        n = len(script.tokens) * max(1, script.repeat) + len(script.tool_calls)
         done_at = rec.received_at + script.ttft + script.delay * max(0, n - 1)
         if (pause := done_at - time.monotonic()) > 0:
             await asyncio.sleep(pause)
@@ -344,7 +396,10 @@ class FakeLLM(BackgroundServer):
             return web.Response()  # aiohttp ignores the failed write on a dropped socket
         if script.fault == "garbage":
             return web.Response(text="{not json", content_type="application/json")
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(script.tokens) or None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(script.tokens) * max(1, script.repeat) or None,
+        }
         if script.tool_calls:
             message["tool_calls"] = [
                 {

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -324,3 +325,88 @@ def test_cli_serves_fixed_script() -> None:
     finally:
         proc.terminate()
         assert proc.wait(5) == 0
+
+
+async def raw_bytes(fake: FakeLLM, limit: int) -> tuple[bytes, int]:
+    """POST a streaming request; read at most ``limit`` bytes of the body, then close.
+    Returns what was read and the size of the largest single read."""
+    data, largest = bytearray(), 0
+    async with (
+        httpx.AsyncClient(timeout=5) as http,
+        http.stream("POST", f"{fake.base_url}/chat/completions", json=REQUEST) as resp,
+    ):
+        async for chunk in resp.aiter_raw():
+            data += chunk
+            largest = max(largest, len(chunk))
+            if len(data) >= limit:
+                break
+    return bytes(data), largest
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("kind", "line"),
+    [
+        ("comment", ": keep-alive"),
+        ("empty", '"delta":{},"finish_reason":null'),
+        ("role", '"delta":{"role":"assistant"}'),
+    ],
+)
+async def test_keepalives_for_a_while_then_the_tokens(fake: FakeLLM, kind: str, line: str) -> None:
+    fake.enqueue(
+        Script(tokens=["a", "b"], keepalive=0.3, keepalive_every=0.05, keepalive_kind=kind)
+    )
+    lines, error = await raw_lines(fake)
+
+    assert error is None
+    keepalives = [x for x in lines[1:] if line in x]
+    assert len(keepalives) >= 3
+    assert lines.index(keepalives[-1]) < next(i for i, x in enumerate(lines) if '"a"' in x)
+    assert lines[-1] == "data: [DONE]"
+    assert fake.records[0].first_chunk_at - fake.records[0].received_at >= 0.3  # type: ignore[operator]
+
+
+@pytest.mark.asyncio
+async def test_keepalives_forever_after_some_tokens(fake: FakeLLM) -> None:
+    fake.enqueue(Script(tokens=["a", "b"], keepalive=math.inf, keepalive_after=1))
+    data, _ = await raw_bytes(fake, 2000)
+
+    text = data.decode()
+    assert '"a"' in text and '"b"' not in text
+    assert text.count(": keep-alive\n\n") > 20
+    assert await wait_for(fake, lambda: fake.records[0].client_disconnected, 2.0)
+    assert fake.records[0].tokens_sent == 1
+
+
+@pytest.mark.asyncio
+async def test_an_endless_line_is_streamed_in_pieces(fake: FakeLLM) -> None:
+    fake.enqueue(Script(tokens=["a"], long_line=math.inf, line_piece=4096))
+    data, largest = await raw_bytes(fake, 1 << 20)
+
+    head, _, line = data.partition(b"\n\n")
+    assert head.startswith(b"data: ")
+    assert line.startswith(b'data: {"choices":[{"index":0,"delta":{"content":"xxxx')
+    assert b"\n" not in line  # 1 MiB and no end of line
+    assert largest <= 64 * 1024
+    assert await wait_for(fake, lambda: fake.records[0].client_disconnected, 2.0)
+
+
+@pytest.mark.asyncio
+async def test_a_long_line_that_ends_is_a_valid_chunk(fake: FakeLLM, api: AsyncOpenAI) -> None:
+    fake.enqueue(Script(tokens=["!"], long_line=100_000, line_piece=1000))
+    stream = await api.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+    content = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert content == "x" * 100_000 + "!"
+
+
+@pytest.mark.asyncio
+async def test_repeat_streams_a_very_long_reply(fake: FakeLLM, api: AsyncOpenAI) -> None:
+    fake.enqueue(Script(tokens=[" a", " b"], repeat=5000))
+    stream = await api.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+    content = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert content == " a b" * 5000
+    assert fake.records[0].tokens_sent == 10_000 and fake.records[0].completed
+    done = await api.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert done.choices[0].message.content == "You said: hello there general"

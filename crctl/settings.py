@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
     twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
     api_token: SecretStr | None = None
+    #: Key of the per-call socket URLs; the same one in a Serverless export's environment.
+    socket_secret: SecretStr | None = None
     verify_signatures: bool = True
     agent: str | None = None
     #: Where ``--agent module:Class`` and ``--tools module`` are imported from (as uvicorn's
@@ -145,6 +147,7 @@ class Settings(BaseSettings):
             auth_token=secret(self.twilio_auth_token),
             verify_signatures=self.verify_signatures,
             api_token=secret(self.api_token),
+            socket_secret=secret(self.socket_secret),
             agent=self.agent,
             tool_modules=tuple(self.tools),
             app_dir=str(self.app_dir.expanduser().resolve()),
@@ -225,7 +228,7 @@ def load_settings(**flags: Any) -> Settings:
         raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}") from exc
 
 
-_SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token"}
+_SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token", "socket_secret"}
 _ENV_NAMES = {
     "openai_api_key": "OPENAI_API_KEY",
     "openai_base_url": "OPENAI_BASE_URL",

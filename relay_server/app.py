@@ -27,6 +27,7 @@ from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import SignatureChecker, bearer_ok
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
+from relay_server.socket_tokens import SocketTokens, secret_from_auth_token
 from relay_server.store import EventStore, parse_since
 from relay_server.tools import import_user_module, load_tool_modules, module_file
 from twiml_templates import TemplateError, load_template, render
@@ -102,6 +103,7 @@ def create_app(
         if config.auth_token and config.verify_signatures
         else None
     )
+    tokens = socket_tokens(config)
     link = SessionLink(_no_socket, bus, config, services)
     try:
         store = EventStore(
@@ -115,6 +117,7 @@ def create_app(
         "events": bus,
         "config": config,
         "store": store,
+        "socket_tokens": tokens,
     }
 
     @app.before_serving
@@ -151,20 +154,26 @@ def create_app(
         )
         return False
 
-    def twiml(greeting: str | None) -> str:
+    def twiml(greeting: str | None, call_sid: str) -> str:
         # The configured template pointed at this relay's /ws: the same document `crctl twiml
-        # render/export --url` gives (a "/action" in the template lands on this relay). Without
-        # a public URL (local only) the socket URL is ws://.
+        # render/export --url` gives (a "/action" in the template lands on this relay), with
+        # the call's one-time socket URL (socket_tokens.py). Without a public URL (local only)
+        # the socket URL is ws://.
         sets = {"welcomeGreeting": greeting} if greeting else None
-        return render(
-            template, url=config.websocket_url(base()), sets=sets, local=config.public_url is None
-        )
+        url = tokens.url(config.websocket_url(base()), call_sid)
+        return render(template, url=url, sets=sets, local=config.public_url is None)
 
     @app.route("/twiml", methods=["GET", "POST"])
     async def twiml_route() -> Response:
         if not await signed("/twiml"):
             return Response("forbidden\n", 403)
-        return Response(twiml(config.welcome_greeting), content_type=_TWIML)
+        fields = await request.form if request.method == "POST" else request.args
+        call_sid = fields.get("CallSid", "")
+        if not call_sid:
+            log.warning("refused %s /twiml: no CallSid (Twilio sends one)", request.method)
+            why = "no CallSid: /twiml is Twilio's voice webhook; its socket URL is per call\n"
+            return Response(why, 400, content_type="text/plain")
+        return Response(twiml(config.welcome_greeting, call_sid), content_type=_TWIML)
 
     # The call socket: a lean ASGI handler in front of the Quart routes (see socket.py).
     app.asgi_app = RelaySocket(  # type: ignore[method-assign,assignment]
@@ -174,6 +183,7 @@ def create_app(
         registry=registry,
         factory=factory,
         link=link,
+        tokens=tokens,
     )
 
     @app.post("/action")
@@ -202,12 +212,14 @@ def create_app(
             error_message=form.get("ErrorMessage"),
             duration=form.get("SessionDuration"),
         )
+        # The session is over: its socket URLs open nothing more; a reconnect gets a new one.
+        tokens.ledger.end_call(sid)
         # Reconnect only a dropped socket (64105); other failures (bad TwiML 64101, cannot
         # connect 64102…) would fail again in a loop.
         dropped = status == "failed" and form.get("ErrorCode") == "64105"
-        if dropped and registry.claim_reconnect(sid):
+        if dropped and sid and registry.claim_reconnect(sid):
             log.info("call %s: socket failed (%s), reconnecting", sid, form.get("ErrorCode"))
-            return Response(twiml(config.reconnect_greeting), content_type=_TWIML)
+            return Response(twiml(config.reconnect_greeting, sid), content_type=_TWIML)
         registry.forget(sid)
         response = VoiceResponse()
         if status == "ended" and _wants_handoff(handoff):
@@ -230,6 +242,7 @@ def create_app(
         bus.publish(ev.CALL_STATUS, sid, status=status, duration=form.get("CallDuration"))
         if status in ev.CALL_OVER:
             registry.forget(sid)
+            tokens.ledger.end_call(sid)
         return Response("", 204)
 
     @app.get("/healthz")
@@ -308,6 +321,19 @@ def create_app(
         return call
 
     return app
+
+
+def socket_tokens(config: RelayConfig) -> SocketTokens:
+    """The minter and checker of the per-call socket URLs: keyed by ``socket_secret``, else by
+    a key derived from the auth token, else by a random key of this process (the same rules
+    with signature checks off: only the key differs)."""
+    lifetime = config.socket_token_lifetime
+    if config.socket_secret:
+        return SocketTokens(config.socket_secret.encode(), lifetime=lifetime)
+    if config.auth_token:
+        return SocketTokens(secret_from_auth_token(config.auth_token), lifetime=lifetime)
+    log.info("socket URLs: no CRCTL_SOCKET_SECRET or TWILIO_AUTH_TOKEN; keyed for this process")
+    return SocketTokens.random(lifetime=lifetime)
 
 
 def end_streams(app: Quart) -> None:

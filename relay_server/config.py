@@ -63,6 +63,11 @@ class RelayConfig:
     auth_token: str | None = field(default=None, repr=False)
     #: Explicit opt-out of signature checks (warned about at start).
     verify_signatures: bool = True
+    #: Key of the one-time socket URLs ``/twiml`` mints per call (``relay_server.socket_tokens``);
+    #: ``None``: derived from ``auth_token``, or random per process without one.
+    socket_secret: str | None = field(default=None, repr=False)
+    #: Seconds a minted socket URL stays valid (Twilio connects right after fetching the TwiML).
+    socket_token_lifetime: float = 90.0
     #: Bearer token for the relay's own API (``/events``, ``/calls``…); ``None`` disables it.
     api_token: str | None = field(default=None, repr=False)
     #: ``package.module:Class``, ``llm`` or ``echo``; ``None``: ``llm`` with a key or base URL.

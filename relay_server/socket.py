@@ -15,8 +15,10 @@ from typing import Any
 
 from relay_server.calls import CallConnection, CallRegistry, SessionFactory
 from relay_server.config import RelayConfig
+from relay_server.protocol import ProtocolError, Setup, decode
 from relay_server.security import SignatureChecker
 from relay_server.session import SessionLink
+from relay_server.socket_tokens import SocketTokens, Ticket, TokenRefused
 
 log = logging.getLogger("relay_server.socket")
 
@@ -38,6 +40,7 @@ class RelaySocket:
         registry: CallRegistry,
         factory: SessionFactory,
         link: SessionLink,
+        tokens: SocketTokens,
         path: str = "/ws",
     ) -> None:
         self.app = app
@@ -46,6 +49,7 @@ class RelaySocket:
         self.registry = registry
         self.factory = factory
         self.link = link
+        self.tokens = tokens
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,7 +63,12 @@ class RelaySocket:
         if not self._signed(scope, peer):
             await _refuse(scope, send)
             return
+        ticket = self._ticket(scope, peer)
+        if ticket is None:
+            await _refuse(scope, send)
+            return
         await send({"type": "websocket.accept"})
+        receive = gate = _CallGate(ticket, receive, send, peer, self.config.max_frame_bytes)
 
         async def send_frame(frame: str) -> None:
             await send({"type": "websocket.send", "text": frame})
@@ -77,7 +86,17 @@ class RelaySocket:
                     code = message.get("code")
                     break
         finally:  # hang-up, server shutdown or cancellation: the session always closes
+            self.tokens.ledger.close(ticket, reusable=gate.reusable)
             await conn.close(code)
+
+    def _ticket(self, scope: Scope, peer: str) -> Ticket | None:
+        """The call's one-time token from the URL, claimed; ``None`` (logged) if refused."""
+        query = (scope.get("query_string") or b"").decode("latin-1")
+        try:
+            return self.tokens.open(query)
+        except TokenRefused as exc:
+            log.warning("refused WebSocket from %s: %s", peer, exc)
+            return None
 
     def _signed(self, scope: Scope, peer: str) -> bool:
         if self.checker is None:
@@ -97,6 +116,52 @@ class RelaySocket:
             signed_url,
         )
         return False
+
+
+class _CallGate:
+    """The socket's ``receive``, bound to the call its token was minted for: a ``setup`` for
+    another callSid closes the socket (1008) and reads as a disconnect. Remembers how the
+    socket ended, for the replay set."""
+
+    def __init__(
+        self, ticket: Ticket, receive: Receive, send: Send, peer: str, max_bytes: int
+    ) -> None:
+        self.ticket, self._receive, self._send = ticket, receive, send
+        self.peer, self.max_bytes = peer, max_bytes
+        self.checking = True  # until the call's setup has arrived
+        self.reusable = True  # the socket dropped (no hang-up, no end, no mismatch)
+
+    async def __call__(self) -> MutableMapping[str, Any]:
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect":
+            # 1000: Twilio closes so on hang-up and after `end` (Twilio docs: WebSocket
+            # messages): the session is over and its URL opens nothing more.
+            self.reusable = self.reusable and message.get("code") != 1000
+        elif self.checking and message["type"] == "websocket.receive":
+            text = message.get("text")
+            raw = text if text is not None else message.get("bytes") or b""
+            try:
+                frame = decode(raw, max_bytes=self.max_bytes)
+            except ProtocolError:
+                return message  # the frame loop says what is wrong with it
+            if isinstance(frame, Setup):
+                self.checking = False
+                if frame.call_sid != self.ticket.call_sid:
+                    return await self._mismatch(frame.call_sid)
+        return message
+
+    async def _mismatch(self, call_sid: str) -> MutableMapping[str, Any]:
+        log.warning(
+            "closed WebSocket from %s: its setup is for call %s but the socket URL was minted "
+            "for call %s",
+            self.peer,
+            call_sid,
+            self.ticket.call_sid,
+        )
+        self.reusable = False
+        reason = "setup callSid does not match the socket URL"
+        await self._send({"type": "websocket.close", "code": 1008, "reason": reason})
+        return {"type": "websocket.disconnect", "code": 1008}
 
 
 async def _refuse(scope: Scope, send: Send) -> None:

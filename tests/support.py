@@ -3,7 +3,8 @@
 The relay runs under uvicorn (as in ``crctl serve``) in a thread with its own event loop, so
 tests talk to it over real sockets exactly as Twilio would. :class:`TwilioCaller` signs its
 WebSocket handshake with the auth token over the *public* ``wss://`` URL (as Twilio does
-through a tunnel) while connecting to the local address.
+through a tunnel) while connecting to the local address; the URL's one-time query (the call's
+socket token) comes from the relay's own ``/twiml``, as Twilio gets it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import subprocess
 import termios
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
+import httpx
 import websockets
 from twilio.request_validator import RequestValidator
 
@@ -95,6 +99,21 @@ class RelayServer:
         done.wait(5)
         return box[0]
 
+    async def socket_url(self, call_sid: str) -> str:
+        """The ``<ConversationRelay url>`` the relay's ``/twiml`` gives ``call_sid``: POSTed as
+        Twilio posts it, signed with the relay's own auth token over its public URL."""
+        form = {"CallSid": call_sid, "CallStatus": "ringing", "AccountSid": "AC" + "0" * 32}
+        headers = {}
+        if self.config.auth_token and self.config.verify_signatures:
+            signed = (self.config.public_url or self.base_url) + "/twiml"
+            headers["X-Twilio-Signature"] = sign(signed, form, token=self.config.auth_token)
+        async with httpx.AsyncClient(trust_env=False) as client:
+            response = await client.post(self.base_url + "/twiml", data=form, headers=headers)
+        assert response.status_code == 200, response.text
+        relay = ET.fromstring(response.text).find("Connect/ConversationRelay")
+        assert relay is not None, response.text
+        return relay.attrib["url"]
+
     def kinds(self, call_sid: str | None = None) -> list[str]:
         return [e.kind for e in list(self.events) if call_sid is None or e.call_sid == call_sid]
 
@@ -141,18 +160,32 @@ class TwilioCaller:
         self.token = token
         self.ws: Any = None
         self.received: list[dict[str, Any]] = []
+        #: The socket URL's query (``callSid=…&token=…``) of the last :meth:`connect`.
+        self.query: str | None = None
 
     async def connect(
-        self, *, signature: str | None = None, setup: bool = True, **setup_extra: Any
+        self,
+        *,
+        signature: str | None = None,
+        setup: bool = True,
+        query: str | None = None,
+        **setup_extra: Any,
     ) -> TwilioCaller:
+        """Open the socket at the URL the relay's ``/twiml`` gives this call (or with
+        ``query``: ``""`` for none, or a URL's query seen before, to replay it)."""
+        if query is None:
+            query = urlsplit(await self.relay.socket_url(self.call_sid)).query
+        self.query = query
         headers = {}
         if signature is not None:
             headers["X-Twilio-Signature"] = signature
         elif self.token and self.public_url:
+            # Twilio's convention: the query's pairs signed as params (Twilio docs: webhook
+            # security); the relay accepts the query kept in the URL as well.
             signed = self.public_url.replace("https://", "wss://") + "/ws"
-            headers["X-Twilio-Signature"] = sign(signed, token=self.token)
+            headers["X-Twilio-Signature"] = sign(signed, dict(parse_qsl(query)), token=self.token)
         self.ws = await websockets.connect(
-            self.relay.ws_url,
+            self.relay.ws_url + ("?" + query if query else ""),
             additional_headers=headers,
             user_agent_header="Jetty/11.0.24",
             max_size=None,

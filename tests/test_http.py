@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -104,19 +106,24 @@ def parse_twiml(response: httpx.Response) -> ET.Element:
     return root
 
 
-def assert_relay_twiml(root: ET.Element, greeting: str) -> None:
+def assert_relay_twiml(root: ET.Element, greeting: str, call_sid: str = CALL_SID) -> str:
     """``<Connect action method><ConversationRelay url welcomeGreeting …/>`` as Twilio documents
-    it."""
+    it, the url being the public ``/ws`` with the call's one-time query; returns that query."""
     connect = root.find("Connect")
     assert connect is not None, ET.tostring(root)
     assert connect.attrib == {"action": ACTION_PUBLIC, "method": "POST"}
     relay_el = connect.find("ConversationRelay")
     assert relay_el is not None
-    assert relay_el.get("url") == WS_PUBLIC
+    url = urlsplit(relay_el.get("url", ""))
+    assert url._replace(query="").geturl() == WS_PUBLIC
+    query = parse_qs(url.query)
+    assert query["callSid"] == [call_sid]
+    assert len(query["token"]) == 1
     assert relay_el.get("welcomeGreeting") == greeting
     assert relay_el.get("interruptible") == "any"
     assert relay_el.get("reportInputDuringAgentSpeech") == "any"
     assert relay_el.get("dtmfDetection") == "true"
+    return url.query
 
 
 def hangup_children(root: ET.Element) -> list[str]:
@@ -139,6 +146,22 @@ async def ws_refused(relay: RelayServer, headers: dict[str, str], url: str | Non
         )
         await ws.close()
     return int(info.value.response.status_code)
+
+
+async def fresh_query(relay: RelayServer, call_sid: str = CALL_SID) -> str:
+    """The one-time query of a socket URL the relay's /twiml gives ``call_sid``."""
+    return urlsplit(await relay.socket_url(call_sid)).query
+
+
+def twiml_query(response: httpx.Response) -> str:
+    """The query of the ``<ConversationRelay url>`` in a TwiML answer."""
+    relay_el = parse_twiml(response).find("Connect/ConversationRelay")
+    assert relay_el is not None, response.text
+    return urlsplit(relay_el.attrib["url"]).query
+
+
+def params_of(query: str) -> dict[str, str]:
+    return dict(parse_qsl(query))
 
 
 async def ws_accepted(relay: RelayServer, url: str, signature: str) -> None:
@@ -215,7 +238,8 @@ async def test_twiml_get_is_signed_over_url_with_query(relay):
             relay.base_url + "/twiml",
             headers={"X-Twilio-Signature": sign(relay.base_url + "/twiml")},
         )
-    assert_relay_twiml(parse_twiml(plain), GREETING)
+    assert plain.status_code == 400  # no CallSid: no call to mint a socket URL for
+    assert "CallSid" in plain.text
     assert_relay_twiml(parse_twiml(with_query), GREETING)
     assert tampered.status_code == 403
     assert query_ignored.status_code == 403
@@ -239,40 +263,173 @@ async def test_unsigned_requests_pass_without_verification(relay_factory, overri
     await caller.prompt("hello")
     assert await caller.reply_text() == "You said: hello"
     await caller.hangup()
+    # the socket URL is still one per call, used once: without signatures too
+    assert await ws_refused(relay, {}) == 403
+    assert await ws_refused(relay, {}, relay.ws_url + "?" + (caller.query or "")) == 403
 
 
 # ------------------------------------------------------------------------ WebSocket upgrade
 async def test_websocket_upgrade_signed_over_public_wss_url_is_accepted(relay):
-    caller = await TwilioCaller(relay).connect(signature=sign(WS_PUBLIC))
+    query = await fresh_query(relay)
+    caller = await TwilioCaller(relay).connect(
+        query=query, signature=sign(WS_PUBLIC, params_of(query))
+    )
     assert await exchange(caller, "hello") == "You said: hello"
     await caller.hangup()
 
 
 async def test_websocket_upgrade_unsigned_or_wrong_is_refused_with_403(relay):
-    assert await ws_refused(relay, {}) == 403
-    assert await ws_refused(relay, {"X-Twilio-Signature": "bm90LWEtc2lnbmF0dXJl"}) == 403
+    query = await fresh_query(relay)  # a valid socket URL: the signature is what is refused
+    url, params = relay.ws_url + "?" + query, params_of(query)
+    assert await ws_refused(relay, {}, url) == 403
+    assert await ws_refused(relay, {"X-Twilio-Signature": "bm90LWEtc2lnbmF0dXJl"}, url) == 403
     # over the address actually connected to, or over https:// instead of wss://
-    assert await ws_refused(relay, {"X-Twilio-Signature": sign(relay.ws_url)}) == 403
-    assert await ws_refused(relay, {"X-Twilio-Signature": sign(PUBLIC_URL + "/ws")}) == 403
+    assert await ws_refused(relay, {"X-Twilio-Signature": sign(relay.ws_url, params)}, url) == 403
+    headers = {"X-Twilio-Signature": sign(PUBLIC_URL + "/ws", params)}
+    assert await ws_refused(relay, headers, url) == 403
     # the auth token matters
-    assert await ws_refused(relay, {"X-Twilio-Signature": sign(WS_PUBLIC, token="other")}) == 403
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params, token="other")}
+    assert await ws_refused(relay, headers, url) == 403
     assert len(relay.registry) == 0
+    # none of these used the URL up
+    await ws_accepted(relay, url, sign(WS_PUBLIC, params))
 
 
 async def test_websocket_query_string_tac_convention_is_accepted(relay):
-    await ws_accepted(relay, relay.ws_url + "?a=b", sign(WS_PUBLIC, {"a": "b"}))
+    query = "a=b&" + await fresh_query(relay)
+    await ws_accepted(relay, relay.ws_url + "?" + query, sign(WS_PUBLIC, params_of(query)))
 
 
 async def test_websocket_query_string_embedded_in_url_is_accepted(relay):
-    await ws_accepted(relay, relay.ws_url + "?a=b", sign(WS_PUBLIC + "?a=b", {}))
+    query = "a=b&" + await fresh_query(relay)
+    await ws_accepted(relay, relay.ws_url + "?" + query, sign(WS_PUBLIC + "?" + query, {}))
 
 
 async def test_websocket_query_string_must_match_the_signature(relay):
-    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, {"a": "b"})}
-    assert await ws_refused(relay, headers, relay.ws_url + "?a=c") == 403
+    query = await fresh_query(relay)
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, {"a": "b", **params_of(query)})}
+    assert await ws_refused(relay, headers, relay.ws_url + "?a=c&" + query) == 403
     # a signature without the query does not cover a query added later
     headers = {"X-Twilio-Signature": sign(WS_PUBLIC)}
-    assert await ws_refused(relay, headers, relay.ws_url + "?a=b") == 403
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + query) == 403
+
+
+# ------------------------------------------------------------------- one-time socket URLs
+def socket_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "relay_server.socket"]
+
+
+async def test_replayed_handshake_is_refused(relay, caplog):
+    first = await TwilioCaller(relay).connect()  # the URL from /twiml, signed as Twilio signs
+    assert await exchange(first, "hello") == "You said: hello"
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(first.query or ""))}
+    replay = relay.ws_url + "?" + (first.query or "")
+    # the same handshake again, byte for byte: while the first socket is open, and after it
+    assert await ws_refused(relay, headers, replay) == 403
+    await first.hangup()
+    assert wait_until(lambda: len(relay.registry) == 0)
+    assert await ws_refused(relay, headers, replay) == 403
+    warnings = socket_warnings(caplog)
+    assert any("in use by an open socket" in w for w in warnings), warnings
+    assert any("already used (a replayed handshake?)" in w for w in warnings), warnings
+    assert len(relay.registry) == 0
+
+
+async def test_socket_url_without_token_or_with_a_forged_one_is_refused(relay, caplog):
+    # signed correctly over what is connected to: only the token is wrong
+    for query in ("", f"callSid={CALL_SID}", f"callSid={CALL_SID}&token=1.abcdefgh.x"):
+        url = relay.ws_url + ("?" + query if query else "")
+        headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(query))}
+        assert await ws_refused(relay, headers, url) == 403
+    # a token minted for another call does not open this one
+    other = params_of(await fresh_query(relay, "CA" + "2" * 32))
+    forged = {"callSid": CALL_SID, "token": other["token"]}
+    url = relay.ws_url + "?callSid=" + CALL_SID + "&token=" + other["token"]
+    assert await ws_refused(relay, {"X-Twilio-Signature": sign(WS_PUBLIC, forged)}, url) == 403
+    warnings = socket_warnings(caplog)
+    assert any("no socket token in the URL" in w for w in warnings), warnings
+    assert any("malformed socket token" in w for w in warnings), warnings
+    assert any(f"bad socket token for call {CALL_SID}" in w for w in warnings), warnings
+
+
+async def test_setup_for_another_call_closes_the_socket(relay, caplog):
+    caller = await TwilioCaller(relay).connect(setup=False)
+    await caller.send(setup_frame("CA" + "2" * 32))
+    with pytest.raises(websockets.ConnectionClosed) as info:
+        await caller.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason == "setup callSid does not match the socket URL"
+    assert relay.registry.get("CA" + "2" * 32) is None
+    assert any(
+        f"its setup is for call CA{'2' * 32} but the socket URL was minted for call {CALL_SID}" in w
+        for w in socket_warnings(caplog)
+    )
+    # the URL is spent
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(caller.query or ""))}
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + (caller.query or "")) == 403
+
+
+async def test_socket_url_expires(relay_factory, caplog):
+    relay = relay_factory(socket_token_lifetime=1)
+    query = await fresh_query(relay)
+    expires = int(params_of(query)["token"].split(".")[0])
+    while time.time() <= expires:  # minted with a 1 s lifetime: wait until it has passed
+        await asyncio.sleep(0.1)
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(query))}
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + query) == 403
+    assert any("expired" in w for w in socket_warnings(caplog))
+    # a fresh URL from /twiml works
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await caller.hangup()
+
+
+async def test_dropped_socket_may_reopen_its_url_until_the_session_ends(relay):
+    """applicationReconnect (Twilio docs: ConversationRelay) may reopen the same URL once the
+    socket has dropped; after /action the session is over and only the new URL opens."""
+    caller = await TwilioCaller(relay).connect()
+    assert await exchange(caller, "hello") == "You said: hello"
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    again = await TwilioCaller(relay).connect(query=caller.query)  # same URL, re-signed
+    assert await exchange(again, "again") == "You said: again"
+    await drop(again)
+    assert wait_until(lambda: len(relay.registry) == 0)
+
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", failed_params())
+    new_query = assert_relay_twiml(parse_twiml(response), RECONNECT_GREETING)
+    assert params_of(new_query)["token"] != params_of(caller.query or "")["token"]
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(caller.query or ""))}
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + (caller.query or "")) == 403
+    third = await TwilioCaller(relay).connect(query=new_query, callStatus="IN_PROGRESS")
+    assert await exchange(third, "third") == "You said: third"
+    await third.hangup()  # a hang-up (1000) spends the URL: it does not reopen
+    assert wait_until(lambda: len(relay.registry) == 0)
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(new_query))}
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + new_query) == 403
+
+
+async def test_status_completed_spends_the_calls_socket_urls(relay):
+    caller = await TwilioCaller(relay).connect()
+    await drop(caller)
+    assert wait_until(lambda: len(relay.registry) == 0)
+    async with httpx.AsyncClient() as client:
+        status = await post_signed(client, relay, "/status", voice_params(CallStatus="completed"))
+    assert status.status_code == 204
+    headers = {"X-Twilio-Signature": sign(WS_PUBLIC, params_of(caller.query or ""))}
+    assert await ws_refused(relay, headers, relay.ws_url + "?" + (caller.query or "")) == 403
+
+
+async def test_twiml_without_call_sid_is_refused_with_400(relay, caplog):
+    params = voice_params()
+    del params["CallSid"]
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/twiml", params)
+    assert response.status_code == 400
+    assert "no CallSid" in response.text
+    assert any("no CallSid" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------- /action
@@ -367,9 +524,11 @@ async def test_failed_socket_reconnects_and_resumes_the_conversation(relay, fake
 
     async with httpx.AsyncClient() as client:
         response = await post_signed(client, relay, "/action", failed_params())
-    assert_relay_twiml(parse_twiml(response), RECONNECT_GREETING)
+    query = assert_relay_twiml(parse_twiml(response), RECONNECT_GREETING)
 
-    again = await TwilioCaller(relay).connect(callStatus="IN_PROGRESS", sessionId="VX" + "2" * 32)
+    again = await TwilioCaller(relay).connect(
+        query=query, callStatus="IN_PROGRESS", sessionId="VX" + "2" * 32
+    )
     reply = await exchange(again, "again")
     await again.hangup()
     assert reply == "You said: again"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import typer
@@ -212,8 +213,9 @@ def test_a_wrong_auth_token_is_refused_in_one_line(relay):
 async def test_a_refused_websocket_handshake_is_one_error(relay):
     caller = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
     plan = await caller.fetch()
-    assert plan.ws_url == "wss://relay.example.test/ws"
-    assert plan.connect_url == relay.ws_url
+    query = urlsplit(plan.ws_url).query  # the call's one-time socket URL, followed as is
+    assert plan.ws_url == f"wss://relay.example.test/ws?{query}"
+    assert plan.connect_url == f"{relay.ws_url}?{query}"
     # Signed over a URL the relay is not published at: it refuses the upgrade.
     with pytest.raises(CallError, match=r"refused the WebSocket .* \(HTTP 403\)"):
         await caller.connect(replace(plan, ws_url="wss://elsewhere.example.test/ws"))
@@ -756,7 +758,8 @@ def test_a_plain_http_relay_naming_wss_on_its_own_port_is_reached_with_ws():
         path_args = [relay.base_url, "--auth-token", AUTH_TOKEN, "--public-url", public]
         result = run(*path_args, "--script", str(EXAMPLE))
     assert result.exit_code == 0, result.output
-    assert f"wss://127.0.0.1:{port}/ws via ws://127.0.0.1:{port}/ws" in result.output
+    followed = rf"wss://127\.0\.0\.1:{port}/ws\?(callSid=CA\w+&token=\S+) via ws://127\.0\.0\.1:{port}/ws\?\1\b"
+    assert re.search(followed, result.output), result.output
     assert "4 of 4 turns passed" in result.output
     assert "/action → hangs up" in result.output  # the signed callback, over http
     assert events(relay, "session.end")[0]["status"] == "completed"

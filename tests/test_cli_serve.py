@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,10 +141,24 @@ def serve(tmp_path: Path, args: Sequence[str], env: dict[str, str]) -> Iterator[
             proc.wait(5)
 
 
-def _connect(relay: Relay, signature: str | None) -> Any:
-    headers = {"X-Twilio-Signature": signature} if signature is not None else {}
+def _connect(relay: Relay, signed: tuple[str, str] | None) -> Any:
+    """The socket at the one-time URL the relay's /twiml gives CALL; ``signed``: the URL and
+    auth token to sign the handshake with (as Twilio does, the URL's query as params)."""
+    form = {"CallSid": CALL}
+    twiml_signature = sign(f"https://127.0.0.1:{relay.port}/twiml", form, token=TOKEN)
+    status, _, body = _http(
+        "POST", relay.base + "/twiml", form, {"X-Twilio-Signature": twiml_signature}
+    )
+    assert status == 200, body
+    element = ET.fromstring(body).find("Connect/ConversationRelay")
+    assert element is not None, body
+    query = urllib.parse.urlsplit(element.attrib["url"]).query
+    headers = {}
+    if signed is not None:
+        params = dict(urllib.parse.parse_qsl(query))
+        headers["X-Twilio-Signature"] = sign(signed[0], params, token=signed[1])
     return websockets.connect(
-        relay.ws_url,
+        relay.ws_url + "?" + query,
         additional_headers=headers,
         user_agent_header="Jetty/11.0.24",
         open_timeout=5,
@@ -172,9 +187,9 @@ def _spoken(frames: list[dict[str, Any]]) -> str:
     return "".join(f["token"] for f in frames)
 
 
-async def _assert_refused(relay: Relay, signature: str | None) -> None:
+async def _assert_refused(relay: Relay, signed: tuple[str, str] | None) -> None:
     with pytest.raises(InvalidStatus) as info:
-        async with _connect(relay, signature):
+        async with _connect(relay, signed):
             pass
     assert info.value.response.status_code == 403
 
@@ -192,7 +207,7 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
         signed_ws = f"wss://127.0.0.1:{port}/ws"
 
         # A signed call gets the (fake) LLM's streamed answer, closed by last:true.
-        async with _connect(relay, sign(signed_ws, token=TOKEN)) as ws:
+        async with _connect(relay, (signed_ws, TOKEN)) as ws:
             await ws.send(json.dumps(setup_frame(CALL)))
             frames = await _turn(ws, "hello there")
         assert _spoken(frames) == "You said: hello there"
@@ -203,8 +218,8 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
 
         # Unsigned, wrong token, and signed over https:// instead of wss://.
         await _assert_refused(relay, None)
-        await _assert_refused(relay, sign(signed_ws, token="not-the-token"))
-        await _assert_refused(relay, sign(f"https://127.0.0.1:{port}/ws", token=TOKEN))
+        await _assert_refused(relay, (signed_ws, "not-the-token"))
+        await _assert_refused(relay, (f"https://127.0.0.1:{port}/ws", TOKEN))
 
         # The voice webhook: unsigned 403, signed over the public https URL + form params 200.
         form = {"CallSid": CALL, "From": "+15550100001", "To": "+15550100002"}
@@ -219,7 +234,7 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
         )
         assert status == 200, body
         assert "xml" in ctype
-        assert f'url="wss://127.0.0.1:{port}/ws"' in body
+        assert f'url="wss://127.0.0.1:{port}/ws?callSid={CALL}&amp;token=' in body
         assert "<ConversationRelay" in body
 
         assert relay.terminate() == 0
@@ -340,14 +355,14 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path, fake_llm: FakeLLM) -
     args = ["--port", str(port), "--public-url", public, "--log-level", "DEBUG"]
     with serve(tmp_path, args, env) as relay:
         signed_ws = f"wss://127.0.0.1:{port}/ws"
-        async with _connect(relay, sign(signed_ws, token=TOKEN)) as ws:
+        async with _connect(relay, (signed_ws, TOKEN)) as ws:
             await ws.send(json.dumps(setup_frame(CALL, customParameters={"customerId": "42"})))
             frames = await _turn(ws, "what is my balance")
             assert _spoken(frames) == "You said: what is my balance"
             await ws.send(json.dumps({"type": "dtmf", "digit": "5"}))
             await ws.send("this is not json")  # logged as a bad frame
             await _turn(ws, "thanks")
-        await _assert_refused(relay, sign(signed_ws, token="wrong"))  # logged as refused
+        await _assert_refused(relay, (signed_ws, "wrong"))  # logged as refused
         form = {"CallSid": CALL, "SessionStatus": "completed", "CallStatus": "completed"}
         headers = {"X-Twilio-Signature": sign(public + "/action", form, token=TOKEN)}
         status, _, _ = _http("POST", relay.base + "/action", form, headers)

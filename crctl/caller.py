@@ -495,7 +495,13 @@ class SimulatedCaller:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            why = self._why_403(plan.ws_url) if status == 403 else "Twilio would report 64102"
+            said = (exc.response.body or b"").decode("utf-8", "replace").strip()
+            if status == 403 and said.startswith("forbidden: "):  # the relay says why
+                why = said.removeprefix("forbidden: ")
+            elif status == 403:
+                why = self._why_403(plan.ws_url)
+            else:
+                why = "Twilio would report 64102"
             raise CallError(
                 f"the relay refused the WebSocket at {target} (HTTP {status}): {why}"
             ) from None

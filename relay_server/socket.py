@@ -65,7 +65,7 @@ class RelaySocket:
             return
         ticket = self._ticket(scope, peer)
         if ticket is None:
-            await _refuse(scope, send)
+            await _refuse(scope, send, _SPENT_URL)
             return
         await send({"type": "websocket.accept"})
         receive = gate = _CallGate(ticket, receive, send, peer, self.config.max_frame_bytes)
@@ -164,7 +164,13 @@ class _CallGate:
         return {"type": "websocket.disconnect", "code": 1008}
 
 
-async def _refuse(scope: Scope, send: Send) -> None:
+_SPENT_URL = (
+    b"forbidden: this socket URL is used, expired or not minted for a call "
+    b"(each call gets its own from /twiml)\n"
+)
+
+
+async def _refuse(scope: Scope, send: Send, body: bytes = b"forbidden\n") -> None:
     """Refuse the upgrade with HTTP 403 where the server can (else close before accepting)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
         await send(
@@ -174,6 +180,6 @@ async def _refuse(scope: Scope, send: Send) -> None:
                 "headers": [(b"content-type", b"text/plain")],
             }
         )
-        await send({"type": "websocket.http.response.body", "body": b"forbidden\n"})
+        await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008})

@@ -129,6 +129,7 @@ class LLMAgent(ConversationAgent):
                 return  # the goodbye was said with the tool call: end now
 
     async def _run_tools(self, stream: ChatStream) -> None:
+        self._flush_message()  # the next request sends what was said with the tool calls
         message = self._message
         if message is None:
             message = {"role": "assistant", "content": None}
@@ -160,7 +161,7 @@ class LLMAgent(ConversationAgent):
                         "content": results.get(call.id, "cancelled: the caller interrupted"),
                     }
                 )
-            self._message = None  # what the model says next is a new assistant message
+            self._close_message()  # what the model says next is a new assistant message
 
     async def _with_filler(self, tokens: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         """Pass ``tokens`` through; if the first one is slower than ``filler_after_ms``, say the

@@ -47,9 +47,13 @@ class LLMConfig:
 
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
-    #: Seconds: connect, and between two chunks of the stream.
+    #: Seconds: to connect, and without a token (a content or tool-call delta) from the request
+    #: on. Keep-alives (SSE comments, empty or role-only chunks) do not reset it.
     timeout: float = 15.0
     max_retries: int = 0
+    #: The longest line of the SSE stream the relay reads, in bytes; a longer one is a fault
+    #: (``bad_chunk``) and the stream is closed at once, without reading the rest.
+    max_line_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ error mapping), but the stream is read through the SDK's *raw* streaming respons
 SDK's pydantic models costs most of a relay's CPU at 200 concurrent calls (issue 2 figures;
 ``bench/`` measures both paths). Leaving the ``async with`` closes the HTTP stream without
 draining it, so a cancelled turn stops the upstream generation at once.
+
+Two bounds protect the caller and the other calls from a misbehaving LLM (or a gateway in
+front of it), at no cost per token: the LLM timeout counts the time without a *token* (a
+content or tool-call delta; keep-alive comments, empty and role-only chunks do not count), and
+a line of the stream may not exceed ``LLMConfig.max_line_bytes`` (1 MiB): an unfinished line is
+kept as its pieces, never re-copied per network read, and a longer one ends the stream.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ _TAIL_SECONDS = 0.5
 
 class LLMError(Exception):
     """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
-    status, stream_cut, bad_chunk. ``fix`` is the next step when the cause is known precisely
-    (an unresolvable host, a refused connection)."""
+    status, stream_cut, bad_chunk (also a line over the limit). ``fix`` is the next step when
+    the cause is known precisely (an unresolvable host, a refused connection)."""
 
     def __init__(
         self, kind: str, detail: str, fix: str | None = None, status: int | None = None
@@ -100,16 +106,34 @@ class _Pending:
 
 class ChatStream:
     """One streaming completion. Iterate for content tokens (strings, never trimmed); after the
-    loop, :attr:`tool_calls` and :attr:`finish_reason` hold the rest. Use as ``async with``."""
+    loop, :attr:`tool_calls` and :attr:`finish_reason` hold the rest. Use as ``async with``.
 
-    def __init__(self, manager: Any) -> None:
+    ``timeout``: seconds without a token (from the request on) before the stream is a
+    ``timeout`` fault; ``None``: no limit beyond the SDK's. ``max_line``: the longest SSE line
+    read, in bytes."""
+
+    def __init__(
+        self, manager: Any, *, timeout: float | None = None, max_line: int = 1 << 20
+    ) -> None:
         self._manager = manager
         self._response: Any = None
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
         self._pending: dict[int, _Pending] = {}
+        self._timeout = timeout
+        self._max_line = max_line
+        #: Content and tool-call deltas parsed so far (what counts as a token for the timeout).
+        self._fed = 0
+        #: Loop time of the last token, or of the request before the first one.
+        self._last = 0.0
+        #: The task waiting for the network on this stream's behalf; ``None`` while the
+        #: consumer holds a token (its time is not the LLM's).
+        self._reader: asyncio.Task[Any] | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._stalled = False
 
     async def __aenter__(self) -> ChatStream:
+        self._last = asyncio.get_running_loop().time()
         try:
             self._response = await self._manager.__aenter__()
         except openai.APIError as exc:
@@ -123,16 +147,70 @@ class ChatStream:
     def __aiter__(self) -> AsyncIterator[str]:
         return self._tokens()
 
+    def _check(self) -> None:
+        """The token watchdog: one timer per stream, moved only when it fires (a token costs a
+        counter and a clock read per network read, not a timer). Cancels the waiting read
+        once ``timeout`` seconds passed without a token."""
+        assert self._timeout is not None
+        loop = asyncio.get_running_loop()
+        now, due = loop.time(), self._last + self._timeout
+        if now >= due and self._reader is not None:
+            self._watch = None
+            self._stalled = True
+            self._reader.cancel()
+            return
+        self._watch = loop.call_at(due if due > now else now + self._timeout, self._check)
+
+    def _oversized(self) -> LLMError:
+        limit = self._max_line
+        size = f"{limit / (1 << 20):g} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        return LLMError(
+            "bad_chunk",
+            f"a line of the stream is longer than {size} (the relay's limit); stream closed",
+            fix="the LLM server (or a proxy in front of it) is not streaming chat chunks: "
+            "check OPENAI_BASE_URL",
+        )
+
     async def _tokens(self) -> AsyncIterator[str]:
         done = False
-        buffer = b""
+        # The unfinished last line, as the pieces it came in (joined once, when it ends).
+        pending: list[bytes] = []
+        pending_size = 0
+        max_line = self._max_line
+        loop = asyncio.get_running_loop()
+        current_task = asyncio.current_task
+        fed = self._fed
+        if self._timeout:
+            self._watch = loop.call_at(self._last + self._timeout, self._check)
         # aiter_bytes, not aiter_raw: a proxy may gzip the stream (the SDK accepts gzip).
         chunks = self._response.http_response.aiter_bytes()
+        read = chunks.__anext__
         try:
-            async for chunk in chunks:
+            while True:
+                self._reader = current_task()
+                try:
+                    chunk = await read()
+                except StopAsyncIteration:
+                    break
+                self._reader = None
+                if pending:
+                    pending.append(chunk)
+                    if b"\n" not in chunk:
+                        pending_size += len(chunk)
+                        if pending_size > max_line:
+                            raise self._oversized()
+                        continue
+                    chunk = b"".join(pending)
+                    pending = []
                 # One split per network read: no copy of the rest of the buffer per line.
-                lines = (buffer + chunk).split(b"\n")
-                buffer = lines.pop()  # the unfinished last line, if any
+                lines = chunk.split(b"\n")
+                rest = lines.pop()  # the unfinished last line, if any
+                if rest:
+                    pending, pending_size = [rest], len(rest)
+                    if pending_size > max_line:
+                        raise self._oversized()
+                if len(chunk) > max_line and any(len(raw) > max_line for raw in lines):
+                    raise self._oversized()
                 for raw in lines:
                     if not raw.startswith(b"data:"):
                         continue  # blank separators, comments, event: lines
@@ -142,14 +220,26 @@ class ChatStream:
                         break
                     for token in self._feed(payload):
                         yield token
+                if self._fed != fed:
+                    fed, self._last = self._fed, loop.time()
                 if done:
                     break
+        except asyncio.CancelledError:
+            task = current_task()
+            if self._stalled and task is not None and task.uncancel() == 0:
+                raise LLMError("timeout", f"no token for {self._timeout:g} s") from None
+            raise
         except openai.APIError as exc:
             raise _map_error(exc) from exc
         except httpx2.TimeoutException as exc:
             raise LLMError("timeout", "the stream stalled (read timeout)") from exc
         except httpx2.TransportError as exc:
             raise LLMError("stream_cut", f"the stream broke: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._reader = None
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
         if done:
             # Read the end of the HTTP response (the last chunk of the chunked body) so the
             # connection goes back to the pool; a cancelled turn never gets here (no drain).
@@ -180,7 +270,9 @@ class ChatStream:
                 continue
             if delta.content:
                 tokens.append(delta.content)
+                self._fed += 1
             if delta.tool_calls:
+                self._fed += 1
                 for call in delta.tool_calls:
                     pending = self._pending.setdefault(call.index, _Pending())
                     if call.id:
@@ -295,7 +387,9 @@ class LLMClient:
                 stream=True,
                 temperature=temperature if temperature is not None else openai.omit,
                 extra_body=body,
-            )
+            ),
+            timeout=self.config.timeout,
+            max_line=self.config.max_line_bytes,
         )
 
     async def aclose(self) -> None:

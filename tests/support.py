@@ -102,20 +102,29 @@ class RelayServer:
     async def socket_url(self, call_sid: str) -> str:
         """The ``<ConversationRelay url>`` the relay's ``/twiml`` gives ``call_sid``: POSTed as
         Twilio posts it, signed with the relay's own auth token over its public URL."""
-        form = {"CallSid": call_sid, "CallStatus": "ringing", "AccountSid": "AC" + "0" * 32}
-        headers = {}
-        if self.config.auth_token and self.config.verify_signatures:
-            signed = (self.config.public_url or self.base_url) + "/twiml"
-            headers["X-Twilio-Signature"] = sign(signed, form, token=self.config.auth_token)
-        async with httpx.AsyncClient(trust_env=False) as client:
-            response = await client.post(self.base_url + "/twiml", data=form, headers=headers)
-        assert response.status_code == 200, response.text
-        relay = ET.fromstring(response.text).find("Connect/ConversationRelay")
-        assert relay is not None, response.text
-        return relay.attrib["url"]
+        token = self.config.auth_token if self.config.verify_signatures else None
+        public = self.config.public_url or self.base_url
+        return await fetch_socket_url(self.base_url, call_sid, token=token, public_url=public)
 
     def kinds(self, call_sid: str | None = None) -> list[str]:
         return [e.kind for e in list(self.events) if call_sid is None or e.call_sid == call_sid]
+
+
+async def fetch_socket_url(
+    base_url: str, call_sid: str, *, token: str | None = None, public_url: str | None = None
+) -> str:
+    """The ``<ConversationRelay url>`` from ``POST base_url/twiml`` for ``call_sid`` (signed
+    with ``token`` over ``public_url``, if given)."""
+    form = {"CallSid": call_sid, "CallStatus": "ringing", "AccountSid": "AC" + "0" * 32}
+    headers = {}
+    if token:
+        headers["X-Twilio-Signature"] = sign((public_url or base_url) + "/twiml", form, token)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        response = await client.post(base_url + "/twiml", data=form, headers=headers)
+    assert response.status_code == 200, response.text
+    relay = ET.fromstring(response.text).find("Connect/ConversationRelay")
+    assert relay is not None, response.text
+    return relay.attrib["url"]
 
 
 def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN) -> str:
@@ -173,8 +182,11 @@ class TwilioCaller:
     ) -> TwilioCaller:
         """Open the socket at the URL the relay's ``/twiml`` gives this call (or with
         ``query``: ``""`` for none, or a URL's query seen before, to replay it)."""
-        if query is None:
+        if query is None and hasattr(self.relay, "socket_url"):
             query = urlsplit(await self.relay.socket_url(self.call_sid)).query
+        elif query is None:  # a relay known by its ws_url only (no signatures): ask its /twiml
+            base = "http" + self.relay.ws_url.removeprefix("ws").removesuffix("/ws")
+            query = urlsplit(await fetch_socket_url(base, self.call_sid)).query
         self.query = query
         headers = {}
         if signature is not None:

@@ -25,7 +25,7 @@ from relay_server.app import resolve_agent
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.tools import load_tool_modules
-from tests.support import free_port, setup_frame
+from tests.support import fetch_socket_url, free_port, setup_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The venv's console script, as `pip install .` makes it (beside the interpreter).
@@ -129,8 +129,10 @@ def run_crctl(
 
 async def _parrot_reply(port: int, said: str) -> str:
     """One call, as Twilio places it (loopback, no auth token: no signature), one prompt."""
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:
-        await ws.send(json.dumps(setup_frame("CA" + "5" * 32)))
+    call_sid = "CA" + "5" * 32
+    url = await fetch_socket_url(f"http://127.0.0.1:{port}", call_sid)  # the call's own URL
+    async with websockets.connect(url, open_timeout=5) as ws:
+        await ws.send(json.dumps(setup_frame(call_sid)))
         await ws.send(json.dumps({"type": "prompt", "voicePrompt": said, "last": True}))
         text = ""
         while True:

@@ -169,7 +169,9 @@ async def test_a_very_long_reply_costs_the_same_cpu_per_token_at_its_end(relay_f
     early = (cpu[1_100] - cpu[100]) / 1_000
     late = (cpu[6_000] - cpu[5_000]) / 1_000
     print(f"relay CPU per token: {early * 1e6:.1f} µs early, {late * 1e6:.1f} µs late")
-    assert late < 1.5 * early, f"{late * 1e6:.1f} µs per token late, {early * 1e6:.1f} early"
+    # A ratio within one run, of one thread's CPU clock: 6.9x before the fix, about 1x after;
+    # 3x leaves a shared machine's noise far from both.
+    assert late < 3 * early, f"{late * 1e6:.1f} µs per token late, {early * 1e6:.1f} early"
 
     def assistant_text() -> str:
         session = relay.registry.get(caller.call_sid)

@@ -120,6 +120,11 @@ class CallConnection:
         """The callSid once known, else the peer address (for logs)."""
         return self.session.call_sid if self.session else f"(no setup yet, {self.peer})"
 
+    @property
+    def started(self) -> bool:
+        """Whether ``setup`` has arrived (even if the agent then could not be created)."""
+        return self.session is not None or self._broken
+
     async def receive(self, frame: Union[str, bytes]) -> None:
         """Handle one frame. Never raises for bad input or a failing handler."""
         try:

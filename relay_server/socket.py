@@ -9,6 +9,7 @@ This handler does only what the relay needs: check the signature, accept, move f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -27,9 +28,18 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]
 
+#: Seconds from the upgrade to the ``setup`` message: Twilio sends it at once (Twilio docs:
+#: WebSocket messages); a socket still without one is closed (code 1008), or idle sockets
+#: would hold a descriptor and memory each, for ever.
+SETUP_TIMEOUT = 10.0
+SETUP_TIMEOUT_CODE = 1008  # policy violation (RFC 6455)
+
 
 class RelaySocket:
     """ASGI middleware: ``/ws`` WebSocket scopes go to the relay, everything else to ``app``."""
+
+    #: Seconds a socket may stay open without sending ``setup`` (read at each upgrade).
+    setup_timeout: float = SETUP_TIMEOUT
 
     def __init__(
         self,
@@ -60,7 +70,7 @@ class RelaySocket:
         if message["type"] != "websocket.connect":
             return
         peer = (scope.get("client") or ("?",))[0]
-        if not self._signed(scope, peer):
+        if _from_browser(scope, peer) or not self._signed(scope, peer):
             await _refuse(scope, send)
             return
         ticket = self._ticket(scope, peer)
@@ -76,6 +86,8 @@ class RelaySocket:
         conn = CallConnection(send_frame, self.registry, self.factory, self.link, peer)
         code: int | None = None
         try:
+            if not await self._until_setup(conn, receive, send, peer):
+                return
             while True:
                 message = await receive()
                 kind = message["type"]
@@ -88,6 +100,36 @@ class RelaySocket:
         finally:  # hang-up, server shutdown or cancellation: the session always closes
             self.tokens.ledger.close(ticket, reusable=gate.reusable)
             await conn.close(code)
+
+    async def _until_setup(
+        self, conn: CallConnection, receive: Receive, send: Send, peer: str
+    ) -> bool:
+        """Frames up to ``setup``, within :attr:`setup_timeout` of the upgrade (frames before it
+        do not extend it). False: the socket closed, or was closed for want of a setup."""
+        deadline = asyncio.get_running_loop().time() + self.setup_timeout
+        while not conn.started:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                log.warning(
+                    "closed WebSocket from %s: no setup message within %g s of the upgrade "
+                    "(Twilio sends it at once; a client that sends nothing is not Twilio)",
+                    peer,
+                    self.setup_timeout,
+                )
+                reason = f"no setup message within {self.setup_timeout:g} s"
+                await send(
+                    {"type": "websocket.close", "code": SETUP_TIMEOUT_CODE, "reason": reason}
+                )
+                return False
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                await conn.receive(text if text is not None else message.get("bytes") or b"")
+            elif kind == "websocket.disconnect":
+                return False
+        return True
 
     def _ticket(self, scope: Scope, peer: str) -> Ticket | None:
         """The call's one-time token from the URL, claimed; ``None`` (logged) if refused."""
@@ -116,6 +158,27 @@ class RelaySocket:
             signed_url,
         )
         return False
+
+
+def _from_browser(scope: Scope, peer: str) -> bool:
+    """Whether the upgrade carries an ``Origin`` header, i.e. a web page opened it.
+
+    Browsers always send ``Origin`` on a WebSocket upgrade and Twilio's handshake has none (what
+    real calls show). Without signature checks (the 127.0.0.1 mode) any page the developer
+    opens could otherwise reach /ws and spend the LLM key. Refused with signature checks on as
+    well: one rule, said plainly in the log, that costs Twilio nothing.
+    """
+    for name, value in scope.get("headers") or ():
+        if name == b"origin":
+            log.warning(
+                "refused WebSocket from %s: it has an Origin header (%r), so a web page opened "
+                "it; Twilio sends none and /ws is for Twilio only. To call the relay yourself "
+                "use `crctl call`, or a client that sends no Origin header",
+                peer,
+                value.decode("latin-1")[:200],
+            )
+            return True
+    return False
 
 
 class _CallGate:

@@ -230,12 +230,24 @@ def _setup_logging(level: str, events_shown: bool = False) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
-def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
+#: Seconds a client has to send a request's headers, from its first byte (or from the connection
+#: when it sends nothing): uvicorn's h11 server has no such timeout (its ``timeout_keep_alive``
+#: only runs between requests), so a client dribbling headers held a connection for ever.
+HEADER_TIMEOUT = 10.0
+
+log = logging.getLogger("crctl.serve")
+
+
+def server_config(
+    app: Quart, settings: Settings, *, header_timeout: float = HEADER_TIMEOUT
+) -> uvicorn.Config:
     """Uvicorn settings for the relay.
 
     Uvicorn's sans-I/O websockets protocol is the leanest ASGI WebSocket server measured here
     (bench/). Per-message deflate is off: ConversationRelay frames are tiny JSON, and zlib's
-    contexts cost about 45 KiB per idle call and CPU on every token.
+    contexts cost about 45 KiB per idle call and CPU on every token. HTTP is uvicorn's h11
+    server with a deadline for the headers (:data:`HEADER_TIMEOUT`); its other limits stay
+    uvicorn's: 5 s keep-alive between requests, 16 KiB of headers (larger: 400).
     """
     import uvicorn
 
@@ -243,6 +255,7 @@ def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
+        http=_h11_with_header_timeout(header_timeout),
         ws="websockets-sansio",
         ws_per_message_deflate=False,
         # Larger than the relay's own limit, so an oversized frame is logged and dropped by the
@@ -253,6 +266,70 @@ def server_config(app: Quart, settings: Settings) -> uvicorn.Config:
         access_log=False,
         timeout_graceful_shutdown=3,
     )
+
+
+def _h11_with_header_timeout(timeout: float) -> type[asyncio.Protocol]:
+    """Uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    ``timeout`` seconds after its first byte (or after the connection, if nothing came): a
+    partial request gets ``408``, a silent connection is just closed; one log line each."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class H11HeaderTimeout(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # IDLE: the request line and headers are not complete yet (h11's state machine).
+            if self.conn.their_state is not h11.IDLE:
+                self._stop_header_timer()
+            elif self._header_timer is None:  # the first byte of a next keep-alive request
+                self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def _stop_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            partial = bool(self.conn.trailing_data[0])
+            peer = self.client[0] if self.client else "?"
+            log.warning(
+                "closed HTTP connection from %s: %s within %g s",
+                peer,
+                "request headers not complete" if partial else "no request",
+                timeout,
+            )
+            if partial:
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
+                    b"content-length: 24\r\nconnection: close\r\n\r\nrequest header timeout\r\n"
+                )
+            self.transport.close()
+
+    return H11HeaderTimeout
+
+
+def _one_line_invalid_utf8(record: logging.LogRecord) -> bool:
+    """Uvicorn logs a text frame that is not UTF-8 with a traceback (then closes the socket
+    with 1007, which is right): one warning line instead, the client's fault, not the relay's."""
+    if record.msg == "Invalid UTF-8 sequence received from client.":
+        record.msg = "closed a WebSocket with 1007: a text frame was not valid UTF-8"
+        record.args = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _server(config: uvicorn.Config) -> uvicorn.Server:
@@ -273,12 +350,15 @@ async def run_relay(
     settings: Settings,
     stop: asyncio.Event | None = None,
     sock: socket.socket | None = None,
+    *,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set. A second signal forces
-    the exit without waiting for open calls."""
+    the exit without waiting for open calls. ``header_timeout``: see :data:`HEADER_TIMEOUT`."""
     from relay_server.app import end_streams
 
-    server = _server(server_config(app, settings))
+    server = _server(server_config(app, settings, header_timeout=header_timeout))
+    logging.getLogger("uvicorn.error").addFilter(_one_line_invalid_utf8)  # once: same object
     # Everything alive now (imports, the app) lives as long as the process: keep it out of the
     # collector's way, or full collections over ~230k objects stall every call (bench/).
     gc.collect()

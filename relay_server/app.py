@@ -35,6 +35,12 @@ from twiml_templates import TemplateError, load_template, render
 log = logging.getLogger("relay_server.app")
 
 _TWIML = "text/xml; charset=utf-8"
+#: The largest request body the relay reads (Twilio's webhooks are a few KiB; a pushed message
+#: may be as large as a frame, ``max_frame_bytes``): larger gets 413 before it is read whole,
+#: also without a Content-Length (chunked).
+BODY_MAX_BYTES = 64 << 10
+#: Seconds a client has to send a request's body once the handler reads it (then 408).
+BODY_TIMEOUT_SECONDS = 10
 
 
 def resolve_agent(config: RelayConfig) -> type[CallSession]:
@@ -86,6 +92,22 @@ def create_app(
 ) -> Quart:
     """Build the relay. ``agent`` overrides the class chosen by ``config.agent``."""
     app = Quart("relay_server")
+    # Quart checks Content-Length before reading and counts a chunked body as it arrives.
+    app.config["MAX_CONTENT_LENGTH"] = max(BODY_MAX_BYTES, config.max_frame_bytes)
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_SECONDS
+
+    @app.errorhandler(413)
+    async def _too_large(_: Exception) -> Any:
+        limit = int(app.config["MAX_CONTENT_LENGTH"])
+        log.warning(
+            "refused %s %s: body larger than %d KiB (Content-Length %s)",
+            request.method,
+            request.path,
+            limit >> 10,
+            request.content_length if request.content_length is not None else "none: chunked",
+        )
+        return {"error": f"request body too large: at most {limit} bytes"}, 413
+
     bus = events or EventBus()
     registry = CallRegistry(ttl=config.resume_ttl, max_reconnects=config.max_reconnects)
     factory: SessionFactory = agent or resolve_agent(config)
@@ -253,6 +275,9 @@ def create_app(
     def refused() -> tuple[dict[str, str], int, dict[str, str]] | None:
         """A 401 with a one-line reason, unless the request carries the API token."""
         header = request.headers.get("Authorization")
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
+            header = "Bearer " + credentials.strip()
         if bearer_ok(config.api_token, header):
             return None
         if not config.api_token:
@@ -267,11 +292,17 @@ def create_app(
     async def push_route(call_sid: str) -> Any:
         if (refusal := refused()) is not None:
             return refusal
+        limit = config.max_frame_bytes
+        if (request.content_length or 0) > limit:
+            return {"error": f"message too large: at most {limit} bytes (a frame)"}, 413
+        body = await request.get_data()  # bounded by MAX_CONTENT_LENGTH, chunked or not
+        if len(body) > limit:
+            return {"error": f"message too large: at most {limit} bytes (a frame)"}, 413
         session = registry.get(call_sid)
         if session is None:
             return {"error": f"no live call {call_sid}"}, 404
         try:
-            message = decode_outbound(await request.get_data())
+            message = decode_outbound(body)
         except ProtocolError as exc:
             return {"error": str(exc)}, 400
         await session.push(message)

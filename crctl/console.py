@@ -277,6 +277,14 @@ class CallLog:
             self._line(event, "ERROR", error, "bold white on red")
             self._fix(event, data)
 
+    def _call_lost(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+        body = Text("call lost", style="bold")
+        if data.get("last_seen"):
+            body.append(f": relay last seen {_clock(data['last_seen'])}")
+        if data.get("reason"):
+            body.append(f" ({data['reason']})", style="dim")
+        self._line(event, "lost", body, "bold yellow")
+
     def _call_status(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
         body = Text(f"call {data.get('status') or '?'}")
         if data.get("duration"):
@@ -309,13 +317,14 @@ def calls_table(calls: Iterable[Mapping[str, Any]]) -> Table:
         day = time.strftime("%Y-%m-%d ", time.localtime(float(started))) if started else ""
         status = str(call.get("status") or "?")
         style = "red" if "failed" in status or call.get("errors") else None
+        shown = {"live": "green", "lost": "yellow"}.get(status, style or "")
         table.add_row(
             _sid(call),
             str(call.get("from") or "-"),
             str(call.get("to") or "-"),
             day + _clock(started),
             length,
-            Text(status, style="green" if status == "live" else (style or "")),
+            Text(status, style=shown),
             str(call.get("turns", 0)),
             Text(str(call.get("errors", 0)), style=style or ""),
         )

@@ -34,6 +34,9 @@ Kinds and their ``data`` (every value JSON-serialisable):
 ``session.end``         ``status``, ``handoff_data``, ``error_code``, ``error_message``,
                         ``duration`` (and ``title``/``explanation``/``fix`` for an error code)
 ``call.status``         ``status``, ``duration`` (Twilio's status callback)
+``call.lost``           ``last_seen`` (Unix time), ``reason``: written by a relay at start for
+                        a call left open by a relay that is gone (crashed, killed, stopped
+                        with the call still open); the call's status becomes ``lost``
 ======================  =============================================================
 """
 
@@ -72,6 +75,7 @@ SESSION_END = "session.end"
 #: Twilio call statuses after which a call is over (status callbacks).
 CALL_OVER = frozenset({"completed", "failed", "busy", "no-answer", "canceled"})
 CALL_STATUS = "call.status"
+CALL_LOST = "call.lost"
 LLM_FAULT = "llm.fault"
 BAD_FRAME = "frame.bad"
 SOCKET_CLOSED = "socket.closed"

@@ -13,6 +13,19 @@ relays may share one file (SQLite locks it); each streams live only the events i
 
 A ``calls`` table keeps one row per call (from, to, started, ended, status, turns), updated by
 the writer in the same transaction. Old events are pruned by age and by row count.
+
+Bounds (what one client or one call may cost):
+
+* a live ``/events`` stream may have at most :data:`STREAM_BUDGET` bytes (1 MiB) waiting for a
+  client that does not read; beyond that its stream is ended (the client resumes from the store
+  with ``after=`` / ``Last-Event-ID``, so it loses nothing);
+* a partial transcript (``caller.speech`` with ``last`` false) is stored with at most
+  :data:`PARTIAL_MAX_CHARS` characters, its end (the newest words); the final one is kept whole.
+
+A ``relays`` table has a row per relay process that writes the file (host, pid, started, a
+heartbeat every :data:`HEARTBEAT_SECONDS`). At start, calls still open whose relay is gone
+(stopped, its process dead on this host, or no heartbeat for :data:`GONE_AFTER_SECONDS`) get
+the final status ``lost`` and a ``call.lost`` event saying when that relay was last seen.
 """
 
 from __future__ import annotations
@@ -23,9 +36,11 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -47,6 +62,13 @@ Live = tuple[int, str, bytes]
 #: Rows kept by a store that is not on disk.
 MEMORY_MAX_ROWS = 20_000
 _PRUNE_EVERY_SECONDS = 300.0
+#: Bytes a live stream may hold for a client that does not read before it is ended.
+STREAM_BUDGET = 1 << 20
+#: Characters of a partial transcript that are stored (the end of it).
+PARTIAL_MAX_CHARS = 1024
+#: How often a relay's writer says it is alive, and after how long without that it is gone.
+HEARTBEAT_SECONDS = 10.0
+GONE_AFTER_SECONDS = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -72,6 +94,14 @@ CREATE TABLE IF NOT EXISTS calls (
     handoff TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_by_started ON calls (started);
+CREATE TABLE IF NOT EXISTS relays (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    stopped REAL
+);
 """
 
 _encoder = msgspec.json.Encoder()
@@ -102,6 +132,11 @@ class EventStore:
         self.readonly = readonly
         #: The id of the last event this store wrote or found at start.
         self.last_id = 0
+        #: This relay process in the ``relays`` table (a writer only).
+        self.relay_id = uuid.uuid4().hex[:16]
+        #: Bytes a live stream may hold for a client that does not read (:data:`STREAM_BUDGET`).
+        self.stream_budget = STREAM_BUDGET
+        self._beat_at = time.monotonic()
         self._con = self._open()
         self._lock = threading.Lock()  # the connection is shared by the writer and readers
         self._pending: deque[ev.CallEvent] = deque()
@@ -118,6 +153,7 @@ class EventStore:
         self._thread: threading.Thread | None = None
         if not readonly:
             self.prune()
+            self._close_lost_calls()
             self._thread = threading.Thread(target=self._run, name="event-store", daemon=True)
             self._thread.start()
 
@@ -139,8 +175,23 @@ class EventStore:
                 con.execute("PRAGMA journal_mode = WAL")
                 con.execute("PRAGMA synchronous = NORMAL")
                 con.executescript(_SCHEMA)
+                if "relay" not in {row[1] for row in con.execute("PRAGMA table_info(calls)")}:
+                    con.execute("ALTER TABLE calls ADD COLUMN relay TEXT")
+                # A write at start: a file SQLite can only read (file mode, read-only mount)
+                # would otherwise be accepted here and every event lost later.
+                now = time.time()
+                con.execute(
+                    "INSERT INTO relays (id, host, pid, started, last_seen) VALUES (?, ?, ?, ?, ?)",
+                    (self.relay_id, socket.gethostname(), os.getpid(), now, now),
+                )
             newest = _newest(con)
         except sqlite3.Error as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise ConfigError(
+                    f"events database {self.path} is read-only ({exc}): make it and its folder "
+                    f"writable, or pick another file with --events-db ('' keeps events in "
+                    f"memory only)"
+                ) from exc
             raise ConfigError(f"events database {self.path}: {exc}") from exc
         except OSError as exc:
             raise ConfigError(f"events database {self.path}: {exc.strerror or exc}") from exc
@@ -159,7 +210,9 @@ class EventStore:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            if not self._wake.wait(HEARTBEAT_SECONDS):
+                self._heartbeat()
+                continue
             if not self._closing.is_set():
                 self._closing.wait(self.flush_interval)  # gather a batch
             self._wake.clear()
@@ -181,10 +234,85 @@ class EventStore:
                 rows = self._write(batch)
                 if rows:
                     self._deliver(rows)
+            if not self.readonly and time.monotonic() - self._beat_at >= HEARTBEAT_SECONDS:
+                self._heartbeat_locked()
             if self._written_since_prune >= max(100, self.max_rows // 20) or (
                 time.monotonic() - self._pruned_at > _PRUNE_EVERY_SECONDS
             ):
                 self._prune_locked()
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._heartbeat_locked()
+
+    def _heartbeat_locked(self, stopped: bool = False) -> None:
+        """Say this relay is alive (or, ``stopped``, that it stopped cleanly)."""
+        self._beat_at = time.monotonic()
+        now = time.time()
+        try:
+            self._con.execute(
+                "UPDATE relays SET last_seen = ?, stopped = ? WHERE id = ?",
+                (now, now if stopped else None, self.relay_id),
+            )
+        except sqlite3.Error as exc:
+            log.warning("event store %s: heartbeat failed: %s", self.path, exc)
+
+    def _close_lost_calls(self) -> None:
+        """Give the calls left open by relays that are gone the status ``lost`` (with a
+        ``call.lost`` event), so a crash does not leave them "live" forever."""
+        now = time.time()
+        host = socket.gethostname()
+        with self._lock:
+            try:
+                relays = {
+                    rid: (rhost, int(pid), float(seen), stopped)
+                    for rid, rhost, pid, seen, stopped in self._con.execute(
+                        "SELECT id, host, pid, last_seen, stopped FROM relays"
+                    )
+                }
+                open_calls = self._con.execute(
+                    "SELECT sid, last_ts, relay FROM calls WHERE status = 'live' AND ended IS NULL"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                log.warning("event store %s: cannot look for lost calls: %s", self.path, exc)
+                return
+            lost: list[ev.CallEvent] = []
+            for sid, last_ts, rid in open_calls:
+                relay = relays.get(rid) if rid else None
+                if rid == self.relay_id:
+                    continue
+                if relay is None:  # a row from a relay older than the heartbeat
+                    seen, why = float(last_ts), "no relay has written it since"
+                    if now - seen < GONE_AFTER_SECONDS:
+                        continue
+                else:
+                    rhost, pid, seen, stopped = relay
+                    if stopped is not None:
+                        why = f"relay pid {pid} on {rhost} stopped"
+                    elif rhost == host and not _alive(pid):
+                        why = f"relay pid {pid} on {rhost} is gone"
+                    elif now - seen >= GONE_AFTER_SECONDS:
+                        why = f"relay pid {pid} on {rhost} stopped answering"
+                    else:
+                        continue  # its relay is still running
+                    seen = max(seen, float(last_ts))
+                lost.append(
+                    ev.CallEvent(ev.CALL_LOST, sid, {"last_seen": seen, "reason": why}, now)
+                )
+            if lost:
+                self._write(lost)
+                log.warning(
+                    "event store %s: %d call(s) left open by a relay that is gone are now 'lost'",
+                    self.path,
+                    len(lost),
+                )
+            with contextlib.suppress(sqlite3.Error):
+                self._con.execute(
+                    "DELETE FROM relays WHERE id != ? AND last_seen < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM calls WHERE calls.relay = relays.id AND status = 'live')",
+                    (self.relay_id, now - GONE_AFTER_SECONDS),
+                )
 
     def _write(self, batch: list[ev.CallEvent]) -> list[Row]:
         con = self._con
@@ -192,7 +320,7 @@ class EventStore:
         try:
             con.execute("BEGIN IMMEDIATE")
             for event in batch:
-                data = _dumps(event.data)
+                data = _dumps(_bounded(event))
                 cursor = con.execute(
                     "INSERT INTO events (ts, call_sid, kind, data) VALUES (?, ?, ?, ?)",
                     (event.ts, event.call_sid, event.kind, data),
@@ -201,7 +329,7 @@ class EventStore:
                     (int(cursor.lastrowid or 0), event.ts, event.call_sid, event.kind, data)
                 )
                 if event.call_sid:
-                    _track_call(con, event)
+                    _track_call(con, event, self.relay_id)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -254,6 +382,8 @@ class EventStore:
             with contextlib.suppress(Exception):
                 self.flush()
         with self._lock:
+            if not self.readonly:
+                self._heartbeat_locked(stopped=True)
             self._con.close()
 
     # ------------------------------------------------------------------------- reading
@@ -381,16 +511,38 @@ class EventStore:
 
         Each message's ``id:`` is the event's row id, so a client resumes with ``after``.
         Without ``since`` and ``after`` only live events come. A comment every ``heartbeat``
-        seconds keeps proxies and the client's read timeout content; a client too slow to
-        take its events is cut off (it resumes from the store with ``after``).
+        seconds keeps proxies and the client's read timeout content. A client too slow to take
+        its events is cut off once more than :attr:`stream_budget` bytes wait for it: its
+        stream ends after the last event it was sent, and it resumes from the store with
+        ``after`` (``crctl tail`` does), losing nothing.
         """
         queue: asyncio.Queue[list[Live] | None] = asyncio.Queue(maxsize=1000)
+        waiting = 0  # bytes queued for this client
+        cut = False
+        sent_id = after or 0
 
         def on_rows(rows: list[Live]) -> None:
-            try:
-                queue.put_nowait(rows)
-            except asyncio.QueueFull:
+            nonlocal waiting, cut
+            if cut:
+                return
+            if call_sid is not None:
+                rows = [row for row in rows if row[1] == call_sid]
+                if not rows:
+                    return
+            size = sum(len(row[2]) for row in rows)
+            # A client that keeps up (nothing waiting) always takes the next batch.
+            if queue.full() or (not queue.empty() and waiting + size > self.stream_budget):
+                cut = True
                 _end(queue)
+                log.warning(
+                    "events: a /events client fell %d KiB behind, its stream is ended "
+                    "(it resumes with after=%d)",
+                    (waiting + size) >> 10,
+                    sent_id,
+                )
+                return
+            waiting += size
+            queue.put_nowait(rows)
 
         stop = self.listen(on_rows)
         self._streams.add(queue)
@@ -407,11 +559,12 @@ class EventStore:
                     rows = await asyncio.to_thread(self.select, since, call_sid, cursor, page)
                     if rows:
                         sent = True
-                        cursor = rows[-1][0]
+                        cursor = sent_id = rows[-1][0]
                         yield b"".join(_sse(row) for row in rows)
                     if len(rows) < page:
                         break
                 floor = cursor if sent and cursor is not None else min(after or 0, floor)
+            sent_id = floor
             yield f"id: {floor}\n\n".encode()  # where to resume if nothing else comes
             while True:
                 try:
@@ -421,12 +574,10 @@ class EventStore:
                     continue
                 if batch is None:
                     return
-                chunk = b"".join(
-                    message
-                    for row_id, sid, message in batch
-                    if row_id > floor and (call_sid is None or sid == call_sid)
-                )
+                waiting -= sum(len(row[2]) for row in batch)
+                chunk = b"".join(message for row_id, _, message in batch if row_id > floor)
                 if chunk:
+                    sent_id = batch[-1][0]
                     yield chunk
         finally:
             stop()
@@ -455,13 +606,20 @@ def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def _track_call(con: sqlite3.Connection, event: ev.CallEvent) -> None:
-    """Keep the ``calls`` row of ``event``'s call up to date (in the writer's transaction)."""
+def _track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None:
+    """Keep the ``calls`` row of ``event``'s call up to date (in the writer's transaction);
+    ``relay`` (the writer's relay id) serves the call from now on."""
     sid, ts, data, kind = event.call_sid, event.ts, event.data, event.kind
+    if kind == ev.CALL_LOST:
+        con.execute(
+            "UPDATE calls SET status = 'lost', ended = ? WHERE sid = ? AND status = 'live'",
+            (data.get("last_seen") or ts, sid),
+        )
+        return
     con.execute(
-        "INSERT INTO calls (sid, started, last_ts) VALUES (?, ?, ?) "
-        "ON CONFLICT (sid) DO UPDATE SET last_ts = excluded.last_ts",
-        (sid, ts, ts),
+        "INSERT INTO calls (sid, started, last_ts, relay) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (sid) DO UPDATE SET last_ts = excluded.last_ts, relay = excluded.relay",
+        (sid, ts, ts, relay),
     )
     if kind == ev.CALL_STARTED:
         con.execute(
@@ -500,6 +658,28 @@ def _track_call(con: sqlite3.Connection, event: ev.CallEvent) -> None:
             "IN ('live', 'hung up') THEN ? ELSE status END WHERE sid = ?",
             (ts, data["status"], sid),
         )
+
+
+def _bounded(event: ev.CallEvent) -> dict[str, Any]:
+    """The data of ``event`` as stored: a partial transcript keeps its last
+    :data:`PARTIAL_MAX_CHARS` characters (``chars``: how long it was)."""
+    data = event.data
+    if event.kind == ev.CALLER_SPEECH and not data.get("last", True):
+        text = data.get("text")
+        if isinstance(text, str) and len(text) > PARTIAL_MAX_CHARS:
+            return {**data, "text": "…" + text[1 - PARTIAL_MAX_CHARS :], "chars": len(text)}
+    return data
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _newest(con: sqlite3.Connection) -> int:
@@ -543,12 +723,12 @@ def _sse(row: Row) -> bytes:
 
 
 def _end(queue: asyncio.Queue[list[Live] | None]) -> None:
-    while True:
-        try:
-            queue.put_nowait(None)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()  # the stream ends anyway: what it had not sent is in the store
+    """End a stream after what it has sent: what it had not sent is in the store, and
+    dropping only part of it would leave a gap before the client's ``Last-Event-ID``."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        while True:
+            queue.get_nowait()
+    queue.put_nowait(None)
 
 
 def _create_private(path: Path) -> None:

@@ -32,8 +32,8 @@ from relay_server.llm import check_llm
 from relay_server.store import EventStore
 from tests.events_support import AUTH, TOKEN
 from tests.fakes.fake_llm import FakeLLM, Script
-from tests.support import TwilioCaller, free_port, setup_frame, wait_until
-from tests.test_cli_serve import _connect, _env, _spoken, _turn, serve
+from tests.support import TwilioCaller, fetch_socket_url, free_port, setup_frame, wait_until
+from tests.test_cli_serve import CALL, _connect, _env, _spoken, _turn, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 UNRESOLVABLE = "http://llm.invalid/v1"
@@ -86,8 +86,8 @@ async def test_the_servers_only_model_is_used_and_said(tmp_path: Path, fake_llm:
         assert f"LLM: {fake_llm.base_url}" in banner, banner
         assert f"model: llama3.2:1b (the only model {fake_llm.base_url} lists)" in banner
         assert "warning: LLM" not in banner
-        async with _connect(relay, None) as ws:
-            await ws.send(json.dumps(setup_frame("CA" + "1" * 32)))
+        async with _connect(relay, None) as ws:  # the socket URL /twiml gives CALL
+            await ws.send(json.dumps(setup_frame(CALL)))
             assert _spoken(await _turn(ws, "hi")) == "You said: hi"
         assert fake_llm.records[-1].body["model"] == "llama3.2:1b"
         assert relay.terminate() == 0
@@ -266,7 +266,8 @@ def test_up_says_an_agent_failure_and_a_bad_frame_once_in_one_line(tmp_path: Pat
 async def _broken_turn(port: int) -> None:
     import websockets
 
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:
+    url = await fetch_socket_url(f"http://127.0.0.1:{port}", "CA" + "3" * 32)  # one per call
+    async with websockets.connect(url, open_timeout=5) as ws:
         await ws.send(json.dumps(setup_frame("CA" + "3" * 32)))
         await ws.send(json.dumps({"type": "prompt", "voicePrompt": "where is it", "last": True}))
         while json.loads(await ws.recv()).get("last") is not True:
@@ -329,7 +330,8 @@ def asyncio_run(coro: Any) -> Any:
 async def _one_turn(port: int) -> None:
     import websockets
 
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:
+    url = await fetch_socket_url(f"http://127.0.0.1:{port}", "CA" + "2" * 32)  # one per call
+    async with websockets.connect(url, open_timeout=5) as ws:
         await ws.send(json.dumps(setup_frame("CA" + "2" * 32)))
         await _turn(ws, "hello")
 

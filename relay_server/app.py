@@ -179,10 +179,13 @@ def create_app(
     def twiml(greeting: str | None, call_sid: str) -> str:
         # The configured template pointed at this relay's /ws: the same document `crctl twiml
         # render/export --url` gives (a "/action" in the template lands on this relay), with
-        # the call's one-time socket URL (socket_tokens.py). Without a public URL (local only)
-        # the socket URL is ws://.
+        # the call's one-time socket URL (socket_tokens.py); without a CallSid (not a call: a
+        # person looking) the plain /ws, which opens nothing. Without a public URL (local
+        # only) the socket URL is ws://.
         sets = {"welcomeGreeting": greeting} if greeting else None
-        url = tokens.url(config.websocket_url(base()), call_sid)
+        url = config.websocket_url(base())
+        if call_sid:
+            url = tokens.url(url, call_sid)
         return render(template, url=url, sets=sets, local=config.public_url is None)
 
     @app.route("/twiml", methods=["GET", "POST"])
@@ -191,10 +194,6 @@ def create_app(
             return Response("forbidden\n", 403)
         fields = await request.form if request.method == "POST" else request.args
         call_sid = fields.get("CallSid", "")
-        if not call_sid:
-            log.warning("refused %s /twiml: no CallSid (Twilio sends one)", request.method)
-            why = "no CallSid: /twiml is Twilio's voice webhook; its socket URL is per call\n"
-            return Response(why, 400, content_type="text/plain")
         return Response(twiml(config.welcome_greeting, call_sid), content_type=_TWIML)
 
     # The call socket: a lean ASGI handler in front of the Quart routes (see socket.py).

@@ -274,9 +274,6 @@ def create_app(
     def refused() -> tuple[dict[str, str], int, dict[str, str]] | None:
         """A 401 with a one-line reason, unless the request carries the API token."""
         header = request.headers.get("Authorization")
-        scheme, _, credentials = (header or "").strip().partition(" ")
-        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
-            header = "Bearer " + credentials.strip()
         if bearer_ok(config.api_token, header):
             return None
         if not config.api_token:

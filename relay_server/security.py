@@ -46,7 +46,9 @@ class SignatureChecker:
 
 
 def bearer_ok(expected: str | None, header: str | None) -> bool:
-    """``Authorization: Bearer <token>`` against the relay's API token (constant time)."""
-    if not expected or not header or not header.startswith("Bearer "):
+    """``Authorization: Bearer <token>`` against the relay's API token (constant time). The
+    scheme is matched in any case (auth schemes are case-insensitive, RFC 9110 11.1)."""
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    if not expected or scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(header[7:].strip().encode(), expected.encode())
+    return hmac.compare_digest(credentials.strip().encode(), expected.encode())

@@ -25,6 +25,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/run.py`
@@ -50,7 +51,7 @@ from bench.procs import (  # noqa: E402
     self_cpu,
     wait_quiet,
 )
-from tests.support import PUBLIC_URL, sign  # noqa: E402
+from tests.support import AUTH_TOKEN, PUBLIC_URL, fetch_socket_url, sign  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 RELAY_CORE, LOAD_CORE = 0, 1
@@ -122,12 +123,23 @@ def versions() -> dict[str, str]:
 async def connect_all(
     relay: RelayProc, n: int, window: float, sig: str, deflate: bool, start: int = 0
 ) -> list[Caller]:
-    """Open ``n`` signed calls, spread over ``window`` s; each sends its setup frame."""
+    """Open ``n`` signed calls, spread over ``window`` s; each sends its setup frame.
+
+    Each call first asks ``/twiml`` for its socket URL, as Twilio does (the relay gives each
+    call its own one-time URL), then connects to the local address while signing the public
+    one. A relay that names the plain ``/ws`` (before per-call URLs) gets ``sig`` as before."""
     callers = [Caller(start + i, relay.ws_url, sig, deflate) for i in range(n)]
     gap = window / max(1, n)
 
     async def one(i: int, c: Caller) -> None:
         await asyncio.sleep(i * gap)
+        public = await fetch_socket_url(
+            f"http://127.0.0.1:{relay.port}", c.call_sid, token=AUTH_TOKEN, public_url=PUBLIC_URL
+        )
+        query = urlsplit(public).query
+        if query:
+            c.ws_url = f"{relay.ws_url}?{query}"
+            c.signature = sign(public)
         await c.connect()
 
     results = await asyncio.gather(

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/run.py`
     sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
 
 from bench.loadgen import (  # noqa: E402
     BargeResult,
@@ -51,7 +54,7 @@ from bench.procs import (  # noqa: E402
     self_cpu,
     wait_quiet,
 )
-from tests.support import AUTH_TOKEN, PUBLIC_URL, fetch_socket_url, sign  # noqa: E402
+from tests.support import PUBLIC_URL, sign  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 RELAY_CORE, LOAD_CORE = 0, 1
@@ -125,21 +128,29 @@ async def connect_all(
 ) -> list[Caller]:
     """Open ``n`` signed calls, spread over ``window`` s; each sends its setup frame.
 
-    Each call first asks ``/twiml`` for its socket URL, as Twilio does (the relay gives each
-    call its own one-time URL), then connects to the local address while signing the public
-    one. A relay that names the plain ``/ws`` (before per-call URLs) gets ``sig`` as before."""
+    Each call first gets its socket URL from ``/twiml``, as Twilio does (the relay gives each
+    call its own one-time URL), all before the timed part and through one HTTP client; it then
+    connects to the local address while signing the public URL. A relay that names the plain
+    ``/ws`` (before per-call URLs) is driven with ``sig`` as before."""
     callers = [Caller(start + i, relay.ws_url, sig, deflate) for i in range(n)]
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        for c in callers:
+            form = {"CallSid": c.call_sid, "CallStatus": "ringing", "AccountSid": "AC" + "0" * 32}
+            answer = await http.post(
+                f"http://127.0.0.1:{relay.port}/twiml",
+                data=form,
+                headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml", form)},
+            )
+            answer.raise_for_status()
+            found = ET.fromstring(answer.text).find("Connect/ConversationRelay")
+            public = found.attrib["url"] if found is not None else ""
+            if urlsplit(public).query:
+                c.ws_url = f"{relay.ws_url}?{urlsplit(public).query}"
+                c.signature = sign(public)
     gap = window / max(1, n)
 
     async def one(i: int, c: Caller) -> None:
         await asyncio.sleep(i * gap)
-        public = await fetch_socket_url(
-            f"http://127.0.0.1:{relay.port}", c.call_sid, token=AUTH_TOKEN, public_url=PUBLIC_URL
-        )
-        query = urlsplit(public).query
-        if query:
-            c.ws_url = f"{relay.ws_url}?{query}"
-            c.signature = sign(public)
         await c.connect()
 
     results = await asyncio.gather(

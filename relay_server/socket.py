@@ -218,7 +218,7 @@ class _CallGate:
             "closed WebSocket from %s: its setup is for call %s but the socket URL was minted "
             "for call %s",
             self.peer,
-            call_sid,
+            call_sid if call_sid.isalnum() else repr(call_sid[:64]),  # no forged log lines
             self.ticket.call_sid,
         )
         self.reusable = False

@@ -39,7 +39,9 @@ CALL_PARAM, TOKEN_PARAM = "callSid", "token"
 #: The replay set refuses new sockets rather than forget unexpired tokens beyond this many.
 MAX_LEDGER_ENTRIES = 100_000
 
-_TOKEN = re.compile(r"([0-9]{1,12})\.([A-Za-z0-9_-]{8,64})\.([A-Za-z0-9_-]{43})")
+#: The expiry has no leading zero: one token, one spelling (the replay set keys on the text).
+_CALL_SID = re.compile(r"[A-Za-z0-9]{1,64}")
+_TOKEN = re.compile(r"(0|[1-9][0-9]{0,11})\.([A-Za-z0-9_-]{8,64})\.([A-Za-z0-9_-]{43})")
 _KDF_LABEL = b"crctl socket token v1"
 
 
@@ -171,7 +173,8 @@ class SocketTokens:
                 "gets its own)"
             )
         match = _TOKEN.fullmatch(token)
-        if match is None:
+        if match is None or _CALL_SID.fullmatch(call_sid) is None:
+            # (a CallSid is letters and digits: nothing else reaches the log lines below)
             raise TokenRefused("malformed socket token")
         expires, nonce, mac = int(match[1]), match[2], match[3]
         if not hmac.compare_digest(mac, _mac(self._secret, expires, nonce, call_sid)):

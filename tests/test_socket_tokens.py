@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import replace
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -129,6 +129,28 @@ def test_a_token_opens_once_unless_its_socket_dropped():
     tokens.ledger.close(ticket, reusable=False)  # hang-up or end: spent
     with pytest.raises(TokenRefused, match="already used"):
         tokens.open(query)
+
+
+def test_a_spent_token_respelt_opens_nothing():
+    """The expiry has one spelling: a leading zero (same number, same MAC) would otherwise be a
+    new key in the replay set and reopen a spent URL."""
+    tokens = SocketTokens(b"secret", clock=Clock())
+    query = query_of(tokens.url("wss://r/ws", CALL))
+    tokens.ledger.close(tokens.open(query), reusable=False)
+    respelt = query.replace("token=", "token=0", 1)
+    with pytest.raises(TokenRefused, match="malformed socket token"):
+        tokens.open(respelt)
+
+
+def test_a_call_sid_that_is_not_letters_and_digits_is_malformed():
+    """Nothing but a CallSid's letters and digits reaches the refusal log lines."""
+    tokens = SocketTokens(b"secret", clock=Clock())
+    forged = "CA1\nrefused WebSocket from 10.0.0.1: forged line"
+    query = query_of(tokens.url("wss://r/ws", CALL)).replace(
+        f"callSid={CALL}", "callSid=" + quote(forged)
+    )
+    with pytest.raises(TokenRefused, match=r"^malformed socket token$"):
+        tokens.check(query)
 
 
 def test_the_end_of_a_call_spends_all_its_tokens_only():

@@ -8,6 +8,7 @@ relay to act."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -68,23 +69,23 @@ async def test_deeply_nested_frame_is_a_bad_frame_and_the_call_goes_on(relay, fa
 
 
 async def test_a_socket_without_setup_is_closed_at_its_deadline(relay, caplog):
-    relay.app.asgi_app.setup_timeout = 0.3
+    relay.app.asgi_app.setup_timeout = 1.0
     caller = await TwilioCaller(relay).connect(setup=False)
-    await caller.send("not a setup")  # frames before setup do not extend the deadline
     with pytest.raises(websockets.ConnectionClosed) as closed:
+        await caller.send("not a setup")  # frames before setup do not extend the deadline
         await asyncio.wait_for(caller.ws.recv(), 15)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1008
-    assert closed.value.rcvd.reason == "no setup message within 0.3 s"
+    assert closed.value.rcvd.reason == "no setup message within 1 s"
     lines = [r.getMessage() for r in _records(caplog, "relay_server.socket")]
-    assert any("no setup message within 0.3 s of the upgrade" in line for line in lines)
+    assert any("no setup message within 1 s of the upgrade" in line for line in lines)
     assert wait_until(lambda: len(relay.registry) == 0)
 
 
 async def test_a_call_that_sent_setup_outlives_the_setup_deadline(relay, fake_llm):
-    relay.app.asgi_app.setup_timeout = 0.3
+    relay.app.asgi_app.setup_timeout = 1.0
     caller = await TwilioCaller(relay).connect()
-    await asyncio.sleep(1.0)  # well past the deadline
+    await asyncio.sleep(2.5)  # well past the deadline
     await caller.prompt("still here")
     assert await caller.reply_text() == "You said: still here"
     await caller.hangup()
@@ -112,8 +113,10 @@ def _read_all(sock: socket.socket) -> bytes:
     """Everything the relay sends until it closes the connection (at most 15 s)."""
     sock.settimeout(15)
     data = b""
-    while chunk := sock.recv(4096):
-        data += chunk
+    # A reset after the answer (a byte sent after the relay closed) ends the read too.
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(4096):
+            data += chunk
     return data
 
 

@@ -104,6 +104,10 @@ class _Pending:
     arguments: list[str] = field(default_factory=list)
 
 
+#: Seconds between watchdog looks while an overdue stream's consumer holds a token.
+_RECHECK = 0.05
+
+
 class ChatStream:
     """One streaming completion. Iterate for content tokens (strings, never trimmed); after the
     loop, :attr:`tool_calls` and :attr:`finish_reason` hold the rest. Use as ``async with``.
@@ -159,7 +163,9 @@ class ChatStream:
             self._stalled = True
             self._reader.cancel()
             return
-        self._watch = loop.call_at(due if due > now else now + self._timeout, self._check)
+        # Overdue while the consumer holds a token: look again soon after the read resumes,
+        # not a whole timeout later.
+        self._watch = loop.call_at(due if due > now else now + _RECHECK, self._check)
 
     def _oversized(self) -> LLMError:
         limit = self._max_line

@@ -78,7 +78,9 @@ class RelaySocket:
             await _refuse(scope, send, _SPENT_URL)
             return
         await send({"type": "websocket.accept"})
-        receive = gate = _CallGate(ticket, receive, send, peer, self.config.max_frame_bytes)
+        # Until setup, frames pass the gate (the call's setup must match the token); after it,
+        # the frame loop reads the socket directly.
+        gate = _CallGate(ticket, receive, send, peer, self.config.max_frame_bytes)
 
         async def send_frame(frame: str) -> None:
             await send({"type": "websocket.send", "text": frame})
@@ -86,7 +88,7 @@ class RelaySocket:
         conn = CallConnection(send_frame, self.registry, self.factory, self.link, peer)
         code: int | None = None
         try:
-            if not await self._until_setup(conn, receive, send, peer):
+            if not await self._until_setup(conn, gate, send, peer):
                 return
             while True:
                 message = await receive()
@@ -98,7 +100,9 @@ class RelaySocket:
                     code = message.get("code")
                     break
         finally:  # hang-up, server shutdown or cancellation: the session always closes
-            self.tokens.ledger.close(ticket, reusable=gate.reusable)
+            # 1000: Twilio closes so on hang-up and after `end` (Twilio docs: WebSocket
+            # messages): the session is over and its URL opens nothing more.
+            self.tokens.ledger.close(ticket, reusable=gate.reusable and code != 1000)
             await conn.close(code)
 
     async def _until_setup(
@@ -182,35 +186,30 @@ def _from_browser(scope: Scope, peer: str) -> bool:
 
 
 class _CallGate:
-    """The socket's ``receive``, bound to the call its token was minted for: a ``setup`` for
-    another callSid closes the socket (1008) and reads as a disconnect. Remembers how the
-    socket ended, for the replay set."""
+    """The socket's ``receive`` until ``setup``, bound to the call its token was minted for: a
+    ``setup`` for another callSid closes the socket (1008) and reads as a disconnect. Remembers
+    whether the socket may reopen its URL, for the replay set."""
 
     def __init__(
         self, ticket: Ticket, receive: Receive, send: Send, peer: str, max_bytes: int
     ) -> None:
         self.ticket, self._receive, self._send = ticket, receive, send
         self.peer, self.max_bytes = peer, max_bytes
-        self.checking = True  # until the call's setup has arrived
-        self.reusable = True  # the socket dropped (no hang-up, no end, no mismatch)
+        self.reusable = True  # not closed with 1000 before setup, nor for another call
 
     async def __call__(self) -> MutableMapping[str, Any]:
         message = await self._receive()
         if message["type"] == "websocket.disconnect":
-            # 1000: Twilio closes so on hang-up and after `end` (Twilio docs: WebSocket
-            # messages): the session is over and its URL opens nothing more.
             self.reusable = self.reusable and message.get("code") != 1000
-        elif self.checking and message["type"] == "websocket.receive":
+        elif message["type"] == "websocket.receive":
             text = message.get("text")
             raw = text if text is not None else message.get("bytes") or b""
             try:
                 frame = decode(raw, max_bytes=self.max_bytes)
             except ProtocolError:
                 return message  # the frame loop says what is wrong with it
-            if isinstance(frame, Setup):
-                self.checking = False
-                if frame.call_sid != self.ticket.call_sid:
-                    return await self._mismatch(frame.call_sid)
+            if isinstance(frame, Setup) and frame.call_sid != self.ticket.call_sid:
+                return await self._mismatch(frame.call_sid)
         return message
 
     async def _mismatch(self, call_sid: str) -> MutableMapping[str, Any]:

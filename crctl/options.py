@@ -8,6 +8,7 @@ so ``--help`` can never disagree with what the relay does. Every option defaults
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -38,6 +39,12 @@ def default_text(field: str) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+def settings_flags(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of a command that are settings (named as the setting), for
+    :func:`crctl.settings.load_settings`: pass the command's ``locals()`` first thing."""
+    return {name: value for name, value in values.items() if name in Settings.model_fields}
 
 
 def setting_option(field: str, metavar: str, text: str, *names: str) -> Any:

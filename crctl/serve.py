@@ -62,32 +62,9 @@ def serve(
     events_max_rows: opts.EventsMaxRows = None,
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz."""
+    flags = opts.settings_flags(locals())  # every parameter is the setting of its name
     try:
-        settings = load_settings(
-            host=host,
-            port=port,
-            public_url=public_url,
-            agent=agent,
-            app_dir=app_dir,
-            model=model,
-            openai_base_url=openai_base_url,
-            system_prompt=system_prompt,
-            system_prompt_file=system_prompt_file,
-            tools=tools,
-            welcome_greeting=welcome_greeting,
-            twiml_template=twiml_template,
-            handoff_number=handoff_number,
-            verify_signatures=verify_signatures,
-            log_level=log_level,
-            llm_timeout=llm_timeout,
-            apology=apology,
-            filler_after_ms=filler_after_ms,
-            silence_timeout=silence_timeout,
-            dtmf_buffer=dtmf_buffer,
-            events_db=events_db,
-            events_keep_days=events_keep_days,
-            events_max_rows=events_max_rows,
-        )
+        settings = load_settings(**flags)
         problems, warnings = settings.startup_problems()
         if problems:
             raise SettingsError(problems[0])
@@ -270,8 +247,9 @@ def server_config(
 
 def _h11_with_header_timeout(timeout: float) -> type[asyncio.Protocol]:
     """Uvicorn's h11 protocol, closing a connection whose request headers are not complete
-    ``timeout`` seconds after its first byte (or after the connection, if nothing came): a
-    partial request gets ``408``, a silent connection is just closed; one log line each."""
+    ``timeout`` seconds after the connection (for a kept-alive connection's next request,
+    after that request's first byte): a partial request gets ``408``, a silent connection is
+    just closed; one log line each."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 

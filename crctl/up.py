@@ -162,6 +162,7 @@ def up(
     ] = "WARNING",
 ) -> None:
     """Tunnel + relay + your number pointed at it + live call log; Ctrl-C puts it all back."""
+    flags = opts.settings_flags(locals())  # the parameters named as a setting
     state = State()
     session = Session()
     code = 2
@@ -170,33 +171,11 @@ def up(
             prepared = _prepare(
                 state,
                 session,
-                port,
-                public_url,
                 no_tunnel,
                 number,
                 profile,
                 call_script,
-                {
-                    "agent": agent,
-                    "app_dir": app_dir,
-                    "model": model,
-                    "openai_base_url": openai_base_url,
-                    "system_prompt": system_prompt,
-                    "system_prompt_file": system_prompt_file,
-                    "tools": tools,
-                    "twiml_template": twiml_template,
-                    "welcome_greeting": welcome_greeting,
-                    "handoff_number": handoff_number,
-                    "llm_timeout": llm_timeout,
-                    "apology": apology,
-                    "filler_after_ms": filler_after_ms,
-                    "silence_timeout": silence_timeout,
-                    "dtmf_buffer": dtmf_buffer,
-                    "events_db": events_db,
-                    "events_keep_days": events_keep_days,
-                    "events_max_rows": events_max_rows,
-                    "log_level": log_level,
-                },
+                flags,
             )
         if prepared is None:
             raise typer.Exit(2)
@@ -220,8 +199,6 @@ def up(
 def _prepare(
     state: State,
     session: Session,
-    port: int | None,
-    public_url: str | None,
     no_tunnel: bool,
     number: str | None,
     profile: str | None,
@@ -231,7 +208,7 @@ def _prepare(
     """Everything before serving; ``None`` after printing the one error that stops it."""
     try:
         turns = load_script(call_script) if call_script is not None else None
-        settings = load_settings(port=port, public_url=public_url, **flags)
+        settings = load_settings(**flags)
         sock = bind(settings)
         # Local only needs no Twilio: without credentials there is nothing to say.
         twilio = _twilio(profile, session, state, quiet=no_tunnel)

@@ -25,7 +25,7 @@ from crctl.settings import (
 )
 from relay_server.config import RelayConfig
 from relay_server.errors import RelayError
-from relay_server.events import EventBus
+from relay_server.events import SAID_BY_EVENT, EventBus
 
 if TYPE_CHECKING:
     # The server's libraries are imported when the relay is built, not with this module, so
@@ -194,14 +194,15 @@ def _url_host(host: str) -> str:
 
 def _setup_logging(level: str, events_shown: bool = False) -> None:
     """Log lines to stderr. ``events_shown``: the call log renders the call events (``crctl
-    up``), so a log line that says the same as an event (marked ``call_event``) is left out."""
+    up``), so a log line that says the same as an event (marked with
+    ``relay_server.events.said_by``) is left out."""
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if events_shown:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda record: not hasattr(record, "call_event"))
+            handler.addFilter(lambda record: not hasattr(record, SAID_BY_EVENT))
     # One line per LLM request is noise next to the relay's own call log.
     for name in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))

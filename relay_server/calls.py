@@ -173,7 +173,7 @@ class CallConnection:
             "call %s: bad frame dropped: %s",
             self.call_id,
             reason,
-            extra={"call_event": ev.BAD_FRAME, "call_sid": self.call_id},
+            extra=ev.said_by(ev.BAD_FRAME, self.call_id),
         )
         sid = self.session.call_sid if self.session else ""
         self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)

@@ -83,6 +83,16 @@ SOCKET_CLOSED = "socket.closed"
 Subscriber = Callable[[CallEvent], None]
 
 # ------------------------------------------------------------------ 64xxx codes in words
+#: The attribute that marks a log record an event also says (:func:`said_by`).
+SAID_BY_EVENT = "call_event"
+
+
+def said_by(kind: str, call_sid: str) -> dict[str, str]:
+    """``extra`` for a log line that the event ``kind`` says too: a call log that shows the
+    events (`crctl up`) leaves such lines out, so each fault is said once."""
+    return {SAID_BY_EVENT: kind, "call_sid": call_sid}
+
+
 #: ConversationRelay error codes (Twilio docs: error codes): title, what happened, how to fix it.
 TWILIO_ERRORS: dict[int, tuple[str, str, str]] = {
     64101: (

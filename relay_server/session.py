@@ -93,7 +93,7 @@ class CallSession:
             "Twilio error on %s: %s",
             self.call_sid,
             error.description,
-            extra={"call_event": ev.ERROR, "call_sid": self.call_sid},
+            extra=ev.said_by(ev.ERROR, self.call_sid),
         )
 
     async def on_info(self, info: Info) -> None:
@@ -258,7 +258,7 @@ class CallSession:
                 "turn failed on %s",
                 self.call_sid,
                 exc_info=True,
-                extra={"call_event": ev.ERROR, "call_sid": self.call_sid},
+                extra=ev.said_by(ev.ERROR, self.call_sid),
             )
             self.link.events.publish(
                 ev.ERROR,

@@ -113,7 +113,7 @@ class LLMAgent(ConversationAgent):
                     self.call_sid,
                     exc.kind,
                     exc.detail,
-                    extra={"call_event": ev.LLM_FAULT, "call_sid": self.call_sid},
+                    extra=ev.said_by(ev.LLM_FAULT, self.call_sid),
                 )
                 fix = {"fix": exc.fix} if exc.fix else {}
                 self.link.events.publish(

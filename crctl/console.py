@@ -61,7 +61,9 @@ def crctl_command() -> str:
     dev = Path(sys.prefix).parent / "scripts" / "dev.sh"
     if Path(sys.prefix).name == ".venv" and dev.is_file():
         relative = os.path.relpath(dev)
-        return shlex.quote(relative if relative.startswith(".") else "./" + relative)
+        relative = relative if relative.startswith(".") else "./" + relative
+        # from far away (a temp folder) the absolute path is the shorter one to type
+        return shlex.quote(min(relative, str(dev), key=len))
     # not samefile: a venv's python is a symlink to the base interpreter, which lacks crctl
     found = shutil.which("python")
     python = "python" if found and os.path.abspath(found) == sys.executable else sys.executable

@@ -357,8 +357,9 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
     if settings.public_url:
         # the relay checks signatures against its public URL: the caller must sign that one
         try_it += f" --public-url {settings.public_url}"
-    table.add_row("try it", try_it)
     console.print(table)
+    # outside the table and never wrapped: a command broken over two lines does not paste
+    console.print(f"try it: {escape(try_it)}", soft_wrap=True, highlight=False)
     for note in [*warnings, *relay.warnings, *session.notes]:
         console.print(f"[yellow]![/] {escape(runnable(note))}")
     console.print("[dim]calls appear below; Ctrl-C stops and puts everything back[/]")

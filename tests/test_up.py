@@ -142,6 +142,7 @@ def test_up_with_pieces_missing_says_what_and_runs_locally(
     env = dict(up_env)
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "CRCTL_TUNNEL_FACTORY"):
         env.pop(name, None)
+    env["COLUMNS"] = "40"  # narrower than the hint: it must still come out on one line
     up = Up(tmp_path, env)
     try:
         assert wait_until(up.healthy, 15), up.output
@@ -150,7 +151,7 @@ def test_up_with_pieces_missing_says_what_and_runs_locally(
         assert "NGROK_AUTHTOKEN" in out and "Twilio not configured" in out
         assert "echo" in out
         # the hint runs as printed: crctl from a checkout's .venv is not on PATH
-        hint = re.search(rf"try it\s+(\S+) call http://127\.0\.0\.1:{up.port}", out)
+        hint = re.search(rf"try it: (\S+) call http://127\.0\.0\.1:{up.port}", out)
         assert hint, out
         assert (tmp_path / hint.group(1)).resolve() == ROOT / "scripts" / "dev.sh"
         local = httpx.get(f"http://127.0.0.1:{up.port}/twiml", timeout=2)

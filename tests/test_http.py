@@ -21,6 +21,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from relay_server.state import relay_state
 from tests.support import PUBLIC_URL, RelayServer, TwilioCaller, setup_frame, sign, wait_until
 
 WS_PUBLIC = "wss://relay.example.test/ws"
@@ -382,7 +383,7 @@ async def test_socket_url_expires(relay_factory, caplog):
     assert any("expired" in w for w in socket_warnings(caplog))
     # a fresh URL from /twiml works (minted with the usual lifetime: a loaded machine may take
     # more than 1 s between /twiml and the upgrade)
-    relay.app.extensions["crctl"]["socket_tokens"].lifetime = 90
+    relay_state(relay.app).tokens.lifetime = 90
     caller = await TwilioCaller(relay).connect()
     assert await exchange(caller, "hello") == "You said: hello"
     await caller.hangup()

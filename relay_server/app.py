@@ -1,5 +1,7 @@
-"""The Quart app: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, the messages API and
-the call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
+"""The Quart app, wired: its state, its routes and the call socket.
+
+Routes: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, the messages API and the
+call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
 
 :func:`create_app` only wires: it builds the app's :class:`~relay_server.state.RelayState` and
 mounts the routes over it (``routes_twilio``, ``routes_api``) and the call socket (``socket``).
@@ -34,21 +36,20 @@ from relay_server.state import (
     socket_tokens,
 )
 from relay_server.tools import import_user_module, load_tool_modules, module_file
-from relay_server.webhooks import BODY_MAX_BYTES, BODY_TIMEOUT_SECONDS, bound_bodies
+from relay_server.webhooks import bound_bodies
 
-__all__ = [
-    "BODY_MAX_BYTES",
-    "BODY_TIMEOUT_SECONDS",
-    "create_app",
-    "end_streams",
-    "resolve_agent",
-]
+__all__ = ["agent_services", "create_app", "end_streams", "resolve_agent"]
 
 
 def resolve_agent(config: RelayConfig) -> type[CallSession]:
-    """The agent class for ``config.agent``: ``llm``, ``echo``, ``module:Class`` (imported from
-    ``config.app_dir`` first), or by default ``llm`` when an API key or base URL is configured
-    and ``echo`` otherwise. Raises :class:`ConfigError` with one line saying what is wrong."""
+    """The agent class for ``config.agent``, resolved once, at start.
+
+    ``llm``, ``echo``, ``module:Class`` (imported from ``config.app_dir`` first), or by default
+    ``llm`` when an API key or base URL is configured and ``echo`` otherwise.
+
+    Raises:
+        ConfigError: one line saying what is wrong with the setting.
+    """
     name = config.agent or ("llm" if config.llm.api_key or config.llm.base_url else "echo")
     if name == "llm":
         return LLMAgent
@@ -143,8 +144,10 @@ def create_app(
 
 
 def agent_services(app: Quart, config: RelayConfig) -> dict[str, Any]:
-    """The services every session shares: the tools now, the LLM client while ``app`` serves
-    (opened in the server's event loop, closed when it stops)."""
+    """The services every session shares: the tools now, the LLM client while ``app`` serves.
+
+    The client is opened in the server's event loop and closed when it stops.
+    """
     services: dict[str, Any] = {}
     services["tools"] = load_tool_modules(config.tool_modules, config.app_dir)  # ConfigError
 
@@ -160,8 +163,10 @@ def agent_services(app: Quart, config: RelayConfig) -> dict[str, Any]:
 
 
 def end_streams(app: Quart) -> None:
-    """End the app's open ``/events`` streams, so a stopping server need not wait for them
-    (call from the event loop as soon as the server is asked to stop)."""
+    """End the app's open ``/events`` streams, so a stopping server need not wait for them.
+
+    Call from the event loop as soon as the server is asked to stop.
+    """
     state = app.extensions.get(EXTENSION)
     if isinstance(state, RelayState):
         state.store.end_streams()

@@ -1,6 +1,8 @@
-"""The relay's own API, behind its bearer token: push a message into a live call
-(``POST /calls/{sid}/messages``), the call log (``/calls``, ``/calls/{sid}``) and its live feed
-(``/events``, Server-Sent Events, resumable with ``after=`` or ``Last-Event-ID``).
+"""The relay's own API, behind its bearer token.
+
+Push a message into a live call (``POST /calls/{sid}/messages``), the call log (``/calls``,
+``/calls/{sid}``) and its live feed (``/events``, Server-Sent Events, resumable with ``after=``
+or ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ P = ParamSpec("P")
 
 
 def bearer_required(handler: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[Any]]:
-    """Decorate an API route: a 401 with a one-line reason unless the request carries the
-    relay's API token (``Authorization: Bearer <token>``)."""
+    """Decorate an API route: 401 unless the request carries the relay's API token.
+
+    The token comes as ``Authorization: Bearer <token>``; the 401 says in one line what is
+    missing or wrong.
+    """
 
     @functools.wraps(handler)
     async def checked(*args: P.args, **kwargs: P.kwargs) -> Any:

@@ -1,5 +1,7 @@
-"""Twilio's webhooks: ``/twiml`` (the call's TwiML), ``/action`` (a session ended),
-``/status`` (the call's status callback), and ``/healthz``.
+"""Twilio's webhooks, and ``/healthz``.
+
+``/twiml`` (the call's TwiML), ``/action`` (a session ended), ``/status`` (the call's status
+callback).
 
 Routes over the app's :class:`~relay_server.state.RelayState`: they read form fields, publish
 call events and pick a TwiML document, which ``twiml_templates.responses`` builds.

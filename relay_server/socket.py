@@ -91,8 +91,11 @@ class RelaySocket:
     async def _until_setup(
         self, conn: CallConnection, receive: Receive, send: Send, peer: str
     ) -> bool:
-        """Frames up to ``setup``, within :attr:`setup_timeout` of the upgrade (frames before it
-        do not extend it). False: the socket closed, or was closed for want of a setup."""
+        """Frames up to ``setup``, within :attr:`setup_timeout` of the upgrade.
+
+        Frames before it do not extend it. False: the socket closed, or was closed for want of
+        a setup.
+        """
         deadline = asyncio.get_running_loop().time() + self.setup_timeout
         while not conn.started:
             try:
@@ -170,9 +173,11 @@ def _from_browser(scope: Scope, peer: str) -> bool:
 
 
 class _CallGate:
-    """The socket's ``receive`` until ``setup``, bound to the call its token was minted for: a
-    ``setup`` for another callSid closes the socket (1008) and reads as a disconnect. Remembers
-    whether the socket may reopen its URL, for the replay set."""
+    """The socket's ``receive`` until ``setup``, bound to the call its token was minted for.
+
+    A ``setup`` for another callSid closes the socket (1008) and reads as a disconnect.
+    Remembers whether the socket may reopen its URL, for the replay set.
+    """
 
     def __init__(
         self, ticket: Ticket, receive: Receive, send: Send, peer: str, max_bytes: int

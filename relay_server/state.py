@@ -1,5 +1,7 @@
-"""The relay's state: one typed object per app, built by :func:`relay_server.app.create_app`
-and read by the routes (``routes_twilio``, ``routes_api``) and the call socket.
+"""The relay's state: one typed object per app.
+
+Built by :func:`relay_server.app.create_app`, read by the routes (``routes_twilio``,
+``routes_api``) and the call socket.
 
 Quart keeps it in ``app.extensions`` (its documented place for an extension's state); the
 routes reach it through :func:`current_state` within a request.
@@ -92,8 +94,11 @@ def socket_tokens(config: RelayConfig) -> SocketTokens:
 
 
 def open_store(config: RelayConfig) -> EventStore:
-    """The call log (``config.events_db``); a database that cannot be used is a
-    :class:`ConfigError` naming the setting."""
+    """The call log (``config.events_db``).
+
+    Raises:
+        ConfigError: the database cannot be used; the message names the setting.
+    """
     try:
         return EventStore(
             config.events_db, keep_days=config.events_keep_days, max_rows=config.events_max_rows

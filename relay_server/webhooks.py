@@ -34,9 +34,11 @@ R = TypeVar("R")
 
 
 def bound_bodies(app: Quart, max_frame_bytes: int) -> None:
-    """Bound every request body of ``app``: at most :data:`BODY_MAX_BYTES` (or a frame, if
-    larger), sent within :data:`BODY_TIMEOUT_SECONDS`; a larger one is refused with 413 and one
-    log line."""
+    """Bound every request body of ``app``.
+
+    At most :data:`BODY_MAX_BYTES` (or a frame, if larger), sent within
+    :data:`BODY_TIMEOUT_SECONDS`; a larger one is refused with 413 and one log line.
+    """
     # Quart checks Content-Length before reading and counts a chunked body as it arrives.
     app.config["MAX_CONTENT_LENGTH"] = max(BODY_MAX_BYTES, max_frame_bytes)
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_SECONDS
@@ -58,8 +60,10 @@ async def _too_large(_: Exception) -> Any:
 def twilio_webhook(
     handler: Callable[[Fields], Awaitable[R]],
 ) -> Callable[[], Awaitable[R | Response]]:
-    """Decorate a webhook route: refuse it with 403 unless Twilio signed it, else call
-    ``handler`` with the request's fields (the form of a POST, the query of a GET).
+    """Decorate a webhook route: 403 unless Twilio signed it.
+
+    A signed request calls ``handler`` with its fields (the form of a POST, the query of a
+    GET).
 
     The signature is checked over the configured public URL plus the route's path and the raw
     query string, with the POST form as its parameters. The form is read within the app's body

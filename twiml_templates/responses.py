@@ -23,10 +23,10 @@ CALL_AGAIN = "Sorry, something went wrong. Please call again."
 def connect_relay(
     template: Template, *, url: str, greeting: str | None = None, local: bool = False
 ) -> str:
-    """``template`` pointed at the relay's socket ``url``, with ``greeting`` as its
-    ``welcomeGreeting`` when given (else the template's).
+    """``template`` pointed at the relay's socket ``url``.
 
-    ``local``: the relay has no public URL, so a ``ws://`` socket URL is accepted.
+    ``greeting``, when given, is its ``welcomeGreeting`` (else the template's). ``local``: the
+    relay has no public URL, so a ``ws://`` socket URL is accepted.
     """
     sets = {"welcomeGreeting": greeting} if greeting else None
     return render(template, url=url, sets=sets, local=local)

@@ -1,6 +1,7 @@
-"""``HandoffData``: the string an ``end`` frame carries, which Twilio posts to the ``<Connect>``
-action URL as the ``HandoffData`` form field (Twilio docs: ConversationRelay, the ``end``
-message and the action callback).
+"""``HandoffData``: the string an ``end`` frame carries, parsed.
+
+Twilio posts it to the ``<Connect>`` action URL as the ``HandoffData`` form field (Twilio docs:
+ConversationRelay, the ``end`` message and the action callback).
 
 Twilio passes the string verbatim and gives it no shape; this relay's agents send a JSON object
 (``{"reasonCode": "live-agent-handoff", "reason": ..., "summary": ...}``, the shape Twilio's
@@ -38,8 +39,11 @@ class HandoffData(msgspec.Struct, frozen=True):
 
 
 class HandoffDataError(ProtocolError):
-    """``HandoffData`` that is not a JSON object. ``not_json`` tells free text (a custom agent's
-    own words) from JSON of another kind (an array, a string, a number)."""
+    """``HandoffData`` that is not a JSON object.
+
+    ``not_json`` tells free text (a custom agent's own words) from JSON of another kind (an
+    array, a string, a number).
+    """
 
     def __init__(self, message: str, *, not_json: bool) -> None:
         super().__init__(message)

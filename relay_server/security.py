@@ -21,8 +21,11 @@ class SignatureChecker:
         self._validator = RequestValidator(auth_token)
 
     def http_ok(self, url: str, params: Mapping[str, str], signature: str | None) -> bool:
-        """A webhook: ``url`` as Twilio requested it (query included); ``params`` the POST form
-        (pass ``{}`` for GET)."""
+        """Whether a webhook is signed.
+
+        ``url`` as Twilio requested it (query included); ``params`` the POST form (pass ``{}``
+        for GET).
+        """
         if not signature:
             return False
         # A MultiDict goes in as it is: the SDK signs every value of a repeated key.
@@ -46,8 +49,10 @@ class SignatureChecker:
 
 
 def bearer_ok(expected: str | None, header: str | None) -> bool:
-    """``Authorization: Bearer <token>`` against the relay's API token (constant time). The
-    scheme is matched in any case (auth schemes are case-insensitive, RFC 9110 11.1)."""
+    """``Authorization: Bearer <token>`` against the relay's API token (constant time).
+
+    The scheme is matched in any case (auth schemes are case-insensitive, RFC 9110 11.1).
+    """
     scheme, _, credentials = (header or "").strip().partition(" ")
     if not expected or scheme.lower() != "bearer":
         return False

@@ -14,12 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from relay_server.calls import CallConnection, CallRegistry, SessionFactory
-from relay_server.config import RelayConfig
+from relay_server.calls import CallConnection
 from relay_server.protocol import ProtocolError, Setup, decode
-from relay_server.security import SignatureChecker
-from relay_server.session import SessionLink
-from relay_server.socket_tokens import SocketTokens, Ticket, TokenRefused
+from relay_server.socket_tokens import Ticket, TokenRefused
+from relay_server.state import RelayState
 
 log = logging.getLogger("relay_server.socket")
 
@@ -41,25 +39,9 @@ class RelaySocket:
     #: Seconds a socket may stay open without sending ``setup`` (read at each upgrade).
     setup_timeout: float = SETUP_TIMEOUT
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        config: RelayConfig,
-        checker: SignatureChecker | None,
-        registry: CallRegistry,
-        factory: SessionFactory,
-        link: SessionLink,
-        tokens: SocketTokens,
-        path: str = "/ws",
-    ) -> None:
+    def __init__(self, app: ASGIApp, state: RelayState, *, path: str = "/ws") -> None:
         self.app = app
-        self.config = config
-        self.checker = checker
-        self.registry = registry
-        self.factory = factory
-        self.link = link
-        self.tokens = tokens
+        self.state = state
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,12 +62,13 @@ class RelaySocket:
         await send({"type": "websocket.accept"})
         # Until setup, frames pass the gate (the call's setup must match the token); after it,
         # the frame loop reads the socket directly.
-        gate = _CallGate(ticket, receive, send, peer, self.config.max_frame_bytes)
+        gate = _CallGate(ticket, receive, send, peer, self.state.config.max_frame_bytes)
 
         async def send_frame(frame: str) -> None:
             await send({"type": "websocket.send", "text": frame})
 
-        conn = CallConnection(send_frame, self.registry, self.factory, self.link, peer)
+        state = self.state
+        conn = CallConnection(send_frame, state.registry, state.agent, state.link, peer)
         code: int | None = None
         try:
             if not await self._until_setup(conn, gate, send, peer):
@@ -102,14 +85,17 @@ class RelaySocket:
         finally:  # hang-up, server shutdown or cancellation: the session always closes
             # 1000: Twilio closes so on hang-up and after `end` (Twilio docs: WebSocket
             # messages): the session is over and its URL opens nothing more.
-            self.tokens.ledger.close(ticket, reusable=gate.reusable and code != 1000)
+            self.state.tokens.ledger.close(ticket, reusable=gate.reusable and code != 1000)
             await conn.close(code)
 
     async def _until_setup(
         self, conn: CallConnection, receive: Receive, send: Send, peer: str
     ) -> bool:
-        """Frames up to ``setup``, within :attr:`setup_timeout` of the upgrade (frames before it
-        do not extend it). False: the socket closed, or was closed for want of a setup."""
+        """Frames up to ``setup``, within :attr:`setup_timeout` of the upgrade.
+
+        Frames before it do not extend it. False: the socket closed, or was closed for want of
+        a setup.
+        """
         deadline = asyncio.get_running_loop().time() + self.setup_timeout
         while not conn.started:
             try:
@@ -139,22 +125,23 @@ class RelaySocket:
         """The call's one-time token from the URL, claimed; ``None`` (logged) if refused."""
         query = (scope.get("query_string") or b"").decode("latin-1")
         try:
-            return self.tokens.open(query)
+            return self.state.tokens.open(query)
         except TokenRefused as exc:
             log.warning("refused WebSocket from %s: %s", peer, exc)
             return None
 
     def _signed(self, scope: Scope, peer: str) -> bool:
-        if self.checker is None:
+        checker = self.state.checker
+        if checker is None:
             return True
         headers = dict(scope.get("headers") or ())
         host = headers.get(b"host", b"localhost").decode("latin-1")
-        signed_url = self.config.websocket_url(f"http://{host}")
+        signed_url = self.state.config.websocket_url(f"http://{host}")
         query = scope.get("query_string") or b""
         if query:
             signed_url += "?" + query.decode("latin-1")
         signature = headers.get(b"x-twilio-signature", b"").decode("latin-1") or None
-        if self.checker.websocket_ok(signed_url, signature):
+        if checker.websocket_ok(signed_url, signature):
             return True
         log.warning(
             "refused WebSocket from %s: bad or missing X-Twilio-Signature (checked %s)",
@@ -186,9 +173,11 @@ def _from_browser(scope: Scope, peer: str) -> bool:
 
 
 class _CallGate:
-    """The socket's ``receive`` until ``setup``, bound to the call its token was minted for: a
-    ``setup`` for another callSid closes the socket (1008) and reads as a disconnect. Remembers
-    whether the socket may reopen its URL, for the replay set."""
+    """The socket's ``receive`` until ``setup``, bound to the call its token was minted for.
+
+    A ``setup`` for another callSid closes the socket (1008) and reads as a disconnect.
+    Remembers whether the socket may reopen its URL, for the replay set.
+    """
 
     def __init__(
         self, ticket: Ticket, receive: Receive, send: Send, peer: str, max_bytes: int

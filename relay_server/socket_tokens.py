@@ -1,4 +1,4 @@
-"""One-time socket URLs: each call gets its own ``/ws`` URL, accepted once.
+r"""One-time socket URLs: each call gets its own ``/ws`` URL, accepted once.
 
 Twilio's request signature has no nonce (Twilio docs: webhook security), so a captured
 handshake of a plain ``/ws`` would open sockets for as long as the auth token lives. ``/twiml``
@@ -8,7 +8,7 @@ CallSid into the socket URL's query string, which Twilio signs along with the UR
     wss://relay.example.com/ws?callSid=CA…&token=<expires>.<nonce>.<mac>
 
 ``expires`` is a Unix time in whole seconds, ``nonce`` 16 random base64url characters, ``mac``
-the unpadded base64url HMAC-SHA256 of ``"<expires>\\n<nonce>\\n<callSid>"`` under the socket
+the unpadded base64url HMAC-SHA256 of ``"<expires>\n<nonce>\n<callSid>"`` under the socket
 secret. Checking it needs nothing but the secret (so any relay replica can); accepting it once
 needs a small :class:`TokenLedger` of the tokens seen, whose entries go at their expiry.
 
@@ -46,8 +46,11 @@ _KDF_LABEL = b"crctl socket token v1"
 
 
 def secret_from_auth_token(auth_token: str) -> bytes:
-    """The socket secret derived from Twilio's auth token (used when no
-    ``CRCTL_SOCKET_SECRET`` is set): a token in a URL reveals nothing of the auth token."""
+    """The socket secret derived from Twilio's auth token.
+
+    Used when no ``CRCTL_SOCKET_SECRET`` is set: a token in a URL reveals nothing of the auth
+    token.
+    """
     return hmac.new(auth_token.encode(), _KDF_LABEL, hashlib.sha256).digest()
 
 
@@ -70,19 +73,26 @@ class Ticket:
 
 
 class TokenLedger(Protocol):
-    """The replay set: which tokens have opened a socket. In process today
-    (:class:`MemoryLedger`); shared state across replicas can take its place."""
+    """The replay set: which tokens have opened a socket.
+
+    In process today (:class:`MemoryLedger`); shared state across replicas can take its place.
+    """
 
     def open(self, ticket: Ticket) -> str | None:
         """Mark ``ticket`` in use; ``None`` if it may open a socket, else why not."""
 
     def close(self, ticket: Ticket, *, reusable: bool) -> None:
-        """Its socket is gone. ``reusable``: it dropped (not closed by a hang-up or ``end``), so
-        the same URL may connect again until the token expires."""
+        """Its socket is gone.
+
+        ``reusable``: it dropped (not closed by a hang-up or ``end``), so the same URL may
+        connect again until the token expires.
+        """
 
     def end_call(self, call_sid: str) -> None:
-        """The call's session is over (``/action``, or ``/status`` says the call ended): none
-        of its tokens opens anything any more."""
+        """The call's session is over: none of its tokens opens anything any more.
+
+        Called on ``/action``, or when ``/status`` says the call ended.
+        """
 
 
 class MemoryLedger:
@@ -164,7 +174,9 @@ class SocketTokens:
 
     def check(self, query: str) -> Ticket:
         """The :class:`Ticket` of a socket URL's query string; raises :class:`TokenRefused`.
-        Checks the token only: :meth:`open` claims it."""
+
+        Checks the token only: :meth:`open` claims it.
+        """
         params = dict(parse_qsl(query, keep_blank_values=True))
         call_sid, token = params.get(CALL_PARAM), params.get(TOKEN_PARAM)
         if not token or not call_sid:
@@ -193,8 +205,10 @@ class SocketTokens:
         return Ticket(call_sid, token, float(expires))
 
     def open(self, query: str) -> Ticket:
-        """:meth:`check`, then claim the token in the replay set (raises
-        :class:`TokenRefused` if it is in use or used)."""
+        """:meth:`check`, then claim the token in the replay set.
+
+        Raises :class:`TokenRefused` if it is in use or used.
+        """
         ticket = self.check(query)
         why = self.ledger.open(ticket)
         if why is not None:

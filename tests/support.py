@@ -35,6 +35,7 @@ from crctl.serve import run_relay
 from crctl.settings import Settings
 from relay_server import CallEvent, EventBus, RelayConfig, create_app
 from relay_server.calls import CallRegistry
+from relay_server.state import relay_state
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 PUBLIC_URL = "https://relay.example.test"
@@ -55,7 +56,7 @@ class RelayServer:
         self.bus = EventBus()
         self.bus.subscribe(self.events.append)
         self.app = create_app(config, events=self.bus, agent=agent)
-        self.registry: CallRegistry = self.app.extensions["crctl"]["registry"]
+        self.registry: CallRegistry = relay_state(self.app).registry
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"

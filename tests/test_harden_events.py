@@ -24,6 +24,7 @@ from rich.console import Console
 
 from crctl.console import CallLog
 from relay_server import events as ev
+from relay_server.state import relay_state
 from relay_server.store import PARTIAL_MAX_CHARS, STREAM_BUDGET, EventStore
 from tests.events_support import REPO, TOKEN, client, collect, subprocess_env
 from tests.support import RelayServer, free_port
@@ -43,7 +44,7 @@ def publish(relay: RelayServer, events: list[tuple[str, str, dict[str, Any]]]) -
 
 
 async def stored_up_to(relay: RelayServer, last_id: int) -> None:
-    store: EventStore = relay.app.extensions["crctl"]["store"]
+    store: EventStore = relay_state(relay.app).store
     deadline = time.monotonic() + 30
     while await asyncio.to_thread(store.max_id) < last_id:
         assert time.monotonic() < deadline, "the events were not stored"
@@ -270,7 +271,7 @@ def test_a_read_only_database_stops_start_up_with_one_line(tmp_path):
 # --------------------------------------------------------- item 12b: partials stored bounded
 async def test_partials_are_stored_bounded_and_the_final_prompt_whole(relay_factory, db):
     relay = relay_factory(api_token=TOKEN, events_db=str(db))
-    start = await asyncio.to_thread(relay.app.extensions["crctl"]["store"].max_id)
+    start = await asyncio.to_thread(relay_state(relay.app).store.max_id)
     words = "word " * (12 << 10)  # 60 KiB
     n = 300
     for i in range(0, n, 50):

@@ -10,7 +10,7 @@ import socket
 import httpx
 import pytest
 
-from relay_server.app import BODY_MAX_BYTES
+from relay_server.webhooks import BODY_MAX_BYTES
 from tests.events_support import TOKEN
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, sign
 

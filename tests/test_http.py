@@ -21,6 +21,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from relay_server.state import relay_state
 from tests.support import PUBLIC_URL, RelayServer, TwilioCaller, setup_frame, sign, wait_until
 
 WS_PUBLIC = "wss://relay.example.test/ws"
@@ -382,7 +383,7 @@ async def test_socket_url_expires(relay_factory, caplog):
     assert any("expired" in w for w in socket_warnings(caplog))
     # a fresh URL from /twiml works (minted with the usual lifetime: a loaded machine may take
     # more than 1 s between /twiml and the upgrade)
-    relay.app.extensions["crctl"]["socket_tokens"].lifetime = 90
+    relay_state(relay.app).tokens.lifetime = 90
     caller = await TwilioCaller(relay).connect()
     assert await exchange(caller, "hello") == "You said: hello"
     await caller.hangup()
@@ -483,6 +484,27 @@ async def test_action_ended_without_handoff_hangs_up(relay_factory):
     (event,) = events_of(relay, "session.end", CALL_SID)
     assert event.data["status"] == "ended"
     assert event.data["handoff_data"] is None
+
+
+@pytest.mark.parametrize(
+    ("handoff", "children"),
+    [
+        ("please put me through to someone", ["Dial", "Hangup"]),  # free text: a request
+        ('{"handoff": true}', ["Dial", "Hangup"]),
+        ('["live-agent-handoff"]', ["Hangup"]),  # JSON, but not an object: no request
+        ('{"reasonCode": "end-of-call"}', ["Hangup"]),
+        ("[" * 5000 + "]" * 5000, ["Dial", "Hangup"]),  # too deep to decode: not a 500
+    ],
+)
+async def test_action_reads_handoff_data_of_every_shape(relay_factory, handoff, children):
+    relay = relay_factory(handoff_number="+15550100999")
+    params = action_params(status="ended", HandoffData=handoff)
+    async with httpx.AsyncClient() as client:
+        response = await post_signed(client, relay, "/action", params)
+    assert response.status_code == 200, response.text
+    assert hangup_children(parse_twiml(response)) == children
+    (event,) = events_of(relay, "session.end", CALL_SID)
+    assert event.data["handoff_data"] == handoff  # published as sent, whatever its shape
 
 
 async def test_action_refuses_unsigned_and_local_url(relay):

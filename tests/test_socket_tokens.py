@@ -15,7 +15,6 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 
 from crctl.caller import CallError, SimulatedCaller
-from relay_server.app import socket_tokens
 from relay_server.socket_tokens import (
     MemoryLedger,
     SocketTokens,
@@ -23,6 +22,7 @@ from relay_server.socket_tokens import (
     TokenRefused,
     secret_from_auth_token,
 )
+from relay_server.state import socket_tokens
 from tests.support import AUTH_TOKEN, PUBLIC_URL, config
 
 CALL = "CA" + "1" * 32

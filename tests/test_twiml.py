@@ -13,7 +13,15 @@ from typer.testing import CliRunner
 
 from crctl.cli import app
 from tests.support import PUBLIC_URL, sign
-from twiml_templates import TemplateError, lint, load_template, preset_names, render, schema
+from twiml_templates import (
+    TemplateError,
+    lint,
+    load_template,
+    preset_names,
+    render,
+    responses,
+    schema,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 URL = "wss://relay.example.com/ws"
@@ -519,3 +527,32 @@ def test_export_with_a_changed_function_fails_until_merged(tmp_path: Path) -> No
         app, ["twiml", "export", "dtmf-menu", "--url", URL, "--serverless", str(target)]
     )
     assert other.exit_code == 1 and "still hold the TwiML" in other.stderr
+
+
+# ------------------------------------------------------------- the relay's webhook answers
+def test_responses_connect_relay_is_the_template_with_the_greeting_set() -> None:
+    template = load_template("basic")
+    plain = responses.connect_relay(template, url=URL)
+    assert plain == render(template, url=URL)
+    greeted = ET.fromstring(responses.connect_relay(template, url=URL, greeting="Where were we?"))
+    relay = greeted.find("Connect/ConversationRelay")
+    assert relay is not None and relay.get("welcomeGreeting") == "Where were we?"
+    assert lint(responses.connect_relay(template, url=URL, greeting="Hi")) == []
+    local = responses.connect_relay(template, url="ws://127.0.0.1:8080/ws", local=True)
+    assert 'url="ws://127.0.0.1:8080/ws"' in local
+    with pytest.raises(TemplateError):
+        responses.connect_relay(template, url="ws://127.0.0.1:8080/ws")  # wss:// unless local
+
+
+def test_responses_dial_then_hang_up() -> None:
+    for target in ("+15550100999", "sip:desk@example.com"):
+        root = ET.fromstring(responses.dial(target))
+        assert [child.tag for child in root] == ["Dial", "Hangup"]
+        assert root[0].text == target
+
+
+def test_responses_hang_up_after_an_optional_say() -> None:
+    assert [c.tag for c in ET.fromstring(responses.hang_up())] == ["Hangup"]
+    root = ET.fromstring(responses.hang_up("Goodbye & thanks <3"))
+    assert [c.tag for c in root] == ["Say", "Hangup"]
+    assert root[0].text == "Goodbye & thanks <3"  # escaped by the SDK, read back whole

@@ -1,0 +1,121 @@
+"""Twilio's webhooks, and ``/healthz``.
+
+``/twiml`` (the call's TwiML), ``/action`` (a session ended), ``/status`` (the call's status
+callback).
+
+Routes over the app's :class:`~relay_server.state.RelayState`: they read form fields, publish
+call events and pick a TwiML document, which ``twiml_templates.responses`` builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Blueprint, Response
+
+from relay_server import events as ev
+from relay_server.protocol.handoff import wants_person
+from relay_server.state import RelayState, current_state
+from relay_server.webhooks import Fields, public_base, twilio_webhook
+from twiml_templates import responses
+
+log = logging.getLogger("relay_server.routes")
+
+twilio = Blueprint("twilio", __name__)
+
+_TWIML = "text/xml; charset=utf-8"
+
+
+def _twiml(document: str) -> Response:
+    return Response(document, content_type=_TWIML)
+
+
+def connect_document(state: RelayState, greeting: str | None, call_sid: str) -> str:
+    """The configured template pointed at this relay's ``/ws``.
+
+    The same document ``crctl twiml render/export --url`` gives (a ``/action`` in the template
+    lands on this relay), with the call's one-time socket URL (``socket_tokens``); without a
+    CallSid (not a call: a person looking) the plain ``/ws``, which opens nothing. Without a
+    public URL (local only) the socket URL is ``ws://``.
+    """
+    config = state.config
+    url = config.websocket_url(public_base(state))
+    if call_sid:
+        url = state.tokens.url(url, call_sid)
+    return responses.connect_relay(
+        state.template, url=url, greeting=greeting, local=config.public_url is None
+    )
+
+
+@twilio.route("/twiml", methods=["GET", "POST"])
+@twilio_webhook
+async def twiml(fields: Fields) -> Response:
+    """The call's TwiML: connect it to this relay."""
+    state = current_state()
+    call_sid = fields.get("CallSid", "")
+    return _twiml(connect_document(state, state.config.welcome_greeting, call_sid))
+
+
+@twilio.post("/action")
+@twilio_webhook
+async def action(form: Fields) -> Response:
+    """A ConversationRelay session ended: reconnect a dropped socket, hand off, or hang up."""
+    state = current_state()
+    sid, status = form.get("CallSid", ""), form.get("SessionStatus", "")
+    handoff = form.get("HandoffData")
+    error_code = form.get("ErrorCode")
+    log.info(
+        "call %s: session %s (%ss)%s%s",
+        sid,
+        status or "?",
+        form.get("SessionDuration", "?"),
+        f", error {error_code}: {form.get('ErrorMessage', '')}" if error_code else "",
+        f", handoff {handoff}" if handoff else "",
+    )
+    state.bus.publish(
+        ev.SESSION_END,
+        sid,
+        status=status,
+        handoff_data=handoff,
+        error_code=error_code,
+        error_message=form.get("ErrorMessage"),
+        duration=form.get("SessionDuration"),
+    )
+    # The session is over: its socket URLs open nothing more; a reconnect gets a new one.
+    state.tokens.ledger.end_call(sid)
+    # Reconnect only a dropped socket (64105); other failures (bad TwiML 64101, cannot
+    # connect 64102…) would fail again in a loop (Twilio docs: error dictionary).
+    dropped = status == "failed" and error_code == "64105"
+    if dropped and sid and state.registry.claim_reconnect(sid):
+        log.info("call %s: socket failed (%s), reconnecting", sid, error_code)
+        return _twiml(connect_document(state, state.config.reconnect_greeting, sid))
+    state.registry.forget(sid)
+    if status == "ended" and wants_person(handoff):
+        if state.config.handoff_number:
+            return _twiml(responses.dial(state.config.handoff_number))
+        log.warning("call %s: hand-off asked but no handoff number is configured", sid)
+        return _twiml(responses.hang_up(responses.NOBODY_AVAILABLE))
+    if status == "failed":
+        return _twiml(responses.hang_up(responses.CALL_AGAIN))
+    return _twiml(responses.hang_up())
+
+
+@twilio.post("/status")
+@twilio_webhook
+async def status(form: Fields) -> Response:
+    """The call's status callback: publish it; a call that is over is forgotten."""
+    state = current_state()
+    sid, call_status = form.get("CallSid", ""), form.get("CallStatus", "")
+    state.bus.publish(ev.CALL_STATUS, sid, status=call_status, duration=form.get("CallDuration"))
+    if call_status in ev.CALL_OVER:
+        state.registry.forget(sid)
+        state.tokens.ledger.end_call(sid)
+    return Response("", 204)
+
+
+@twilio.get("/healthz")
+async def healthz() -> Any:
+    """Liveness, with the number of live and parked calls."""
+    registry = current_state().registry
+    return {"status": "ok", "calls": len(registry), "parked": registry.parked}

@@ -22,14 +22,14 @@ from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
-from relay_server.llm import LLMClient
 from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import SignatureChecker, bearer_ok
+from relay_server.services import build_services
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
 from relay_server.socket_tokens import SocketTokens, secret_from_auth_token
 from relay_server.store import EventStore, parse_since
-from relay_server.tools import import_user_module, load_tool_modules, module_file
+from relay_server.tools import import_user_module, module_file
 from twiml_templates import TemplateError, load_template, render
 
 log = logging.getLogger("relay_server.app")
@@ -118,8 +118,7 @@ def create_app(
     if config.welcome_greeting is None:
         # The greeting the caller hears is the template's: the agent keeps it in history.
         config = replace(config, welcome_greeting=template.relay.get("welcomeGreeting"))
-    services: dict[str, Any] = {}
-    services["tools"] = load_tool_modules(config.tool_modules, config.app_dir)  # ConfigError
+    services = build_services(config)  # ConfigError: a tool module that cannot be imported
     checker = (
         SignatureChecker(config.auth_token)
         if config.auth_token and config.verify_signatures
@@ -144,11 +143,11 @@ def create_app(
 
     @app.before_serving
     async def _open_llm() -> None:
-        services["llm"] = LLMClient(config.llm)
+        services.open_chat(config.llm)
 
     @app.after_serving
     async def _close_llm() -> None:
-        await services["llm"].aclose()
+        await services.aclose()
 
     @app.after_serving
     async def _close_store() -> None:

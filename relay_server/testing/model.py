@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class ChatRequest:
     def tool_names(self) -> list[str]:
         """The names of the tools offered."""
         return [t["function"]["name"] for t in self.tools or ()]
+
+
+_ids = itertools.count(1)
 
 
 class _End:
@@ -67,7 +71,7 @@ class FakeReply:
 
     def call_tool(self, name: str, arguments: str = "{}", call_id: str | None = None) -> FakeReply:
         """Release a complete tool call (after the tokens released before it)."""
-        self._steps.put_nowait(ToolCall(call_id or f"call_{name}_{id(self)}", name, arguments))
+        self._steps.put_nowait(ToolCall(call_id or f"call_{next(_ids)}", name, arguments))
         return self
 
     def end(self) -> FakeReply:

@@ -22,9 +22,9 @@ from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
-from relay_server.llm import LLMClient
 from relay_server.routes_api import api
 from relay_server.routes_twilio import twilio
+from relay_server.services import Services, build_services
 from relay_server.session import CallSession, SessionLink
 from relay_server.socket import RelaySocket
 from relay_server.state import (
@@ -35,7 +35,7 @@ from relay_server.state import (
     signature_checker,
     socket_tokens,
 )
-from relay_server.tools import import_user_module, load_tool_modules, module_file
+from relay_server.tools import import_user_module, module_file
 from relay_server.webhooks import bound_bodies
 
 __all__ = ["agent_services", "create_app", "end_streams", "resolve_agent"]
@@ -143,21 +143,20 @@ def create_app(
     return app
 
 
-def agent_services(app: Quart, config: RelayConfig) -> dict[str, Any]:
-    """The services every session shares: the tools now, the LLM client while ``app`` serves.
+def agent_services(app: Quart, config: RelayConfig) -> Services:
+    """The services every session shares: the tools now, the chat model while ``app`` serves.
 
-    The client is opened in the server's event loop and closed when it stops.
+    The model is opened in the server's event loop and closed when it stops.
     """
-    services: dict[str, Any] = {}
-    services["tools"] = load_tool_modules(config.tool_modules, config.app_dir)  # ConfigError
+    services = build_services(config)  # ConfigError: a tool module that cannot be imported
 
     @app.before_serving
     async def _open_llm() -> None:
-        services["llm"] = LLMClient(config.llm)
+        services.open_chat(config.llm)
 
     @app.after_serving
     async def _close_llm() -> None:
-        await services["llm"].aclose()
+        await services.aclose()
 
     return services
 

@@ -21,7 +21,7 @@ import concurrent.futures
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -29,29 +29,17 @@ import httpx2
 import msgspec
 import openai
 
+from relay_server.chat import LLMError, ToolCall
 from relay_server.config import LLMConfig
 from relay_server.errors import ConfigError
+
+# LLMError and ToolCall live in the seam (relay_server.chat); re-exported for callers of old.
+__all__ = ["ChatStream", "LLMCheck", "LLMClient", "LLMError", "ToolCall", "check_llm", "describe"]
 
 log = logging.getLogger("relay_server.llm")
 
 #: How long to wait for the end of the HTTP response after ``[DONE]`` (to reuse the connection).
 _TAIL_SECONDS = 0.5
-
-
-class LLMError(Exception):
-    """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
-    status, stream_cut, bad_chunk (also a line over the limit). ``fix`` is the next step when
-    the cause is known precisely (an unresolvable host, a refused connection)."""
-
-    def __init__(
-        self, kind: str, detail: str, fix: str | None = None, status: int | None = None
-    ) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-        self.fix = fix
-        #: The HTTP status, for an error answer.
-        self.status = status
 
 
 # ---------------------------------------------------------------- chunk structs (the hot path)
@@ -89,15 +77,6 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 @dataclass
-class ToolCall:
-    """A complete tool call, assembled from streamed fragments."""
-
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass
 class _Pending:
     id: str = ""
     name: str = ""
@@ -109,8 +88,9 @@ _RECHECK = 0.05
 
 
 class ChatStream:
-    """One streaming completion. Iterate for content tokens (strings, never trimmed); after the
-    loop, :attr:`tool_calls` and :attr:`finish_reason` hold the rest. Use as ``async with``.
+    """One streaming completion (a :class:`relay_server.chat.ChatReply`). Iterate for content
+    tokens (strings, never trimmed); after the loop, :attr:`tool_calls` and
+    :attr:`finish_reason` hold the rest. Use as ``async with``.
 
     ``timeout``: seconds without a token (from the request on) before the stream is a
     ``timeout`` fault; ``None``: no limit beyond the SDK's. ``max_line``: the longest SSE line
@@ -135,6 +115,7 @@ class ChatStream:
         self._reader: asyncio.Task[Any] | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._stalled = False
+        self._iterator: AsyncGenerator[str, None] | None = None
 
     async def __aenter__(self) -> ChatStream:
         self._last = asyncio.get_running_loop().time()
@@ -145,11 +126,18 @@ class ChatStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # Closes the connection; does not read the rest of the stream (no drain).
-        await self._manager.__aexit__(*exc_info)
+        # Closes the connection; does not read the rest of the stream (no drain). The token
+        # generator is closed first: a turn cancelled while it held a token never resumed it,
+        # and its watchdog timer must not outlive the stream.
+        try:
+            if self._iterator is not None:
+                await self._iterator.aclose()
+        finally:
+            await self._manager.__aexit__(*exc_info)
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._tokens()
+        self._iterator = self._tokens()
+        return self._iterator
 
     def _check(self) -> None:
         """The token watchdog: one timer per stream, moved only when it fires (a token costs a
@@ -177,7 +165,7 @@ class ChatStream:
             "check OPENAI_BASE_URL",
         )
 
-    async def _tokens(self) -> AsyncIterator[str]:
+    async def _tokens(self) -> AsyncGenerator[str, None]:
         done = False
         # The unfinished last line, as the pieces it came in (joined once, when it ends).
         pending: list[bytes] = []
@@ -359,7 +347,8 @@ def _unreachable(exc: BaseException) -> LLMError | None:
 
 
 class LLMClient:
-    """A shared async OpenAI-compatible client (one connection pool for all calls)."""
+    """A shared async OpenAI-compatible client (one connection pool for all calls): the
+    relay's :class:`relay_server.chat.ChatModel`."""
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay_server import events as ev
 from relay_server.config import RelayConfig
@@ -40,6 +40,9 @@ from relay_server.protocol import (
     text_frame,
 )
 
+if TYPE_CHECKING:
+    from relay_server.services import Services
+
 log = logging.getLogger("relay_server.session")
 
 
@@ -50,8 +53,8 @@ class SessionLink:
     send: Callable[[str], Awaitable[None]]
     events: EventBus
     config: RelayConfig
-    #: Shared services (the LLM client, tools); agents pick what they need.
-    services: dict[str, Any]
+    #: Shared services (the chat model, tools, the timers' clock); agents pick what they need.
+    services: Services
 
 
 class CallSession:

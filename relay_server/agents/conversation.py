@@ -1,9 +1,10 @@
 """Turn-taking on top of :class:`CallSession`: history, barge-in truncation, DTMF entry and
-silence reminders. The echo and LLM agents differ in :meth:`ConversationAgent.reply` (the LLM
-agent also ends or hands off the call after its reply).
+silence reminders.
 
-History holds only what the caller heard: a reply cut by a barge-in is shortened to Twilio's
-``utteranceUntilInterrupt`` (Twilio docs: WebSocket messages).
+Composition, not a chain of overrides: a :class:`ConversationAgent` owns a
+:class:`~relay_server.agents.history.Conversation` (what was said and what the caller heard) and
+a :class:`Responder` (the LLM, or the echo) that streams the answer to each caller turn. Its
+timers (silence, DTMF pause) run on the services' clock, so a test can drive them.
 """
 
 from __future__ import annotations
@@ -11,54 +12,74 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Protocol
 
 from relay_server import events as ev
+from relay_server.agents.history import Conversation
 from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
+from relay_server.services import Timer
 from relay_server.session import CallSession, SessionLink
 
 
+class Responder(Protocol):
+    """What answers a caller turn: streams tokens to speak (and may use the agent's helpers:
+    record tool calls in its conversation, send digits, ask for the call to end)."""
+
+    def reply(self, agent: ConversationAgent, user_text: str) -> AsyncGenerator[str, None]:
+        """The answer to ``user_text`` (already in the agent's history), token by token."""
+        ...
+
+
 class ConversationAgent(CallSession):
-    """A session that answers each caller turn with a streamed :meth:`reply`."""
+    """A session that answers each caller turn with a streamed :meth:`reply`: its
+    :attr:`responder`'s, unless a subclass overrides :meth:`reply`."""
+
+    #: The answerer of every caller turn; set by the ready-made agents.
+    responder: Responder | None = None
 
     def __init__(self, link: SessionLink, setup: Setup) -> None:
         super().__init__(link, setup)
         self.settings = link.config.agent_config
-        self.history: list[dict[str, Any]] = [
-            {"role": "system", "content": self.settings.system_prompt}
-        ]
-        #: Index in ``history`` where the current (or last) reply's messages start.
-        self._reply_start = len(self.history)
-        #: The assistant message spoken tokens go to; ``None`` starts a new one. Its tokens
-        #: collect in ``_parts`` and become its ``content`` in one join when the reply (or a
-        #: tool round) ends: ``content += token`` re-copied the whole reply per token
-        #: (quadratic: 140 µs per token at 60,000 tokens).
-        self._message: dict[str, Any] | None = None
-        self._parts: list[str] = []
+        self.conversation = Conversation(self.settings.system_prompt)
+        self._clock = link.services.clock
         self._digits: list[str] = []
-        self._dtmf_timer: asyncio.TimerHandle | None = None
-        self._silence_timer: asyncio.TimerHandle | None = None
+        self._dtmf_timer: Timer | None = None
+        self._silence_timer: Timer | None = None
         self._reminders = 0
         self._resumed = False
+        self._end_request: tuple[dict[str, Any] | None] | None = None
         #: Loop time the caller's turn ended (its final prompt or key reached the relay); the
         #: next reply's ``first_token_ms`` counts from it.
         self._turn_end: float | None = None
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The messages sent to the model: the system prompt, then what was said and heard."""
+        return self.conversation.messages
+
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
-        Subclasses append anything beyond the spoken text (tool messages) to ``history``."""
-        raise NotImplementedError
+        Anything beyond the spoken text (tool messages) goes to :attr:`conversation`."""
+        if self.responder is None:
+            raise NotImplementedError("set responder or override reply()")
+        return self.responder.reply(self, user_text)
+
+    def request_end(self, handoff: dict[str, Any] | None, reason: str = "") -> None:
+        """Ask for ``end`` once the current reply has been spoken to its last token."""
+        self._end_request = (handoff,)
+        self.log.info("agent asked to %s: %s", "hand off" if handoff else "end the call", reason)
+
+    @property
+    def end_requested(self) -> bool:
+        """Whether the current reply asked for the call to end after it."""
+        return self._end_request is not None
 
     # --------------------------------------------------------------------------- handlers
     async def on_setup(self, setup: Setup) -> None:
-        # The greeting Twilio speaks from the TwiML is part of what the caller heard; as the
-        # latest "reply", a barge-in on it shortens it and nothing said before (a resumed call).
         config = self.link.config
         greeting = config.reconnect_greeting if self._resumed else config.welcome_greeting
-        self._reply_start = len(self.history)
-        if greeting:
-            self.history.append({"role": "assistant", "content": greeting})
+        self.conversation.add_greeting(greeting)
         self.link.events.publish(
             ev.CALL_STARTED,
             self.call_sid,
@@ -91,8 +112,7 @@ class ConversationAgent(CallSession):
             await self._flush_digits()
             return
         self._digits.append(dtmf.digit)
-        loop = asyncio.get_running_loop()
-        self._dtmf_timer = loop.call_later(
+        self._dtmf_timer = self._clock.call_later(
             self.settings.dtmf_pause, lambda: self.spawn(self._flush_digits())
         )
 
@@ -100,7 +120,7 @@ class ConversationAgent(CallSession):
         await self.cancel_turn()
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
-        self._keep_heard(heard)
+        self.conversation.keep_heard(heard)
         self.link.events.publish(
             ev.BARGE_IN,
             self.call_sid,
@@ -123,12 +143,12 @@ class ConversationAgent(CallSession):
             self._dtmf_timer.cancel()
 
     def resume_state(self) -> Any:
-        self._flush_message()
-        return self.history
+        self.conversation.flush()
+        return self.conversation.messages
 
     def restore(self, state: Any) -> None:
         if isinstance(state, list) and state:
-            self.history = state
+            self.conversation.messages = state
             self._resumed = True
 
     # ------------------------------------------------------------------------------ turns
@@ -143,18 +163,24 @@ class ConversationAgent(CallSession):
         turn_end = asyncio.get_running_loop().time()
 
         def record() -> None:
-            self.history.append({"role": "user", "content": user_text})
-            self._trim_history()
+            self.conversation.add_user(user_text, self.settings.max_history_turns)
             self._turn_end = turn_end
 
         await self.start_turn(self._respond(user_text), before=record)
 
     async def _respond(self, user_text: str) -> None:
+        self._end_request = None
         await self.speak(self.reply(user_text))
+        if self._end_request is not None:
+            await self.end(self._end_request[0])
 
     async def speak(self, tokens: AsyncGenerator[str, None], *, record: bool = True) -> str:
         """Stream ``tokens`` to the caller as one talk cycle, record it as an assistant message
-        and return the spoken text. Runs inside the turn; cancellation keeps what was sent."""
+        and return the spoken text. Runs inside the turn; cancellation keeps what was sent.
+
+        The one consumer of the token path: ``tokens`` is the responder's generator, which
+        reads the model's stream itself (two generators from the LLM's socket to this loop).
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         # First token: from the end of the caller's turn, not from here (cancelling the last
@@ -162,30 +188,28 @@ class ConversationAgent(CallSession):
         turn_end, self._turn_end = self._turn_end, None
         first: float | None = None
         spoken: list[str] = []
-        self._close_message()
+        conversation = self.conversation
         if record:
-            self._reply_start = len(self.history)
+            conversation.begin_reply()
+        else:
+            conversation.close_message()
+        send = self.send_text
         try:
             # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
             async with aclosing(tokens):
                 async for token in tokens:
                     spoken.append(token)
                     if record:
-                        if self._message is None:
-                            self._message = {"role": "assistant", "content": ""}
-                            self._parts = []
-                            self.history.append(self._message)
-                        self._parts.append(token)
-                    await self.send_text(token)
+                        conversation.add_token(token)
+                    await send(token)
                     if first is None:
                         first = loop.time()  # the first token is sent
         finally:
-            self._close_message()
+            conversation.close_message()
             cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
             if not self.closed and (self._cycle_open or not (spoken or cancelled)):
                 # Every turn ends with last:true, also an empty or cut one (Twilio docs: WebSocket
-                # messages); a
-                # cancelled turn that said nothing has no cycle to close.
+                # messages); a cancelled turn that said nothing has no cycle to close.
                 await self.send_text("", last=True)
             text = "".join(spoken)
             self.link.events.publish(
@@ -200,44 +224,6 @@ class ConversationAgent(CallSession):
             )
             self._arm_silence()
         return text
-
-    def _flush_message(self) -> None:
-        """Write the tokens spoken so far into the open assistant message's ``content``."""
-        if self._message is not None and self._parts:
-            self._message["content"] = "".join(self._parts)
-
-    def _close_message(self) -> None:
-        """Flush the open assistant message; the next token starts a new one."""
-        self._flush_message()
-        self._message = None
-        self._parts = []
-
-    def _keep_heard(self, heard: str) -> None:
-        """Shorten the last reply's assistant text in history to what the caller heard."""
-        self._flush_message()
-        remaining = heard
-        for message in self.history[self._reply_start :]:
-            if message.get("role") != "assistant" or not isinstance(message.get("content"), str):
-                continue
-            content = message["content"]
-            kept, remaining = remaining[: len(content)], remaining[len(content) :]
-            message["content"] = kept
-        self.history[self._reply_start :] = [
-            m
-            for m in self.history[self._reply_start :]
-            if not (
-                m.get("role") == "assistant" and not m.get("content") and not m.get("tool_calls")
-            )
-        ]
-
-    def _trim_history(self) -> None:
-        limit = self.settings.max_history_turns * 2
-        body = self.history[1:]
-        if len(body) > limit:
-            cut = len(body) - limit
-            while cut < len(body) and body[cut].get("role") != "user":
-                cut += 1  # never start with a tool result orphaned from its call
-            self.history[1:] = body[cut:]
 
     async def _flush_digits(self) -> None:
         self._dtmf_timer = None
@@ -261,8 +247,7 @@ class ConversationAgent(CallSession):
         self._cancel_silence()
         if self.settings.silence_timeout <= 0 or self.closed or self._ended:
             return
-        loop = asyncio.get_running_loop()
-        self._silence_timer = loop.call_later(
+        self._silence_timer = self._clock.call_later(
             self.settings.silence_timeout, lambda: self.spawn(self._on_silence())
         )
 

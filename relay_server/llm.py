@@ -30,7 +30,7 @@ import msgspec
 import openai
 
 from relay_server.config import LLMConfig
-from relay_server.errors import ConfigError
+from relay_server.errors import ConfigError, RelayError
 
 log = logging.getLogger("relay_server.llm")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("relay_server.llm")
 _TAIL_SECONDS = 0.5
 
 
-class LLMError(Exception):
+class LLMError(RelayError):
     """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
     status, stream_cut, bad_chunk (also a line over the limit). ``fix`` is the next step when
     the cause is known precisely (an unresolvable host, a refused connection)."""

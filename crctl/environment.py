@@ -50,6 +50,8 @@ class Environment(BaseSettings):
     twilio_api_url: str | None = _var("CRCTL_TWILIO_API_URL")
     ngrok_authtoken: SecretStr | None = _var("NGROK_AUTHTOKEN")
     ngrok_path: str | None = _var("NGROK_PATH")
+    #: The number ``crctl up`` points at its tunnel when ``--number`` is not given.
+    number: str | None = _var("CRCTL_NUMBER")
     #: A testing aid: ``package.module:Class`` opens the tunnel instead of ngrok.
     tunnel_factory: str | None = _var("CRCTL_TUNNEL_FACTORY")
     #: The call log's database for ``crctl calls`` (``""``: none, memory only).
@@ -66,6 +68,7 @@ class Environment(BaseSettings):
         "ngrok_authtoken",
         "ngrok_path",
         "tunnel_factory",
+        "number",
         mode="before",
     )
     @classmethod
@@ -103,7 +106,9 @@ def load_environment() -> Environment:
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"])
-        raise SettingsError(f"{name}: {error['msg']} (got {error.get('input')!r})") from None
+        raise SettingsError(
+            f"{name}: {error['msg']} (got {error.get('input')!r})", setting=name
+        ) from None
 
 
 _resolved: Environment | None = None

@@ -57,7 +57,16 @@ class UsageError(ConfigurationError):
 
 
 class SettingsError(ConfigurationError):
-    """One line naming the setting that stops start-up and what is wrong with it."""
+    """One line naming the setting that stops start-up and what is wrong with it.
+
+    Attributes:
+        setting: the setting's name (``port``) or environment variable (``CRCTL_STATE_DIR``),
+            when one setting is to blame.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class CredentialsError(ConfigurationError):
@@ -70,12 +79,21 @@ class ProvisioningError(CrctlError):
     Attributes:
         code: Twilio's error code (for instance 20404, not found), when Twilio gave one.
         status: the HTTP status of Twilio's answer, when there was an answer.
+        action: what crctl was doing (``"looking up +15551234567"``), when it was Twilio's call.
     """
 
-    def __init__(self, message: str, *, code: int | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        status: int | None = None,
+        action: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.action = action
 
 
 class StateError(CrctlError):

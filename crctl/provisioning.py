@@ -99,6 +99,7 @@ def twilio_errors(action: str) -> Iterator[None]:
             f"{action} failed: Twilio error{code}: {message}" + (f"; {step}" if step else ""),
             code=exc.code,
             status=exc.status,
+            action=action,
         ) from None
     except TwilioException as exc:
         # List calls raise a bare TwilioException("Unable to fetch page", response) that carries
@@ -116,13 +117,15 @@ def twilio_errors(action: str) -> Iterator[None]:
         target = api_base()
         raise ProvisioningError(
             f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
-            "network connection and try again"
+            "network connection and try again",
+            action=action,
         ) from None
     except requests.exceptions.RequestException as exc:
         target = api_base()
         raise ProvisioningError(
             f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
-            "network connection and try again"
+            "network connection and try again",
+            action=action,
         ) from None
 
 

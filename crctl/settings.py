@@ -220,7 +220,7 @@ def load_settings(**flags: Any) -> Settings:
         value = error.get("input")
         shown = "" if name in _SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
         env = _ENV_NAMES.get(name, f"CRCTL_{name.upper()}")
-        raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}") from exc
+        raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}", setting=name) from exc
 
 
 _SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token", "socket_secret"}

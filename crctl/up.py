@@ -30,6 +30,7 @@ from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
 from crctl.console import crctl_command, runnable
 from crctl.credentials import resolve
+from crctl.environment import current
 from crctl.errors import CrctlError
 from crctl.provisioning import Twilio
 from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay
@@ -116,8 +117,6 @@ def up(
     number: Annotated[
         Optional[str],
         typer.Option(
-            envvar="CRCTL_NUMBER",
-            show_envvar=False,
             metavar="NUMBER",
             help="Number to point at this run, +E164 or PN…. (env CRCTL_NUMBER)",
         ),
@@ -169,7 +168,7 @@ def up(
         # CLI prints it as one line with its exit code (crctl.errors).
         with _interruptible_setup():
             relay, settings, sock, turns, warnings, bus = _prepare(
-                state, session, no_tunnel, number, profile, call_script, flags
+                state, session, no_tunnel, number or current().number, profile, call_script, flags
             )
         _setup_logging(settings.log_level or "WARNING", events_shown=True)
         _panel(settings, relay, session, warnings)

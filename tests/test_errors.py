@@ -20,7 +20,7 @@ from crctl import up_sessions
 from crctl.call_script import ScriptError
 from crctl.caller import CallError, Unreachable
 from crctl.cli import COMMANDS, LazyCommand, app
-from crctl.environment import Environment, current, resolved
+from crctl.environment import Environment, current, load_environment, resolved
 from crctl.errors import (
     ConfigurationError,
     CrctlError,
@@ -33,6 +33,7 @@ from crctl.errors import (
     exit_code,
 )
 from crctl.provisioning import twilio_errors
+from crctl.settings import load_settings
 from crctl.tail import TailError
 from crctl.tunnel import open_tunnel
 from relay_server.errors import ConfigError, RelayError
@@ -167,6 +168,7 @@ def test_twilio_error_code_is_an_attribute() -> None:
     with pytest.raises(ProvisioningError) as caught, twilio_errors("looking up PN1"):
         raise TwilioRestException(404, "https://api.twilio.com/x", "not found", code=20404)
     assert (caught.value.code, caught.value.status) == (20404, 404)
+    assert caught.value.action == "looking up PN1"
     assert str(caught.value).startswith("looking up PN1 failed: Twilio error 20404")
 
 
@@ -175,17 +177,20 @@ def test_environment_precedence_env_over_dotenv_local_over_dotenv(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    for name in ("NGROK_PATH", "NGROK_AUTHTOKEN", "CRCTL_TUNNEL_FACTORY"):
+    for name in ("NGROK_PATH", "NGROK_AUTHTOKEN", "CRCTL_TUNNEL_FACTORY", "CRCTL_NUMBER"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / ".env").write_text(
         "NGROK_PATH=/from/env\nNGROK_AUTHTOKEN=t1\nCRCTL_TUNNEL_FACTORY=a:B\n"
     )
-    (tmp_path / ".env.local").write_text("NGROK_PATH=/from/env.local\nNGROK_AUTHTOKEN=t2\n")
+    (tmp_path / ".env.local").write_text(
+        "NGROK_PATH=/from/env.local\nNGROK_AUTHTOKEN=t2\nCRCTL_NUMBER=+15550100003\n"
+    )
     monkeypatch.setenv("NGROK_PATH", "/from/environment")
     env = current()
     assert env.ngrok_path == "/from/environment"
     assert env.ngrok_authtoken is not None and env.ngrok_authtoken.get_secret_value() == "t2"
     assert env.tunnel_factory == "a:B"
+    assert env.number == "+15550100003"  # `crctl up --number`'s default, from a dotenv file too
     assert "t2" not in repr(env)  # secrets stay redacted
 
 
@@ -207,6 +212,12 @@ def test_a_bad_environment_value_is_a_settings_error(monkeypatch: pytest.MonkeyP
         "error: CRCTL_TWILIO_API_URL: Value error, must be an http(s):// URL "
         "(got 'ftp://mock.example.test')"
     ]
+    with pytest.raises(SettingsError) as caught:
+        load_environment()
+    assert caught.value.setting == "CRCTL_TWILIO_API_URL"
+    with pytest.raises(SettingsError) as bad_flag:
+        load_settings(port=0)
+    assert bad_flag.value.setting == "port"
 
 
 def test_the_tunnel_factory_is_a_setting() -> None:

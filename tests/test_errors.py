@@ -263,3 +263,13 @@ def test_write_atomic_replaces_or_keeps_and_leaves_no_temporary(tmp_path: Path) 
     assert write_atomic(target, b"three")
     assert target.read_bytes() == b"three"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file"]
+
+
+def test_fail_takes_the_rules_code_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from crctl.console import fail
+
+    assert fail(UsageError("bad --type")).exit_code == 2
+    assert fail(TailError("refused")).exit_code == 1
+    assert fail("a plain message").exit_code == 1
+    assert fail(UsageError("forced"), 3).exit_code == 3
+    assert capsys.readouterr().err.count("error:") == 4

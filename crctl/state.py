@@ -17,7 +17,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from crctl.errors import StateError
+from crctl.errors import StateError as StateError  # raised here, caught by callers
 from crctl.paths import state_file
 from twiml_templates.files import write_atomic
 

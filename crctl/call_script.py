@@ -49,7 +49,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
-from crctl.errors import CrctlError
+from crctl.errors import ConfigurationError
 
 #: How long a turn that must *not* end the call waits for a stray ``end``.
 _END_GRACE = 0.3
@@ -59,7 +59,7 @@ DEFAULT_SETTLE_MS = 1000.0
 EXAMPLES = {"example": "conversation.yaml", "conversation": "conversation.yaml"}
 
 
-class ScriptError(CrctlError):
+class ScriptError(ConfigurationError):
     """A malformed script: one line naming the file, the turn, the key, the value and what is
     allowed."""
 

@@ -7,13 +7,16 @@ knows every command's name and one-line help, and imports a command's module whe
 is run or its own ``--help`` is asked for. ``tests/test_startup.py`` checks that the help lines
 below are the commands' own, and which modules a command may import.
 
-Known failures are caught here once and printed as one line; nobody sees a traceback for them.
+Known failures are caught here once, for every command (:meth:`LazyGroup.invoke`, which
+``CliRunner`` tests pass through too), and printed as one line with the exit code of the rule in
+:mod:`crctl.errors`; nobody sees a traceback for them. An unexpected exception keeps its
+traceback: it is a bug. The environment is resolved there once as well
+(:func:`crctl.environment.resolved`).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +148,23 @@ class LazyGroup(TyperGroup):
             return typer.core.TyperCommand(name=cmd_name, help=lazy.help)
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command with the environment resolved once; a known failure (module
+        docstring) becomes one ``error:`` line and its exit code."""
+        from crctl.environment import resolved
+        from crctl.errors import exit_code
+
+        try:
+            with resolved():
+                return super().invoke(ctx)
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise  # a bug: the traceback is the report
+            from crctl.console import fail
+
+            raise fail(exc, code) from None
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self._listing = True
         try:
@@ -181,13 +201,4 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    from crctl.errors import CrctlError
-    from relay_server.errors import RelayError
-
-    try:
-        app()
-    except (CrctlError, RelayError) as exc:
-        from crctl.console import fail
-
-        fail(exc)
-        sys.exit(2)
+    app()

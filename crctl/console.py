@@ -23,9 +23,18 @@ from rich.text import Text
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def fail(exc: BaseException | str, code: int = 1) -> typer.Exit:
-    """Print ``error: …`` (one line, markup-safe) and return the Exit to raise."""
+def fail(exc: BaseException | str, code: int | None = None) -> typer.Exit:
+    """Print ``error: …`` (one line, markup-safe) and return the Exit to raise.
+
+    The CLI's root group calls it for every known failure (``crctl.cli.LazyGroup.invoke``), so
+    a command raises its error rather than calling this. ``code``: the exit code; by default the
+    rule's for ``exc`` (:func:`crctl.errors.exit_code`), 1 for a plain message.
+    """
+    from crctl.errors import exit_code
+
     err.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
+    if code is None:
+        code = (exit_code(exc) if isinstance(exc, BaseException) else None) or 1
     return typer.Exit(code)
 
 

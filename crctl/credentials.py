@@ -1,4 +1,5 @@
-"""Twilio credentials: flags > environment > the twilio-cli profile.
+"""Twilio credentials: flags > environment (with ``.env.local`` and ``.env``) > the twilio-cli
+profile.
 
 People who already use twilio-cli set up nothing new: its ``~/.twilio-cli/config.json`` holds
 ``profiles: {id: {accountSid, apiKey, apiSecret}}`` and ``activeProject`` (twilio-cli-core's
@@ -9,17 +10,15 @@ crctl cannot read; it says so.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crctl.errors import CrctlError
+from pydantic import SecretStr
+
+from crctl.environment import Environment, current
+from crctl.errors import CredentialsError as CredentialsError  # raised here, caught by callers
 
 _SID_PREFIX = "AC"
-
-
-class CredentialsError(CrctlError):
-    """No usable Twilio credentials; the message says where crctl looked and what to set."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,11 @@ def redact(secret: str | None) -> str:
 
 def twilio_cli_config() -> Path:
     """Where twilio-cli keeps its profiles (``TWILIO_CLI_CONFIG_DIR`` or ``~/.twilio-cli``)."""
-    base = os.environ.get("TWILIO_CLI_CONFIG_DIR")
-    return Path(base) / "config.json" if base else Path.home() / ".twilio-cli" / "config.json"
+    return current().twilio_cli_config()
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def resolve(
@@ -60,26 +62,30 @@ def resolve(
     api_key: str | None = None,
     api_secret: str | None = None,
     profile: str | None = None,
-    environ: dict[str, str] | None = None,
+    environment: Environment | None = None,
 ) -> Credentials:
-    """The credentials to use. A named ``profile`` is used as asked; otherwise flags, then the
-    environment (``TWILIO_ACCOUNT_SID`` with ``TWILIO_AUTH_TOKEN``, or with ``TWILIO_API_KEY`` +
-    ``TWILIO_API_SECRET``), then twilio-cli's active profile."""
-    env = os.environ if environ is None else environ
+    """The credentials to use.
+
+    A named ``profile`` is used as asked; otherwise flags, then the environment
+    (``TWILIO_ACCOUNT_SID`` with ``TWILIO_AUTH_TOKEN``, or with ``TWILIO_API_KEY`` +
+    ``TWILIO_API_SECRET``; ``.env.local`` and ``.env`` count as the environment), then
+    twilio-cli's active profile. ``environment``: the resolved one (default: the command's).
+    """
+    env = environment if environment is not None else current()
     if profile is None:
         given = _pair(account_sid, auth_token, api_key, api_secret, "flags")
         if given is not None:
             return given
         from_env = _pair(
-            env.get("TWILIO_ACCOUNT_SID"),
-            env.get("TWILIO_AUTH_TOKEN"),
-            env.get("TWILIO_API_KEY"),
-            env.get("TWILIO_API_SECRET"),
+            env.twilio_account_sid,
+            _secret(env.twilio_auth_token),
+            env.twilio_api_key,
+            _secret(env.twilio_api_secret),
             "environment",
         )
         if from_env is not None:
             return from_env
-    return _from_profile(profile)
+    return _from_profile(profile, env.twilio_cli_config())
 
 
 def _pair(
@@ -107,8 +113,7 @@ def _pair(
     return Credentials(sid, sid, token, source, auth_token=token)
 
 
-def _from_profile(name: str | None) -> Credentials:
-    path = twilio_cli_config()
+def _from_profile(name: str | None, path: Path) -> Credentials:
     hint = (
         "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (or TWILIO_API_KEY + TWILIO_API_SECRET), "
         "or log in with twilio-cli (`twilio login`)"

@@ -13,9 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl import up_sessions
-from crctl.console import fail, runnable
+from crctl.console import runnable
 from crctl.credentials import Credentials, redact, resolve
-from crctl.errors import CrctlError
+from crctl.errors import CrctlError, UsageError
 from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
 
 out = Console(highlight=False, soft_wrap=True)
@@ -63,7 +63,8 @@ _CREDENTIALS = {
 
 def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
     """Give a command the credential options (``--account-sid`` … ``--profile``) and call it
-    with ``twilio``, connected with them; a credentials problem is one error line."""
+    with ``twilio``, connected with them (a credentials problem is a CredentialsError, one
+    error line from the CLI's handler)."""
     signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "twilio"]
     params += [
@@ -76,11 +77,7 @@ def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         credentials = {name: kwargs.pop(name) for name in _CREDENTIALS}
-        try:
-            twilio = Twilio(resolve(**credentials))
-        except CrctlError as exc:
-            raise fail(exc) from None
-        command(*args, twilio=twilio, **kwargs)
+        command(*args, twilio=Twilio(resolve(**credentials)), **kwargs)
 
     run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return run
@@ -100,10 +97,7 @@ def whoami(
     twilio: Any = None,
 ) -> None:
     """The Twilio account crctl uses and where the credentials came from (secrets redacted)."""
-    try:
-        account = twilio.account()
-    except CrctlError as exc:
-        raise fail(exc) from None
+    account = twilio.account()
     creds: Credentials = twilio.credentials
     out.print(f"account   {creds.account_sid}  {escape(account.friendly_name or '')}")
     out.print(f"type      {account.type}, {account.status}")
@@ -145,30 +139,27 @@ def provision_number(
     """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
     whose voice URL is the relay's /twiml, and point the number at it. A second run changes
     nothing."""
-    try:
-        check_public_url(public_url, path="")
-        plan = twilio.plan(public_url, number=number, app_name=app_name)
-        if plan.phone_number is None:
-            choice = _choose(twilio, country, type_, area_code, contains, yes or dry_run)
-            plan = twilio.plan(public_url, buy=choice, app_name=app_name)
-        if not plan.steps:
-            out.print(
-                f"nothing to change: {plan.phone_number} already rings the relay through "
-                f"TwiML App {app_name!r} → {plan.voice_url}"
-            )
-            return
-        out.print("plan:")
-        for step in plan.steps:
-            out.print(f"  - {escape(step.text)}")
-        if dry_run:
-            out.print("dry run: nothing was changed")
-            return
-        buys = any(s.kind == "buy" for s in plan.steps)
-        if buys and not yes and not typer.confirm("Buy the number (it costs money)?"):
-            raise typer.Exit(1)
-        twilio.apply(plan)
-    except CrctlError as exc:
-        raise fail(exc) from None
+    check_public_url(public_url, path="")
+    plan = twilio.plan(public_url, number=number, app_name=app_name)
+    if plan.phone_number is None:
+        choice = _choose(twilio, country, type_, area_code, contains, yes or dry_run)
+        plan = twilio.plan(public_url, buy=choice, app_name=app_name)
+    if not plan.steps:
+        out.print(
+            f"nothing to change: {plan.phone_number} already rings the relay through "
+            f"TwiML App {app_name!r} → {plan.voice_url}"
+        )
+        return
+    out.print("plan:")
+    for step in plan.steps:
+        out.print(f"  - {escape(step.text)}")
+    if dry_run:
+        out.print("dry run: nothing was changed")
+        return
+    buys = any(s.kind == "buy" for s in plan.steps)
+    if buys and not yes and not typer.confirm("Buy the number (it costs money)?"):
+        raise typer.Exit(1)
+    twilio.apply(plan)
     out.print(
         f"[green]done:[/] {plan.phone_number} → TwiML App {app_name!r} ({plan.app_sid}) → "
         f"{plan.voice_url}"
@@ -211,11 +202,8 @@ def numbers_list(
     twilio: Any = None,
 ) -> None:
     """Numbers, friendly names, where their voice webhook points, and the application."""
-    try:
-        owned = twilio.numbers()
-        apps = {a.sid: a for a in twilio.applications()}
-    except CrctlError as exc:
-        raise fail(exc) from None
+    owned = twilio.numbers()
+    apps = {a.sid: a for a in twilio.applications()}
     table = _table(
         ("number", 13),
         ("friendly name", 0),
@@ -249,15 +237,12 @@ def numbers_point(
     twilio: Any = None,
 ) -> None:
     """Send a number's calls to a URL or an application (the old setting is recorded)."""
-    try:
-        if (url is None) == (app is None):
-            raise CrctlError("give exactly one of --url URL or --app AP…")
-        checked = check_public_url(url) if url is not None else None
-        owned = twilio.number(number)
-        app_sid = twilio.application(app).sid if app is not None else None
-        twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
-    except CrctlError as exc:
-        raise fail(exc) from None
+    if (url is None) == (app is None):
+        raise UsageError("give exactly one of --url URL or --app AP…")
+    checked = check_public_url(url) if url is not None else None
+    owned = twilio.number(number)
+    app_sid = twilio.application(app).sid if app is not None else None
+    twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
     out.print(
         runnable(
             f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
@@ -273,17 +258,14 @@ def numbers_restore(
     twilio: Any = None,
 ) -> None:
     """Put back the voice settings the number had before crctl changed them."""
-    try:
-        owned = twilio.number(number)
-        entry = twilio.restore(owned)
-        if entry is None:
-            # pointed by a `crctl up` that is no longer running (killed, crashed)?
-            done = up_sessions.put_back(twilio, twilio.state, owned.sid, dead_only=True)
-            if done is not None:
-                out.print(f"restored after a crctl up that did not: {escape(done)}")
-                return
-    except CrctlError as exc:
-        raise fail(exc) from None
+    owned = twilio.number(number)
+    entry = twilio.restore(owned)
+    if entry is None:
+        # pointed by a `crctl up` that is no longer running (killed, crashed)?
+        done = up_sessions.put_back(twilio, twilio.state, owned.sid, dead_only=True)
+        if done is not None:
+            out.print(f"restored after a crctl up that did not: {escape(done)}")
+            return
     if entry is None:
         out.print(f"nothing recorded for {owned.phone_number}: crctl never changed it")
         return
@@ -300,15 +282,12 @@ def numbers_release(
     twilio: Any = None,
 ) -> None:
     """Give a number back to Twilio (after a confirmation)."""
-    try:
-        owned = twilio.number(number)
-        if not yes and not typer.confirm(
-            f"Release {owned.phone_number}? It cannot be bought back for sure"
-        ):
-            raise typer.Exit(1)
-        twilio.release(owned)
-    except CrctlError as exc:
-        raise fail(exc) from None
+    owned = twilio.number(number)
+    if not yes and not typer.confirm(
+        f"Release {owned.phone_number}? It cannot be bought back for sure"
+    ):
+        raise typer.Exit(1)
+    twilio.release(owned)
     out.print(f"released {owned.phone_number}")
 
 
@@ -321,11 +300,8 @@ def app_show(
     twilio: Any = None,
 ) -> None:
     """TwiML Applications: voice URL, status callback and the numbers using them."""
-    try:
-        apps = [twilio.application(app)] if app else twilio.applications()
-        owned = twilio.numbers()
-    except CrctlError as exc:
-        raise fail(exc) from None
+    apps = [twilio.application(app)] if app else twilio.applications()
+    owned = twilio.numbers()
     table = _table(
         ("sid", 34), ("friendly name", 0), ("voice url", 0), ("status callback", 0), ("numbers", 13)
     )
@@ -350,19 +326,16 @@ def app_delete(
     twilio: Any = None,
 ) -> None:
     """Delete a TwiML Application (refused while numbers use it, unless --force)."""
-    try:
-        found = twilio.application(app)
-        using = [n.phone_number for n in twilio.numbers() if n.voice_application_sid == found.sid]
-        if using and not force:
-            raise CrctlError(
-                f"{', '.join(using)} still use {found.sid}: deleting it would leave them ringing "
-                "nowhere; `crctl numbers restore` or `point` them first, or pass --force"
-            )
-        if not yes and not typer.confirm(f"Delete {found.sid} ({found.friendly_name})?"):
-            raise typer.Exit(1)
-        twilio.delete_application(found)
-    except CrctlError as exc:
-        raise fail(exc) from None
+    found = twilio.application(app)
+    using = [n.phone_number for n in twilio.numbers() if n.voice_application_sid == found.sid]
+    if using and not force:
+        raise CrctlError(
+            f"{', '.join(using)} still use {found.sid}: deleting it would leave them ringing "
+            "nowhere; `crctl numbers restore` or `point` them first, or pass --force"
+        )
+    if not yes and not typer.confirm(f"Delete {found.sid} ({found.friendly_name})?"):
+        raise typer.Exit(1)
+    twilio.delete_application(found)
     out.print(f"deleted {found.sid}")
 
 

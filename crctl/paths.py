@@ -1,17 +1,19 @@
-"""crctl's own files (``~/.crctl``, or ``$CRCTL_STATE_DIR``): only the standard library, so
-commands that just read them (``crctl calls``, ``crctl tail``) start without the settings
-machinery."""
+"""crctl's own files (``~/.crctl``, or ``$CRCTL_STATE_DIR``), all under :func:`state_dir`.
+
+The folder is resolved in one place, :class:`crctl.environment.Environment`; it is imported
+when a path is asked for, so importing this module stays cheap for ``crctl --help``.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
 def state_dir() -> Path:
     """crctl's own directory: ``$CRCTL_STATE_DIR`` or ``~/.crctl``."""
-    base = os.environ.get("CRCTL_STATE_DIR")
-    return Path(base) if base else Path.home() / ".crctl"
+    from crctl.environment import current
+
+    return current().crctl_dir()
 
 
 def default_events_db() -> Path:
@@ -22,6 +24,11 @@ def default_events_db() -> Path:
 def api_token_path() -> Path:
     """Where ``crctl serve`` keeps the relay's API token when none is configured."""
     return state_dir() / "api-token"
+
+
+def state_file() -> Path:
+    """The state file: what crctl changed on Twilio (:mod:`crctl.state`)."""
+    return state_dir() / "state.json"
 
 
 def read_api_token(path: Path | None = None) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,9 @@ from twilio.http.response import Response
 from twilio.rest import Client
 
 from crctl.credentials import Credentials
-from crctl.errors import CrctlError
+from crctl.environment import current
+from crctl.errors import ProvisioningError as ProvisioningError  # raised here, caught by callers
+from crctl.errors import UsageError
 from crctl.state import VOICE_FIELDS, State
 
 TWILIO_API = "https://api.twilio.com"
@@ -43,12 +44,9 @@ _NEXT_STEP = {
 }
 
 
-class ProvisioningError(CrctlError):
-    """A Twilio operation failed; the message is one line with the next step."""
-
-
 class _RedirectingClient(TwilioHttpClient):  # type: ignore[misc]
-    """Sends every REST call to ``base`` instead of api.twilio.com (CRCTL_TWILIO_API_URL)."""
+    """Sends every REST call to ``base`` instead of api.twilio.com (the ``twilio_api_url``
+    setting, CRCTL_TWILIO_API_URL)."""
 
     def __init__(self, base: str) -> None:
         super().__init__(timeout=20)
@@ -60,10 +58,16 @@ class _RedirectingClient(TwilioHttpClient):  # type: ignore[misc]
         return super().request(method, url, *args, **kwargs)
 
 
-def make_client(credentials: Credentials) -> Client:
-    """A twilio Client for these credentials; ``CRCTL_TWILIO_API_URL`` redirects it (a testing
-    aid: point it at a mock such as Prism)."""
-    api_url = os.environ.get("CRCTL_TWILIO_API_URL")
+def api_base() -> str:
+    """Where Twilio's REST API is: api.twilio.com, or the ``twilio_api_url`` setting."""
+    return current().twilio_api_url or TWILIO_API
+
+
+def make_client(credentials: Credentials, api_url: str | None = None) -> Client:
+    """A twilio Client for these credentials, sending its calls to ``api_url`` (default
+    :func:`api_base`; another one is a testing aid: a mock such as Prism)."""
+    api_url = api_url or api_base()
+    api_url = None if api_url == TWILIO_API else api_url
     http = _RedirectingClient(api_url) if api_url else TwilioHttpClient(timeout=20)
     return Client(
         credentials.username,
@@ -92,7 +96,10 @@ def twilio_errors(action: str) -> Iterator[None]:
         ):
             message = message.removeprefix(prefix)
         raise ProvisioningError(
-            f"{action} failed: Twilio error{code}: {message}" + (f"; {step}" if step else "")
+            f"{action} failed: Twilio error{code}: {message}" + (f"; {step}" if step else ""),
+            code=exc.code,
+            status=exc.status,
+            action=action,
         ) from None
     except TwilioException as exc:
         # List calls raise a bare TwilioException("Unable to fetch page", response) that carries
@@ -107,16 +114,18 @@ def twilio_errors(action: str) -> Iterator[None]:
                     body.get("message", ""),
                     body.get("code"),
                 ) from None
-        target = os.environ.get("CRCTL_TWILIO_API_URL") or TWILIO_API
+        target = api_base()
         raise ProvisioningError(
             f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
-            "network connection and try again"
+            "network connection and try again",
+            action=action,
         ) from None
     except requests.exceptions.RequestException as exc:
-        target = os.environ.get("CRCTL_TWILIO_API_URL") or TWILIO_API
+        target = api_base()
         raise ProvisioningError(
             f"{action} failed: cannot reach Twilio at {target} ({type(exc).__name__}); check the "
-            "network connection and try again"
+            "network connection and try again",
+            action=action,
         ) from None
 
 
@@ -136,20 +145,20 @@ def check_public_url(url: str, *, path: str | None = None) -> str:
     it (a base URL gets it appended); without, the URL must name an endpoint path."""
     parts = urlsplit(url.strip())
     if parts.scheme != "https" or not parts.hostname:
-        raise ProvisioningError(f"{url!r} is not an https:// URL: Twilio calls webhooks over https")
+        raise UsageError(f"{url!r} is not an https:// URL: Twilio calls webhooks over https")
     host = parts.hostname
     if _private(host):
-        raise ProvisioningError(
+        raise UsageError(
             f"{url!r}: {host} is not reachable from Twilio; use the public URL of your tunnel "
             "or host (crctl up opens one)"
         )
     if parts.query or parts.fragment:
-        raise ProvisioningError(f"{url!r}: no query or fragment, please")
+        raise UsageError(f"{url!r}: no query or fragment, please")
     clean = url.strip().rstrip("/")
     if path is not None:
         return clean if clean.endswith(path) else clean + path
     if parts.path in ("", "/"):
-        raise ProvisioningError(f"{url!r}: add the TwiML endpoint's path, e.g. {clean}/twiml")
+        raise UsageError(f"{url!r}: add the TwiML endpoint's path, e.g. {clean}/twiml")
     return clean
 
 
@@ -210,7 +219,7 @@ class Twilio:
     ) -> list[Any]:
         """Voice-capable numbers for sale."""
         if kind not in NUMBER_TYPES:
-            raise ProvisioningError(f"--type {kind!r}: use one of {', '.join(NUMBER_TYPES)}")
+            raise UsageError(f"--type {kind!r}: use one of {', '.join(NUMBER_TYPES)}")
         listing = getattr(self.api.available_phone_numbers(country.upper()), NUMBER_TYPES[kind])
         query: dict[str, Any] = {"voice_enabled": True, "limit": limit}
         if area_code is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from crctl import options as opts
-from crctl.console import crctl_command, err, fail
+from crctl.console import crctl_command, err
 from crctl.settings import (
     Settings,
     SettingsError,
@@ -24,7 +24,6 @@ from crctl.settings import (
     load_settings,
 )
 from relay_server.config import RelayConfig
-from relay_server.errors import RelayError
 from relay_server.events import SAID_BY_EVENT, EventBus
 
 if TYPE_CHECKING:
@@ -63,16 +62,14 @@ def serve(
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz."""
     flags = opts.settings_flags(locals())  # every parameter is the setting of its name
-    try:
-        settings = load_settings(**flags)
-        problems, warnings = settings.startup_problems()
-        if problems:
-            raise SettingsError(problems[0])
-        relay = build_relay(settings)
-        config, app = relay.config, relay.app
-        sock = bind(settings)
-    except (SettingsError, RelayError) as exc:
-        raise fail(exc, 2) from None
+    # a SettingsError or the relay's ConfigError ends here: the CLI prints it, exit code 2
+    settings = load_settings(**flags)
+    problems, warnings = settings.startup_problems()
+    if problems:
+        raise SettingsError(problems[0])
+    relay = build_relay(settings)
+    config, app = relay.config, relay.app
+    sock = bind(settings)
     _setup_logging(settings.log_level)
     for warning in [*warnings, *relay.warnings]:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}")

@@ -8,9 +8,7 @@ so a logged or printed settings object never shows them.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -19,7 +17,8 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from crctl.errors import CrctlError
+from crctl.environment import DOTENV_FILES
+from crctl.errors import SettingsError as SettingsError  # raised here; callers catch it here
 
 # Re-exported: crctl's files are looked up through settings by serve, up and the tests.
 from crctl.paths import api_token_path as api_token_path
@@ -27,10 +26,6 @@ from crctl.paths import default_events_db as default_events_db
 from crctl.paths import read_api_token as read_api_token
 from crctl.paths import state_dir as state_dir
 from relay_server.config import AgentConfig, LLMConfig, RelayConfig
-
-
-class SettingsError(CrctlError):
-    """One line naming the setting that stops start-up and what is wrong with it."""
 
 
 def _env(*names: str) -> AliasChoices:
@@ -42,7 +37,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="CRCTL_",
-        env_file=(".env", ".env.local"),
+        env_file=DOTENV_FILES,
         extra="ignore",
         populate_by_name=True,
     )
@@ -225,7 +220,7 @@ def load_settings(**flags: Any) -> Settings:
         value = error.get("input")
         shown = "" if name in _SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
         env = _ENV_NAMES.get(name, f"CRCTL_{name.upper()}")
-        raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}") from exc
+        raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}", setting=name) from exc
 
 
 _SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token", "socket_secret"}
@@ -259,16 +254,11 @@ def ensure_api_token(path: Path | None = None) -> str:
             if path.stat().st_mode & 0o077:
                 path.chmod(0o600)
         return token
+    from twiml_templates.files import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".api-token-", dir=path.parent)  # mode 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(secrets.token_urlsafe(32) + "\n")
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # fails if another process was first: use its token
-        finally:
-            os.unlink(tmp)
+        # replace=False: if another process was first, its token stays and this one is unused
+        write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600, replace=False)
     except OSError as exc:
         raise SettingsError(
             f"setting api_token (CRCTL_API_TOKEN): none is set and {path} cannot be written "

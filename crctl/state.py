@@ -9,16 +9,17 @@ back to what was there before crctl touched it. The file is JSON in ``~/.crctl/s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crctl.errors import CrctlError
+from filelock import FileLock, Timeout
+
+from crctl.errors import StateError as StateError  # raised here, caught by callers
+from crctl.paths import state_file
+from twiml_templates.files import write_atomic
 
 #: The voice settings crctl records and restores.
 VOICE_FIELDS = (
@@ -31,15 +32,13 @@ VOICE_FIELDS = (
     "status_callback_method",
 )
 
-
-class StateError(CrctlError):
-    """The state file cannot be read or written."""
+#: Seconds to wait for another crctl process's change of the file (each lasts milliseconds).
+LOCK_TIMEOUT = 30.0
 
 
 def state_path() -> Path:
     """Where the state file lives."""
-    base = os.environ.get("CRCTL_STATE_DIR")
-    return (Path(base) if base else Path.home() / ".crctl") / "state.json"
+    return state_file()
 
 
 class State:
@@ -72,16 +71,23 @@ class State:
     @contextlib.contextmanager
     def change(self) -> Iterator[dict[str, Any]]:
         """Lock the file, re-read it, let the caller change the data, write it back."""
+        lock = FileLock(self.path.parent / "state.lock", timeout=LOCK_TIMEOUT)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = (self.path.parent / "state.lock").open("a")
+            lock.acquire()
+        except Timeout:
+            raise StateError(
+                f"crctl's state file {self.path} stayed locked for {LOCK_TIMEOUT:g} s: another "
+                f"crctl is stuck changing it; stop it, or delete {lock.lock_file}"
+            ) from None
         except OSError as exc:
             raise StateError(f"cannot lock crctl's state file {self.path}: {exc.strerror}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
             self.data = self._load()
             yield self.data
             self._write()
+        finally:
+            lock.release()
 
     def reload(self) -> dict[str, Any]:
         """The file's current content (another process may have changed it)."""
@@ -127,11 +133,9 @@ class State:
 
     def _write(self) -> None:
         """Write atomically (a crash never leaves a half-written file)."""
+        text = json.dumps(self.data, indent=2, sort_keys=True)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.data, handle, indent=2, sort_keys=True)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, text.encode(), mode=0o600)
         except OSError as exc:
             raise StateError(
                 f"cannot write crctl's state file {self.path}: {exc.strerror}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -280,7 +279,9 @@ _TOKEN_OPTION = typer.Option(
 def _db_path(db: Path | None) -> Path:
     if db is not None:
         return db.expanduser()
-    env = os.environ.get("CRCTL_EVENTS_DB")
+    from crctl.environment import current  # read once per command, with the .env files
+
+    env = current().events_db
     return Path(env).expanduser() if env else default_events_db()
 
 

@@ -1,22 +1,22 @@
 """The public tunnel to the relay: the one place pyngrok is imported.
 
-``CRCTL_TUNNEL_FACTORY=package.module:Class`` replaces ngrok with another implementation of
-:class:`Tunnel` (a testing aid, like ``CRCTL_TWILIO_API_URL``; the test suite's fake tunnel).
+The setting ``tunnel_factory`` (``CRCTL_TUNNEL_FACTORY=package.module:Class``) replaces ngrok
+with another implementation of :class:`Tunnel` (a testing aid, like ``CRCTL_TWILIO_API_URL``;
+the test suite's fake tunnel). The ngrok token and binary are settings too
+(:class:`crctl.environment.Environment`).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from crctl.errors import CrctlError
+from pydantic import ImportString, TypeAdapter, ValidationError
 
-
-class TunnelError(CrctlError):
-    """No tunnel could be opened; the message says what is missing and how to fix it."""
+from crctl.environment import Environment, current
+from crctl.errors import TunnelError as TunnelError  # raised here, caught by callers
 
 
 class Tunnel(Protocol):
@@ -31,20 +31,19 @@ class Tunnel(Protocol):
 class NgrokTunnel:
     """An ngrok tunnel opened with pyngrok to ``127.0.0.1:port``."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, environment: Environment | None = None) -> None:
         from pyngrok import conf, ngrok
         from pyngrok.exception import PyngrokError
 
-        token = os.environ.get("NGROK_AUTHTOKEN")
+        env = environment if environment is not None else current()
+        token = env.ngrok_authtoken.get_secret_value() if env.ngrok_authtoken else None
         if not token:
             raise TunnelError(
                 "no NGROK_AUTHTOKEN: get one at https://dashboard.ngrok.com/get-started/your-"
                 "authtoken and `export NGROK_AUTHTOKEN=…`, or bring your own tunnel with "
                 "--public-url, or run local-only with --no-tunnel"
             )
-        path = (
-            os.environ.get("NGROK_PATH") or shutil.which("ngrok") or conf.get_default().ngrok_path
-        )
+        path = env.ngrok_path or shutil.which("ngrok") or conf.get_default().ngrok_path
         if not Path(path).exists():
             raise TunnelError(
                 f"the ngrok binary is not installed ({path}): install it (https://ngrok.com/"
@@ -73,15 +72,20 @@ class NgrokTunnel:
             self._ngrok.kill(pyngrok_config=self._config)
 
 
-def open_tunnel(port: int) -> Tunnel:
-    """Open the tunnel to the relay on ``port`` (ngrok, or ``CRCTL_TUNNEL_FACTORY``)."""
-    factory = os.environ.get("CRCTL_TUNNEL_FACTORY")
-    if factory:
-        module, _, name = factory.partition(":")
+#: ``package.module:Class`` to the class, by pydantic (the import is the setting's validation).
+_FACTORY: TypeAdapter[Callable[[int], Tunnel]] = TypeAdapter(ImportString)
+
+
+def open_tunnel(port: int, environment: Environment | None = None) -> Tunnel:
+    """Open the tunnel to the relay on ``port``: ngrok, or the ``tunnel_factory`` setting's."""
+    env = environment if environment is not None else current()
+    if env.tunnel_factory:
         try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise TunnelError(f"CRCTL_TUNNEL_FACTORY={factory!r} cannot be loaded: {exc}") from exc
-        tunnel: Tunnel = cls(port)
-        return tunnel
-    return NgrokTunnel(port)
+            factory = _FACTORY.validate_python(env.tunnel_factory)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise TunnelError(
+                f"CRCTL_TUNNEL_FACTORY={env.tunnel_factory!r} cannot be loaded: {reason}"
+            ) from None
+        return factory(port)
+    return NgrokTunnel(port, env)

@@ -1,4 +1,8 @@
-"""``crctl twiml``: list, show, render, lint and export ConversationRelay TwiML templates."""
+"""``crctl twiml``: list, show, render, lint and export ConversationRelay TwiML templates.
+
+A bad template, flag or export folder raises :class:`~twiml_templates.errors.TemplatesError`;
+the CLI prints it as one line with exit code 2 (:mod:`crctl.errors`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crctl.console import err, fail
+from crctl.console import err
 from twiml_templates import (
     TemplateError,
     lint,
@@ -79,10 +83,7 @@ def show(
     name: TemplateName,
 ) -> None:
     """The effective settings of a template, after inheritance."""
-    try:
-        tpl = load_template(Path(name) if name.endswith(".toml") else name)
-    except TemplateError as exc:
-        raise fail(exc, 2) from None
+    tpl = load_template(Path(name) if name.endswith(".toml") else name)
     out.print(f"[bold]{tpl.name}[/]  {escape(tpl.description)}")
     out.print("files: " + " <- ".join(str(p) for p in tpl.chain))
     for title, values in (
@@ -108,13 +109,10 @@ def render_cmd(
     action: ConnectAction = None,
 ) -> None:
     """Print the TwiML document (exit 0), or the one error (exit 2)."""
-    try:
-        tpl = load_template(Path(name) if name.endswith(".toml") else name)
-        xml = render(
-            tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
-        )
-    except TemplateError as exc:
-        raise fail(exc, 2) from None
+    tpl = load_template(Path(name) if name.endswith(".toml") else name)
+    xml = render(
+        tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
+    )
     typer.echo(xml)
 
 
@@ -124,7 +122,7 @@ def lint_cmd(file: Path = typer.Argument(..., metavar="FILE", help="A TwiML .xml
     try:
         document = file.read_bytes()
     except OSError as exc:
-        raise fail(TemplateError(f"{file}: cannot read it: {exc.strerror}"), 2) from None
+        raise TemplateError(f"{file}: cannot read it: {exc.strerror}") from None
     problems = lint(document, file)
     for problem in problems:
         err.print(f"[bold red]error:[/] {escape(problem)}")
@@ -146,19 +144,13 @@ def export_cmd(
     force: bool = typer.Option(False, help="Overwrite files you changed since the last export."),
 ) -> None:
     """Write a Twilio Serverless project whose function answers with this TwiML."""
-    from twiml_templates.serverless import ExportError, export_serverless
+    from twiml_templates.serverless import export_serverless
 
-    try:
-        tpl = load_template(Path(name) if name.endswith(".toml") else name)
-        xml = render(
-            tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
-        )
-    except TemplateError as exc:
-        raise fail(exc, 2) from None
-    try:
-        result = export_serverless(xml, serverless, name=tpl.name, force=force)
-    except ExportError as exc:
-        raise fail(exc, 2) from None
+    tpl = load_template(Path(name) if name.endswith(".toml") else name)
+    xml = render(
+        tpl, url=url, action=action, sets=_pairs(set_, "--set"), params=_pairs(param, "--param")
+    )
+    result = export_serverless(xml, serverless, name=tpl.name, force=force)
     for path in result.written:
         note = " (your changes overwritten: --force)" if path in result.overwritten else ""
         out.print(f"  wrote     {path}{note}")

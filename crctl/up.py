@@ -30,13 +30,13 @@ from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
 from crctl.console import crctl_command, runnable
 from crctl.credentials import resolve
+from crctl.environment import current
 from crctl.errors import CrctlError
 from crctl.provisioning import Twilio
 from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay
 from crctl.settings import Settings, SettingsError, load_settings
 from crctl.state import State
 from crctl.tunnel import Tunnel, open_tunnel
-from relay_server.errors import RelayError
 from relay_server.events import CallEvent, EventBus
 
 console = Console(highlight=False, soft_wrap=True)
@@ -117,8 +117,6 @@ def up(
     number: Annotated[
         Optional[str],
         typer.Option(
-            envvar="CRCTL_NUMBER",
-            show_envvar=False,
             metavar="NUMBER",
             help="Number to point at this run, +E164 or PN…. (env CRCTL_NUMBER)",
         ),
@@ -165,21 +163,13 @@ def up(
     flags = opts.settings_flags(locals())  # the parameters named as a setting
     state = State()
     session = Session()
-    code = 2
     try:
+        # A known failure here propagates: the `finally` puts back what was changed, then the
+        # CLI prints it as one line with its exit code (crctl.errors).
         with _interruptible_setup():
-            prepared = _prepare(
-                state,
-                session,
-                no_tunnel,
-                number,
-                profile,
-                call_script,
-                flags,
+            relay, settings, sock, turns, warnings, bus = _prepare(
+                state, session, no_tunnel, number or current().number, profile, call_script, flags
             )
-        if prepared is None:
-            raise typer.Exit(2)
-        relay, settings, sock, turns, warnings, bus = prepared
         _setup_logging(settings.log_level or "WARNING", events_shown=True)
         _panel(settings, relay, session, warnings)
         bus.subscribe(_printer())
@@ -204,43 +194,39 @@ def _prepare(
     profile: str | None,
     call_script: Path | None,
     flags: dict[str, Any],
-) -> tuple[Any, ...] | None:
-    """Everything before serving; ``None`` after printing the one error that stops it."""
-    try:
-        turns = load_script(call_script) if call_script is not None else None
-        settings = load_settings(**flags)
-        sock = bind(settings)
-        # Local only needs no Twilio: without credentials there is nothing to say.
-        twilio = _twilio(profile, session, state, quiet=no_tunnel)
-        if twilio is not None:
-            with console.status("checking for numbers left pointed by an earlier run…"):
-                done, problems = up_sessions.repair(twilio, state)
-            for line in done:
-                console.print(f"[yellow]![/] {escape(line)}")
-            session.notes.extend(problems)
-        public = None if no_tunnel else settings.public_url
-        if public is None and not no_tunnel:
-            public = _tunnel(settings.port, session)
-        update: dict[str, Any] = {"public_url": public}
-        if public is None and settings.host in ("127.0.0.1", "localhost", "::1"):
-            # Local only: nothing but this machine reaches the relay, and there is no public
-            # URL to check Twilio's signatures against.
-            update["verify_signatures"] = False
-        settings = settings.model_copy(update=update)
-        problems, warnings = settings.startup_problems()
-        if public is None:
-            warnings = [w for w in warnings if "signature checks are OFF" not in w]
-        if problems:
-            raise SettingsError(problems[0])
-        bus = EventBus()
-        relay = build_relay(settings, events=bus)
-        if twilio is not None and public is not None:
-            _point(twilio, state, number, public + "/twiml", session)
-        elif number and (twilio is not None or no_tunnel):
-            session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
-    except (CrctlError, RelayError) as exc:
-        console.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
-        return None
+) -> tuple[Any, ...]:
+    """Everything before serving; a known failure that stops it is raised."""
+    turns = load_script(call_script) if call_script is not None else None
+    settings = load_settings(**flags)
+    sock = bind(settings)
+    # Local only needs no Twilio: without credentials there is nothing to say.
+    twilio = _twilio(profile, session, state, quiet=no_tunnel)
+    if twilio is not None:
+        with console.status("checking for numbers left pointed by an earlier run…"):
+            done, problems = up_sessions.repair(twilio, state)
+        for line in done:
+            console.print(f"[yellow]![/] {escape(line)}")
+        session.notes.extend(problems)
+    public = None if no_tunnel else settings.public_url
+    if public is None and not no_tunnel:
+        public = _tunnel(settings.port, session)
+    update: dict[str, Any] = {"public_url": public}
+    if public is None and settings.host in ("127.0.0.1", "localhost", "::1"):
+        # Local only: nothing but this machine reaches the relay, and there is no public
+        # URL to check Twilio's signatures against.
+        update["verify_signatures"] = False
+    settings = settings.model_copy(update=update)
+    problems, warnings = settings.startup_problems()
+    if public is None:
+        warnings = [w for w in warnings if "signature checks are OFF" not in w]
+    if problems:
+        raise SettingsError(problems[0])
+    bus = EventBus()
+    relay = build_relay(settings, events=bus)
+    if twilio is not None and public is not None:
+        _point(twilio, state, number, public + "/twiml", session)
+    elif number and (twilio is not None or no_tunnel):
+        session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
     return relay, settings, sock, turns, warnings, bus
 
 
@@ -262,7 +248,6 @@ async def _serve(
     if turns is None:
         await relay
         return 0
-    code = 1
     try:
         await _listening(settings.port)
         token = settings.twilio_auth_token
@@ -273,13 +258,11 @@ async def _serve(
             timeout=15.0,
         )
         await caller.connect(await caller.fetch())
-        code = await play_script(caller, turns, console)
-    except CrctlError as exc:
-        console.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
+        return await play_script(caller, turns, console)
     finally:
+        # a CallError goes on to the CLI's handler once the relay has stopped
         stop.set()
         await relay
-    return code
 
 
 async def _listening(port: int, timeout: float = 10.0) -> None:

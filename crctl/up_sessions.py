@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
+
+import psutil
 
 from crctl.errors import CrctlError
 from crctl.provisioning import ProvisioningError, Twilio, voice_of
@@ -20,26 +21,43 @@ from crctl.state import State
 SESSIONS = "up_sessions"
 
 
+#: Twilio's error code for a resource that does not exist (Twilio docs: error 20404).
+NOT_FOUND = 20404
+
+
 def process_started(pid: int) -> str | None:
-    """When ``pid`` started (Linux: /proc), to tell a live run from a reused pid."""
+    """When ``pid`` started (psutil, any platform), to tell a live run from a reused pid.
+
+    Returns:
+        The start time as a string (seconds since the epoch), or ``None`` when there is no
+        such process or it cannot be inspected.
+    """
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return repr(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):  # ValueError: a negative pid
         return None
-    return fields[19] if len(fields) > 19 else None
 
 
 def alive(entry: dict[str, Any]) -> bool:
-    """Whether the run that wrote ``entry`` is still running."""
+    """Whether the run that wrote ``entry`` is still running.
+
+    A record from an older crctl holds a start time it read from /proc (clock ticks, not
+    seconds); that one can only say "a process has this pid".
+    """
     pid = int(entry.get("pid", 0))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if pid <= 0:
         return False
-    except PermissionError:
-        pass
-    started = entry.get("process_started")
-    return started is None or process_started(pid) in (None, started)
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False  # it has exited; only its parent has not collected it yet
+        started = repr(process.create_time())
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # AccessDenied: someone else's process holds the pid
+        return True
+    recorded = entry.get("process_started")
+    return recorded is None or "." not in str(recorded) or recorded == started
 
 
 def claim(twilio: Twilio, state: State, number: Any, url: str) -> None:
@@ -73,7 +91,7 @@ def put_back(twilio: Twilio, state: State, sid: str, *, dead_only: bool) -> str 
     try:
         number = twilio.number(sid)
     except ProvisioningError as exc:
-        if "20404" in str(exc):
+        if exc.code == NOT_FOUND:
             _drop(state, sid)
             return f"{entry['phone']} is no longer in this account: its up record is dropped"
         raise

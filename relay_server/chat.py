@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay_server.errors import RelayError
+
 #: A chat message as the OpenAI-compatible API takes it (``{"role": …, "content": …}``).
 Message = dict[str, Any]
 
 
-class LLMError(Exception):
+class LLMError(RelayError):
     """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
     status, stream_cut, bad_chunk (also a line over the limit). ``fix`` is the next step when
     the cause is known precisely (an unresolvable host, a refused connection)."""

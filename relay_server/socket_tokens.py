@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode
 
+from relay_server.errors import RelayError
+
 #: Seconds a minted URL may be used for: Twilio connects within a second or two of fetching the
 #: TwiML; the rest is slack for slow networks and clock differences with a Serverless minter.
 TOKEN_LIFETIME = 90.0
@@ -59,7 +61,7 @@ def _mac(secret: bytes, expires: int, nonce: str, call_sid: str) -> str:
     return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
 
-class TokenRefused(Exception):
+class TokenRefused(RelayError):
     """Why a socket URL opens nothing (one line, for the log)."""
 
 

@@ -184,33 +184,39 @@ def test_urls_are_checked_before_twilio_sees_them(
     fake_twilio: Any, url: str, expected: str
 ) -> None:
     result = crctl("provision-number", "--public-url", url, "--yes")
-    assert result.exit_code == 1 and expected in result.stderr
+    assert result.exit_code == 2 and expected in result.stderr  # a bad flag: usage
     assert fake_twilio.requests == []
 
 
 @pytest.mark.parametrize(
-    ("setup", "args", "expected"),
+    ("setup", "args", "expected", "code"),
     [
-        ("bad-credentials", ["numbers", "list"], "20003"),
+        ("bad-credentials", ["numbers", "list"], "20003", 1),
         (
             "none",
             ["numbers", "point", "+15005550199", "--url", PUBLIC + "/twiml"],
             "does not own +15005550199",
+            1,
         ),
-        ("none", ["numbers", "restore", "PN" + "0" * 32], "20404"),
-        ("none", ["numbers", "point", "+15005550199"], "exactly one of --url"),
-        ("network", ["numbers", "list"], "cannot reach Twilio"),
+        ("none", ["numbers", "restore", "PN" + "0" * 32], "20404", 1),
+        ("none", ["numbers", "point", "+15005550199"], "exactly one of --url", 2),
+        ("network", ["numbers", "list"], "cannot reach Twilio", 1),
     ],
 )
 def test_twilio_errors_are_one_line_with_the_next_step(
-    fake_twilio: Any, monkeypatch: pytest.MonkeyPatch, setup: str, args: list[str], expected: str
+    fake_twilio: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    args: list[str],
+    expected: str,
+    code: int,
 ) -> None:
     if setup == "bad-credentials":
         monkeypatch.setenv("TWILIO_AUTH_TOKEN", "w" * 32)
     if setup == "network":
         fake_twilio.down()
     result = crctl(*args)
-    assert result.exit_code == 1
+    assert result.exit_code == code  # 1: Twilio refused or unreachable; 2: a bad flag
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
     if setup == "bad-credentials":
         # the hint names crctl as it was run (scripts/dev.sh from a checkout's .venv)
@@ -240,7 +246,7 @@ def test_point_url_then_restore(fake_twilio: Any) -> None:
     assert result.exit_code == 0, result.output
     assert fake_twilio.numbers[owned["sid"]]["voice_url"] == "https://new.example.com/twiml"
     bad = crctl("numbers", "point", "+15005550011", "--url", "https://new.example.com")
-    assert bad.exit_code == 1 and "path" in bad.stderr
+    assert bad.exit_code == 2 and "path" in bad.stderr
     assert crctl("numbers", "restore", "+15005550011").exit_code == 0
     assert fake_twilio.numbers[owned["sid"]]["voice_url"] == "https://before.example.com/x"
 
@@ -297,4 +303,55 @@ def test_other_number_types_are_searched(fake_twilio: Any, country: str, kind: s
 
 def test_unknown_number_type_is_refused_before_any_request(fake_twilio: Any) -> None:
     result = crctl("provision-number", "--public-url", PUBLIC, "--type", "pager", "--yes")
-    assert result.exit_code == 1 and "local, toll-free, mobile" in result.stderr
+    assert result.exit_code == 2 and "local, toll-free, mobile" in result.stderr
+
+
+@pytest.mark.parametrize("dotenv", [".env", ".env.local"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["whoami"],
+        ["numbers", "list"],
+        ["provision-number", "--public-url", PUBLIC, "--dry-run"],
+    ],
+    ids=" ".join,
+)
+def test_twilio_credentials_come_from_dotenv_files_for_every_command(
+    fake_twilio: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    dotenv: str,
+    args: list[str],
+) -> None:
+    # before issue 10, .env fed `crctl serve` only: these commands found no credentials
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TWILIO_CLI_CONFIG_DIR", str(tmp_path / "no-twilio-cli"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / dotenv).write_text(
+        f"TWILIO_ACCOUNT_SID={fake_twilio.account_sid}\n"
+        f"TWILIO_AUTH_TOKEN={fake_twilio.auth_token}\n"
+    )
+    if dotenv == ".env.local":  # it beats .env, which holds a wrong token here
+        (tmp_path / ".env").write_text(
+            f"TWILIO_ACCOUNT_SID={fake_twilio.account_sid}\nTWILIO_AUTH_TOKEN={'w' * 32}\n"
+        )
+    result = crctl(*args)
+    assert result.exit_code == 0, result.output
+    assert fake_twilio.requests, "the command did not reach Twilio"
+    if args == ["whoami"]:
+        assert fake_twilio.account_sid in result.stdout and "environment" in result.stdout
+
+
+def test_environment_beats_dotenv_and_flags_beat_both(
+    fake_twilio: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(f"TWILIO_AUTH_TOKEN={'w' * 32}\n")
+    assert crctl("whoami").exit_code == 0  # the environment's right token wins over .env
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "w" * 32)
+    flagged = crctl(
+        "whoami", "--account-sid", fake_twilio.account_sid, "--auth-token", fake_twilio.auth_token
+    )
+    assert flagged.exit_code == 0, flagged.output
+    assert "from      flags" in flagged.stdout

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from twiml_templates.errors import TemplatesError
+from twiml_templates.files import write_atomic
 
 #: The record of what the last export wrote: ``{"files": {relative path: sha256}}``.
 MANIFEST = ".crctl-export.json"
@@ -50,7 +51,7 @@ SOCKET_TOKEN_LIFETIME = 90
 _RELAY_URL = re.compile(r'<ConversationRelay\b[^>]*?\surl="([^"]*)"')
 
 
-class ExportError(Exception):
+class ExportError(TemplatesError):
     """The export cannot be written (the folder is a file, a target is a folder, …)."""
 
 
@@ -306,16 +307,7 @@ def _drop_stale_new_version(path: Path, content: bytes) -> None:
 def _write(path: Path, content: bytes) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, content)
     except OSError as exc:
         raise ExportError(f"{path}: cannot write it: {exc.strerror or exc}") from exc
 

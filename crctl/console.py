@@ -190,7 +190,7 @@ class CallLog:
                 shown = ", ".join(f"{name} {value}" for name, value in pairs if value)
                 line(event, "language", Text("switched: " + shown), "bold cyan")
             case ev.Error(code=code, message=message):
-                self._error(event, code, _set(event.title), _set(event.explanation), message)
+                self._error(event, _set(code), _set(event.title), _set(event.explanation), message)
                 self._fix(event, _set(event.fix))
             case ev.LlmFault(fault=fault, detail=detail):
                 # A connection that never happened is said as that ("cannot resolve host …",

@@ -117,7 +117,7 @@ def enrich(event: CallEvent) -> CallEvent:
     them already; any other event as it is."""
     if isinstance(event, (Error, SessionEnd)):
         code = event.code if isinstance(event, Error) else event.error_code
-        if code and event.title is msgspec.UNSET:
+        if code and event.title is msgspec.UNSET:  # UNSET is falsy
             words = explain(code)
             if words:
                 return msgspec.structs.replace(event, **words)

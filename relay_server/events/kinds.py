@@ -165,7 +165,8 @@ class Error(CallEvent, tag=ERROR, frozen=True):
 
     source: str = ""
     message: str | None = ""
-    code: int | str | None = None
+    #: Twilio's error code; a failed turn (``source`` ``agent``) has none.
+    code: int | str | UnsetType | None = UNSET
     title: str | UnsetType = UNSET
     explanation: str | UnsetType = UNSET
     fix: str | UnsetType = UNSET

@@ -70,8 +70,11 @@ def encode_data(event: CallEvent) -> bytes:
 
 
 def build(kind: str, call_sid: str, data: Mapping[str, Any], ts: float | None = None) -> CallEvent:
-    """The typed event of ``kind`` with ``data`` (wire keys); an :class:`Other` for a kind
-    this code does not know or data that does not fit its kind (logged: a publisher's bug)."""
+    """The typed event of ``kind`` with ``data`` (its wire keys).
+
+    A kind this code does not know, or data that does not fit its kind (a publisher's bug,
+    logged), gives an :class:`Other` that keeps the data as it came.
+    """
     cls = KINDS.get(kind)
     if cls is None:
         return _other(kind, call_sid, data, ts)

@@ -12,12 +12,15 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
+
+from relay_server import events as ev
 
 #: Where every crctl command writes its one-line errors and warnings.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -99,7 +102,7 @@ def short_sid(sid: str) -> str:
 
 def shorten(value: Any, width: int = 80) -> str:
     """One line of at most ``width`` characters (JSON for structures)."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -119,10 +122,17 @@ def _ms(value: Any) -> str:
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
+def _set(value: Any) -> Any:
+    """``None`` for an extra the event does not carry (``msgspec.UNSET``)."""
+    return None if value is msgspec.UNSET else value
+
+
 class CallLog:
     """Renders call events on ``console`` as a live transcript, a colour per call.
 
-    ``partials=True`` also shows the caller's partial transcripts (dimmed).
+    Events come typed (:mod:`relay_server.events`), or as ``/events`` serves them (dicts
+    with ``kind``, ``call_sid``, ``ts``, ``data``), decoded here once. ``partials=True`` also
+    shows the caller's partial transcripts (dimmed).
     """
 
     def __init__(self, console: Console, *, partials: bool = False) -> None:
@@ -138,169 +148,170 @@ class CallLog:
             self._colours[call_sid] = colour
         return colour
 
-    def add_all(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def add_all(self, events: Iterable[ev.CallEvent | Mapping[str, Any]]) -> None:
         """Render several events in order."""
         for event in events:
             self.add(event)
 
-    def add(self, event: Mapping[str, Any]) -> None:
+    def add(self, event: ev.CallEvent | Mapping[str, Any]) -> None:
         """Render one event."""
-        kind = str(event.get("kind", "?"))
-        sid = str(event.get("call_sid") or "")
-        data = event.get("data") or {}
-        if not isinstance(data, Mapping):
-            data = {"value": data}
-        new_call = sid and sid not in self._colours
-        if kind == "call.started" or new_call:
-            self._header(sid, event.get("ts"), data if kind == "call.started" else None)
-            if kind == "call.started":
+        if not isinstance(event, ev.CallEvent):
+            event = ev.from_wire(event)
+        sid = event.call_sid
+        started = isinstance(event, ev.CallStarted)
+        if started or (sid and sid not in self._colours):
+            self._header(sid, event.ts, event if isinstance(event, ev.CallStarted) else None)
+            if started:
                 return
-        render = getattr(self, "_" + kind.replace(".", "_"), None)
-        if render is None:
-            self._line(event, kind, Text(shorten(dict(data), 100), style="dim"))
-        else:
-            render(event, data)
+        self._render(event)
+
+    def _render(self, event: ev.CallEvent) -> None:
+        line = self._line
+        match event:
+            case ev.CallerSpeech(text=text, last=True):
+                line(event, "caller", Text(text), "bold green")
+            case ev.CallerSpeech(text=text) if self.partials:
+                line(event, "caller…", Text(text, style="dim italic"))
+            case ev.CallerSpeech():
+                pass
+            case ev.AgentReply():
+                line(event, "agent", _reply(event), "bold blue")
+            case ev.AgentPushed(frame_type=frame_type, text=text):
+                body = Text(f"{frame_type or '?'}: ", style="dim")
+                body.append(shorten(text or "", 100))
+                line(event, "pushed", body, "bold blue")
+            case ev.BargeIn(heard=heard, duration_ms=duration):
+                body = Text("caller cut in; heard ")
+                body.append(f"“{heard}”", style="italic")
+                if duration:
+                    body.append(f" after {_ms(duration)}", style="dim")
+                line(event, "barge-in", body, "bold yellow")
+            case ev.Dtmf(digit=digit):
+                line(event, "keypad", Text(f"pressed {digit or '?'}"), "bold magenta")
+            case ev.ToolCall(name=name, arguments=arguments, result=result):
+                body = Text()
+                body.append(name or "?", style="bold")
+                body.append(f"({shorten(arguments or '', 50)})", style="dim")
+                body.append(" → " + shorten("" if result is None else result, 80))
+                line(event, "tool", body, "bold cyan")
+            case ev.LanguageSwitched(tts=tts, transcription=transcription):
+                pairs = (("tts", tts), ("transcription", transcription))
+                shown = ", ".join(f"{name} {value}" for name, value in pairs if value)
+                line(event, "language", Text("switched: " + shown), "bold cyan")
+            case ev.Error(code=code, message=message):
+                self._error(event, _set(code), _set(event.title), _set(event.explanation), message)
+                self._fix(event, _set(event.fix))
+            case ev.LlmFault(fault=fault, detail=detail):
+                # A connection that never happened is said as that ("cannot resolve host …",
+                # "connection refused to …"), not as the kind's code word.
+                what = "LLM unreachable" if fault == "connection" else fault or "?"
+                line(
+                    event, "LLM FAULT", Text(f"{what}: {detail}", style="red"), "bold white on red"
+                )
+                self._fix(event, _set(event.fix))
+            case ev.BadFrame(reason=reason):
+                body = Text(f"dropped: {shorten(reason, 100)}", style="yellow")
+                line(event, "bad frame", body, "bold yellow")
+            case ev.SocketClosed(code=code):
+                what = "hung up" if code in (1000, None) else "socket closed"
+                line(event, "socket", Text(what if code is None else f"{what} ({code})"), "dim")
+            case ev.SessionEnd():
+                self._session_end(event)
+            case ev.CallLost(last_seen=last_seen, reason=reason):
+                body = Text("call lost", style="bold")
+                if last_seen:
+                    body.append(f": relay last seen {_clock(last_seen)}")
+                if reason:
+                    body.append(f" ({reason})", style="dim")
+                line(event, "lost", body, "bold yellow")
+            case ev.CallStatus(status=status, duration=duration):
+                body = Text(f"call {status or '?'}")
+                if duration:
+                    body.append(f" ({duration} s)", style="dim")
+                line(event, "status", body, "dim")
+            case _:  # a kind this crctl does not know (a newer relay)
+                line(event, event.kind, Text(shorten(event.data, 100), style="dim"))
 
     # ------------------------------------------------------------------------ layout
-    def _header(self, sid: str, ts: Any, data: Mapping[str, Any] | None) -> None:
+    def _header(self, sid: str, ts: float, started: ev.CallStarted | None) -> None:
         colour = self.colour(sid) if sid else "white"
         title = Text()
         title.append(f" {sid or 'no call'} ", style=f"bold {colour}")
-        if data is not None:
-            title.append(f"{data.get('from') or '?'} → {data.get('to') or '?'}", style=colour)
-            params = data.get("custom_parameters") or {}
+        if started is not None:
+            title.append(f"{started.from_ or '?'} → {started.to or '?'}", style=colour)
+            params = started.custom_parameters or {}
             if params:
                 pairs = " ".join(f"{k}={v}" for k, v in dict(params).items())
                 title.append(f"  {shorten(pairs, 60)}", style="dim")
-            if data.get("resumed"):
+            if started.resumed:
                 title.append("  (reconnected)", style="yellow")
             title.append(f"  {_clock(ts)} ", style="dim")
         self.console.print(Rule(title, style=colour, align="left"))
 
-    def _line(
-        self, event: Mapping[str, Any], role: str, body: Text, role_style: str = "bold"
-    ) -> None:
-        sid = str(event.get("call_sid") or "")
+    def _line(self, event: ev.CallEvent, role: str, body: Text, role_style: str = "bold") -> None:
+        sid = event.call_sid
         colour = self.colour(sid) if sid else "white"
         grid = Table.grid(padding=(0, 1))
         grid.add_column(no_wrap=True)
         grid.add_column(no_wrap=True, width=9)
         grid.add_column(overflow="fold")
         prefix = Text("┃ ", style=colour)
-        prefix.append(_clock(event.get("ts")), style="dim")
+        prefix.append(_clock(event.ts), style="dim")
         prefix.append(" " + short_sid(sid) if sid else "", style=colour)
         grid.add_row(prefix, Text(role, style=role_style), body)
         self.console.print(grid)
 
-    def _fix(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        if data.get("fix"):
-            self._line(event, "", Text(f"fix: {data['fix']}", style="bold yellow"))
+    def _fix(self, event: ev.CallEvent, fix: str | None) -> None:
+        if fix:
+            self._line(event, "", Text(f"fix: {fix}", style="bold yellow"))
 
-    # ----------------------------------------------------------------------- kinds
-    def _caller_speech(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        if data.get("last", True):
-            self._line(event, "caller", Text(str(data.get("text", ""))), "bold green")
-        elif self.partials:
-            self._line(event, "caller…", Text(str(data.get("text", "")), style="dim italic"))
-
-    def _agent_reply(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        text = str(data.get("text") or "")
-        body = Text(text) if text else Text("(nothing said)", style="dim")
-        # "first token": end of the caller's turn -> the reply's first token sent. Rows
-        # stored before the name was settled carry it as ``ttft_ms``.
-        first = data.get("first_token_ms", data.get("ttft_ms"))
-        timing = [f"first token {_ms(first)}"] if first is not None else []
-        if data.get("duration_ms") is not None:
-            timing.append(f"took {_ms(data['duration_ms'])}")
-        if timing:
-            body.append("  " + " · ".join(timing), style="dim cyan")
-        if data.get("cancelled"):
-            body.append("  (cut off)", style="yellow")
-        self._line(event, "agent", body, "bold blue")
-
-    def _agent_pushed(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text(f"{data.get('type') or '?'}: ", style="dim")
-        body.append(shorten(data.get("text") or "", 100))
-        self._line(event, "pushed", body, "bold blue")
-
-    def _barge_in(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text("caller cut in; heard ")
-        body.append(f"“{data.get('heard', '')}”", style="italic")
-        if data.get("duration_ms"):
-            body.append(f" after {_ms(data['duration_ms'])}", style="dim")
-        self._line(event, "barge-in", body, "bold yellow")
-
-    def _dtmf(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        self._line(event, "keypad", Text(f"pressed {data.get('digit', '?')}"), "bold magenta")
-
-    def _tool_call(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    def _error(
+        self,
+        event: ev.CallEvent,
+        code: Any,
+        title: str | None,
+        explanation: str | None,
+        message: str | None,
+    ) -> None:
         body = Text()
-        body.append(str(data.get("name", "?")), style="bold")
-        body.append(f"({shorten(data.get('arguments') or '', 50)})", style="dim")
-        body.append(" → " + shorten(data.get("result", ""), 80))
-        self._line(event, "tool", body, "bold cyan")
-
-    def _language(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        parts = [f"{k} {data[k]}" for k in ("tts", "transcription") if data.get(k)]
-        self._line(event, "language", Text("switched: " + ", ".join(parts)), "bold cyan")
-
-    def _error(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text()
-        if data.get("code"):
-            body.append(f"{data['code']} {data.get('title', '')}".strip() + ": ", style="bold")
-        body.append(str(data.get("explanation") or data.get("message") or "error"))
-        if data.get("explanation") and data.get("message"):
-            body.append(f"  [{shorten(data['message'], 80)}]", style="dim")
+        if code:
+            body.append(f"{code} {title or ''}".strip() + ": ", style="bold")
+        body.append(str(explanation or message or "error"))
+        if explanation and message:
+            body.append(f"  [{shorten(message, 80)}]", style="dim")
         self._line(event, "ERROR", body, "bold white on red")
-        self._fix(event, data)
 
-    def _llm_fault(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        kind = str(data.get("kind", "?"))
-        # A connection that never happened is said as that ("cannot resolve host …",
-        # "connection refused to …"), not as the kind's code word.
-        what = "LLM unreachable" if kind == "connection" else kind
-        body = Text(f"{what}: {data.get('detail', '')}", style="red")
-        self._line(event, "LLM FAULT", body, "bold white on red")
-        self._fix(event, data)
-
-    def _frame_bad(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        reason = shorten(data.get("reason", ""), 100)
-        self._line(event, "bad frame", Text(f"dropped: {reason}", style="yellow"), "bold yellow")
-
-    def _socket_closed(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        code = data.get("code")
-        what = "hung up" if code in (1000, None) else "socket closed"
-        self._line(event, "socket", Text(what if code is None else f"{what} ({code})"), "dim")
-
-    def _session_end(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    def _session_end(self, event: ev.SessionEnd) -> None:
         body = Text()
-        body.append(f"session {data.get('status') or '?'}", style="bold")
-        if data.get("duration"):
-            body.append(f" after {data['duration']} s", style="dim")
-        if data.get("handoff_data"):
+        body.append(f"session {event.status or '?'}", style="bold")
+        if event.duration:
+            body.append(f" after {event.duration} s", style="dim")
+        if event.handoff_data:
             body.append("  hand-off: ", style="bold magenta")
-            body.append(shorten(data["handoff_data"], 100))
+            body.append(shorten(event.handoff_data, 100))
         self._line(event, "end", body, "bold")
-        if data.get("error_code"):
+        if event.error_code:
             error = Text()
-            error.append(f"{data['error_code']} {data.get('title', '')}".strip() + ": ", "bold")
-            error.append(str(data.get("explanation") or data.get("error_message") or ""))
+            title = _set(event.title) or ""
+            error.append(f"{event.error_code} {title}".strip() + ": ", "bold")
+            error.append(str(_set(event.explanation) or event.error_message or ""))
             self._line(event, "ERROR", error, "bold white on red")
-            self._fix(event, data)
+            self._fix(event, _set(event.fix))
 
-    def _call_lost(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text("call lost", style="bold")
-        if data.get("last_seen"):
-            body.append(f": relay last seen {_clock(data['last_seen'])}")
-        if data.get("reason"):
-            body.append(f" ({data['reason']})", style="dim")
-        self._line(event, "lost", body, "bold yellow")
 
-    def _call_status(self, event: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-        body = Text(f"call {data.get('status') or '?'}")
-        if data.get("duration"):
-            body.append(f" ({data['duration']} s)", style="dim")
-        self._line(event, "status", body, "dim")
+def _reply(event: ev.AgentReply) -> Text:
+    """An agent's reply with its latency: "first token" is the end of the caller's turn ->
+    the reply's first token sent (rows stored before the name was settled say ``ttft_ms``)."""
+    body = Text(event.text) if event.text else Text("(nothing said)", style="dim")
+    first = event.first_token_ms if event.first_token_ms is not None else _set(event.ttft_ms)
+    timing = [f"first token {_ms(first)}"] if first is not None else []
+    if event.duration_ms is not None:
+        timing.append(f"took {_ms(event.duration_ms)}")
+    if timing:
+        body.append("  " + " · ".join(timing), style="dim cyan")
+    if event.cancelled:
+        body.append("  (cut off)", style="yellow")
+    return body
 
 
 # ------------------------------------------------------------------------ stored calls
@@ -350,15 +361,16 @@ def _sid(call: Mapping[str, Any]) -> str:
 def print_call(console: Console, call: Mapping[str, Any]) -> None:
     """``crctl calls show``: a stored call's whole transcript."""
     log = CallLog(console)
-    events = list(call.get("events") or [])
-    if not events or events[0].get("kind") != "call.started":
+    events = [ev.from_wire(event) for event in call.get("events") or []]
+    if not events or not isinstance(events[0], ev.CallStarted):
+        started = call.get("started")
         log.add(
-            {
-                "kind": "call.started",
-                "call_sid": _sid(call),
-                "ts": call.get("started"),
-                "data": {"from": call.get("from"), "to": call.get("to")},
-            }
+            ev.CallStarted(
+                call_sid=_sid(call),
+                ts=float(started) if started else 0.0,
+                from_=call.get("from"),
+                to=call.get("to"),
+            )
         )
     log.add_all(events)
     status = Text(f"status {call.get('status')}, {call.get('turns', 0)} turns", style="dim")

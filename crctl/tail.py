@@ -1,10 +1,10 @@
 """``crctl tail`` (the live call log) and ``crctl calls`` (stored calls and their transcripts).
 
-``tail`` follows the relay's ``/events`` stream (Server-Sent Events) with the standard library's
-``http.client``: no extra dependency, and proxies in the environment never get between a
-developer and a local relay. It says when it is connected; when the relay goes away it says so
-once, retries every ≤ 2 s, says when it is back and resumes with ``after=<last event id>``, so
-nothing stored meanwhile is missed.
+``tail`` follows the relay's ``/events`` stream (Server-Sent Events, read by httpx-sse over an
+httpx client that ignores proxies in the environment: none must get between a developer and a
+local relay). It says when it is connected; when the relay goes away it says so once, retries
+every ≤ 2 s, says when it is back and resumes with ``after=<last event id>``, so nothing stored
+meanwhile is missed. Each message is decoded once into a typed call event for the console.
 
 ``calls`` reads the events database directly (``--db``, default ``~/.crctl/events.sqlite3``),
 so it works whether the relay runs or not; ``--url`` asks a running relay instead.
@@ -15,13 +15,12 @@ machine (``~/.crctl/api-token``), read again at every reconnect.
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import quote, urlencode, urlsplit
 
 import typer
@@ -31,6 +30,10 @@ from rich.markup import escape
 from crctl.console import CallLog, calls_table, err, fail, print_call, runnable
 from crctl.errors import CrctlError
 from crctl.paths import api_token_path, default_events_db, read_api_token
+from relay_server import events as ev
+
+if TYPE_CHECKING:  # httpx is imported when a command talks to a relay: `--help` stays fast
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: The relay sends a comment every 15 s; this long without a byte means it is gone.
@@ -42,6 +45,10 @@ class TailError(CrctlError):
     """The relay refused the request (bad token, bad ``--since``…): retrying will not help."""
 
 
+class _Unavailable(Exception):
+    """The relay answered 5xx: worth retrying."""
+
+
 # ---------------------------------------------------------------------------- HTTP
 def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
     """The token to send: the one given, else this machine's token file, but only to a relay
@@ -50,6 +57,36 @@ def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
         return explicit
     host = urlsplit(url).hostname or ""
     return read_api_token() if host in ("127.0.0.1", "localhost", "::1") else None
+
+
+def _client(timeout: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """A client for the relay; ``trust_env=False``: no proxy from the environment."""
+    import httpx
+
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=5.0), trust_env=False, transport=transport
+    )
+
+
+def _checked_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TailError(f"--url must be the relay's http(s):// address, got {url!r}")
+    return url.rstrip("/")
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _check(url: str, response: httpx.Response, token: str | None) -> None:
+    """A non-200 answer raises :class:`TailError` (4xx) or :class:`_Unavailable` (5xx)."""
+    if response.status_code == 200:
+        return
+    body = response.read()
+    if 400 <= response.status_code < 500:
+        raise _refusal(url, response.status_code, body, token)
+    raise _Unavailable(f"HTTP {response.status_code}")
 
 
 def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailError:
@@ -65,72 +102,27 @@ def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailError
     return TailError(f"{url}: {reason}")
 
 
-def _connect(
-    url: str, path: str, token: str | None, *, accept: str, timeout: float
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``path`` on the relay at ``url``; a non-200 answer raises :class:`TailError`
-    (4xx) or ``ConnectionError`` (5xx, worth retrying). Network errors are ``OSError``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TailError(f"--url must be the relay's http(s):// address, got {url!r}")
-    factory = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = factory(parts.hostname, parts.port, timeout=5)
-    headers = {"Accept": accept}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        conn.request("GET", parts.path.rstrip("/") + path, headers=headers)
-        response = conn.getresponse()
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
-    except BaseException:
-        conn.close()
-        raise
-    if response.status != 200:
-        body = response.read()
-        conn.close()
-        if 400 <= response.status < 500:
-            raise _refusal(url, response.status, body, token)
-        raise ConnectionError(f"HTTP {response.status}")
-    return conn, response
-
-
 def _get_json(url: str, path: str, token: str | None) -> Any:
+    import httpx
+
+    url = _checked_url(url)
     try:
-        conn, response = _connect(url, path, token, accept="application/json", timeout=10)
-    except OSError as exc:
+        with _client(10.0) as client:
+            response = client.get(
+                url + path, headers={"Accept": "application/json", **_headers(token)}
+            )
+            _check(url, response, token)
+            return response.json()
+    except (httpx.HTTPError, _Unavailable) as exc:
         raise TailError(f"cannot reach the relay at {url}: {exc}") from None
-    try:
-        return json.loads(response.read())
-    finally:
-        conn.close()
 
 
 # ---------------------------------------------------------------------------- SSE
-def read_sse(lines: Iterable[bytes]) -> Iterator[tuple[str | None, str]]:
-    """Server-Sent Events from raw lines: ``(id, data)`` per message (``data`` is ``""`` for a
-    message that only moves the last event id). Comments and ``retry:`` are skipped."""
-    event_id: str | None = None
-    data: list[str] = []
-    for raw in lines:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data or event_id is not None:
-                yield event_id, "\n".join(data)
-            event_id, data = None, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            data.append(value)
-        elif name == "id":
-            event_id = value
-
-
 class Follower:
-    """Follows ``/events`` for ever: reconnects with backoff and resumes after the last id."""
+    """Follows ``/events`` for ever: reconnects with backoff and resumes after the last id.
+
+    ``transport`` is httpx's seam (``httpx.MockTransport`` in tests).
+    """
 
     def __init__(
         self,
@@ -140,12 +132,14 @@ class Follower:
         call: str | None = None,
         since: str | None = None,
         read_timeout: float = READ_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.call = call
         self.since = since
         self.read_timeout = read_timeout
+        self.transport = transport
         self.last_id: int | None = None
 
     def _path(self) -> str:
@@ -161,44 +155,46 @@ class Follower:
     def run(self, on_event: Callable[[str], None], notice: Callable[[str], None]) -> None:
         """Call ``on_event(json_text)`` per event and ``notice(text)`` when the connection
         comes and goes; returns only by an exception (:class:`TailError`, Ctrl-C)."""
+        import httpx
+        from httpx_sse import SSEError, connect_sse
+
+        url = _checked_url(self.url)
         delay = 0.1
         connected_once = False
         away = False
-        while True:
-            try:
-                conn, response = _connect(
-                    self.url,
-                    self._path(),
-                    _token(self.token, self.url),
-                    accept="text/event-stream",
-                    timeout=self.read_timeout,
-                )
-            except (OSError, http.client.HTTPException):
+        with _client(self.read_timeout, self.transport) as client:
+            while True:
+                token = _token(self.token, url)
+                try:
+                    with connect_sse(
+                        client, "GET", url + self._path(), headers=_headers(token)
+                    ) as source:
+                        _check(url, source.response, token)
+                        if not connected_once:
+                            notice(f"connected to {url}, following its calls (Ctrl-C stops)")
+                        else:  # after a drop, whether or not the first retry failed
+                            notice(f"reconnected to {url}")
+                        away, connected_once, delay = False, True, 0.1
+                        try:
+                            for message in source.iter_sse():
+                                if message.id:
+                                    self.last_id = int(message.id)
+                                if message.data:
+                                    on_event(message.data)
+                        except (httpx.HTTPError, SSEError, ValueError):
+                            pass  # the relay stopped or the line went quiet: reconnect
+                        continue
+                except (httpx.HTTPError, _Unavailable):
+                    pass
                 if not away:
                     notice(
                         "relay went away, reconnecting…"
                         if connected_once
-                        else f"waiting for the relay at {self.url}…"
+                        else f"waiting for the relay at {url}…"
                     )
                     away = True
                 time.sleep(delay)
                 delay = min(MAX_BACKOFF, delay * 2)
-                continue
-            if not connected_once:
-                notice(f"connected to {self.url}, following its calls (Ctrl-C stops)")
-            else:  # after a drop, whether or not the first retry failed
-                notice(f"reconnected to {self.url}")
-            away, connected_once, delay = False, True, 0.1
-            try:
-                for event_id, data in read_sse(iter(response.readline, b"")):
-                    if event_id:
-                        self.last_id = int(event_id)
-                    if data:
-                        on_event(data)
-            except (OSError, http.client.HTTPException, ValueError):
-                pass  # the relay stopped or the line went quiet: reconnect
-            finally:
-                conn.close()
 
 
 def tail(
@@ -240,11 +236,9 @@ def tail(
         log = CallLog(Console(highlight=False))
 
         def on_event(data: str) -> None:
-            try:
-                event = json.loads(data)
-            except ValueError:
-                return
-            log.add(event)
+            event = ev.decode(data)  # once, at the edge; not an event: skipped
+            if event is not None:
+                log.add(event)
 
     def notice(text: str) -> None:
         err.print(f"[dim]{escape(text)}[/]")

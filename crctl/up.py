@@ -358,10 +358,7 @@ def _printer() -> Any:
 
     def printer() -> None:
         while True:
-            event = pending.get()
-            log.add(
-                {"kind": event.kind, "call_sid": event.call_sid, "ts": event.ts, "data": event.data}
-            )
+            log.add(pending.get())  # typed: rendered as it is, no round trip through a dict
 
     threading.Thread(target=printer, name="crctl-up-log", daemon=True).start()
 

@@ -260,10 +260,7 @@ def test_the_bus_explains_error_bearing_events_whoever_publishes_them():
 
 # --------------------------------------------------------------------------- the store
 def _publish(store: EventStore, kind: str, sid: str, ts: float | None = None, **data) -> None:
-    event = ev.CallEvent(kind, sid, data)
-    if ts is not None:
-        event = ev.CallEvent(kind, sid, data, ts)
-    store.append(event)
+    store.append(ev.build(kind, sid, data, ts))
 
 
 def test_store_query_calls_and_prefix(db):
@@ -274,16 +271,19 @@ def test_store_query_calls_and_prefix(db):
         _publish(store, ev.AGENT_REPLY, CA1, t0 + 1, text="hi", ttft_ms=1.0, duration_ms=2.0)
         _publish(store, ev.CALL_STARTED, CA2, t0 + 50, **{"from": "+1777", "to": "+1666"})
         _publish(store, ev.BAD_FRAME, "", t0 + 51, reason="not JSON")
-        _publish(store, ev.DTMF, CA2, t0 + 60, digit="#", odd=object())  # not JSON: str()
+        # A value JSON cannot hold (a tool's odd result) is stored as its str().
+        store.append(
+            ev.ToolCall(call_sid=CA2, ts=t0 + 60, name="f", arguments="{}", result=object())
+        )
         rows = store.query()
         assert [r["kind"] for r in rows] == [
             "call.started",
             "agent.reply",
             "call.started",
             "frame.bad",
-            "dtmf",
+            "tool.call",
         ]
-        assert rows[4]["data"]["odd"].startswith("<object object")
+        assert rows[4]["data"]["result"].startswith("<object object")
         assert [r["call_sid"] for r in store.query(call_sid=CA2)] == [CA2, CA2]
         assert [r["id"] for r in store.query(since=t0 + 50)] == [r["id"] for r in rows[2:]]
         assert [r["id"] for r in store.query(after_id=rows[3]["id"])] == [rows[4]["id"]]

@@ -402,8 +402,8 @@ def test_calls_json_says_call_sid_and_the_list_shows_whole_sids(tmp_path: Path) 
     db = tmp_path / "events.sqlite3"
     sid = "CA" + "0123456789abcdef" * 2
     store = EventStore(db)
-    store.append(ev.CallEvent(ev.CALL_STARTED, sid, {"from": "+15550100001", "to": "+1555"}))
-    store.append(ev.CallEvent(ev.AGENT_REPLY, sid, {"text": "hi", "first_token_ms": 1.0}))
+    store.append(ev.build(ev.CALL_STARTED, sid, {"from": "+15550100001", "to": "+1555"}))
+    store.append(ev.build(ev.AGENT_REPLY, sid, {"text": "hi", "first_token_ms": 1.0}))
     store.close()
     env = _env(COLUMNS="60")
     listed = _run(tmp_path, ["calls", "list", "--db", str(db), "--json"], env)

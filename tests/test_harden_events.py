@@ -300,7 +300,7 @@ async def test_partials_are_stored_bounded_and_the_final_prompt_whole(relay_fact
 def test_a_stored_partial_is_json_like_any_event(db):
     store = EventStore(db)
     try:
-        store.append(ev.CallEvent(ev.CALLER_SPEECH, CA1, {"text": "é" * 5000, "last": False}))
+        store.append(ev.CallerSpeech(call_sid=CA1, text="é" * 5000, last=False))
         (row,) = store.query(call_sid=CA1)
     finally:
         store.close()

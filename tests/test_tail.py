@@ -18,12 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from crctl.cli import app as cli
 from crctl.console import CallLog
-from crctl.tail import read_sse
+from crctl.tail import Follower, TailError
 from relay_server.events import explain
 from tests.events_support import (
     REPO,
@@ -35,7 +37,6 @@ from tests.events_support import (
     subprocess_env,
 )
 from tests.support import Pty, TwilioCaller, free_port
-from tests.tail_entry import app as cli
 
 CA1, CA2 = "CA" + "1" * 32, "CA" + "2" * 32
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -132,9 +133,67 @@ def test_call_log_colours_each_call_and_highlights_errors():
     assert "fix: slow down" in plain
 
 
-def test_read_sse_messages_comments_and_ids():
-    raw = b'retry: 1000\n\n: keep-alive\n\nid: 7\ndata: {"a": 1}\n\nid: 9\n\ndata: x\ndata: y\n\n'
-    assert list(read_sse(io.BytesIO(raw))) == [("7", '{"a": 1}'), ("9", ""), (None, "x\ny")]
+RAW_SSE = b'retry: 1000\n\n: keep-alive\n\nid: 7\ndata: {"a": 1}\n\nid: 9\n\ndata: x\ndata: y\n\n'
+
+
+def _sse(body: bytes) -> httpx.Response:
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+
+def test_the_follower_reads_messages_comments_and_ids_and_resumes_after_the_last_id():
+    """Comments and ``retry:`` are skipped, an id-only message moves the resume point, a
+    multi-line ``data`` is joined; the next request resumes with ``after`` and the token."""
+    requests: list[httpx.Request] = []
+
+    def relay(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if len(requests) == 1:
+            return _sse(RAW_SSE)
+        return httpx.Response(401, json={"error": "unauthorized: wrong API token"})
+
+    follower = Follower(
+        "http://127.0.0.1:9/",
+        token="t0k",
+        call=CA1,
+        since="1m",
+        transport=httpx.MockTransport(relay),
+    )
+    got: list[str] = []
+    notices: list[str] = []
+    with pytest.raises(TailError, match="unauthorized: wrong API token"):
+        follower.run(got.append, notices.append)
+    assert got == ['{"a": 1}', "x\ny"]
+    assert follower.last_id == 9
+    first, second = (dict(r.url.params) for r in requests)
+    assert first == {"call": CA1, "since": "1m"}
+    assert second == {"call": CA1, "after": "9"}  # resumes: no since, no gap
+    assert all(r.headers["authorization"] == "Bearer t0k" for r in requests)
+    assert requests[0].headers["accept"] == "text/event-stream"
+    # refused on the way back: the error, not a "reconnected"
+    assert notices == ["connected to http://127.0.0.1:9, following its calls (Ctrl-C stops)"]
+
+
+def test_the_follower_waits_through_5xx_and_says_so_once():
+    answers = [httpx.Response(503), httpx.Response(502), _sse(b"id: 3\n\n"), _sse(b"")]
+
+    def relay(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0) if answers else httpx.Response(403, text="forbidden")
+
+    follower = Follower("http://127.0.0.1:9", transport=httpx.MockTransport(relay))
+    notices: list[str] = []
+    with pytest.raises(TailError, match="forbidden"):
+        follower.run(lambda data: None, notices.append)
+    assert notices == [
+        "waiting for the relay at http://127.0.0.1:9…",
+        "connected to http://127.0.0.1:9, following its calls (Ctrl-C stops)",
+        "reconnected to http://127.0.0.1:9",
+    ]
+    assert follower.last_id == 3
+
+
+def test_the_follower_refuses_an_address_that_is_not_http():
+    with pytest.raises(TailError, match="http"):
+        Follower("ftp://relay").run(lambda data: None, lambda text: None)
 
 
 # ---------------------------------------------------------------------- pseudo-terminal
@@ -162,7 +221,7 @@ async def test_tail_in_a_pseudo_terminal_is_coloured_and_ctrl_c_exits_0(
     env = subprocess_env(tmp_path, TERM="xterm-256color", COLUMNS="120")
     env.pop("NO_COLOR", None)
     args = ["tail", "--url", relay.base_url, "--token", TOKEN, "--since", "1m"]
-    term = TailPty([sys.executable, "-m", "tests.tail_entry", *args], env)
+    term = TailPty([sys.executable, "-m", "crctl", *args], env)
     try:
         await call_part2(relay, await call_part1(relay, fake_llm, CA1))
         await term.wait_for("call completed (9 s)")
@@ -221,7 +280,7 @@ async def test_tail_json_zero_config_and_reconnect_after_a_relay_restart(tmp_pat
     relay = Serve(port, env, log)
     args = ["tail", "--json", "--url", f"http://127.0.0.1:{port}", "--since", "1m"]
     tail = subprocess.Popen(  # no --token: it reads the file crctl serve wrote
-        [sys.executable, "-m", "tests.tail_entry", *args],
+        [sys.executable, "-m", "crctl", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

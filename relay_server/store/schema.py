@@ -1,0 +1,152 @@
+"""The events database: its tables, opening it, and the shape of what it gives back.
+
+Row ids come from SQLite (``AUTOINCREMENT``: never reused, also after pruning), so they keep
+growing across relay restarts and a client resumes a stream with ``after=<last id>``. Several
+relays may share one file (SQLite locks it; WAL journal, ``synchronous=NORMAL``: a commit does
+not wait for the disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from relay_server.errors import ConfigError
+
+#: (id, ts, call_sid, kind, data as JSON text)
+Row = tuple[int, float, str, str, str]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    call_sid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_call ON events (call_sid, id);
+CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS calls (
+    sid TEXT PRIMARY KEY,
+    from_number TEXT,
+    to_number TEXT,
+    custom_parameters TEXT,
+    started REAL NOT NULL,
+    ended REAL,
+    last_ts REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'live',
+    turns INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    handoff TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_by_started ON calls (started);
+CREATE TABLE IF NOT EXISTS relays (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    stopped REAL
+);
+"""
+
+CALL_COLUMNS = (
+    "sid, from_number, to_number, custom_parameters, started, ended, status, turns, errors, handoff"
+)
+
+
+def connect(path: str, *, memory: bool, readonly: bool, relay_id: str) -> sqlite3.Connection:
+    """Open the database at ``path``: to read an existing file (``readonly``), or to write,
+    creating it (owner-only) and its tables and registering relay ``relay_id``.
+
+    Raises:
+        ConfigError: the file is missing (``readonly``), read-only, or not a database.
+    """
+    try:
+        if readonly:
+            if not memory and not Path(path).is_file():
+                raise ConfigError(f"no events database at {path}")
+            uri = "file::memory:" if memory else Path(path).resolve().as_uri()
+            con = sqlite3.connect(
+                uri + "?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            if not memory:
+                _create_private(Path(path))
+            con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        con.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.executescript(SCHEMA)
+            if "relay" not in {row[1] for row in con.execute("PRAGMA table_info(calls)")}:
+                con.execute("ALTER TABLE calls ADD COLUMN relay TEXT")
+            # A write at start: a file SQLite can only read (file mode, read-only mount)
+            # would otherwise be accepted here and every event lost later.
+            now = time.time()
+            con.execute(
+                "INSERT INTO relays (id, host, pid, started, last_seen) VALUES (?, ?, ?, ?, ?)",
+                (relay_id, socket.gethostname(), os.getpid(), now, now),
+            )
+        newest(con)  # a file that is not a database fails here, not at the first query
+    except sqlite3.Error as exc:
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise ConfigError(
+                f"events database {path} is read-only ({exc}): make it and its folder "
+                f"writable, or pick another file with --events-db ('' keeps events in "
+                f"memory only)"
+            ) from exc
+        raise ConfigError(f"events database {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"events database {path}: {exc.strerror or exc}") from exc
+    return con
+
+
+def newest(con: sqlite3.Connection) -> int:
+    """The newest row id ever given (AUTOINCREMENT remembers it after pruning)."""
+    row = con.execute(
+        "SELECT max(coalesce((SELECT max(id) FROM events), 0), coalesce((SELECT seq FROM "
+        "sqlite_sequence WHERE name = 'events'), 0))"
+    ).fetchone()
+    return int(row[0] or 0)
+
+
+def call_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A ``calls`` row (:data:`CALL_COLUMNS`) as ``/calls`` serves it."""
+    sid, from_, to, params, started, ended, status, turns, errors, handoff = row
+    return {
+        "call_sid": sid,
+        "from": from_,
+        "to": to,
+        "custom_parameters": json.loads(params) if params else {},
+        "started": started,
+        "ended": ended,
+        "status": status,
+        "turns": turns,
+        "errors": errors,
+        "handoff": handoff,
+    }
+
+
+def event_row(row: Row) -> dict[str, Any]:
+    """A stored event as ``/calls/{sid}`` and ``crctl calls show --json`` give it."""
+    return {
+        "id": row[0],
+        "ts": row[1],
+        "call_sid": row[2],
+        "kind": row[3],
+        "data": json.loads(row[4]),
+    }
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (it holds call transcripts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

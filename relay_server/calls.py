@@ -176,7 +176,7 @@ class CallConnection:
             extra=ev.said_by(ev.BAD_FRAME, self.call_id),
         )
         sid = self.session.call_sid if self.session else ""
-        self.link.events.publish(ev.BAD_FRAME, sid, reason=reason)
+        self.link.events.emit(ev.BadFrame(call_sid=sid, reason=reason))
 
     async def close(self, code: int | None = None) -> None:
         """The socket is gone (``code``: its close code, if known): stop the session and
@@ -188,4 +188,4 @@ class CallConnection:
             await session.close()
         finally:
             self.registry.remove(session)
-            self.link.events.publish(ev.SOCKET_CLOSED, session.call_sid, code=code)
+            self.link.events.emit(ev.SocketClosed(call_sid=session.call_sid, code=code))

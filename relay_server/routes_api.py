@@ -69,7 +69,7 @@ async def push(call_sid: str) -> Any:
     except ProtocolError as exc:
         return {"error": str(exc)}, 400
     await session.push(message)
-    state.bus.publish(ev.AGENT_PUSHED, call_sid, **ev.pushed(message))
+    state.bus.emit(ev.pushed(call_sid, message))
     return {"sent": type(message).__struct_config__.tag}, 202
 
 

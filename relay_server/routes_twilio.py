@@ -73,14 +73,15 @@ async def action(form: Fields) -> Response:
         f", error {error_code}: {form.get('ErrorMessage', '')}" if error_code else "",
         f", handoff {handoff}" if handoff else "",
     )
-    state.bus.publish(
-        ev.SESSION_END,
-        sid,
-        status=status,
-        handoff_data=handoff,
-        error_code=error_code,
-        error_message=form.get("ErrorMessage"),
-        duration=form.get("SessionDuration"),
+    state.bus.emit(
+        ev.SessionEnd(
+            call_sid=sid,
+            status=status,
+            handoff_data=handoff,
+            error_code=error_code,
+            error_message=form.get("ErrorMessage"),
+            duration=form.get("SessionDuration"),
+        )
     )
     # The session is over: its socket URLs open nothing more; a reconnect gets a new one.
     state.tokens.ledger.end_call(sid)
@@ -107,7 +108,9 @@ async def status(form: Fields) -> Response:
     """The call's status callback: publish it; a call that is over is forgotten."""
     state = current_state()
     sid, call_status = form.get("CallSid", ""), form.get("CallStatus", "")
-    state.bus.publish(ev.CALL_STATUS, sid, status=call_status, duration=form.get("CallDuration"))
+    state.bus.emit(
+        ev.CallStatus(call_sid=sid, status=call_status, duration=form.get("CallDuration"))
+    )
     if call_status in ev.CALL_OVER:
         state.registry.forget(sid)
         state.tokens.ledger.end_call(sid)

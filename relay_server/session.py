@@ -154,7 +154,9 @@ class CallSession:
     async def set_language(self, tts: str | None = None, transcription: str | None = None) -> None:
         """Switch the TTS and/or transcription language for what follows."""
         await self.send(Language(tts_language=tts, transcription_language=transcription))
-        self.link.events.publish(ev.LANGUAGE, self.call_sid, tts=tts, transcription=transcription)
+        self.link.events.emit(
+            ev.LanguageSwitched(call_sid=self.call_sid, tts=tts, transcription=transcription)
+        )
 
     async def end(self, handoff_data: str | dict[str, Any] | None = None) -> None:
         """End the session after queued speech; ``handoff_data`` reaches ``/action`` verbatim.
@@ -263,11 +265,10 @@ class CallSession:
                 exc_info=True,
                 extra=ev.said_by(ev.ERROR, self.call_sid),
             )
-            self.link.events.publish(
-                ev.ERROR,
-                self.call_sid,
-                source="agent",
-                message=f"turn failed: {_raised(exc)}",
+            self.link.events.emit(
+                ev.Error(
+                    call_sid=self.call_sid, source="agent", message=f"turn failed: {_raised(exc)}"
+                )
             )
         finally:
             if self._cycle_open and not self.closed:
@@ -287,12 +288,13 @@ class CallSession:
         elif isinstance(message, Info):
             await self.on_info(message)
         elif isinstance(message, Error):
-            self.link.events.publish(
-                ev.ERROR,
-                self.call_sid,
-                source="twilio",
-                message=message.description,
-                code=message.code,
+            self.link.events.emit(
+                ev.Error(
+                    call_sid=self.call_sid,
+                    source="twilio",
+                    message=message.description,
+                    code=message.code,
+                )
             )
             await self.on_error(message)
         elif isinstance(message, Setup):

@@ -80,21 +80,22 @@ class ConversationAgent(CallSession):
         config = self.link.config
         greeting = config.reconnect_greeting if self._resumed else config.welcome_greeting
         self.conversation.add_greeting(greeting)
-        self.link.events.publish(
-            ev.CALL_STARTED,
-            self.call_sid,
-            **{"from": setup.from_},
-            to=setup.to,
-            direction=setup.direction,
-            custom_parameters=setup.custom_parameters,
-            session_id=setup.session_id,
-            resumed=self._resumed,
+        self.link.events.emit(
+            ev.CallStarted(
+                call_sid=self.call_sid,
+                from_=setup.from_,
+                to=setup.to,
+                direction=setup.direction,
+                custom_parameters=setup.custom_parameters,
+                session_id=setup.session_id,
+                resumed=self._resumed,
+            )
         )
 
     async def on_prompt(self, prompt: Prompt) -> None:
         self._caller_active()
-        self.link.events.publish(
-            ev.CALLER_SPEECH, self.call_sid, text=prompt.voice_prompt, last=prompt.last
+        self.link.events.emit(
+            ev.CallerSpeech(call_sid=self.call_sid, text=prompt.voice_prompt, last=prompt.last)
         )
         if not prompt.last or not prompt.voice_prompt.strip():
             return  # cumulative partials: wait for the final transcript
@@ -102,7 +103,7 @@ class ConversationAgent(CallSession):
 
     async def on_dtmf(self, dtmf: Dtmf) -> None:
         self._caller_active()
-        self.link.events.publish(ev.DTMF, self.call_sid, digit=dtmf.digit)
+        self.link.events.emit(ev.Dtmf(call_sid=self.call_sid, digit=dtmf.digit))
         if not self.settings.dtmf_buffer:
             await self.user_turn(f"[The caller pressed {dtmf.digit} on the keypad]")
             return
@@ -121,11 +122,12 @@ class ConversationAgent(CallSession):
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
         self.conversation.keep_heard(heard)
-        self.link.events.publish(
-            ev.BARGE_IN,
-            self.call_sid,
-            heard=heard,
-            duration_ms=interrupt.duration_until_interrupt_ms,
+        self.link.events.emit(
+            ev.BargeIn(
+                call_sid=self.call_sid,
+                heard=heard,
+                duration_ms=interrupt.duration_until_interrupt_ms,
+            )
         )
 
     async def on_info(self, info: Info) -> None:
@@ -212,15 +214,16 @@ class ConversationAgent(CallSession):
                 # messages); a cancelled turn that said nothing has no cycle to close.
                 await self.send_text("", last=True)
             text = "".join(spoken)
-            self.link.events.publish(
-                ev.AGENT_REPLY,
-                self.call_sid,
-                text=text,
-                first_token_ms=None
-                if first is None or turn_end is None
-                else round((first - turn_end) * 1000, 1),
-                duration_ms=round((loop.time() - (turn_end or started)) * 1000, 1),
-                cancelled=cancelled,
+            self.link.events.emit(
+                ev.AgentReply(
+                    call_sid=self.call_sid,
+                    text=text,
+                    first_token_ms=None
+                    if first is None or turn_end is None
+                    else round((first - turn_end) * 1000, 1),
+                    duration_ms=round((loop.time() - (turn_end or started)) * 1000, 1),
+                    cancelled=cancelled,
+                )
             )
             self._arm_silence()
         return text

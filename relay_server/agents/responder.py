@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 
+import msgspec
+
 from relay_server import events as ev
 from relay_server.agents.conversation import ConversationAgent
 from relay_server.agents.filler import Filler
@@ -74,12 +76,13 @@ class LLMResponder:
         try:
             for call in calls:
                 results[call.id] = await self.toolbox.call(call.name, call.arguments, agent)
-                agent.link.events.publish(
-                    ev.TOOL_CALL,
-                    agent.call_sid,
-                    name=call.name,
-                    arguments=call.arguments,
-                    result=results[call.id],
+                agent.link.events.emit(
+                    ev.ToolCall(
+                        call_sid=agent.call_sid,
+                        name=call.name,
+                        arguments=call.arguments,
+                        result=results[call.id],
+                    )
                 )
         finally:
             # Every tool call gets its answer, also when the caller cut in while a tool ran.
@@ -97,5 +100,11 @@ def _report(agent: ConversationAgent, exc: LLMError) -> None:
         exc.detail,
         extra=ev.said_by(ev.LLM_FAULT, agent.call_sid),
     )
-    fix = {"fix": exc.fix} if exc.fix else {}
-    agent.link.events.publish(ev.LLM_FAULT, agent.call_sid, kind=exc.kind, detail=exc.detail, **fix)
+    agent.link.events.emit(
+        ev.LlmFault(
+            call_sid=agent.call_sid,
+            fault=exc.kind,
+            detail=exc.detail,
+            fix=exc.fix if exc.fix else msgspec.UNSET,
+        )
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from relay_server.events.kinds import CallEvent, Error, LlmFault, SessionEnd
+from relay_server.events.kinds import AgentPushed, CallEvent, Error, LlmFault, SessionEnd
 
 #: ConversationRelay error codes (Twilio docs: error codes): title, what happened, how to fix it.
 TWILIO_ERRORS: dict[int, tuple[str, str, str]] = {
@@ -133,9 +133,9 @@ def enrich(event: CallEvent) -> CallEvent:
     return event
 
 
-def pushed(message: Any) -> dict[str, Any]:
-    """The data of an ``agent.pushed`` event for an outbound frame pushed into a call:
-    ``type`` and ``text`` (what it says), plus ``last`` for a text frame."""
+def pushed(call_sid: str, message: Any) -> AgentPushed:
+    """The ``agent.pushed`` event for an outbound frame pushed into a call: ``type`` and
+    ``text`` (what it says), plus ``last`` for a text frame."""
     frame_type = str(type(message).__struct_config__.tag)
     if frame_type == "language":
         parts = [("tts", message.tts_language), ("transcription", message.transcription_language)]
@@ -145,7 +145,5 @@ def pushed(message: Any) -> dict[str, Any]:
             frame_type, "handoff_data"
         )
         text = getattr(message, field_name, None) or ""
-    data: dict[str, Any] = {"type": frame_type, "text": text}
-    if frame_type == "text":
-        data["last"] = message.last
-    return data
+    last = message.last if frame_type == "text" else msgspec.UNSET
+    return AgentPushed(call_sid=call_sid, frame_type=frame_type, text=text, last=last)

@@ -56,6 +56,10 @@ class Environment(BaseSettings):
     tunnel_factory: str | None = _var("CRCTL_TUNNEL_FACTORY")
     #: The call log's database for ``crctl calls`` (``""``: none, memory only).
     events_db: str | None = _var("CRCTL_EVENTS_DB")
+    #: The relay ``crctl tail`` follows when ``--url`` is not given.
+    url: str | None = _var("CRCTL_URL")
+    #: The relay's API token for ``tail`` and ``calls --url`` when ``--token`` is not given.
+    api_token: SecretStr | None = _var("CRCTL_API_TOKEN")
 
     @field_validator(
         "state_dir",
@@ -69,6 +73,8 @@ class Environment(BaseSettings):
         "ngrok_path",
         "tunnel_factory",
         "number",
+        "url",
+        "api_token",
         mode="before",
     )
     @classmethod
@@ -82,6 +88,10 @@ class Environment(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s):// URL")
         return value.rstrip("/") if value else value
+
+    def api_token_value(self) -> str | None:
+        """``CRCTL_API_TOKEN`` in clear, or None."""
+        return self.api_token.get_secret_value() if self.api_token is not None else None
 
     def crctl_dir(self) -> Path:
         """crctl's own folder: ``CRCTL_STATE_DIR``, or ``~/.crctl``."""

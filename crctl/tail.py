@@ -27,8 +27,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.console import CallLog, calls_table, err, fail, print_call, runnable
-from crctl.errors import CrctlError
+from crctl.console import CallLog, calls_table, err, print_call
+from crctl.errors import ConfigurationError, CrctlError, UsageError
 from crctl.paths import api_token_path, default_events_db, read_api_token
 from relay_server import events as ev
 
@@ -42,7 +42,11 @@ MAX_BACKOFF = 2.0
 
 
 class TailError(CrctlError):
-    """The relay refused the request (bad token, bad ``--since``…): retrying will not help."""
+    """The call log could not be read: no database, no such call, the relay is unreachable."""
+
+
+class TailRefused(TailError, ConfigurationError):
+    """The relay refused the request (a wrong token, a bad ``--since``): fix it, then retry."""
 
 
 class _Unavailable(Exception):
@@ -55,6 +59,10 @@ def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
     on this machine (it is never sent to a remote --url)."""
     if explicit:
         return explicit
+    from crctl.environment import current  # flags > environment > .env.local > .env
+
+    if (configured := current().api_token_value()) is not None:
+        return configured
     host = urlsplit(url).hostname or ""
     return read_api_token() if host in ("127.0.0.1", "localhost", "::1") else None
 
@@ -71,7 +79,7 @@ def _client(timeout: float, transport: httpx.BaseTransport | None = None) -> htt
 def _checked_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TailError(f"--url must be the relay's http(s):// address, got {url!r}")
+        raise UsageError(f"--url must be the relay's http(s):// address, got {url!r}")
     return url.rstrip("/")
 
 
@@ -89,7 +97,7 @@ def _check(url: str, response: httpx.Response, token: str | None) -> None:
     raise _Unavailable(f"HTTP {response.status_code}")
 
 
-def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailError:
+def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailRefused:
     try:
         reason = str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
@@ -99,7 +107,7 @@ def _refusal(url: str, status: int, body: bytes, token: str | None) -> TailError
             f"; no token found: pass --token, set CRCTL_API_TOKEN, or run where `crctl serve` "
             f"wrote {api_token_path()}"
         )
-    return TailError(f"{url}: {reason}")
+    return TailRefused(f"{url}: {reason}")
 
 
 def _get_json(url: str, path: str, token: str | None) -> Any:
@@ -198,12 +206,12 @@ class Follower:
 
 
 def tail(
-    url: str = typer.Option(
-        DEFAULT_URL,
+    url: Optional[str] = typer.Option(
+        None,
         "--url",
-        envvar="CRCTL_URL",
         metavar="URL",
-        help="The relay's address. (env CRCTL_URL)",
+        help=f"The relay's address. (env CRCTL_URL; default {DEFAULT_URL})",
+        show_default=False,
     ),
     call: Optional[str] = typer.Option(None, "--call", metavar="CA…", help="Only this call."),
     since: Optional[str] = typer.Option(
@@ -219,13 +227,20 @@ def tail(
     token: Optional[str] = typer.Option(
         None,
         "--token",
-        envvar="CRCTL_API_TOKEN",
         metavar="TOKEN",
         help="The relay's API token. (env CRCTL_API_TOKEN; default ~/.crctl/api-token)",
     ),
 ) -> None:
     """Follow the relay's calls live: a transcript per call, latency, errors with the fix."""
-    follower = Follower(url, token=token, call=call, since=since)
+    from crctl.environment import current  # flags > environment > .env.local > .env
+
+    environment = current()
+    follower = Follower(
+        url or environment.url or DEFAULT_URL,
+        token=token or environment.api_token_value(),
+        call=call,
+        since=since,
+    )
     if json_out:
 
         def on_event(data: str) -> None:
@@ -245,9 +260,6 @@ def tail(
 
     try:
         follower.run(on_event, notice)
-    except TailError as exc:
-        err.print(f"[bold red]error:[/] {escape(runnable(str(exc)))}")
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
@@ -264,7 +276,6 @@ _URL_HELP = "Ask the relay at this address instead of reading the database."
 _TOKEN_OPTION = typer.Option(
     None,
     "--token",
-    envvar="CRCTL_API_TOKEN",
     metavar="TOKEN",
     help="The relay's API token, with --url. (env CRCTL_API_TOKEN; default ~/.crctl/api-token)",
 )
@@ -309,17 +320,14 @@ def calls_list(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per call."),
 ) -> None:
     """List stored calls, newest first."""
-    try:
-        if url:
-            calls = _get_json(url.rstrip("/"), f"/calls?limit={limit}", _token(token, url))["calls"]
-        else:
-            store = _open_db(db)
-            try:
-                calls = store.calls(limit)
-            finally:
-                store.close()
-    except TailError as exc:
-        raise fail(exc) from None
+    if url:
+        calls = _get_json(url.rstrip("/"), f"/calls?limit={limit}", _token(token, url))["calls"]
+    else:
+        store = _open_db(db)
+        try:
+            calls = store.calls(limit)
+        finally:
+            store.close()
     if json_out:
         for call in calls:
             typer.echo(json.dumps(_with_call_sid(call)))
@@ -340,19 +348,16 @@ def calls_show(
     json_out: bool = typer.Option(False, "--json", help="The call and its events as JSON."),
 ) -> None:
     """Show one stored call's transcript and events."""
-    try:
-        if url:
-            call = _get_json(url.rstrip("/"), f"/calls/{quote(sid, safe='')}", _token(token, url))
-        else:
-            store = _open_db(db)
-            try:
-                call = store.call(sid)
-            finally:
-                store.close()
-            if call is None:
-                raise TailError(f"no stored call {sid} in {_db_path(db)}")
-    except TailError as exc:
-        raise fail(exc) from None
+    if url:
+        call = _get_json(url.rstrip("/"), f"/calls/{quote(sid, safe='')}", _token(token, url))
+    else:
+        store = _open_db(db)
+        try:
+            call = store.call(sid)
+        finally:
+            store.close()
+        if call is None:
+            raise TailError(f"no stored call {sid} in {_db_path(db)}")
     if json_out:
         typer.echo(json.dumps(_with_call_sid(call)))
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from crctl.cli import app as cli
 from crctl.console import CallLog
+from crctl.errors import UsageError, exit_code
 from crctl.tail import Follower, TailError
 from relay_server.events import explain
 from tests.events_support import (
@@ -192,8 +194,9 @@ def test_the_follower_waits_through_5xx_and_says_so_once():
 
 
 def test_the_follower_refuses_an_address_that_is_not_http():
-    with pytest.raises(TailError, match="http"):
+    with pytest.raises(UsageError, match="http") as refused:
         Follower("ftp://relay").run(lambda data: None, lambda text: None)
+    assert exit_code(refused.value) == 2  # a bad flag: usage
 
 
 # ---------------------------------------------------------------------- pseudo-terminal
@@ -364,8 +367,16 @@ async def test_calls_list_and_show_from_the_database_and_from_the_relay(relay_fa
     refused = await asyncio.to_thread(
         runner.invoke, cli, ["calls", "list", "--url", relay.base_url, "--token", "x"], env=env
     )
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2  # a wrong token is configuration: fix it, then retry
     assert "unauthorized: wrong API token" in refused.output
+    # the token and the URL come from .env like every other setting (flags > env > .env)
+    (tmp_path / ".env").write_text(f"CRCTL_API_TOKEN={TOKEN}\n")
+    from_dotenv = await asyncio.to_thread(
+        _in_folder, tmp_path, runner, ["calls", "list", "--url", relay.base_url], env
+    )
+    assert from_dotenv.exit_code == 0, from_dotenv.output
+    assert CA1 in from_dotenv.output and CA2 in from_dotenv.output
+    (tmp_path / ".env").unlink()
 
     relay.stop()  # the database is enough
     listed = runner.invoke(cli, ["calls", "list", "--db", str(db)], env=env)
@@ -384,6 +395,16 @@ async def test_calls_list_and_show_from_the_database_and_from_the_relay(relay_fa
     missing = runner.invoke(cli, ["calls", "list", "--db", str(tmp_path / "nope.db")], env=env)
     assert missing.exit_code == 1
     assert "no events database at" in missing.output
+
+
+def _in_folder(folder: Path, runner: CliRunner, args: list[str], env: dict[str, str]) -> Any:
+    """``runner.invoke`` with ``folder`` as the working folder (where the .env files are read)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        return runner.invoke(cli, args, env=env)
+    finally:
+        os.chdir(previous)
 
 
 async def test_tail_refused_token_is_one_line_and_exit_2(relay_factory, tmp_path):

@@ -181,7 +181,7 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
             if not go_on:
                 break
             if reply is not None:
-                await _until(reply.done, caller.timeout)
+                await caller.finished(reply, caller.timeout)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -253,11 +253,6 @@ async def _next_line(lines: asyncio.Queue[str | None], closed: asyncio.Event) ->
     for task in pending:
         task.cancel()
     return getter.result() if getter in done else None
-
-
-async def _until(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
 
 
 def _defaults(

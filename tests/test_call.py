@@ -26,6 +26,7 @@ from crctl.call import call
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
 from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
 from crctl.console import crctl_command
+from relay_server.protocol import End
 from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
@@ -192,7 +193,7 @@ def test_end_call_and_handoff_are_checked_and_reported(relay_factory, fake_llm, 
 )
 def test_handoff_expectations(wanted, reasons):
     data = json.dumps({"reasonCode": "live-agent-handoff", "reason": "billing dispute"})
-    got = _check_handoff(wanted, {"type": "end", "handoffData": data})
+    got = _check_handoff(wanted, End(handoff_data=data))
     assert len(got) == len(reasons)
     assert all(got[i].startswith(reason) for i, reason in enumerate(reasons))
     assert _check_handoff(True, None) == ["no hand-off: the agent did not end the call"]
@@ -459,9 +460,9 @@ async def test_frames_and_handshake_are_twilios():
         await caller.connect(plan)
         first = await caller.say("is my order here", interrupt_after_words=3)
         assert first is not None
-        await asyncio.wait_for(first.done.wait(), 5)
+        assert await caller.finished(first, 5)
         second = await caller.dtmf("1")
-        await asyncio.wait_for(second.done.wait(), 5)
+        assert await caller.finished(second, 5)
         outcome = await caller.hangup()
 
     assert first.interrupted and first.text == "Let me check"

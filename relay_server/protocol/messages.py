@@ -208,7 +208,7 @@ class SentSetup(Setup, tag="setup"):
     """``setup`` as the Twilio side sends it: ``applicationSid`` absent, as in 2026 captures
     (Twilio docs: WebSocket messages), instead of ``null``."""
 
-    application_sid: str | None | msgspec.UnsetType = msgspec.UNSET  # type: ignore[assignment]
+    application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
 
 
 class ReceivedText(Text, tag="text"):

@@ -1,0 +1,380 @@
+"""The Twilio end of a ConversationRelay socket, without I/O (after python-websockets' sans-I/O
+``Protocol``: ``receive_data`` / ``events_received`` in, ``send_*`` / ``data_to_send`` out).
+
+It keeps what Twilio keeps (Twilio docs: ConversationRelay, WebSocket messages): which talk cycle
+is being spoken (``last: true`` ends it; a cycle of ``preemptible`` text only, a filler, does not
+end the answer), what the caller heard when it barges in (the ``interrupt`` frame's
+``utteranceUntilInterrupt``), Twilio's barge-in order (``clientSpeaking on`` → ``tokensPlayed`` →
+``interrupt`` → ``agentSpeaking off``), the opt-in ``info`` events, and the check of every app
+frame (a bad one answered with ``error`` 64107, ten in a row close the socket with 1007).
+The simulated caller, the tests' client and the load generator drive it over their own sockets.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+from relay_server.protocol.codec import decode_received, encode_inbound, invalid_message
+from relay_server.protocol.errors import ProtocolError
+from relay_server.protocol.messages import (
+    Dtmf,
+    End,
+    Inbound,
+    Info,
+    Interrupt,
+    Language,
+    Outbound,
+    Play,
+    Prompt,
+    SendDigits,
+    Setup,
+    Text,
+)
+from relay_server.protocol.replies import CallerEvent, Reply, complete_words, first_words
+
+CLOSE_REASON = "Closing websocket session"
+MALFORMED_REASON = "Too many consecutive malformed messages."
+#: Twilio closes the socket after this many invalid frames in a row (Twilio docs: error 64105).
+MAX_MALFORMED = 10
+#: After a barge-in, frames of the cut cycle still in flight are absorbed this long at most.
+STALE_WINDOW = 1.0
+_SENTENCE_END = re.compile(r"[.!?]\s*$")
+
+
+@dataclass(frozen=True)
+class CallerModes:
+    """What the TwiML lets the caller do (``<ConversationRelay>`` attributes, as sets of the
+    input kinds ``speech`` / ``dtmf``) and which ``info`` events it asked for."""
+
+    interruptible: frozenset[str] = frozenset({"speech", "dtmf"})
+    report_input: frozenset[str] = frozenset()
+    events: frozenset[str] = frozenset()
+    dtmf_detection: bool = False
+    lang: str = "en-US"
+    #: The ``reportInputDuringAgentSpeech`` value as written, for the reason of a drop.
+    report_input_text: str = "none"
+
+
+class TwilioSide:
+    """One ConversationRelay session seen from Twilio's end. Every ``send_*`` and
+    :meth:`receive_data` queues frames for :meth:`data_to_send` and steps for
+    :meth:`events_received`; :attr:`close_to_send` says when Twilio would close the socket."""
+
+    def __init__(
+        self, modes: CallerModes | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.modes = modes or CallerModes()
+        self.clock = clock
+        self.lang = self.modes.lang
+        self.replies: list[Reply] = []
+        #: The ``end`` the app sent, once it did.
+        self.end: End | None = None
+        #: ``(code, reason)`` once Twilio would close the socket.
+        self.close_to_send: tuple[int, str] | None = None
+        #: Invalid frames in a row.
+        self.malformed = 0
+        self._pending: deque[Reply] = deque()
+        self._out: list[str] = []
+        self._events: list[CallerEvent] = []
+        self._received: list[Outbound] = []
+        self._client_speaking = False
+        self._agent_speaking = False
+
+    # ---------------------------------------------------------------------- the I/O seam
+    def data_to_send(self) -> list[str]:
+        """The frames to write to the socket, in order (and forget them)."""
+        out, self._out = self._out, []
+        return out
+
+    def events_received(self) -> list[CallerEvent]:
+        """The steps observed since the last call (and forget them)."""
+        events, self._events = self._events, []
+        return events
+
+    def messages_received(self) -> list[Outbound]:
+        """The valid app frames received since the last call, decoded (and forget them)."""
+        messages, self._received = self._received, []
+        return messages
+
+    def receive_data(self, frame: Union[str, bytes]) -> None:
+        """One frame from the app: check it as Twilio does, then act on it."""
+        try:
+            message = decode_received(frame)
+        except ProtocolError as exc:
+            self._invalid(frame, str(exc))
+            return
+        self.malformed = 0
+        self._received.append(message)
+        self._handle(message)
+
+    # -------------------------------------------------------------------- plain frames
+    def send(self, message: Inbound) -> None:
+        """Queue one frame exactly as given (a test's raw step)."""
+        self._out.append(encode_inbound(message))
+
+    def send_setup(self, setup: Setup) -> None:
+        """The first frame of the session (Twilio docs: WebSocket messages, setup)."""
+        self.send(setup)
+
+    def send_prompt(self, text: str, *, last: bool = True, lang: str | None = None) -> None:
+        """Caller speech; ``last=False`` frames are cumulative partials."""
+        self.send(Prompt(voice_prompt=text, lang=self.lang if lang is None else lang, last=last))
+
+    def send_interrupt(self, heard: str, duration_ms: int) -> None:
+        """An ``interrupt`` frame as given (the caller-level barge-in is :meth:`barge_in`)."""
+        self.send(
+            Interrupt(utterance_until_interrupt=heard, duration_until_interrupt_ms=duration_ms)
+        )
+
+    def send_info(self, name: str, value: str) -> None:
+        """An ``info`` frame, whatever the TwiML asked for."""
+        self.send(Info(name=name, value=value))
+
+    def send_dtmf(self, digit: str) -> None:
+        """One key press."""
+        self.send(Dtmf(digit=digit))
+
+    # ------------------------------------------------------------------- the caller acts
+    def greet(self, greeting: str) -> None:
+        """The welcome greeting plays (reported through the opt-in speaker events)."""
+        self._info("agentSpeaking", "on", "speaker-events")
+        self._info("tokensPlayed", greeting, "tokens-played")
+        self._info("agentSpeaking", "off", "speaker-events")
+        self._emit("greeting", None, text=greeting)
+
+    def speaking(self) -> Reply | None:
+        """The reply the agent is speaking now, if any."""
+        return next((r for r in self._pending if r.speaking), None)
+
+    def begin_speech(self, *, partials: bool) -> bool | None:
+        """The caller starts to talk: barge in if the agent speaks and the TwiML allows it.
+        Returns whether it barged in (then :meth:`partial` sends ``agentSpeaking off`` after
+        the first partial), or ``None`` when Twilio would not report the speech."""
+        head = self.speaking()
+        barged = False
+        if head is not None:
+            if "speech" in self.modes.interruptible:
+                barged = partials  # with partials, agentSpeaking off follows the first one
+                self.barge_in(head, head.received.rstrip(), speech=True, defer_agent_off=barged)
+            elif "speech" not in self.modes.report_input:
+                self._drop("does not report the caller's speech")
+                return None
+        self.supersede_silent()
+        self._client("on")
+        return barged
+
+    def partial(self, text: str, *, first_after_barge_in: bool = False) -> None:
+        """One cumulative partial transcript."""
+        self.send_prompt(text, last=False)
+        if first_after_barge_in:
+            self._agent("off")  # observed after the first partial
+
+    def end_speech(self, text: str, barge_after: int | None = None) -> Reply:
+        """The final transcript: returns the reply to wait on."""
+        self._client("off")
+        reply = self._expect(text, barge_after)
+        self.send_prompt(text, last=True)
+        return reply
+
+    def begin_keys(self) -> bool:
+        """The caller starts to press keys; False when Twilio would not send them."""
+        if not self.modes.dtmf_detection:
+            self._drop_text(
+                'the TwiML has no dtmfDetection="true": Twilio does not send key presses'
+            )
+            return False
+        self._client("off")
+        return True
+
+    def press(self, digit: str, barge_after: int | None = None) -> Reply | None:
+        """One key: barge in first if the TwiML lets keys interrupt. Returns the reply to the
+        key, or ``None`` when Twilio would not report it."""
+        head = self.speaking()
+        if head is not None:
+            if "dtmf" in self.modes.interruptible:
+                self.barge_in(head, head.received.rstrip(), speech=False)
+            elif "dtmf" not in self.modes.report_input:
+                # as for speech: keys over the agent are not reported under "none"
+                self._drop(f"does not report key {digit}")
+                return None
+        self.supersede_silent()
+        reply = self._expect(f"dtmf {digit}", barge_after)
+        self.send_dtmf(digit)
+        return reply
+
+    def interrupt(self) -> bool:
+        """Barge in on the reply being spoken; False when nothing is being said or the TwiML
+        does not let speech interrupt."""
+        head = self.speaking()
+        if head is None or "speech" not in self.modes.interruptible:
+            return False
+        self.barge_in(head, head.received.rstrip(), speech=True)
+        return True
+
+    def hang_up(self) -> None:
+        """The caller hangs up: Twilio closes with 1000 (Twilio docs: WebSocket messages)."""
+        self._client("off")
+        self.close_to_send = (1000, CLOSE_REASON)
+
+    def barge_in(
+        self, reply: Reply, heard: str, *, speech: bool, defer_agent_off: bool = False
+    ) -> None:
+        """Twilio's barge-in order: clientSpeaking on, tokensPlayed, interrupt, then (unless
+        deferred past the first partial) agentSpeaking off. Twilio flushes the rest of the cycle:
+        ``heard`` is all it spoke."""
+        now = self.clock()
+        if speech:
+            self._client("on")
+        unplayed = heard[reply.played :]
+        if unplayed.strip():
+            self._info("tokensPlayed", unplayed, "tokens-played")
+        reply.played = len(heard)
+        first = reply.first_token_at or now
+        self.send_interrupt(heard, int((now - first) * 1000))
+        if not defer_agent_off:
+            self._agent("off")
+        reply.interrupted, reply.text, reply.cut_at = True, heard, now
+        reply.finish(now)
+        self._emit("interrupted", reply, heard=heard)
+
+    def supersede_silent(self) -> None:
+        """Replies still waiting for their first token are replaced by the new input (the
+        relay cancels that turn before it said anything)."""
+        now = self.clock()
+        for reply in [r for r in self._pending if r.tokens == 0 and not r.done]:
+            reply.superseded = True
+            reply.finish(now, "superseded by the caller's next input")
+            self._pending.remove(reply)
+
+    def connection_closed(self) -> None:
+        """The socket is gone: every reply still open ends with an error."""
+        now = self.clock()
+        for reply in self._pending:
+            reply.finish(now, "the call ended before the reply finished")
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------ internals
+    def _invalid(self, frame: Union[str, bytes], reason: str) -> None:
+        self.malformed += 1
+        shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
+        self._emit("invalid", None, reason=reason, frame=shown)
+        self.send(invalid_message(frame))
+        if self.malformed >= MAX_MALFORMED and self.close_to_send is None:
+            self.close_to_send = (1007, MALFORMED_REASON)
+
+    def _handle(self, message: Outbound) -> None:
+        if isinstance(message, Text):
+            self._on_text(message)
+        elif isinstance(message, Play):
+            reply = self._target()
+            reply.plays.append(message.source)
+            self._emit("play", reply, source=message.source)
+        elif isinstance(message, SendDigits):
+            reply = self._target()
+            reply.digits.append(message.digits)
+            self._info("tokensPlayed", message.digits, "tokens-played")
+            self._emit("digits", reply, digits=message.digits)
+        elif isinstance(message, Language):
+            reply = self._target()
+            switch = {}
+            if message.tts_language is not None:
+                switch["ttsLanguage"] = message.tts_language
+            if message.transcription_language is not None:
+                switch["transcriptionLanguage"] = message.transcription_language
+            reply.languages.append(switch)
+            self.lang = switch.get("transcriptionLanguage", self.lang)
+            self._emit("language", reply, **switch)
+        elif isinstance(message, End):
+            self.end = message
+            self._emit("end", None, handoff_data=message.handoff_data)
+            # Twilio drains queued speech, then closes (nothing plays on in a simulation).
+            self.close_to_send = (1000, CLOSE_REASON)
+
+    def _target(self) -> Reply:
+        """The reply the next app frame belongs to (a new unsolicited one if none)."""
+        now = self.clock()
+        while self._pending:
+            head = self._pending[0]
+            if head.interrupted and now - (head.cut_at or now) > STALE_WINDOW:
+                self._pending.popleft()  # the agent never closed its cut cycle
+                continue
+            return head
+        reply = Reply(input="", sent_at=now, solicited=False)
+        self._pending.append(reply)
+        self.replies.append(reply)
+        return reply
+
+    def _on_text(self, message: Text) -> None:
+        reply = self._target()
+        token, last = message.token, message.last
+        if reply.interrupted:  # Twilio flushed this cycle: late frames are never spoken
+            reply.late_tokens += 1 if token else 0
+            if last:
+                self._pending.popleft()
+            return
+        if not message.preemptible:
+            reply.plain_cycle = True
+        if token:
+            now = self.clock()
+            if reply.first_token_at is None:
+                reply.first_token_at = now
+            reply.text += token
+            reply.received += token
+            reply.tokens += 1
+            self._agent("on")
+            self._emit("token", reply, token=token)
+            if _SENTENCE_END.search(reply.text[reply.played :]):
+                self._info("tokensPlayed", reply.text[reply.played :], "tokens-played")
+                reply.played = len(reply.text)
+            if reply.barge_after and complete_words(reply.text) >= reply.barge_after:
+                self.barge_in(reply, first_words(reply.text, reply.barge_after), speech=True)
+                return
+        if not last:
+            return
+        if not reply.plain_cycle and reply.tokens:
+            return  # only a preemptible filler so far: the answer is still to come
+        reply.plain_cycle = False
+        if reply.text[reply.played :].strip():
+            self._info("tokensPlayed", reply.text[reply.played :], "tokens-played")
+            reply.played = len(reply.text)
+        self._agent("off")
+        self._pending.popleft()
+        reply.finish(self.clock())
+        self._emit("reply", reply)
+
+    def _expect(self, text: str, barge_after: int | None) -> Reply:
+        reply = Reply(input=text, sent_at=self.clock(), barge_after=barge_after)
+        self._pending.append(reply)
+        self.replies.append(reply)
+        return reply
+
+    def _drop(self, what: str) -> None:
+        self._drop_text(
+            "the agent is speaking, and with reportInputDuringAgentSpeech="
+            f"{self.modes.report_input_text!r} Twilio {what}"
+        )
+
+    def _drop_text(self, reason: str) -> None:
+        self._emit("dropped", None, reason=reason)
+
+    def _emit(self, kind: str, reply: Reply | None, **data: Any) -> None:
+        self._events.append(CallerEvent(kind, reply, data))
+
+    def _info(self, name: str, value: str, needs: str) -> None:
+        if needs in self.modes.events:
+            self.send_info(name, value)
+
+    def _client(self, state: str) -> None:
+        if self._client_speaking != (state == "on"):
+            self._client_speaking = state == "on"
+            self._info("clientSpeaking", state, "speaker-events")
+
+    def _agent(self, state: str) -> None:
+        if self._agent_speaking != (state == "on"):
+            self._agent_speaking = state == "on"
+            self._info("agentSpeaking", state, "speaker-events")

@@ -3,6 +3,7 @@ messages)."""
 
 from relay_server.protocol.codec import (
     DEFAULT_MAX_FRAME_BYTES,
+    as_fields,
     decode,
     decode_outbound,
     decode_received,
@@ -26,6 +27,7 @@ from relay_server.protocol.messages import (
     Received,
     ReceivedText,
     SendDigits,
+    SentInterrupt,
     SentSetup,
     Setup,
     Text,
@@ -48,10 +50,12 @@ __all__ = [
     "Received",
     "ReceivedText",
     "SendDigits",
+    "SentInterrupt",
     "SentSetup",
     "Setup",
     "Text",
     "Unknown",
+    "as_fields",
     "decode",
     "decode_outbound",
     "decode_received",

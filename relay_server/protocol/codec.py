@@ -6,12 +6,12 @@ after the sans-I/O model of python-websockets).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
 from relay_server.protocol.errors import ProtocolError
-from relay_server.protocol.messages import Error, Inbound, Outbound, Received, Unknown
+from relay_server.protocol.messages import Error, Inbound, Outbound, Received, Text, Unknown
 
 #: Twilio publishes no message-size cap (Twilio docs: error codes); a frame larger than this is
 #: refused by the relay.
@@ -143,3 +143,14 @@ def invalid_message(frame: Union[str, bytes]) -> Error:
     the frame quoted (Twilio docs: WebSocket messages, error; error 64107)."""
     shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
     return Error(description=f"Invalid message received, code: 64107, {shown}")
+
+
+def as_fields(message: Union[Inbound, Outbound]) -> dict[str, Any]:
+    """``message`` as the JSON object it is on the wire, for assertions that read like frames.
+
+    A ``text`` always shows ``last``: the relay always sends it, even where Twilio defaults it.
+    """
+    fields: dict[str, Any] = msgspec.to_builtins(message)
+    if isinstance(message, Text):
+        fields["last"] = message.last
+    return fields

@@ -211,6 +211,19 @@ class SentSetup(Setup, tag="setup"):
     application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
 
 
+class SentInterrupt(Interrupt, tag="interrupt"):
+    """``interrupt`` as the Twilio side sends it: ``durationUntilInterruptMs`` kept in the form
+    given, so a client can send the early docs' string (``"460"``) as well as the int of 2026
+    captures (Twilio docs: WebSocket messages, interrupt)."""
+
+    def __post_init__(self) -> None:
+        raw = self.duration_until_interrupt_ms
+        try:
+            float(raw or 0)
+        except (ValueError, OverflowError) as exc:
+            raise ProtocolError(f"durationUntilInterruptMs is not a number: {raw!r}") from exc
+
+
 class ReceivedText(Text, tag="text"):
     """``text`` as Twilio reads it: ``last`` defaults to false (Twilio docs: WebSocket messages,
     text). The relay's own :class:`Text` keeps ``last`` required so that it is always sent."""

@@ -12,7 +12,6 @@ The simulated caller, the tests' client and the load generator drive it over the
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,12 +25,12 @@ from relay_server.protocol.messages import (
     End,
     Inbound,
     Info,
-    Interrupt,
     Language,
     Outbound,
     Play,
     Prompt,
     SendDigits,
+    SentInterrupt,
     Setup,
     Text,
 )
@@ -43,7 +42,6 @@ MALFORMED_REASON = "Too many consecutive malformed messages."
 MAX_MALFORMED = 10
 #: After a barge-in, frames of the cut cycle still in flight are absorbed this long at most.
 STALE_WINDOW = 1.0
-_SENTENCE_END = re.compile(r"[.!?]\s*$")
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,11 @@ class TwilioSide:
         """Caller speech; ``last=False`` frames are cumulative partials."""
         self.send(Prompt(voice_prompt=text, lang=self.lang if lang is None else lang, last=last))
 
-    def send_interrupt(self, heard: str, duration_ms: int) -> None:
-        """An ``interrupt`` frame as given (the caller-level barge-in is :meth:`barge_in`)."""
+    def send_interrupt(self, heard: str, duration_ms: int | str) -> None:
+        """An ``interrupt`` frame as given (the caller-level barge-in is :meth:`barge_in`);
+        ``duration_ms`` may be the early docs' string form."""
         self.send(
-            Interrupt(utterance_until_interrupt=heard, duration_until_interrupt_ms=duration_ms)
+            SentInterrupt(utterance_until_interrupt=heard, duration_until_interrupt_ms=duration_ms)
         )
 
     def send_info(self, name: str, value: str) -> None:
@@ -323,12 +322,11 @@ class TwilioSide:
             now = self.clock()
             if reply.first_token_at is None:
                 reply.first_token_at = now
-            reply.text += token
-            reply.received += token
+            _grow(reply, token)
             reply.tokens += 1
             self._agent("on")
             self._emit("token", reply, token=token)
-            if _SENTENCE_END.search(reply.text[reply.played :]):
+            if _ends_sentence(reply.text, reply.played):
                 self._info("tokensPlayed", reply.text[reply.played :], "tokens-played")
                 reply.played = len(reply.text)
             if reply.barge_after and complete_words(reply.text) >= reply.barge_after:
@@ -378,3 +376,24 @@ class TwilioSide:
         if self._agent_speaking != (state == "on"):
             self._agent_speaking = state == "on"
             self._info("agentSpeaking", state, "speaker-events")
+
+
+def _grow(reply: Reply, token: str) -> None:
+    """Append ``token`` to what the reply said in amortised O(1): CPython grows a string in
+    place only when nothing else holds it, so the attribute lets go of it first (a 6,000-token
+    reply of 3 MB would otherwise be copied once per token)."""
+    text, reply.text = reply.text, ""
+    text += token
+    reply.text = text
+    received, reply.received = reply.received, ""
+    received += token
+    reply.received = received
+
+
+def _ends_sentence(text: str, start: int) -> bool:
+    """Whether ``text[start:]`` ends a sentence (``.``, ``!`` or ``?`` then only spaces): Twilio
+    reports ``tokensPlayed`` per synthesized sentence. Reads back from the end, never copies."""
+    end = len(text)
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return end > start and text[end - 1] in ".!?"

@@ -24,27 +24,25 @@ import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, Optional
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from crctl.caller.outcome import CallError, Outcome
-from crctl.caller.twiml import CallPlan, parse_twiml, summarize_twiml
+from crctl.caller.socket import open_socket
+from crctl.caller.twiml import CallPlan, parse_twiml
 from crctl.caller.webhook import (
     API_VERSION,
     new_sid,
+    post_action,
     send_webhook,
-    sign,
     signed_headers,
-    with_query,
+    why_403,
 )
-from crctl.hosts import is_local
 from relay_server.protocol import End, SentSetup
 from relay_server.protocol.replies import Reply
 from relay_server.protocol.twilio_side import TwilioSide
 
-USER_AGENT = "Jetty/11.0.24"
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_FROM = "+15550100001"
 DEFAULT_TO = "+15550100002"
@@ -139,54 +137,13 @@ class SimulatedCaller:
         return parse_twiml(body, fetched=fetched, signed=signed)
 
     def _why_403(self, signed: str) -> str:
-        if not self.auth_token:
-            return (
-                "it checks X-Twilio-Signature and no auth token was given; set TWILIO_AUTH_TOKEN "
-                "or pass --auth-token"
-            )
-        hint = "check that the auth token is the relay's TWILIO_AUTH_TOKEN"
-        if not self.public_url and is_local(urlsplit(signed).hostname):
-            hint += ", and pass the relay's public URL with --public-url (Twilio signs it)"
-        return f"the X-Twilio-Signature over {signed} did not match; {hint}"
+        return why_403(signed, self.auth_token, self.public_url)
 
     async def connect(self, plan: CallPlan) -> None:
         """Open the ConversationRelay socket, send ``setup`` and play the welcome greeting."""
         self.plan = plan
         self.side = TwilioSide(plan.modes())
-        headers = {"Accept-Encoding": "gzip"}
-        if self.auth_token:
-            parts = urlsplit(plan.ws_url)
-            base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-            signature = sign(self.auth_token, base, dict(parse_qsl(parts.query)))
-            headers["X-Twilio-Signature"] = signature
-            headers["x-amzn-bedrock-agentcore-runtime-custom-twilio-signature"] = signature
-        target = plan.connect_url
-        try:
-            self._ws = await connect(
-                target,
-                additional_headers=headers,
-                user_agent_header=USER_AGENT,
-                compression=None,
-                subprotocols=None,
-                ping_interval=None,
-                open_timeout=self.timeout,
-                proxy=None if is_local(urlsplit(target).hostname) else True,
-            )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            said = (exc.response.body or b"").decode("utf-8", "replace").strip()
-            if status == 403 and said.startswith("forbidden: "):  # the relay says why
-                why = said.removeprefix("forbidden: ")
-            elif status == 403:
-                why = self._why_403(plan.ws_url)
-            else:
-                why = "Twilio would report 64102"
-            raise CallError(
-                f"the relay refused the WebSocket at {target} (HTTP {status}): {why}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise CallError(f"cannot open the WebSocket at {target}: {text}") from None
+        self._ws = await open_socket(plan, self.auth_token, self.timeout, self._why_403)
         self._started = time.monotonic()
         self.side.send_setup(
             SentSetup(
@@ -367,22 +324,7 @@ class SimulatedCaller:
             params["HandoffData"] = outcome.handoff_data
         if outcome.error_code:
             params.update(ErrorCode=outcome.error_code, ErrorMessage=outcome.error_message or "")
-        method = plan.action_method
-        signed = plan.action_url
-        if method == "GET":  # the parameters travel in the signed URL
-            signed = with_query(signed, params)
-        headers = signed_headers(self.auth_token, signed, {} if method == "GET" else params)
-        try:
-            status, body = await send_webhook(
-                plan.action_connect_url, params, headers, method, self.timeout
-            )
-        except CallError as exc:
-            outcome.action_error = str(exc)
-            return
-        if status == 200:
-            outcome.action = summarize_twiml(body)
-        else:
-            outcome.action_error = f"{method} {plan.action_url} answered HTTP {status}"
+        await post_action(plan, outcome, params, self.auth_token, self.timeout)
 
 
 def _call_type(number: str) -> str:

@@ -10,7 +10,8 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 from twilio.request_validator import RequestValidator
 
-from crctl.caller.outcome import Unreachable
+from crctl.caller.outcome import CallError, Outcome, Unreachable
+from crctl.caller.twiml import CallPlan, summarize_twiml
 from crctl.hosts import is_local
 
 #: The User-Agent Twilio's webhooks carry.
@@ -72,3 +73,40 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     return (str(exc) or type(exc).__name__).lower()
+
+
+async def post_action(
+    plan: CallPlan, outcome: Outcome, params: dict[str, str], token: str | None, timeout: float
+) -> None:
+    """Post ``<Connect action>`` as Twilio does when the session ends, signed (a GET carries
+    ``params`` in the signed URL); the answer in words goes to ``outcome.action``, a failure to
+    ``outcome.action_error``."""
+    if not plan.action_url or not plan.action_connect_url:
+        return
+    method = plan.action_method
+    signed = plan.action_url
+    if method == "GET":  # the parameters travel in the signed URL
+        signed = with_query(signed, params)
+    headers = signed_headers(token, signed, {} if method == "GET" else params)
+    try:
+        status, body = await send_webhook(plan.action_connect_url, params, headers, method, timeout)
+    except CallError as exc:
+        outcome.action_error = str(exc)
+        return
+    if status == 200:
+        outcome.action = summarize_twiml(body)
+    else:
+        outcome.action_error = f"{method} {plan.action_url} answered HTTP {status}"
+
+
+def why_403(signed: str, token: str | None, public_url: str | None) -> str:
+    """Why a relay most likely refused a request signed over ``signed``, and what to do."""
+    if not token:
+        return (
+            "it checks X-Twilio-Signature and no auth token was given; set TWILIO_AUTH_TOKEN "
+            "or pass --auth-token"
+        )
+    hint = "check that the auth token is the relay's TWILIO_AUTH_TOKEN"
+    if not public_url and is_local(urlsplit(signed).hostname):
+        hint += ", and pass the relay's public URL with --public-url (Twilio signs it)"
+    return f"the X-Twilio-Signature over {signed} did not match; {hint}"

@@ -26,7 +26,7 @@ from crctl.call import call
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
 from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
 from crctl.console import crctl_command
-from relay_server.protocol import End
+from relay_server.protocol import End, Prompt, decode, text_frame
 from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
@@ -405,6 +405,7 @@ class Recorder:
         self.request = ws.request
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:
+                # the raw JSON object, not a decoded value: these tests check the key order
                 frame = json.loads(raw)
                 self.frames.append(frame)
                 await self.behaviour(ws, frame)
@@ -434,18 +435,18 @@ async def test_frames_and_handshake_are_twilios():
     async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
         async def answer() -> None:
             for token in ["Let", " me", " check", " that", " for", " you."]:
-                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
         if frame["type"] == "prompt" and frame["last"]:
             answering.append(asyncio.create_task(answer()))
         elif frame["type"] == "interrupt":  # as the relay does: stop, close the cycle
             answering.pop().cancel()
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
         elif frame["type"] == "dtmf":
             await ws.send("not json")
-            await ws.send(json.dumps({"type": "text", "token": "Pressed.", "last": True}))
+            await ws.send(text_frame("Pressed.", True))
 
     recorder = Recorder(behaviour)
     async with serve(recorder, "127.0.0.1", 0) as server:
@@ -590,8 +591,8 @@ def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for message in ws:
-            if json.loads(message.data).get("type") == "prompt":
-                await ws.send_str(json.dumps({"type": "text", "token": "It is 42.", "last": False}))
+            if isinstance(decode(message.data), Prompt):
+                await ws.send_str(text_frame("It is 42.", False))
                 await ws.close(code=1011)
         return ws
 
@@ -623,15 +624,15 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
     async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
         async def answer() -> None:
             for token in ["A", " long", " story", " about", " many", " things."] * 5:
-                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
         if frame["type"] == "prompt" and frame["last"] and not answering:
             answering.append(asyncio.create_task(answer()))
         elif frame["type"] == "interrupt":
             answering[0].cancel()
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
     recorder = Recorder(behaviour)
     async with serve(recorder, "127.0.0.1", 0) as server:

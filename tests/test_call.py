@@ -222,6 +222,17 @@ async def test_a_refused_websocket_handshake_is_one_error(relay):
         await caller.connect(replace(plan, ws_url="wss://elsewhere.example.test/ws"))
 
 
+async def test_a_local_relay_is_reached_past_the_environments_proxy(relay, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that answers nothing
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    caller = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
+    plan = await caller.fetch()  # went direct: through the dead proxy it could not have
+    assert plan.connect_url.startswith(relay.ws_url)
+
+
 def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no .env here
     url = f"http://127.0.0.1:{free_port()}"

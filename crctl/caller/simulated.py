@@ -89,6 +89,7 @@ class SimulatedCaller:
         self.outcome: Outcome | None = None
         self.closed = asyncio.Event()
         self._changed = asyncio.Condition()
+        self._writing = asyncio.Lock()
         self._ws: ClientConnection | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._started = 0.0
@@ -259,10 +260,13 @@ class SimulatedCaller:
     async def _pump(self) -> None:
         """Write what the Twilio side queued, report its steps, close when it says so."""
         assert self._ws is not None
-        for frame in self.side.data_to_send():
-            await self._ws.send(frame)
-        for event in self.side.events_received():
-            self._emit(event.kind, event.reply, **event.data)
+        # The receiver task and the caller's steps both pump: one at a time, so the frames
+        # leave in the order the Twilio side queued them.
+        async with self._writing:
+            for frame in self.side.data_to_send():
+                await self._ws.send(frame)
+            for event in self.side.events_received():
+                self._emit(event.kind, event.reply, **event.data)
         async with self._changed:
             self._changed.notify_all()
         if self.side.close_to_send is not None:

@@ -36,6 +36,7 @@ from crctl.settings import Settings
 from relay_server import CallEvent, EventBus, RelayConfig, create_app
 from relay_server.calls import CallRegistry
 from relay_server.protocol import SentSetup, as_fields
+from relay_server.protocol.replies import Invalid
 from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -238,7 +239,7 @@ class TwilioCaller:
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         """The next frame from the relay, checked as Twilio checks it, as its JSON object."""
         self.side.receive_data(await asyncio.wait_for(self.ws.recv(), timeout))
-        invalid = [e.data["reason"] for e in self.side.events_received() if e.kind == "invalid"]
+        invalid = [e.reason for e in self.side.events_received() if isinstance(e, Invalid)]
         self.side.data_to_send()  # Twilio's 64107 answer: the failure below says it instead
         assert not invalid, f"Twilio would reject this frame (64107): {invalid[0]}"
         (message,) = self.side.messages_received()

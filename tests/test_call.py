@@ -22,11 +22,24 @@ from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from crctl.call import call
+from crctl.call import LivePrinter, call
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
-from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
+from crctl.caller import CallError, CallPlan, Outcome, Reply, SimulatedCaller
+from crctl.caller.outcome import Closed
 from crctl.console import crctl_command
 from relay_server.protocol import End, Prompt, decode, text_frame
+from relay_server.protocol.replies import (
+    DigitsSent,
+    Dropped,
+    Ended,
+    Greeting,
+    Interrupted,
+    Invalid,
+    LanguageSwitched,
+    Played,
+    ReplyDone,
+    TokenHeard,
+)
 from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
@@ -776,3 +789,36 @@ def test_a_plain_http_relay_naming_wss_on_its_own_port_is_reached_with_ws():
     assert "4 of 4 turns passed" in result.output
     assert "/action → hangs up" in result.output  # the signed callback, over http
     assert events(relay, "session.end")[0]["status"] == "completed"
+
+
+def test_the_live_printer_renders_every_step_of_a_call():
+    buffer = io.StringIO()
+    printer = LivePrinter(Console(file=buffer, width=200, color_system=None))
+    reply = Reply(input="hi", sent_at=0.0, first_token_at=0.25, tokens=2)
+    for event in [
+        Greeting("Hi!"),
+        TokenHeard(reply, "Hello"),
+        TokenHeard(reply, " there."),
+        ReplyDone(reply),
+        Interrupted(reply, "Hello"),
+        Played(reply, "https://x/a.mp3"),
+        DigitsSent(reply, "12#"),
+        LanguageSwitched(reply, "sv-SE", None),
+        Invalid("not JSON", "nope"),
+        Dropped("the TwiML says no"),
+        Ended('{"a":1}'),
+        Closed(Outcome("ended", close_code=1000, handoff_data='{"a":1}')),
+    ]:
+        printer(event)
+    assert buffer.getvalue().splitlines() == [
+        "agent: Hi! (welcome greeting)",
+        "agent: Hello there.  first token 250 ms",
+        "  ↳ barged in; the caller heard: 'Hello'",
+        "agent plays https://x/a.mp3",
+        "agent sends digits 12#",
+        "agent switches language ttsLanguage=sv-SE",
+        "Twilio would reject this frame (64107): not JSON: nope",
+        "not sent: the TwiML says no",
+        'agent ended the call: handoffData {"a":1}',
+        'call over: the agent ended the call (end), handoffData {"a":1}',
+    ]

@@ -25,6 +25,7 @@ from relay_server.protocol import (
     encode_inbound,
     invalid_message,
 )
+from relay_server.protocol.replies import Dropped, Invalid, ReplyDone, TokenHeard
 from relay_server.protocol.twilio_side import (
     MALFORMED_REASON,
     STALE_WINDOW,
@@ -132,9 +133,9 @@ def test_each_bad_frame_gets_an_error_and_ten_in_a_row_close_with_1007() -> None
     frames = sent(twilio)
     assert len(frames) == 19 and all(f[0] == "error" for f in frames)
     assert twilio.close_to_send == (1007, MALFORMED_REASON)
-    invalid = [e for e in twilio.events_received() if e.kind == "invalid"]
-    assert len(invalid) == 19 and invalid[-1].data["frame"] == "nope"
-    assert invalid[-1].data["reason"].startswith("not JSON")
+    invalid = [e for e in twilio.events_received() if isinstance(e, Invalid)]
+    assert len(invalid) == 19 and invalid[-1].frame == "nope"
+    assert invalid[-1].reason.startswith("not JSON")
 
 
 # --------------------------------------------------------------------------- talk cycles
@@ -157,8 +158,9 @@ def test_a_talk_cycle_ends_at_last_true_with_speaker_events() -> None:
         ("info", "tokensPlayed", " How can I help?"),
         ("info", "agentSpeaking", "off"),
     ]
-    kinds = [e.kind for e in twilio.events_received()]
-    assert kinds == ["token"] * 4 + ["reply"]
+    events = twilio.events_received()
+    assert [type(e) for e in events] == [TokenHeard] * 4 + [ReplyDone]
+    assert events[-1] == ReplyDone(reply) and events[0] == TokenHeard(reply, "Hi")
 
 
 def test_a_filler_cycle_does_not_end_the_reply() -> None:
@@ -218,10 +220,8 @@ def test_speech_over_the_agent_is_dropped_when_the_twiml_says_so() -> None:
     twilio.receive_data(text("Hello"))
     assert twilio.begin_speech(partials=False) is None
     (dropped,) = twilio.events_received()[-1:]
-    assert (
-        dropped.kind == "dropped"
-        and "reportInputDuringAgentSpeech='none'" in (dropped.data["reason"])
-    )
+    assert isinstance(dropped, Dropped)
+    assert "reportInputDuringAgentSpeech='none'" in dropped.reason
     assert not reply.interrupted
     assert twilio.interrupt() is False  # speech cannot interrupt under this TwiML
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from crctl.errors import CrctlError
+from relay_server.protocol.replies import CallerEvent
 
 
 class CallError(CrctlError):
@@ -52,3 +54,15 @@ class Outcome:
         if self.action_error:
             text += f"; action callback: {self.action_error}"
         return text
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The session is over: how it ended."""
+
+    outcome: Outcome
+
+
+#: What a simulated call reports to its ``on_event`` handler: the Twilio side's steps, then
+#: :class:`Closed`.
+CallEvent = Union[CallerEvent, Closed]

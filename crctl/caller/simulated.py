@@ -23,12 +23,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, Optional
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from crctl.caller.outcome import CallError, Outcome
+from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome
 from crctl.caller.socket import open_socket
 from crctl.caller.twiml import CallPlan, parse_twiml
 from crctl.caller.webhook import (
@@ -40,7 +39,7 @@ from crctl.caller.webhook import (
     why_403,
 )
 from relay_server.protocol import End, SentSetup
-from relay_server.protocol.replies import Reply
+from relay_server.protocol.replies import Dropped, Reply
 from relay_server.protocol.twilio_side import TwilioSide
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -48,15 +47,14 @@ DEFAULT_FROM = "+15550100001"
 DEFAULT_TO = "+15550100002"
 _KEYS = frozenset("0123456789*#")
 
-EventHandler = Callable[[str, Optional[Reply], dict[str, Any]], None]
+EventHandler = Callable[[CallEvent], None]
 
 
 class SimulatedCaller:
     """One simulated phone call: :meth:`fetch` the TwiML, :meth:`connect` the socket, then
     :meth:`say`, :meth:`dtmf`, :meth:`interrupt` and :meth:`hangup`. A background task feeds
-    the relay's frames to the Twilio side and reports each step to ``on_event(kind, reply,
-    data)``: ``greeting``, ``token``, ``reply``, ``interrupted``, ``play``, ``digits``,
-    ``language``, ``end``, ``invalid``, ``dropped``, ``closed``."""
+    the relay's frames to the Twilio side and reports each step to ``on_event(event)``: a
+    typed :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``)."""
 
     def __init__(
         self,
@@ -251,11 +249,11 @@ class SimulatedCaller:
             raise CallError("the call is over")
         return self.plan
 
-    def _emit(self, kind: str, reply: Reply | None, **data: Any) -> None:
-        if kind == "dropped":
-            self.last_drop = data["reason"]
+    def _emit(self, event: CallEvent) -> None:
+        if isinstance(event, Dropped):
+            self.last_drop = event.reason
         if self.on_event is not None:
-            self.on_event(kind, reply, data)
+            self.on_event(event)
 
     async def _pump(self) -> None:
         """Write what the Twilio side queued, report its steps, close when it says so."""
@@ -266,7 +264,7 @@ class SimulatedCaller:
             for frame in self.side.data_to_send():
                 await self._ws.send(frame)
             for event in self.side.events_received():
-                self._emit(event.kind, event.reply, **event.data)
+                self._emit(event)
         async with self._changed:
             self._changed.notify_all()
         if self.side.close_to_send is not None:
@@ -312,7 +310,7 @@ class SimulatedCaller:
         finally:
             self.outcome = outcome
             self.closed.set()
-            self._emit("closed", None, outcome=outcome)
+            self._emit(Closed(outcome))
 
     async def _post_action(self, outcome: Outcome) -> None:
         plan = self.plan

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Union
 
 
 @dataclass(eq=False)
@@ -65,15 +65,100 @@ class Reply:
             self.error = self.error or error
 
 
-@dataclass(frozen=True)
-class CallerEvent:
-    """One step the Twilio side observed, for a caller's display: ``greeting``, ``token``,
-    ``reply``, ``interrupted``, ``play``, ``digits``, ``language``, ``end``, ``invalid``,
-    ``dropped`` (and ``closed``, which the I/O layer adds)."""
+# ------------------------------------------------------------------ what the caller observes
+# One value per step, for a caller's display (rendered with ``match``). Frozen dataclasses, not
+# msgspec Structs: they carry a live :class:`Reply`, never go on a wire.
 
-    kind: str
-    reply: Reply | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class Greeting:
+    """The welcome greeting played."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenHeard:
+    """One token of a reply reached the caller."""
+
+    reply: Reply
+    token: str
+
+
+@dataclass(frozen=True)
+class ReplyDone:
+    """A talk cycle closed (``last: true``): the reply is complete."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The caller barged in; ``heard`` is all Twilio spoke of the reply."""
+
+    reply: Reply
+    heard: str
+
+
+@dataclass(frozen=True)
+class Played:
+    """The agent played a media URL."""
+
+    reply: Reply
+    source: str
+
+
+@dataclass(frozen=True)
+class DigitsSent:
+    """The agent sent DTMF to the far end."""
+
+    reply: Reply
+    digits: str
+
+
+@dataclass(frozen=True)
+class LanguageSwitched:
+    """The agent switched TTS and/or STT language."""
+
+    reply: Reply
+    tts_language: str | None
+    transcription_language: str | None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The agent sent ``end``."""
+
+    handoff_data: str | None
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Twilio would reject an app frame (64107): why, and the frame as shown."""
+
+    reason: str
+    frame: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Caller input Twilio would not have reported (the TwiML says so): why."""
+
+    reason: str
+
+
+CallerEvent = Union[
+    Greeting,
+    TokenHeard,
+    ReplyDone,
+    Interrupted,
+    Played,
+    DigitsSent,
+    LanguageSwitched,
+    Ended,
+    Invalid,
+    Dropped,
+]
 
 
 def complete_words(text: str) -> int:

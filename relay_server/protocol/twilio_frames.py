@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from relay_server.protocol.codec import encode_inbound
 from relay_server.protocol.messages import (
@@ -116,8 +115,8 @@ class TwilioFrames:
         self.send(Dtmf(digit=digit))
 
     # ---------------------------------------------------------------------- bookkeeping
-    def _emit(self, kind: str, reply: Reply | None, **data: Any) -> None:
-        self._events.append(CallerEvent(kind, reply, data))
+    def _emit(self, event: CallerEvent) -> None:
+        self._events.append(event)
 
     def _info(self, name: str, value: str, needs: str) -> None:
         if needs in self.modes.events:

@@ -17,7 +17,21 @@ from typing import Union
 from relay_server.protocol.codec import decode_received, invalid_message
 from relay_server.protocol.errors import ProtocolError
 from relay_server.protocol.messages import End, Language, Outbound, Play, SendDigits, Text
-from relay_server.protocol.replies import Reply, complete_words, first_words
+from relay_server.protocol.replies import (
+    DigitsSent,
+    Dropped,
+    Ended,
+    Greeting,
+    Interrupted,
+    Invalid,
+    LanguageSwitched,
+    Played,
+    Reply,
+    ReplyDone,
+    TokenHeard,
+    complete_words,
+    first_words,
+)
 from relay_server.protocol.twilio_frames import (
     CLOSE_REASON,
     MALFORMED_REASON,
@@ -59,7 +73,7 @@ class TwilioSide(TwilioFrames):
         self._info("agentSpeaking", "on", "speaker-events")
         self._info("tokensPlayed", greeting, "tokens-played")
         self._info("agentSpeaking", "off", "speaker-events")
-        self._emit("greeting", None, text=greeting)
+        self._emit(Greeting(greeting))
 
     def speaking(self) -> Reply | None:
         """The reply the agent is speaking now, if any."""
@@ -154,7 +168,7 @@ class TwilioSide(TwilioFrames):
             self._agent("off")
         reply.interrupted, reply.text, reply.cut_at = True, heard, now
         reply.finish(now)
-        self._emit("interrupted", reply, heard=heard)
+        self._emit(Interrupted(reply, heard))
 
     def supersede_silent(self) -> None:
         """Replies still waiting for their first token are replaced by the new input (the
@@ -176,7 +190,7 @@ class TwilioSide(TwilioFrames):
     def _invalid(self, frame: Union[str, bytes], reason: str) -> None:
         self.malformed += 1
         shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
-        self._emit("invalid", None, reason=reason, frame=shown)
+        self._emit(Invalid(reason, shown))
         self.send(invalid_message(frame))
         if self.malformed >= MAX_MALFORMED and self.close_to_send is None:
             self.close_to_send = (1007, MALFORMED_REASON)
@@ -187,12 +201,12 @@ class TwilioSide(TwilioFrames):
         elif isinstance(message, Play):
             reply = self._target()
             reply.plays.append(message.source)
-            self._emit("play", reply, source=message.source)
+            self._emit(Played(reply, message.source))
         elif isinstance(message, SendDigits):
             reply = self._target()
             reply.digits.append(message.digits)
             self._info("tokensPlayed", message.digits, "tokens-played")
-            self._emit("digits", reply, digits=message.digits)
+            self._emit(DigitsSent(reply, message.digits))
         elif isinstance(message, Language):
             reply = self._target()
             switch = {}
@@ -202,10 +216,12 @@ class TwilioSide(TwilioFrames):
                 switch["transcriptionLanguage"] = message.transcription_language
             reply.languages.append(switch)
             self.lang = switch.get("transcriptionLanguage", self.lang)
-            self._emit("language", reply, **switch)
+            self._emit(
+                LanguageSwitched(reply, message.tts_language, message.transcription_language)
+            )
         elif isinstance(message, End):
             self.end = message
-            self._emit("end", None, handoff_data=message.handoff_data)
+            self._emit(Ended(message.handoff_data))
             # Twilio drains queued speech, then closes (nothing plays on in a simulation).
             self.close_to_send = (1000, CLOSE_REASON)
 
@@ -240,7 +256,7 @@ class TwilioSide(TwilioFrames):
             _grow(reply, token)
             reply.tokens += 1
             self._agent("on")
-            self._emit("token", reply, token=token)
+            self._emit(TokenHeard(reply, token))
             if _ends_sentence(reply.text, reply.played):
                 self._info("tokensPlayed", reply.text[reply.played :], "tokens-played")
                 reply.played = len(reply.text)
@@ -258,7 +274,7 @@ class TwilioSide(TwilioFrames):
         self._agent("off")
         self._pending.popleft()
         reply.finish(self.clock())
-        self._emit("reply", reply)
+        self._emit(ReplyDone(reply))
 
     def _expect(self, text: str, barge_after: int | None) -> Reply:
         reply = Reply(input=text, sent_at=self.clock(), barge_after=barge_after)
@@ -273,7 +289,7 @@ class TwilioSide(TwilioFrames):
         )
 
     def _drop_text(self, reason: str) -> None:
-        self._emit("dropped", None, reason=reason)
+        self._emit(Dropped(reason))
 
 
 def _grow(reply: Reply, token: str) -> None:

@@ -5,10 +5,12 @@
 - :mod:`~crctl.caller.webhook`: the signed webhooks (voice URL, ``<Connect action>``) over httpx;
 - :mod:`~crctl.caller.simulated`: the I/O loop (:class:`SimulatedCaller`) over the I/O-free
   :class:`~relay_server.protocol.twilio_side.TwilioSide`;
-- :mod:`~crctl.caller.outcome`: how a call ends (:class:`Outcome`) and :class:`CallError`.
+- :mod:`~crctl.caller.socket`: the socket's handshake, as Twilio opens it;
+- :mod:`~crctl.caller.outcome`: how a call ends (:class:`Outcome`, :class:`Closed`) and
+  :class:`CallError`.
 """
 
-from crctl.caller.outcome import CallError, Outcome, Unreachable
+from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome, Unreachable
 from crctl.caller.simulated import (
     DEFAULT_FROM,
     DEFAULT_TO,
@@ -25,7 +27,9 @@ __all__ = [
     "DEFAULT_TO",
     "DEFAULT_URL",
     "CallError",
+    "CallEvent",
     "CallPlan",
+    "Closed",
     "EventHandler",
     "Outcome",
     "Reply",

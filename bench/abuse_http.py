@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from bench.abuse_llm import Caller, Relay, ms  # noqa: E402
 from bench.procs import rss_kib  # noqa: E402
+from relay_server.protocol import Text, encode  # noqa: E402
 from tests.fakes.fake_llm import FakeLLM  # noqa: E402
 
 now = time.monotonic
@@ -96,7 +97,7 @@ def token(relay: Relay) -> str:
 
 
 def push(relay: Relay, sid: str, text: str) -> int:
-    body = json.dumps({"type": "text", "token": text, "last": True}).encode()
+    body = encode(Text(token=text, last=True)).encode()
     request = urllib.request.Request(
         f"{relay.base}/calls/{sid}/messages",
         data=body,

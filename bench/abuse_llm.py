@@ -51,7 +51,10 @@ if str(REPO) not in sys.path:
 
 import websockets  # noqa: E402
 
+from bench.loadgen import setup_for  # noqa: E402
 from bench.procs import cpu_seconds, free_port, rss_kib  # noqa: E402
+from relay_server.protocol import Text  # noqa: E402
+from relay_server.protocol.twilio_side import TwilioSide  # noqa: E402
 from tests.fakes.fake_llm import FakeLLM, Script  # noqa: E402
 
 now = time.monotonic
@@ -128,36 +131,40 @@ class Caller:
         self.relay = relay
         self.sid = f"CA{n:032x}"
         self.ws: Any = None
+        self.side = TwilioSide()
 
     async def connect(self) -> Caller:
         url = await asyncio.to_thread(self.relay.socket_url, self.sid)
         self.ws = await websockets.connect(url, max_size=None, open_timeout=10)
-        setup = {
-            "type": "setup", "sessionId": "VX" + self.sid[2:], "callSid": self.sid,
-            "from": "+15550100001", "to": "+15550100002", "direction": "inbound",
-            "callType": "PSTN", "callStatus": "RINGING", "accountSid": "AC" + "0" * 32,
-            "customParameters": {},
-        }  # fmt: skip
-        await self.ws.send(json.dumps(setup))
+        self.side.send_setup(setup_for(self.sid))
+        await self._flush()
         return self
 
+    async def _flush(self) -> None:
+        for frame in self.side.data_to_send():
+            await self.ws.send(frame)
+
     async def prompt(self, text: str) -> None:
-        await self.ws.send(json.dumps({"type": "prompt", "voicePrompt": text, "last": True}))
+        self.side.send_prompt(text)
+        await self._flush()
 
     async def turn(self, timeout: float) -> tuple[float | None, int, str]:
         """Until ``last: true``: seconds to the first text frame, frames, the text's end."""
         started, first, frames, tail = now(), None, 0, ""
         deadline = started + timeout
         while True:
-            frame = json.loads(await asyncio.wait_for(self.ws.recv(), deadline - now()))
-            if frame.get("type") != "text":
-                continue
-            frames += 1
-            if first is None and frame["token"]:
-                first = now() - started
-            tail = (tail + frame["token"])[-80:]
-            if frame["last"]:
-                return first, frames, tail
+            self.side.receive_data(await asyncio.wait_for(self.ws.recv(), deadline - now()))
+            self.side.events_received()
+            self.side.data_to_send()  # no 64107 answers: they would skew what is measured
+            for frame in self.side.messages_received():
+                if not isinstance(frame, Text):
+                    continue
+                frames += 1
+                if first is None and frame.token:
+                    first = now() - started
+                tail = (tail + frame.token)[-80:]
+                if frame.last:
+                    return first, frames, tail
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import re
@@ -19,7 +18,8 @@ from typing import Any
 
 import websockets
 
-from tests.support import setup_frame
+from relay_server.protocol import Outbound, SentSetup, Text, encode
+from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
 
 #: A token as written by bench/fake_server.py: " c<call>t<turn>w<k>@<monotonic ns>".
 TOKEN_RE = re.compile(r"c(\d+)t(\d+)w(\d+)@(\d+)")
@@ -106,7 +106,8 @@ class BargeResult:
 
 
 class Caller:
-    """One call: a signed WebSocket to the relay that speaks ConversationRelay."""
+    """One call: a signed WebSocket to the relay that speaks ConversationRelay through the
+    protocol's Twilio side (frames encoded and checked as Twilio would)."""
 
     def __init__(self, index: int, ws_url: str, signature: str, deflate: bool = False) -> None:
         self.index = index
@@ -115,6 +116,7 @@ class Caller:
         self.signature = signature
         self.deflate = deflate
         self.ws: Any = None
+        self.side = TwilioSide()
 
     async def connect(self) -> None:
         self.ws = await websockets.connect(
@@ -128,36 +130,43 @@ class Caller:
             max_size=None,
             max_queue=None,
         )
-        await self.ws.send(json.dumps(setup_frame(self.call_sid)))
+        self.side.send_setup(setup_for(self.call_sid))
+        await self.flush()
 
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+    async def flush(self) -> None:
+        """Write what the Twilio side queued."""
+        for frame in self.side.data_to_send():
+            await self.ws.send(frame)
 
-    async def recv(self, timeout: float) -> tuple[float, dict[str, Any]]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        at = now()
-        return at, json.loads(raw)
+    async def recv(self, timeout: float) -> tuple[float, Outbound]:
+        """The next valid frame and when it arrived (stamped before it is decoded)."""
+        while True:
+            raw = await asyncio.wait_for(self.ws.recv(), timeout)
+            at = now()
+            self.side.receive_data(raw)
+            self.side.events_received()
+            self.side.data_to_send()  # a 64107 answer would skew the relay's figures: not sent
+            messages = self.side.messages_received()
+            if messages:
+                return at, messages[0]
 
     async def close(self) -> None:
         if self.ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(1000, "Closing websocket session"), 5)
+                await asyncio.wait_for(self.ws.close(1000, CLOSE_REASON), 5)
 
     # ------------------------------------------------------------------------- scenarios
-    @staticmethod
-    def prompt_frame(text: str) -> dict[str, Any]:
-        return {"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True}
-
     async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:
         """Send a final prompt; read the reply up to last:true."""
         res = TurnResult(self.index, turn, tag, now())
-        await self.send(self.prompt_frame(tag))
+        self.side.send_prompt(tag)
+        await self.flush()
         try:
             while True:
                 at, frame = await self.recv(timeout)
-                if frame.get("type") != "text":
+                if not isinstance(frame, Text):
                     continue
-                token = frame.get("token") or ""
+                token = frame.token
                 if token:
                     if res.first_at is None:
                         res.first_at = at
@@ -167,7 +176,7 @@ class Caller:
                         if int(m[1]) != self.index or int(m[2]) != turn:
                             res.wrong += 1
                         res.token_delays.append(at - int(m[4]) / 1e9)
-                if frame.get("last"):
+                if frame.last:
                     res.last_at = at
                     return res
         except Exception as exc:  # timeout or socket closed: recorded, the run goes on
@@ -180,53 +189,65 @@ class Caller:
         """Send a prompt for a long reply, interrupt it after ``after_tokens`` tokens, read to
         last:true, then listen ``quiet`` s for anything more."""
         res = BargeResult(self.index, turn, tag, now())
-        await self.send(self.prompt_frame(tag))
+        self.side.send_prompt(tag)
+        await self.flush()
         heard: list[str] = []
         try:
             while res.tokens_before < after_tokens:
                 at, frame = await self.recv(timeout)
-                is_text = frame.get("type") == "text"
-                token = (frame.get("token") or "") if is_text else ""
+                is_text = isinstance(frame, Text)
+                token = frame.token if isinstance(frame, Text) else ""
                 if token:
                     res.tokens_before += 1
                     heard.append(token)
                     m = TOKEN_RE.search(token)
                     if m:
                         res.max_k_before = int(m[3])
-                if is_text and frame.get("last"):
+                if is_text and frame.last:  # type: ignore[union-attr]
                     res.error = "reply ended before the interrupt"
                     return res
-            interrupt = {
-                "type": "interrupt",
-                "utteranceUntilInterrupt": "".join(heard[: max(1, len(heard) // 2)]),
-                "durationUntilInterruptMs": 500,
-            }
-            data = json.dumps(interrupt)
+            self.side.send_interrupt("".join(heard[: max(1, len(heard) // 2)]), 500)
+            (data,) = self.side.data_to_send()
             res.int_before = now()
             await self.ws.send(data)
             res.int_after = now()
             while True:
                 at, frame = await self.recv(timeout)
-                if frame.get("type") != "text":
+                if not isinstance(frame, Text):
                     continue
-                token = frame.get("token") or ""
+                token = frame.token
                 if token:
                     m = TOKEN_RE.search(token)
                     written = int(m[4]) / 1e9 if m else float("nan")
                     res.late.append((at, written, int(m[3]) if m else -1))
-                if frame.get("last"):
+                if frame.last:
                     res.last_at = at
                     break
             deadline = now() + quiet
             while (left := deadline - now()) > 0:
                 try:
-                    _, frame = await self.recv(left)
+                    _, stray = await self.recv(left)
                 except TimeoutError:
                     break
-                res.stray.append(json.dumps(frame)[:200])
+                res.stray.append(encode(stray)[:200])
         except Exception as exc:
             res.error = f"{type(exc).__name__}: {exc}"
         return res
+
+
+def setup_for(call_sid: str) -> SentSetup:
+    """A setup frame shaped like the captured one (Twilio docs: WebSocket messages)."""
+    return SentSetup(
+        session_id="VX" + call_sid[2:],
+        call_sid=call_sid,
+        from_="+15550100001",
+        to="+15550100002",
+        forwarded_from="+15550100002",
+        direction="inbound",
+        call_type="PSTN",
+        call_status="RINGING",
+        account_sid="AC" + "0" * 32,
+    )
 
 
 def bench_tag(

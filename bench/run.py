@@ -45,6 +45,8 @@ from bench.loadgen import (  # noqa: E402
 )
 from bench.parse_bench import floor_ratio_text  # noqa: E402
 from bench.procs import (  # noqa: E402
+    AUTH_TOKEN,
+    PUBLIC_URL,
     FakeProc,
     RelayProc,
     core_load,
@@ -54,7 +56,7 @@ from bench.procs import (  # noqa: E402
     self_cpu,
     wait_quiet,
 )
-from tests.support import PUBLIC_URL, sign  # noqa: E402
+from crctl.caller.webhook import sign  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 RELAY_CORE, LOAD_CORE = 0, 1
@@ -139,14 +141,14 @@ async def connect_all(
             answer = await http.post(
                 f"http://127.0.0.1:{relay.port}/twiml",
                 data=form,
-                headers={"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml", form)},
+                headers={"X-Twilio-Signature": sign(AUTH_TOKEN, PUBLIC_URL + "/twiml", form)},
             )
             answer.raise_for_status()
             found = ET.fromstring(answer.text).find("Connect/ConversationRelay")
             public = found.attrib["url"] if found is not None else ""
             if urlsplit(public).query:
                 c.ws_url = f"{relay.ws_url}?{urlsplit(public).query}"
-                c.signature = sign(public)
+                c.signature = sign(AUTH_TOKEN, public, {})
     gap = window / max(1, n)
 
     async def one(i: int, c: Caller) -> None:
@@ -206,7 +208,7 @@ async def run_level(
     n: int, fake: FakeProc, args: argparse.Namespace, rng: random.Random, log_dir: Path
 ) -> dict[str, Any]:
     """One concurrency level against a fresh relay: RSS, turns, barge-ins."""
-    sig = sign(PUBLIC_URL.replace("https://", "wss://") + "/ws")
+    sig = sign(AUTH_TOKEN, PUBLIC_URL.replace("https://", "wss://") + "/ws", {})
     quiet = await wait_quiet()
     if not quiet["quiet"]:
         print(

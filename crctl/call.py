@@ -31,7 +31,20 @@ from crctl.caller import (
     SimulatedCaller,
     Unreachable,
 )
+from crctl.caller.outcome import CallEvent, Closed
 from crctl.console import crctl_command, err, fail
+from relay_server.protocol.replies import (
+    DigitsSent,
+    Dropped,
+    Ended,
+    Greeting,
+    Interrupted,
+    Invalid,
+    LanguageSwitched,
+    Played,
+    ReplyDone,
+    TokenHeard,
+)
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -69,57 +82,63 @@ class LivePrinter:
         self.live = text
         self.changed()
 
-    def __call__(self, kind: str, reply: Reply | None, data: dict[str, Any]) -> None:
-        if kind == "token" and reply is not None:
-            if self._open is not reply:
+    def __call__(self, event: CallEvent) -> None:
+        match event:
+            case TokenHeard(reply=reply, token=token):
+                if self._open is not reply:
+                    self._break()
+                    if not self.live_mode:
+                        self.out.print("[bold cyan]agent:[/] ", end="")
+                    self._open = reply
+                if self.live_mode:
+                    self._set_live(self.live + token)
+                else:
+                    self.out.print(escape(token), end="")
+            case ReplyDone(reply=reply):
+                self._reply_done(reply)
+            case _:
                 self._break()
-                if not self.live_mode:
-                    self.out.print("[bold cyan]agent:[/] ", end="")
-                self._open = reply
-            if self.live_mode:
-                self._set_live(self.live + data["token"])
-            else:
-                self.out.print(escape(data["token"]), end="")
-            return
-        if kind == "reply" and reply is not None:
-            ms = reply.first_token_ms
-            timing = f"  [dim]{first_token(ms)}[/]" if ms is not None and reply.solicited else ""
-            if self._open is reply:  # its text is on the line (or in live): close it
-                line = f"[bold cyan]agent:[/] {escape(self.live)}" if self.live_mode else ""
-            else:  # nothing said, or its text was printed before another event
-                self._break()
-                line = "" if reply.tokens else "[bold cyan]agent:[/] [dim](said nothing)[/]"
-            self.out.print(f"{line}{timing}")
-            self._open = None
-            self._set_live("")
-            return
-        self._break()
-        if kind == "greeting":
-            self.out.print(
-                f"[bold cyan]agent:[/] {escape(data['text'])} [dim](welcome greeting)[/]"
-            )
-        elif kind == "interrupted":
-            heard = escape(repr(data["heard"]))
-            self.out.print(f"[yellow]  ↳ barged in; the caller heard: {heard}[/]")
-        elif kind == "play":
-            self.out.print(f"[cyan]agent plays[/] {escape(data['source'])}")
-        elif kind == "digits":
-            self.out.print(f"[cyan]agent sends digits[/] {escape(data['digits'])}")
-        elif kind == "language":
-            pairs = ", ".join(f"{k}={v}" for k, v in data.items())
-            self.out.print(f"[cyan]agent switches language[/] {escape(pairs)}")
-        elif kind == "end":
-            extra = f": handoffData {data['handoff_data']}" if data["handoff_data"] else ""
-            self.out.print(f"[bold cyan]agent ended the call[/]{escape(extra)}")
-        elif kind == "invalid":
-            self.out.print(
-                f"[red]Twilio would reject this frame (64107): {escape(data['reason'])}:[/] "
-                f"{escape(str(data['frame'])[:200])}"
-            )
-        elif kind == "dropped":
-            self.out.print(f"[yellow]not sent: {escape(data['reason'])}[/]")
-        elif kind == "closed":
-            self.out.print(f"[dim]call over: {escape(data['outcome'].describe())}[/]")
+                self._print(event)
+
+    def _reply_done(self, reply: Reply) -> None:
+        ms = reply.first_token_ms
+        timing = f"  [dim]{first_token(ms)}[/]" if ms is not None and reply.solicited else ""
+        if self._open is reply:  # its text is on the line (or in live): close it
+            line = f"[bold cyan]agent:[/] {escape(self.live)}" if self.live_mode else ""
+        else:  # nothing said, or its text was printed before another event
+            self._break()
+            line = "" if reply.tokens else "[bold cyan]agent:[/] [dim](said nothing)[/]"
+        self.out.print(f"{line}{timing}")
+        self._open = None
+        self._set_live("")
+
+    def _print(self, event: CallEvent) -> None:
+        match event:
+            case Greeting(text=text):
+                self.out.print(f"[bold cyan]agent:[/] {escape(text)} [dim](welcome greeting)[/]")
+            case Interrupted(heard=heard):
+                shown = escape(repr(heard))
+                self.out.print(f"[yellow]  ↳ barged in; the caller heard: {shown}[/]")
+            case Played(source=source):
+                self.out.print(f"[cyan]agent plays[/] {escape(source)}")
+            case DigitsSent(digits=digits):
+                self.out.print(f"[cyan]agent sends digits[/] {escape(digits)}")
+            case LanguageSwitched(tts_language=tts, transcription_language=stt):
+                names = (("ttsLanguage", tts), ("transcriptionLanguage", stt))
+                pairs = ", ".join(f"{k}={v}" for k, v in names if v is not None)
+                self.out.print(f"[cyan]agent switches language[/] {escape(pairs)}")
+            case Ended(handoff_data=data):
+                extra = f": handoffData {data}" if data else ""
+                self.out.print(f"[bold cyan]agent ended the call[/]{escape(extra)}")
+            case Invalid(reason=reason, frame=frame):
+                self.out.print(
+                    f"[red]Twilio would reject this frame (64107): {escape(reason)}:[/] "
+                    f"{escape(frame[:200])}"
+                )
+            case Dropped(reason=reason):
+                self.out.print(f"[yellow]not sent: {escape(reason)}[/]")
+            case Closed(outcome=outcome):
+                self.out.print(f"[dim]call over: {escape(outcome.describe())}[/]")
 
 
 def first_token(ms: float) -> str:
@@ -181,7 +200,7 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
             if not go_on:
                 break
             if reply is not None:
-                await _until(reply.done, caller.timeout)
+                await caller.finished(reply, caller.timeout)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -253,11 +272,6 @@ async def _next_line(lines: asyncio.Queue[str | None], closed: asyncio.Event) ->
     for task in pending:
         task.cancel()
     return getter.result() if getter in done else None
-
-
-async def _until(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
 
 
 def _defaults(

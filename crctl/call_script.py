@@ -50,6 +50,7 @@ from rich.table import Table
 
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import ConfigurationError
+from relay_server.protocol import End
 
 #: How long a turn that must *not* end the call waits for a stray ``end``.
 _END_GRACE = 0.3
@@ -453,7 +454,7 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
 
 
 async def _await_reply(caller: SimulatedCaller, reply: Reply, timeout: float) -> list[str]:
-    if not await _wait(reply.done, timeout):
+    if not await caller.finished(reply, timeout):
         got = f" (so far: {reply.received!r})" if reply.received else ""
         return [f"no complete reply within {timeout:g} s{got}"]
     if reply.error:
@@ -506,8 +507,8 @@ def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
     ]
 
 
-def _check_handoff(wanted: bool | str | dict[str, Any], end: dict[str, Any] | None) -> list[str]:
-    data = end.get("handoffData") if end is not None else None
+def _check_handoff(wanted: bool | str | dict[str, Any], end: End | None) -> list[str]:
+    data = end.handoff_data if end is not None else None
     if wanted is False:
         return [f"unexpected hand-off: handoffData {data}"] if data else []
     if end is None:

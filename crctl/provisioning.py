@@ -8,7 +8,6 @@ Every change of a voice setting is recorded first (:mod:`crctl.state`), so it ca
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from crctl.credentials import Credentials
 from crctl.environment import current
 from crctl.errors import ProvisioningError as ProvisioningError  # raised here, caught by callers
 from crctl.errors import UsageError
+from crctl.hosts import is_local
 from crctl.state import VOICE_FIELDS, State
 
 TWILIO_API = "https://api.twilio.com"
@@ -147,7 +147,7 @@ def check_public_url(url: str, *, path: str | None = None) -> str:
     if parts.scheme != "https" or not parts.hostname:
         raise UsageError(f"{url!r} is not an https:// URL: Twilio calls webhooks over https")
     host = parts.hostname
-    if _private(host):
+    if is_local(host):
         raise UsageError(
             f"{url!r}: {host} is not reachable from Twilio; use the public URL of your tunnel "
             "or host (crctl up opens one)"
@@ -160,16 +160,6 @@ def check_public_url(url: str, *, path: str | None = None) -> str:
     if parts.path in ("", "/"):
         raise UsageError(f"{url!r}: add the TwiML endpoint's path, e.g. {clean}/twiml")
     return clean
-
-
-def _private(host: str) -> bool:
-    if host == "localhost" or host.endswith((".localhost", ".local", ".internal", ".lan")):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return "." not in host  # a bare intranet name
-    return not address.is_global
 
 
 @dataclass

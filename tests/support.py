@@ -35,6 +35,9 @@ from crctl.serve import run_relay
 from crctl.settings import Settings
 from relay_server import CallEvent, EventBus, RelayConfig, create_app
 from relay_server.calls import CallRegistry
+from relay_server.protocol import SentSetup, as_fields
+from relay_server.protocol.replies import Invalid
+from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
 from relay_server.state import relay_state
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -134,28 +137,29 @@ def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN
 
 
 def setup_frame(call_sid: str, **extra: Any) -> dict[str, Any]:
-    """A setup frame shaped like the captured one (Twilio docs: WebSocket messages)."""
-    frame = {
-        "type": "setup",
-        "sessionId": "VX" + call_sid[2:],
-        "callSid": call_sid,
-        "parentCallSid": "",
-        "from": "+15550100001",
-        "to": "+15550100002",
-        "forwardedFrom": "+15550100002",
-        "callerName": "",
-        "direction": "inbound",
-        "callType": "PSTN",
-        "callStatus": "RINGING",
-        "accountSid": "AC" + "0" * 32,
-        "customParameters": {},
-    }
+    """A setup frame shaped like the captured one (Twilio docs: WebSocket messages), as the
+    protocol's Twilio side encodes it; ``extra`` overrides wire fields by their camelCase name."""
+    frame = as_fields(
+        SentSetup(
+            session_id="VX" + call_sid[2:],
+            call_sid=call_sid,
+            from_="+15550100001",
+            to="+15550100002",
+            forwarded_from="+15550100002",
+            direction="inbound",
+            call_type="PSTN",
+            call_status="RINGING",
+            account_sid="AC" + "0" * 32,
+        )
+    )
     frame.update(extra)
     return frame
 
 
 class TwilioCaller:
-    """A WebSocket client that talks ConversationRelay like Twilio does."""
+    """A WebSocket client that talks ConversationRelay like Twilio does: it drives the
+    protocol's I/O-free :class:`TwilioSide`, so every frame the relay sends is checked as
+    Twilio checks it (a frame Twilio would reject with 64107 fails the test)."""
 
     def __init__(
         self,
@@ -169,6 +173,7 @@ class TwilioCaller:
         self.public_url = public_url
         self.token = token
         self.ws: Any = None
+        self.side = TwilioSide()
         self.received: list[dict[str, Any]] = []
         #: The socket URL's query (``callSid=…&token=…``) of the last :meth:`connect`.
         self.query: str | None = None
@@ -209,30 +214,39 @@ class TwilioCaller:
         return self
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        """Send a raw frame: a dict (a test's own, possibly odd, frame) as JSON, else as is."""
         await self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
 
+    async def _flush(self) -> None:
+        for data in self.side.data_to_send():
+            await self.ws.send(data)
+
     async def prompt(self, text: str, last: bool = True, lang: str = "en-US") -> None:
-        await self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": last})
+        self.side.send_prompt(text, last=last, lang=lang)
+        await self._flush()
 
     async def dtmf(self, digit: str) -> None:
-        await self.send({"type": "dtmf", "digit": digit})
+        self.side.send_dtmf(digit)
+        await self._flush()
 
     async def interrupt(self, heard: str, duration_ms: int | str = 500) -> None:
-        await self.send(
-            {
-                "type": "interrupt",
-                "utteranceUntilInterrupt": heard,
-                "durationUntilInterruptMs": duration_ms,
-            }
-        )
+        self.side.send_interrupt(heard, duration_ms)
+        await self._flush()
 
     async def info(self, name: str, value: str) -> None:
-        await self.send({"type": "info", "name": name, "value": value})
+        self.side.send_info(name, value)
+        await self._flush()
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        """The next frame from the relay, checked as Twilio checks it, as its JSON object."""
+        self.side.receive_data(await asyncio.wait_for(self.ws.recv(), timeout))
+        invalid = [e.reason for e in self.side.events_received() if isinstance(e, Invalid)]
+        self.side.data_to_send()  # Twilio's 64107 answer: the failure below says it instead
+        assert not invalid, f"Twilio would reject this frame (64107): {invalid[0]}"
+        (message,) = self.side.messages_received()
+        frame = as_fields(message)
         self.received.append(frame)
-        return frame  # type: ignore[no-any-return]
+        return frame
 
     async def recv_turn(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Frames up to and including the text frame with ``last: true``."""
@@ -259,7 +273,7 @@ class TwilioCaller:
         return frames
 
     async def hangup(self) -> None:
-        await self.ws.close(1000, "Closing websocket session")
+        await self.ws.close(1000, CLOSE_REASON)
 
 
 def config(**overrides: Any) -> RelayConfig:

@@ -22,10 +22,24 @@ from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from crctl.call import call
+from crctl.call import LivePrinter, call
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
-from crctl.caller import CallError, CallPlan, Reply, SimulatedCaller
+from crctl.caller import CallError, CallPlan, Outcome, Reply, SimulatedCaller
+from crctl.caller.outcome import Closed
 from crctl.console import crctl_command
+from relay_server.protocol import End, Prompt, decode, text_frame
+from relay_server.protocol.replies import (
+    DigitsSent,
+    Dropped,
+    Ended,
+    Greeting,
+    Interrupted,
+    Invalid,
+    LanguageSwitched,
+    Played,
+    ReplyDone,
+    TokenHeard,
+)
 from relay_server.security import SignatureChecker
 from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
@@ -192,7 +206,7 @@ def test_end_call_and_handoff_are_checked_and_reported(relay_factory, fake_llm, 
 )
 def test_handoff_expectations(wanted, reasons):
     data = json.dumps({"reasonCode": "live-agent-handoff", "reason": "billing dispute"})
-    got = _check_handoff(wanted, {"type": "end", "handoffData": data})
+    got = _check_handoff(wanted, End(handoff_data=data))
     assert len(got) == len(reasons)
     assert all(got[i].startswith(reason) for i, reason in enumerate(reasons))
     assert _check_handoff(True, None) == ["no hand-off: the agent did not end the call"]
@@ -219,6 +233,17 @@ async def test_a_refused_websocket_handshake_is_one_error(relay):
     # Signed over a URL the relay is not published at: it refuses the upgrade.
     with pytest.raises(CallError, match=r"refused the WebSocket .* \(HTTP 403\)"):
         await caller.connect(replace(plan, ws_url="wss://elsewhere.example.test/ws"))
+
+
+async def test_a_local_relay_is_reached_past_the_environments_proxy(relay, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that answers nothing
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    caller = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
+    plan = await caller.fetch()  # went direct: through the dead proxy it could not have
+    assert plan.connect_url.startswith(relay.ws_url)
 
 
 def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
@@ -404,6 +429,7 @@ class Recorder:
         self.request = ws.request
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:
+                # the raw JSON object, not a decoded value: these tests check the key order
                 frame = json.loads(raw)
                 self.frames.append(frame)
                 await self.behaviour(ws, frame)
@@ -433,18 +459,18 @@ async def test_frames_and_handshake_are_twilios():
     async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
         async def answer() -> None:
             for token in ["Let", " me", " check", " that", " for", " you."]:
-                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
         if frame["type"] == "prompt" and frame["last"]:
             answering.append(asyncio.create_task(answer()))
         elif frame["type"] == "interrupt":  # as the relay does: stop, close the cycle
             answering.pop().cancel()
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
         elif frame["type"] == "dtmf":
             await ws.send("not json")
-            await ws.send(json.dumps({"type": "text", "token": "Pressed.", "last": True}))
+            await ws.send(text_frame("Pressed.", True))
 
     recorder = Recorder(behaviour)
     async with serve(recorder, "127.0.0.1", 0) as server:
@@ -459,9 +485,9 @@ async def test_frames_and_handshake_are_twilios():
         await caller.connect(plan)
         first = await caller.say("is my order here", interrupt_after_words=3)
         assert first is not None
-        await asyncio.wait_for(first.done.wait(), 5)
+        assert await caller.finished(first, 5)
         second = await caller.dtmf("1")
-        await asyncio.wait_for(second.done.wait(), 5)
+        assert await caller.finished(second, 5)
         outcome = await caller.hangup()
 
     assert first.interrupted and first.text == "Let me check"
@@ -589,8 +615,8 @@ def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for message in ws:
-            if json.loads(message.data).get("type") == "prompt":
-                await ws.send_str(json.dumps({"type": "text", "token": "It is 42.", "last": False}))
+            if isinstance(decode(message.data), Prompt):
+                await ws.send_str(text_frame("It is 42.", False))
                 await ws.close(code=1011)
         return ws
 
@@ -622,15 +648,15 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
     async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
         async def answer() -> None:
             for token in ["A", " long", " story", " about", " many", " things."] * 5:
-                await ws.send(json.dumps({"type": "text", "token": token, "last": False}))
+                await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
         if frame["type"] == "prompt" and frame["last"] and not answering:
             answering.append(asyncio.create_task(answer()))
         elif frame["type"] == "interrupt":
             answering[0].cancel()
-            await ws.send(json.dumps({"type": "text", "token": "", "last": True}))
+            await ws.send(text_frame("", True))
 
     recorder = Recorder(behaviour)
     async with serve(recorder, "127.0.0.1", 0) as server:
@@ -763,3 +789,36 @@ def test_a_plain_http_relay_naming_wss_on_its_own_port_is_reached_with_ws():
     assert "4 of 4 turns passed" in result.output
     assert "/action → hangs up" in result.output  # the signed callback, over http
     assert events(relay, "session.end")[0]["status"] == "completed"
+
+
+def test_the_live_printer_renders_every_step_of_a_call():
+    buffer = io.StringIO()
+    printer = LivePrinter(Console(file=buffer, width=200, color_system=None))
+    reply = Reply(input="hi", sent_at=0.0, first_token_at=0.25, tokens=2)
+    for event in [
+        Greeting("Hi!"),
+        TokenHeard(reply, "Hello"),
+        TokenHeard(reply, " there."),
+        ReplyDone(reply),
+        Interrupted(reply, "Hello"),
+        Played(reply, "https://x/a.mp3"),
+        DigitsSent(reply, "12#"),
+        LanguageSwitched(reply, "sv-SE", None),
+        Invalid("not JSON", "nope"),
+        Dropped("the TwiML says no"),
+        Ended('{"a":1}'),
+        Closed(Outcome("ended", close_code=1000, handoff_data='{"a":1}')),
+    ]:
+        printer(event)
+    assert buffer.getvalue().splitlines() == [
+        "agent: Hi! (welcome greeting)",
+        "agent: Hello there.  first token 250 ms",
+        "  ↳ barged in; the caller heard: 'Hello'",
+        "agent plays https://x/a.mp3",
+        "agent sends digits 12#",
+        "agent switches language ttsLanguage=sv-SE",
+        "Twilio would reject this frame (64107): not JSON: nope",
+        "not sent: the TwiML says no",
+        'agent ended the call: handoffData {"a":1}',
+        'call over: the agent ended the call (end), handoffData {"a":1}',
+    ]

@@ -26,12 +26,17 @@ from relay_server.protocol import (
     Prompt,
     ProtocolError,
     SendDigits,
+    SentInterrupt,
+    SentSetup,
     Setup,
     Text,
     Unknown,
+    as_fields,
     decode,
     decode_outbound,
+    decode_received,
     encode,
+    encode_inbound,
     text_frame,
 )
 
@@ -567,3 +572,61 @@ def test_protocol_core_has_no_io_or_event_loop_imports() -> None:
 def test_dtmf_digit_outside_the_keypad_is_a_protocol_error(digit: str) -> None:
     with pytest.raises(ProtocolError, match=r"dtmf\.digit"):
         decode(json.dumps({"type": "dtmf", "digit": digit}))
+
+
+# ---------------------------------------------------------------- the Twilio side's codec
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Prompt(voice_prompt="is my order here", lang="en-US", last=False),
+        Prompt(voice_prompt="Stop.", lang="en", last=True),
+        Dtmf(digit="#"),
+        Interrupt(utterance_until_interrupt="Sentence 2 of", duration_until_interrupt_ms=684),
+        Info(name="tokensPlayed", value=" the quick brown fox."),
+        Error(description="Invalid message received, code: 64107, this is not json #1"),
+    ],
+)
+def test_what_twilio_sends_round_trips_through_the_relays_decoder(message: Any) -> None:
+    assert decode(encode_inbound(message)) == message
+
+
+def test_twilio_fields_keep_the_docs_order() -> None:
+    frame = encode_inbound(Prompt(voice_prompt="hi", lang="en-US", last=True))
+    assert frame == '{"type":"prompt","voicePrompt":"hi","lang":"en-US","last":true}'
+    interrupt = encode_inbound(Interrupt(utterance_until_interrupt="This"))
+    assert interrupt == (
+        '{"type":"interrupt","utteranceUntilInterrupt":"This","durationUntilInterruptMs":0}'
+    )
+
+
+def test_a_sent_interrupt_keeps_the_early_docs_string_duration() -> None:
+    frame = encode_inbound(
+        SentInterrupt(utterance_until_interrupt="Hi", duration_until_interrupt_ms="460")
+    )
+    assert json.loads(frame)["durationUntilInterruptMs"] == "460"
+    decoded = decode(frame)
+    assert isinstance(decoded, Interrupt) and decoded.duration_until_interrupt_ms == 460
+    with pytest.raises(ProtocolError, match="not a number"):
+        SentInterrupt(duration_until_interrupt_ms="soon")
+
+
+def test_a_sent_setup_leaves_application_sid_out() -> None:
+    frame = encode_inbound(SentSetup(call_sid="CA" + "1" * 32))
+    assert "applicationSid" not in json.loads(frame)
+    decoded = decode(frame)
+    assert isinstance(decoded, Setup) and decoded.application_sid is None
+
+
+def test_as_fields_is_the_frame_as_json_reads_it() -> None:
+    assert as_fields(decode_received('{"type":"text","token":"a"}')) == {
+        "type": "text",
+        "token": "a",
+        "last": False,
+    }
+    assert as_fields(End(handoff_data="{}")) == {"type": "end", "handoffData": "{}"}
+    assert as_fields(Play(source="https://x/a.mp3")) == {
+        "type": "play",
+        "source": "https://x/a.mp3",
+    }

@@ -5,7 +5,6 @@ opens nothing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -200,14 +199,15 @@ def test_the_relays_key_is_the_socket_secret_else_derived_else_per_process():
 async def said(caller: SimulatedCaller, text: str) -> str:
     reply = await caller.say(text)
     assert reply is not None
-    await asyncio.wait_for(reply.done.wait(), 10)  # a guard against a hang, not a measure
+    assert await caller.finished(reply, 10)  # a guard against a hang, not a measure
     return reply.text
 
 
 async def test_crctl_call_is_accepted_once_and_its_replayed_handshake_refused(relay_factory):
     relay = relay_factory(agent="echo")
     caller = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
-    plan = await caller.dial()  # /twiml, then the socket URL it names, signed over it
+    plan = await caller.fetch()  # /twiml, then the socket URL it names, signed over it
+    await caller.connect(plan)
     assert query_of(plan.ws_url).startswith(f"callSid={caller.call_sid}&token=")
     assert query_of(plan.connect_url) == query_of(plan.ws_url)
     assert await said(caller, "hello") == "You said: hello"
@@ -223,6 +223,6 @@ async def test_crctl_call_is_accepted_once_and_its_replayed_handshake_refused(re
         await replay.connect(plan)
     # a new call gets a new URL and is accepted
     fresh = SimulatedCaller(relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
-    await fresh.dial()
+    await fresh.connect(await fresh.fetch())
     assert await said(fresh, "again") == "You said: again"
     await fresh.hangup()

@@ -6,12 +6,12 @@ after the sans-I/O model of python-websockets).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
 from relay_server.protocol.errors import ProtocolError
-from relay_server.protocol.messages import Inbound, Outbound, Unknown
+from relay_server.protocol.messages import Error, Inbound, Outbound, Received, Text, Unknown
 
 #: Twilio publishes no message-size cap (Twilio docs: error codes); a frame larger than this is
 #: refused by the relay.
@@ -20,8 +20,10 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 _inbound = msgspec.json.Decoder(Inbound)
 _outbound = msgspec.json.Decoder(Outbound)
 _envelope = msgspec.json.Decoder(Unknown)
+_received = msgspec.json.Decoder(Received)
 _encoder = msgspec.json.Encoder()
 _KNOWN_INBOUND = frozenset({"setup", "prompt", "dtmf", "interrupt", "error", "info"})
+_KNOWN_OUTBOUND = frozenset({"text", "play", "sendDigits", "language", "end"})
 
 
 def decode(
@@ -99,3 +101,56 @@ def text_frame(token: str, last: bool) -> str:
 _TEXT_PREFIX = '{"type":"text","token":'
 _LAST_TRUE = ',"last":true}'
 _LAST_FALSE = ',"last":false}'
+
+
+# ------------------------------------------------------------------------ the Twilio side
+
+
+def encode_inbound(message: Inbound) -> str:
+    """Encode a frame as Twilio sends it to an app (the simulated caller, the test clients and
+    the load generator speak as Twilio; Twilio docs: WebSocket messages)."""
+    return _encoder.encode(message).decode()
+
+
+def decode_received(frame: Union[str, bytes]) -> Outbound:
+    """Decode a frame an app sent, checked as Twilio checks it (Twilio docs: WebSocket messages;
+    error 64107: a message that matches none of the supported messages).
+
+    Raises :class:`ProtocolError` whose message is the reason Twilio would reject the frame:
+    binary data, not JSON, no string ``type``, an unknown type, or a field Twilio would refuse.
+    """
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("a binary frame (ConversationRelay takes JSON text)")
+    try:
+        message: Outbound = _received.decode(frame)
+        return message
+    except msgspec.ValidationError as exc:  # a DecodeError too: caught first
+        try:
+            kind = _envelope.decode(frame).type
+        except (msgspec.ValidationError, RecursionError):
+            raise ProtocolError("not a JSON object with a string type") from exc
+        if kind not in _KNOWN_OUTBOUND:
+            raise ProtocolError(f"unknown message type {kind!r}") from exc
+        raise ProtocolError(f"malformed {kind!r} message: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(_TOO_DEEP) from None
+
+
+def invalid_message(frame: Union[str, bytes]) -> Error:
+    """The ``error`` frame Twilio answers a rejected frame with: one per bad frame, code 64107,
+    the frame quoted (Twilio docs: WebSocket messages, error; error 64107)."""
+    shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
+    return Error(description=f"Invalid message received, code: 64107, {shown}")
+
+
+def as_fields(message: Union[Inbound, Outbound]) -> dict[str, Any]:
+    """``message`` as the JSON object it is on the wire, for assertions that read like frames.
+
+    A ``text`` always shows ``last``: the relay always sends it, even where Twilio defaults it.
+    """
+    fields: dict[str, Any] = msgspec.to_builtins(message)
+    if isinstance(message, Text):
+        fields["last"] = message.last
+    return fields

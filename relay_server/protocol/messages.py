@@ -25,18 +25,20 @@ from relay_server.protocol.errors import ProtocolError
 class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_only=True):
     """First frame of every socket (Twilio docs: WebSocket messages)."""
 
-    call_sid: str
+    # Fields in the order of the captured frame, so that the Twilio side encodes it as Twilio
+    # does (Twilio docs: WebSocket messages, setup); decoding does not depend on the order.
     session_id: str = ""
-    account_sid: str = ""
+    call_sid: str
+    parent_call_sid: str = ""
     from_: str = ""
     to: str = ""
+    forwarded_from: str = ""
+    caller_name: str = ""
     direction: str = ""
     call_type: str = ""
     #: Upper-snake on the wire: ``RINGING`` or ``IN_PROGRESS`` (Twilio docs: WebSocket messages).
     call_status: str = ""
-    parent_call_sid: str = ""
-    forwarded_from: str = ""
-    caller_name: str = ""
+    account_sid: str = ""
     custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
     #: ``null`` in 2024-25 captures, absent in 2026 ones (Twilio docs: WebSocket messages).
     application_sid: str | None = None
@@ -197,3 +199,37 @@ class End(_Out, tag="end"):
 
 
 Outbound = Union[Text, Play, SendDigits, Language, End]
+
+
+# ------------------------------------------------------------------ the Twilio side's variants
+
+
+class SentSetup(Setup, tag="setup"):
+    """``setup`` as the Twilio side sends it: ``applicationSid`` absent, as in 2026 captures
+    (Twilio docs: WebSocket messages), instead of ``null``."""
+
+    application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
+
+
+class SentInterrupt(Interrupt, tag="interrupt"):
+    """``interrupt`` as the Twilio side sends it: ``durationUntilInterruptMs`` kept in the form
+    given, so a client can send the early docs' string (``"460"``) as well as the int of 2026
+    captures (Twilio docs: WebSocket messages, interrupt)."""
+
+    def __post_init__(self) -> None:
+        raw = self.duration_until_interrupt_ms
+        try:
+            float(raw or 0)
+        except (ValueError, OverflowError) as exc:
+            raise ProtocolError(f"durationUntilInterruptMs is not a number: {raw!r}") from exc
+
+
+class ReceivedText(Text, tag="text"):
+    """``text`` as Twilio reads it: ``last`` defaults to false (Twilio docs: WebSocket messages,
+    text). The relay's own :class:`Text` keeps ``last`` required so that it is always sent."""
+
+    last: bool = False
+
+
+#: What Twilio accepts from an app, decoded leniently only where Twilio's docs give defaults.
+Received = Union[ReceivedText, Play, SendDigits, Language, End]

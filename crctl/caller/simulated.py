@@ -1,0 +1,335 @@
+"""A simulated Twilio caller that speaks ConversationRelay as Twilio does (``crctl call``).
+
+What it mirrors (Twilio's ConversationRelay docs, and frames seen on real calls):
+
+- The voice webhook first: ``POST /twiml`` with Twilio's voice parameters, signed with
+  ``X-Twilio-Signature`` over the URL Twilio would request (the public URL behind a tunnel).
+- The socket named by ``<Connect><ConversationRelay url=…>``: a local relay whose TwiML
+  names its public ``wss://`` URL is reached at the local address, and the handshake is signed
+  over the public URL, as Twilio does through a tunnel. Handshake headers as captured
+  (``user-agent: Jetty/11.0.24``, ``x-twilio-signature`` and its duplicate, ``accept-encoding:
+  gzip``), no subprotocol, no permessage-deflate, no pings.
+- Partial prompts every ~250 ms, one ``dtmf`` frame per key a little apart: the pacing is here;
+  what goes on the wire and when Twilio would drop or interrupt is the I/O-free
+  :class:`~relay_server.protocol.twilio_side.TwilioSide` this loop drives.
+- The end: hang-up closes with 1000 "Closing websocket session"; after ``end`` the
+  socket closes the same way; then the ``<Connect action>`` callback is posted (signed) with
+  ``SessionStatus`` completed / ended (+ ``HandoffData``) / failed (64105).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome
+from crctl.caller.socket import open_socket
+from crctl.caller.twiml import CallPlan, parse_twiml
+from crctl.caller.webhook import (
+    API_VERSION,
+    new_sid,
+    post_action,
+    send_webhook,
+    signed_headers,
+    why_403,
+)
+from relay_server.protocol import End, SentSetup
+from relay_server.protocol.replies import Dropped, Reply
+from relay_server.protocol.twilio_side import TwilioSide
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_FROM = "+15550100001"
+DEFAULT_TO = "+15550100002"
+_KEYS = frozenset("0123456789*#")
+
+EventHandler = Callable[[CallEvent], None]
+
+
+class SimulatedCaller:
+    """One simulated phone call: :meth:`fetch` the TwiML, :meth:`connect` the socket, then
+    :meth:`say`, :meth:`dtmf`, :meth:`interrupt` and :meth:`hangup`. A background task feeds
+    the relay's frames to the Twilio side and reports each step to ``on_event(event)``: a
+    typed :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        auth_token: str | None = None,
+        public_url: str | None = None,
+        from_: str = DEFAULT_FROM,
+        to: str = DEFAULT_TO,
+        partials: bool = False,
+        timeout: float = 15.0,
+        on_event: EventHandler | None = None,
+        partial_gap: float = 0.25,
+        key_gap: float = 0.15,
+    ) -> None:
+        self.url = url
+        self.auth_token = auth_token
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.from_, self.to = from_, to
+        self.partials = partials
+        self.timeout = timeout
+        self.on_event = on_event
+        self.partial_gap, self.key_gap = partial_gap, key_gap
+        self.call_sid, self.account_sid = new_sid("CA"), new_sid("AC")
+        self.session_id = new_sid("VX")
+        self.plan: CallPlan | None = None
+        self.side = TwilioSide()
+        #: Why the last :meth:`say` / :meth:`dtmf` sent nothing (Twilio would not have).
+        self.last_drop: str | None = None
+        self.outcome: Outcome | None = None
+        self.closed = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._writing = asyncio.Lock()
+        self._ws: ClientConnection | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._started = 0.0
+        self._hanging_up = False
+
+    @property
+    def replies(self) -> list[Reply]:
+        """Every reply of the call so far, solicited or not."""
+        return self.side.replies
+
+    @property
+    def end_frame(self) -> End | None:
+        """The ``end`` the agent sent, once it did."""
+        return self.side.end
+
+    # --------------------------------------------------------------------------- placing
+    def voice_params(self, call_status: str) -> dict[str, str]:
+        """The standard parameters of Twilio's voice webhooks for this call."""
+        return {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": self.call_sid,
+            "CallStatus": call_status,
+            "Called": self.to,
+            "Caller": self.from_,
+            "Direction": "inbound",
+            "From": self.from_,
+            "To": self.to,
+        }
+
+    async def fetch(self) -> CallPlan:
+        """The call rings: ``POST /twiml`` as Twilio does, signed, and read the TwiML."""
+        base = self.url.rstrip("/")
+        if "://" not in base:  # "127.0.0.1:8080"
+            base = "http://" + base
+        fetched = base if base.endswith("/twiml") else base + "/twiml"
+        # Twilio requests the public URL; a tunnel forwards it here.
+        signed = self.public_url + "/twiml" if self.public_url else fetched
+        params = self.voice_params("ringing")
+        headers = signed_headers(self.auth_token, signed, params)
+        status, body = await send_webhook(fetched, params, headers, "POST", self.timeout)
+        if status == 403:
+            raise CallError(f"the relay refused POST {fetched} (HTTP 403): {self._why_403(signed)}")
+        if status != 200:
+            raise CallError(f"POST {fetched} answered HTTP {status}: {body.strip()[:120]}")
+        return parse_twiml(body, fetched=fetched, signed=signed)
+
+    def _why_403(self, signed: str) -> str:
+        return why_403(signed, self.auth_token, self.public_url)
+
+    async def connect(self, plan: CallPlan) -> None:
+        """Open the ConversationRelay socket, send ``setup`` and play the welcome greeting."""
+        self.plan = plan
+        self.side = TwilioSide(plan.modes())
+        self._ws = await open_socket(plan, self.auth_token, self.timeout, self._why_403)
+        self._started = time.monotonic()
+        self.side.send_setup(
+            SentSetup(
+                session_id=self.session_id,
+                call_sid=self.call_sid,
+                from_=self.from_,
+                to=self.to,
+                forwarded_from=self.to,
+                direction="inbound",
+                call_type=_call_type(self.from_),
+                call_status="RINGING",
+                account_sid=self.account_sid,
+                custom_parameters=plan.parameters,
+            )
+        )
+        await self._pump()
+        self._receiver = asyncio.create_task(self._receive())
+        if plan.welcome_greeting:
+            self.side.greet(plan.welcome_greeting)
+            await self._pump()
+
+    # ------------------------------------------------------------------------- the caller
+    async def say(self, text: str, *, interrupt_after_words: int | None = None) -> Reply | None:
+        """Speak ``text`` (partials first when enabled); returns the reply to wait on, or
+        ``None`` when Twilio would not report the speech (see the ``dropped`` event)."""
+        plan = self._live()
+        partials = self.partials or plan.partial_prompts
+        barged = self.side.begin_speech(partials=partials)
+        await self._pump()
+        if barged is None:
+            return None
+        if partials:
+            words = text.split()
+            for i in range(1, len(words) + 1):
+                self.side.partial(" ".join(words[:i]), first_after_barge_in=barged and i == 1)
+                await self._pump()
+                await asyncio.sleep(self.partial_gap)
+            text = " ".join(words)
+        reply = self.side.end_speech(text, interrupt_after_words)
+        await self._pump()
+        return reply
+
+    async def dtmf(self, digits: str, *, interrupt_after_words: int | None = None) -> Reply | None:
+        """Press ``digits`` one key at a time; returns the reply to the last key, or ``None``
+        when the TwiML has no ``dtmfDetection="true"`` (Twilio would not send them)."""
+        self._live()
+        bad = set(digits) - _KEYS
+        if bad or not digits:
+            raise ValueError(f"DTMF keys are 0-9, * and #, got {digits!r}")
+        began = self.side.begin_keys()
+        await self._pump()
+        if not began:
+            return None
+        reply: Reply | None = None
+        for i, digit in enumerate(digits):
+            if i:
+                await asyncio.sleep(self.key_gap)
+            last = i == len(digits) - 1
+            pressed = self.side.press(digit, interrupt_after_words if last else None)
+            await self._pump()
+            if pressed is None:
+                return reply
+            reply = pressed
+        return reply
+
+    async def interrupt(self) -> bool:
+        """Barge in on the reply being spoken; False when nothing is being said or the TwiML
+        does not let speech interrupt."""
+        self._live()
+        barged = self.side.interrupt()
+        await self._pump()
+        return barged
+
+    async def finished(self, reply: Reply, timeout: float | None = None) -> bool:
+        """Wait until ``reply`` is over (at most ``timeout`` s); False if it is not by then."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: reply.done), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def hangup(self) -> Outcome:
+        """Hang up (close 1000 "Closing websocket session") and post the action callback."""
+        if self._ws is not None and not self.closed.is_set():
+            self._hanging_up = True
+            self.side.hang_up()
+            with contextlib.suppress(ConnectionClosed):
+                await self._pump()
+        return await self.wait_closed()
+
+    async def wait_closed(self, timeout: float | None = None) -> Outcome:
+        """The outcome once the session is over (after ``end``, a hang-up or a drop)."""
+        if self._receiver is not None:
+            await asyncio.wait_for(asyncio.shield(self._receiver), timeout)
+        assert self.outcome is not None
+        return self.outcome
+
+    # ------------------------------------------------------------------------- internals
+    def _live(self) -> CallPlan:
+        if self.plan is None or self._ws is None:
+            raise CallError("the call is not connected")
+        if self.closed.is_set() or self.side.end is not None:
+            raise CallError("the call is over")
+        return self.plan
+
+    def _emit(self, event: CallEvent) -> None:
+        if isinstance(event, Dropped):
+            self.last_drop = event.reason
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def _pump(self) -> None:
+        """Write what the Twilio side queued, report its steps, close when it says so."""
+        assert self._ws is not None
+        # The receiver task and the caller's steps both pump: one at a time, so the frames
+        # leave in the order the Twilio side queued them.
+        async with self._writing:
+            for frame in self.side.data_to_send():
+                await self._ws.send(frame)
+            for event in self.side.events_received():
+                self._emit(event)
+        async with self._changed:
+            self._changed.notify_all()
+        if self.side.close_to_send is not None:
+            code, reason = self.side.close_to_send
+            await self._ws.close(code, reason)
+
+    async def _receive(self) -> None:
+        assert self._ws is not None
+        try:
+            async for raw in self._ws:
+                self.side.receive_data(raw)
+                await self._pump()
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        """The socket is closed: work out the session status, post ``<Connect action>``."""
+        ws = self._ws
+        assert ws is not None
+        end = self.side.end
+        ours = self.side.close_to_send is not None
+        close = ws.protocol.close_sent if ours else ws.protocol.close_rcvd
+        outcome = Outcome(
+            "failed",
+            close_code=close.code if close else 1006,
+            close_reason=close.reason if close else "",
+        )
+        outcome.duration = time.monotonic() - self._started
+        if end is not None:
+            outcome.status = "ended"
+            outcome.handoff_data = end.handoff_data
+        elif self._hanging_up:
+            outcome.status = "completed"
+        else:
+            outcome.error_code, outcome.error_message = "64105", "Websocket ended"
+        self.side.connection_closed()
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            await self._post_action(outcome)
+        finally:
+            self.outcome = outcome
+            self.closed.set()
+            self._emit(Closed(outcome))
+
+    async def _post_action(self, outcome: Outcome) -> None:
+        plan = self.plan
+        if plan is None or not plan.action_url or not plan.action_connect_url:
+            return
+        params = self.voice_params("completed" if outcome.status == "completed" else "in-progress")
+        params.update(
+            SessionId=self.session_id,
+            SessionStatus=outcome.status,
+            SessionDuration=str(round(outcome.duration)),
+        )
+        if outcome.handoff_data is not None:
+            params["HandoffData"] = outcome.handoff_data
+        if outcome.error_code:
+            params.update(ErrorCode=outcome.error_code, ErrorMessage=outcome.error_message or "")
+        await post_action(plan, outcome, params, self.auth_token, self.timeout)
+
+
+def _call_type(number: str) -> str:
+    if number.startswith("client:"):
+        return "CLIENT"
+    return "SIP" if number.startswith("sip:") else "PSTN"

@@ -3,7 +3,7 @@
 Runs ``crctl serve`` from ``--tree`` (default: this checkout; for the code before a change, a
 ``git worktree add /tmp/before <commit>``, run with this checkout's venv) as a subprocess on
 127.0.0.1 (signatures off: no auth token, loopback only; its API token and events database in a
-scratch state folder), against the fake LLM (``tests/fakes/fake_llm.py``, in this process,
+scratch state folder), against the fake LLM (``fakes/fake_llm.py``, in this process,
 answering at once). The relay process and its callers are the ones of ``bench/abuse_llm.py``.
 Nothing leaves the machine; everything is bounded in count and time.
 
@@ -42,8 +42,8 @@ if str(REPO) not in sys.path:
 
 from bench.abuse_llm import Caller, Relay, ms  # noqa: E402
 from bench.procs import rss_kib  # noqa: E402
+from fakes.fake_llm import FakeLLM  # noqa: E402
 from relay_server.protocol import Text, encode  # noqa: E402
-from tests.fakes.fake_llm import FakeLLM  # noqa: E402
 
 now = time.monotonic
 

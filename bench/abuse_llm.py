@@ -2,7 +2,7 @@
 
 Runs ``crctl serve`` from ``--tree`` (default: this checkout; for the code before a change, a
 ``git worktree add /tmp/before <commit>``, run with this checkout's venv) as a subprocess on
-127.0.0.1, against the fake LLM (``tests/fakes/fake_llm.py``, in this process) and a caller
+127.0.0.1, against the fake LLM (``fakes/fake_llm.py``, in this process) and a caller
 that talks ConversationRelay over a WebSocket (the socket URL taken from the relay's own
 ``/twiml``, signatures off: no auth token, loopback only). Nothing leaves the machine; every
 scenario is bounded in count and time (``--cap``).
@@ -53,9 +53,9 @@ import websockets  # noqa: E402
 
 from bench.loadgen import setup_for  # noqa: E402
 from bench.procs import cpu_seconds, free_port, rss_kib  # noqa: E402
+from fakes.fake_llm import FakeLLM, Script  # noqa: E402
 from relay_server.protocol import Text  # noqa: E402
 from relay_server.protocol.twilio_side import TwilioSide  # noqa: E402
-from tests.fakes.fake_llm import FakeLLM, Script  # noqa: E402
 
 now = time.monotonic
 
@@ -292,7 +292,7 @@ async def longreply(tree: Path, fake: FakeLLM, cap: float) -> dict[str, Any]:
 
 
 def _echo(body: dict[str, Any]) -> Script:
-    from tests.fakes.fake_llm import echo_responder
+    from fakes.fake_llm import echo_responder
 
     return echo_responder(body)
 

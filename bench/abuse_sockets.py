@@ -3,7 +3,7 @@
 Runs ``crctl serve`` from ``--tree`` (default: this checkout; for the code before a change, a
 ``git worktree add /tmp/before <commit>``, run with this checkout's venv) as a subprocess on
 127.0.0.1 (signatures off: no auth token, loopback only), against the fake LLM
-(``tests/fakes/fake_llm.py``, in this process, answering at once). The relay process, its
+(``fakes/fake_llm.py``, in this process, answering at once). The relay process, its
 callers and the fake are the ones of ``bench/abuse_llm.py``. Nothing leaves the machine;
 everything is bounded: ``--sockets`` connections (default 500), ``--cap`` seconds of waiting.
 
@@ -43,7 +43,7 @@ import websockets  # noqa: E402
 
 from bench.abuse_llm import Caller, Relay, ms  # noqa: E402
 from bench.procs import rss_kib  # noqa: E402
-from tests.fakes.fake_llm import FakeLLM  # noqa: E402
+from fakes.fake_llm import FakeLLM  # noqa: E402
 
 now = time.monotonic
 

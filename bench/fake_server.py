@@ -1,4 +1,4 @@
-"""The benchmark's fake LLM process: tests.fakes.fake_llm.FakeLLM with per-token write stamps.
+"""The benchmark's fake LLM process: fakes.fake_llm.FakeLLM with per-token write stamps.
 
 Run by bench/run.py and bench/parse_bench.py (pinned to the load generator's core)::
 
@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any
 
-import tests.fakes.fake_llm as fake_llm
-from tests.fakes.fake_llm import FakeLLM, Script
+import fakes.fake_llm as fake_llm
+from fakes.fake_llm import FakeLLM, Script
 
 MARK = "@@T@@"
 _MARK_B = MARK.encode()

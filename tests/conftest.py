@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.fake_llm import FakeLLM
+from fakes.fake_llm import FakeLLM
 from tests.support import RelayServer, config
 
-pytest_plugins = ["tests.fakes.twilio_fixtures"]
+pytest_plugins = ["fakes.twilio_fixtures"]
 
 
 @pytest.fixture(autouse=True)

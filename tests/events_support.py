@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.fake_llm import FakeLLM, Script, ToolCallSpec
+from fakes.fake_llm import FakeLLM, Script, ToolCallSpec
 from tests.support import PUBLIC_URL, RelayServer, TwilioCaller, sign
 
 TOKEN = "crctl-events-token-0123456789abcdef"

@@ -27,6 +27,7 @@ from crctl.call_script import Turn, TurnResult, _check_handoff, report
 from crctl.caller import CallError, CallPlan, Outcome, Reply, SimulatedCaller
 from crctl.caller.outcome import Closed
 from crctl.console import crctl_command
+from fakes.fake_llm import Script, ToolCallSpec
 from relay_server.protocol import End, Prompt, decode, text_frame
 from relay_server.protocol.replies import (
     DigitsSent,
@@ -41,7 +42,6 @@ from relay_server.protocol.replies import (
     TokenHeard,
 )
 from relay_server.security import SignatureChecker
-from tests.fakes.fake_llm import Script, ToolCallSpec
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
 
 EXAMPLE = Path(__file__).parent.parent / "crctl" / "examples" / "conversation.yaml"

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from fakes.fake_llm import Script
 from tests.events_support import REPO, subprocess_env
-from tests.fakes.fake_llm import Script
 from tests.support import AUTH_TOKEN, PUBLIC_URL, Pty
 
 COLUMNS, ROWS = 100, 30

@@ -27,7 +27,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from tests.fakes.fake_llm import FakeLLM
+from fakes.fake_llm import FakeLLM
 from tests.support import free_port, setup_frame, sign
 
 TOKEN = "twilio-tok-Zq81xW7yV6uT5sR4"

@@ -221,11 +221,11 @@ def test_a_bad_environment_value_is_a_settings_error(monkeypatch: pytest.MonkeyP
 
 
 def test_the_tunnel_factory_is_a_setting() -> None:
-    fake = {"CRCTL_TUNNEL_FACTORY": "tests.fakes.fake_tunnel:FakeTunnel"}
+    fake = {"CRCTL_TUNNEL_FACTORY": "fakes.fake_tunnel:FakeTunnel"}
     tunnel = open_tunnel(8080, Environment(**fake))
     assert tunnel.public_url.startswith("https://") and type(tunnel).__name__ == "FakeTunnel"
     with pytest.raises(TunnelError, match=r"CRCTL_TUNNEL_FACTORY='tests\.fakes\.nothing:X'"):
-        open_tunnel(8080, Environment(**{"CRCTL_TUNNEL_FACTORY": "tests.fakes.nothing:X"}))
+        open_tunnel(8080, Environment(**{"CRCTL_TUNNEL_FACTORY": "fakes.nothing:X"}))
 
 
 # ------------------------------------------------------------------- process identity (psutil)

@@ -25,13 +25,13 @@ import pytest
 from rich.console import Console
 
 from crctl.console import CallLog
+from fakes.fake_llm import FakeLLM, Script
 from relay_server import events as ev
 from relay_server.config import LLMConfig
 from relay_server.errors import ConfigError
 from relay_server.llm import check_llm
 from relay_server.store import EventStore
 from tests.events_support import AUTH, TOKEN
-from tests.fakes.fake_llm import FakeLLM, Script
 from tests.support import TwilioCaller, fetch_socket_url, free_port, setup_frame, wait_until
 from tests.test_cli_serve import CALL, _connect, _env, _spoken, _turn, serve
 

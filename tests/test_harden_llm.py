@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.fakes.fake_llm import FakeLLM, Script, ToolCallSpec
+from fakes.fake_llm import FakeLLM, Script, ToolCallSpec
 from tests.support import RelayServer, TwilioCaller
 
 pytestmark = pytest.mark.asyncio

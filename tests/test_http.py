@@ -750,7 +750,7 @@ async def test_messages_api_end_reaches_the_caller(relay_factory):
 
 
 async def test_messages_api_end_during_a_reply_cuts_it_first(relay_factory, fake_llm):
-    from tests.fakes.fake_llm import Script
+    from fakes.fake_llm import Script
 
     relay = relay_factory(api_token="s3cret")
     fake_llm.enqueue(Script(tokens=[f" w{i}" for i in range(40)], delay=0.03))

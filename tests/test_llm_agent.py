@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.fakes.fake_llm import Script, ToolCallSpec
+from fakes.fake_llm import Script, ToolCallSpec
 from tests.support import TwilioCaller, free_port, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import pytest
 
+from fakes.fake_llm import Script
 from relay_server import CallSession
 from relay_server.protocol import Dtmf, Error, Info, Interrupt, Prompt, Setup
-from tests.fakes.fake_llm import Script
 from tests.support import TwilioCaller, setup_frame, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -69,7 +69,7 @@ def up_env(twilio_env: Any, tmp_path: Path) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(ROOT),
         CRCTL_STATE_DIR=str(tmp_path / "state"),
-        CRCTL_TUNNEL_FACTORY="tests.fakes.fake_tunnel:FakeTunnel",
+        CRCTL_TUNNEL_FACTORY="fakes.fake_tunnel:FakeTunnel",
         CRCTL_FAKE_TUNNEL_URL=TUNNEL,
         CRCTL_FAKE_TUNNEL_LOG=str(tmp_path / "tunnel.log"),
         CRCTL_EVENTS_DB=str(tmp_path / "events.sqlite3"),
@@ -193,7 +193,7 @@ def test_two_ups_keep_each_others_records_and_a_hand_fix_is_never_overwritten(
         for num in (a_num, b_num, c_num):
             assert wait_until(
                 lambda n=num: voice_url(fake_twilio, n["sid"]) == TUNNEL + "/twiml", 20
-            )
+            ), (a.output, b.output, c.output)
         for run in (a, b, c):
             assert wait_until(run.healthy, 20), run.output
         assert a.stop(signal.SIGINT) == 0, a.output  # A's restore must not drop B's or C's record

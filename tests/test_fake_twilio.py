@@ -14,13 +14,13 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from tests.fakes.fake_twilio import TWILIO_API_BASE, FakeTwilio, RecordedRequest, contains_regex
-from tests.fakes.prism import FORM, Prism, patch_spec
+from fakes.fake_twilio import TWILIO_API_BASE, FakeTwilio, RecordedRequest, contains_regex
+from fakes.prism import FORM, Prism, patch_spec
 
 if TYPE_CHECKING:
-    from tests.fakes.twilio_fixtures import ContractCheck, TwilioEnv
+    from fakes.twilio_fixtures import ContractCheck, TwilioEnv
 
-pytest_plugins = ["pytester", "tests.fakes.twilio_fixtures"]
+pytest_plugins = ["pytester", "fakes.twilio_fixtures"]
 
 OTHER_APP = "AP" + "9" * 32
 MISSING_PN = "PN" + "0" * 32
@@ -559,7 +559,7 @@ def test_contract_fixture_fails_the_test_at_teardown(pytester: pytest.Pytester) 
             assert call(fake_twilio, ".json").status_code == 200
         """
     )
-    result = pytester.runpytest("-p", "tests.fakes.twilio_fixtures", "-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "fakes.twilio_fixtures", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         [

@@ -45,7 +45,7 @@ Behaviour worth knowing: buying a number the account already owns answers 201 an
 the given fields (Twilio does that); ``VoiceApplicationSid=""`` detaches the application;
 deleting an application detaches it from the numbers that used it; a released number does
 not return to the available pool; unknown form parameters are ignored, as Twilio does
-(the OpenAPI contract check in :mod:`tests.fakes.prism` reports them); ``*Method`` values are
+(the OpenAPI contract check in :mod:`fakes.prism` reports them); ``*Method`` values are
 taken in any case and stored upper-case (the contract wants GET/POST); ``VoiceEnabled`` &co
 filter only when "true". Codes are Twilio's; the wording of the 21402/21403/21420/21421/22108
 messages is the fake's own. Credentials valid for the fake's account used on another
@@ -75,7 +75,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
-from tests.fakes.background import BackgroundServer
+from fakes.background import BackgroundServer
 
 API_VERSION = "2010-04-01"
 TWILIO_API_BASE = "https://api.twilio.com"

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from tests.fakes.fake_llm import FakeLLM, Script, ToolCallSpec
+from fakes.fake_llm import FakeLLM, Script, ToolCallSpec
 
 MESSAGES: Any = [
     {"role": "system", "content": "be brief"},
@@ -303,9 +303,9 @@ def test_stop_does_not_hang_with_open_hanging_stream() -> None:
 
 
 def test_cli_serves_fixed_script() -> None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.fake_llm", "--port", "0", "--tokens", "3"],
+        [sys.executable, "-m", "fakes.fake_llm", "--port", "0", "--tokens", "3"],
         cwd=root,
         stdout=subprocess.PIPE,
         text=True,

@@ -4,7 +4,7 @@
 5, installed by ``scripts/test.sh`` from tests/node/package-lock.json) on a free port of
 127.0.0.1 against a patched copy of Twilio's OpenAPI contract ``twilio_api_v2010.json`` (the
 twilio-oai documents shipped in the npm package ``@twilio-alpha/mcp``, locked in the same file).
-:meth:`Prism.validate` replays requests recorded by :class:`~tests.fakes.fake_twilio.FakeTwilio`
+:meth:`Prism.validate` replays requests recorded by :class:`~fakes.fake_twilio.FakeTwilio`
 (same method, path, query string, body, Content-Type and Authorization) and returns every
 contract violation as ``"POST /2010-04-01/.../IncomingPhoneNumbers/PN....json: <reason>"``.
 
@@ -60,9 +60,9 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
-from tests.fakes.fake_twilio import RecordedRequest
+from fakes.fake_twilio import RecordedRequest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NODE_MODULES = REPO / "tests" / "node" / "node_modules"
 #: The contract, as scripts/test.sh installed it from tests/node/package-lock.json.
 SPEC = (

@@ -8,7 +8,7 @@ with its own event loop. Each request is answered by a :class:`Script` (queued w
 
 CLI for benchmarks::
 
-    python -m tests.fakes.fake_llm --port 8099 --ttft 0.3 --delay 0.02 --tokens 40
+    python -m fakes.fake_llm --port 8099 --ttft 0.3 --delay 0.02 --tokens 40
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.background import BackgroundServer
+from fakes.background import BackgroundServer
 
 MODEL = "fake-llm"
 FAULTS = (None, "status", "hang", "cut", "garbage", "reset")

@@ -1,5 +1,5 @@
 """pytest fixtures for Twilio REST tests: the stateful fake, Prism, the environment, and the
-contract check. Load with ``pytest_plugins = ["tests.fakes.twilio_fixtures"]``.
+contract check. Load with ``pytest_plugins = ["fakes.twilio_fixtures"]``.
 
 - ``fake_twilio``: a fresh :class:`FakeTwilio` per test (account :data:`ACCOUNT_SID`, token
   :data:`AUTH_TOKEN`, API key :data:`API_KEY`/:data:`API_SECRET`, a full account).
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.fake_twilio import FakeTwilio, RecordedRequest
-from tests.fakes.prism import Prism
+from fakes.fake_twilio import FakeTwilio, RecordedRequest
+from fakes.prism import Prism
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"

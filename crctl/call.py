@@ -32,7 +32,7 @@ from crctl.caller import (
     Unreachable,
 )
 from crctl.caller.outcome import CallEvent, Closed
-from crctl.console import crctl_command, err, fail
+from crctl.console import crctl_command, err
 from relay_server.protocol.replies import (
     DigitsSent,
     Dropped,
@@ -322,8 +322,8 @@ def call(
     auth_token: Optional[str] = typer.Option(
         None,
         "--auth-token",
-        envvar="TWILIO_AUTH_TOKEN",
-        help="Sign requests as Twilio does (the relay's TWILIO_AUTH_TOKEN; also read from .env).",
+        help="Sign requests as Twilio does. (default: TWILIO_AUTH_TOKEN from the environment, "
+        ".env.local or .env, as the relay reads it)",
     ),
     public_url: Optional[str] = typer.Option(
         None,
@@ -351,17 +351,14 @@ def call(
 ) -> None:
     """Call the relay as Twilio would, without a phone: type what the caller says, or play
     and check a --script."""
-    from crctl.call_script import ScriptError, load_script
-    from crctl.settings import SettingsError
+    from crctl.call_script import load_script
 
     if example:
         _print_example()
         raise typer.Exit(0)
-    try:
-        turns = load_script(script) if script is not None else None
-        auth_token, public_url = _defaults(url, auth_token, public_url)
-    except (ScriptError, SettingsError) as exc:
-        raise fail(exc, 2) from None
+    # a bad script or setting is configuration (exit 2), said once by the root group
+    turns = load_script(script) if script is not None else None
+    auth_token, public_url = _defaults(url, auth_token, public_url)
     # a terminal gets the prompt; a pipe or a file is read a line per reply
     printer = None if turns is not None else LivePrinter(out, live=_terminal())
     caller = SimulatedCaller(
@@ -376,10 +373,8 @@ def call(
     )
     try:
         code = asyncio.run(_run(caller, turns, printer))
-    except Unreachable as exc:
-        raise fail(f"{exc}{_start_hint(url)}", 1) from None
-    except CallError as exc:
-        raise fail(exc, 1) from None
+    except Unreachable as exc:  # the same error, with how to start a relay here
+        raise Unreachable(f"{exc}{_start_hint(url)}") from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: hung up[/]")
         raise typer.Exit(130) from None

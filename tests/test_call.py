@@ -15,17 +15,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import typer
 from click.testing import Result
 from rich.console import Console
 from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from crctl.call import LivePrinter, call
+from crctl.call import LivePrinter
 from crctl.call_script import Turn, TurnResult, _check_handoff, report
 from crctl.caller import CallError, CallPlan, Outcome, Reply, SimulatedCaller
 from crctl.caller.outcome import Closed
+from crctl.cli import app as cli
 from crctl.console import crctl_command
 from fakes.fake_llm import Script, ToolCallSpec
 from relay_server.protocol import End, Prompt, decode, text_frame
@@ -45,13 +45,12 @@ from relay_server.security import SignatureChecker
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, free_port
 
 EXAMPLE = Path(__file__).parent.parent / "crctl" / "examples" / "conversation.yaml"
-_app = typer.Typer()
-_app.command()(call)
 _CLEAN_ENV = {"TWILIO_AUTH_TOKEN": None, "CRCTL_PUBLIC_URL": None}
 
 
 def run(*args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(_app, list(args), input=input, env=_CLEAN_ENV)
+    """``crctl call ARGS`` through the real CLI (its root group says errors, once)."""
+    return CliRunner().invoke(cli, ["call", *args], input=input, env=_CLEAN_ENV)
 
 
 def signed(relay: RelayServer) -> list[str]:

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from relay_server.agents import ConversationAgent, EchoAgent, LLMAgent
     from relay_server.app import create_app
+    from relay_server.chat import ChatModel, ChatReply, LLMError
     from relay_server.config import AgentConfig, LLMConfig, RelayConfig
     from relay_server.errors import ConfigError, RelayError
     from relay_server.events import CallEvent, EventBus
+    from relay_server.services import Services
     from relay_server.session import CallSession, SessionLink
     from relay_server.tools import Tool, tool
 
@@ -24,14 +26,18 @@ _SOURCES = {
     "AgentConfig": "relay_server.config",
     "CallEvent": "relay_server.events",
     "CallSession": "relay_server.session",
+    "ChatModel": "relay_server.chat",
+    "ChatReply": "relay_server.chat",
     "ConfigError": "relay_server.errors",
     "ConversationAgent": "relay_server.agents",
     "EchoAgent": "relay_server.agents",
     "EventBus": "relay_server.events",
     "LLMAgent": "relay_server.agents",
     "LLMConfig": "relay_server.config",
+    "LLMError": "relay_server.chat",
     "RelayConfig": "relay_server.config",
     "RelayError": "relay_server.errors",
+    "Services": "relay_server.services",
     "SessionLink": "relay_server.session",
     "Tool": "relay_server.tools",
     "create_app": "relay_server.app",
@@ -42,14 +48,18 @@ __all__ = [
     "AgentConfig",
     "CallEvent",
     "CallSession",
+    "ChatModel",
+    "ChatReply",
     "ConfigError",
     "ConversationAgent",
     "EchoAgent",
     "EventBus",
     "LLMAgent",
     "LLMConfig",
+    "LLMError",
     "RelayConfig",
     "RelayError",
+    "Services",
     "SessionLink",
     "Tool",
     "create_app",

@@ -19,6 +19,7 @@ from quart import Quart
 
 from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.calls import CallRegistry, SessionFactory
+from relay_server.chat import ChatModel
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -92,6 +93,7 @@ def create_app(
     *,
     events: EventBus | None = None,
     agent: SessionFactory | None = None,
+    chat: ChatModel | None = None,
 ) -> Quart:
     """Build the relay.
 
@@ -100,6 +102,10 @@ def create_app(
         events: the bus the relay publishes call events on (a new one by default).
         agent: the session factory; by default the class ``config.agent`` names, resolved here,
             once.
+        chat: the chat model LLM agents talk to; by default an OpenAI-compatible client of
+            ``config.llm``, opened when the app serves. Pass one (a
+            :class:`relay_server.testing.FakeChatModel`) to run the whole relay against a model
+            the test scripts; the caller of ``create_app`` then owns it (the app does not close it).
 
     Raises:
         ConfigError: a setting cannot be used (template, tools, agent, events database).
@@ -112,7 +118,7 @@ def create_app(
     if config.welcome_greeting is None:
         # The greeting the caller hears is the template's: the agent keeps it in history.
         config = replace(config, welcome_greeting=template.relay.get("welcomeGreeting"))
-    services = agent_services(app, config)
+    services = agent_services(app, config, chat)
     checker = signature_checker(config)
     tokens = socket_tokens(config)
     link = SessionLink(_no_socket, bus, config, services)
@@ -143,12 +149,16 @@ def create_app(
     return app
 
 
-def agent_services(app: Quart, config: RelayConfig) -> Services:
+def agent_services(app: Quart, config: RelayConfig, chat: ChatModel | None = None) -> Services:
     """The services every session shares: the tools now, the chat model while ``app`` serves.
 
-    The model is opened in the server's event loop and closed when it stops.
+    The model is opened in the server's event loop and closed when it stops; a ``chat`` given
+    by the caller is used as it is and left open.
     """
     services = build_services(config)  # ConfigError: a tool module that cannot be imported
+    if chat is not None:
+        services.chat = chat
+        return services
 
     @app.before_serving
     async def _open_llm() -> None:

@@ -53,12 +53,12 @@ def free_port() -> int:
 class RelayServer:
     """The relay app under uvicorn in a background thread, on 127.0.0.1:<free port>."""
 
-    def __init__(self, config: RelayConfig, agent: Any = None) -> None:
+    def __init__(self, config: RelayConfig, agent: Any = None, chat: Any = None) -> None:
         self.config = config
         self.events: list[CallEvent] = []
         self.bus = EventBus()
         self.bus.subscribe(self.events.append)
-        self.app = create_app(config, events=self.bus, agent=agent)
+        self.app = create_app(config, events=self.bus, agent=agent, chat=chat)
         self.registry: CallRegistry = relay_state(self.app).registry
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -26,7 +26,7 @@ from relay_server.events import EventBus
 from relay_server.routes_api import api
 from relay_server.routes_twilio import twilio
 from relay_server.services import Services, build_services
-from relay_server.session import CallSession, SessionLink
+from relay_server.session import CallSession
 from relay_server.socket import RelaySocket
 from relay_server.state import (
     EXTENSION,
@@ -121,7 +121,6 @@ def create_app(
     services = agent_services(app, config, chat)
     checker = signature_checker(config)
     tokens = socket_tokens(config)
-    link = SessionLink(_no_socket, bus, config, services)
     store = open_store(config)
     bus.subscribe(store.append)
     state = RelayState(
@@ -132,7 +131,7 @@ def create_app(
         tokens=tokens,
         checker=checker,
         agent=factory,
-        link=link,
+        services=services,
         template=template,
     )
     app.extensions[EXTENSION] = state
@@ -179,7 +178,3 @@ def end_streams(app: Quart) -> None:
     state = app.extensions.get(EXTENSION)
     if isinstance(state, RelayState):
         state.store.end_streams()
-
-
-async def _no_socket(frame: str) -> None:  # replaced per connection
-    raise RuntimeError("no socket")

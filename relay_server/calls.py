@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -100,16 +100,12 @@ class CallConnection:
     """One ConversationRelay socket: frames in, session handlers called, errors contained."""
 
     def __init__(
-        self,
-        send: Callable[[str], Awaitable[None]],
-        registry: CallRegistry,
-        factory: SessionFactory,
-        link: SessionLink,
-        peer: str = "",
+        self, registry: CallRegistry, factory: SessionFactory, link: SessionLink, peer: str = ""
     ) -> None:
         self.registry = registry
         self.factory = factory
-        self.link = SessionLink(send, link.events, link.config, link.services)
+        #: This socket's way to send, with what every call shares.
+        self.link = link
         self.session: CallSession | None = None
         self.peer = peer
         #: The agent could not be created: frames are dropped quietly (logged once).

@@ -16,6 +16,7 @@ from typing import Any
 
 from relay_server.calls import CallConnection
 from relay_server.protocol import ProtocolError, Setup, decode
+from relay_server.session import SessionLink
 from relay_server.socket_tokens import Ticket, TokenRefused
 from relay_server.state import RelayState
 
@@ -68,7 +69,8 @@ class RelaySocket:
             await send({"type": "websocket.send", "text": frame})
 
         state = self.state
-        conn = CallConnection(send_frame, state.registry, state.agent, state.link, peer)
+        link = SessionLink(send_frame, state.bus, state.config, state.services)
+        conn = CallConnection(state.registry, state.agent, link, peer)
         code: int | None = None
         try:
             if not await self._until_setup(conn, gate, send, peer):

@@ -19,7 +19,7 @@ from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
 from relay_server.security import SignatureChecker
-from relay_server.session import SessionLink
+from relay_server.services import Services
 from relay_server.socket_tokens import SocketTokens, secret_from_auth_token
 from relay_server.store import EventStore
 from twiml_templates import Template, TemplateError, load_template
@@ -44,8 +44,8 @@ class RelayState:
     checker: SignatureChecker | None
     #: The agent class (resolved once, at start), or a factory given by the caller.
     agent: SessionFactory
-    #: What every session gets: the bus, the config and the shared services.
-    link: SessionLink
+    #: What every call shares: the chat model, the tools, the timers' clock.
+    services: Services
     #: The template ``/twiml`` (and a reconnect from ``/action``) serves.
     template: Template
 

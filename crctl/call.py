@@ -33,6 +33,7 @@ from crctl.caller import (
 )
 from crctl.caller.outcome import CallEvent, Closed
 from crctl.console import crctl_command, err
+from crctl.hosts import is_this_machine
 from relay_server.protocol.replies import (
     DigitsSent,
     Dropped,
@@ -402,7 +403,7 @@ def _print_example() -> None:
 def _start_hint(url: str) -> str:
     """How to start a relay at ``url``, when it is on this machine."""
     parts = urlsplit(url if "://" in url else "http://" + url)
-    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if parts.scheme != "http" or not is_this_machine(parts.hostname):
         return ""
     port = parts.port or 80
     flag = "" if port == 8080 else f" --port {port}"

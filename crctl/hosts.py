@@ -1,4 +1,4 @@
-"""Is a host this machine or the local network? One answer for every part of crctl."""
+"""Is a host this machine, or the local network? One answer each for every part of crctl."""
 
 from __future__ import annotations
 
@@ -26,3 +26,20 @@ def is_local(host: str | None) -> bool:
     except ValueError:
         return "." not in host  # a bare intranet name
     return not address.is_global
+
+
+def is_this_machine(host: str | None) -> bool:
+    """Whether ``host`` is a loopback name or address: this machine and nothing else.
+
+    What may see this machine's secrets (``crctl tail`` sends the local API token only there)
+    and what a relay bound without a token may listen on.
+    """
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -19,6 +19,7 @@ from pydantic_settings import SettingsError as SourceError
 
 from crctl.environment import DOTENV_FILES
 from crctl.errors import SettingsError as SettingsError  # raised here; callers catch it here
+from crctl.hosts import is_this_machine
 
 # Re-exported: crctl's files are looked up through settings by serve, up and the tests.
 from crctl.paths import api_token_path as api_token_path
@@ -172,7 +173,7 @@ class Settings(BaseSettings):
         """Cross-setting checks: (errors that stop start-up, warnings to print)."""
         errors: list[str] = []
         warnings: list[str] = []
-        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        loopback = is_this_machine(self.host)
         if self.twilio_auth_token and self.verify_signatures and not self.public_url:
             errors.append(
                 "setting public_url (CRCTL_PUBLIC_URL): required with TWILIO_AUTH_TOKEN, because "

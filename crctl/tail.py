@@ -29,6 +29,7 @@ from rich.markup import escape
 
 from crctl.console import CallLog, calls_table, err, print_call
 from crctl.errors import ConfigurationError, CrctlError, UsageError
+from crctl.hosts import is_this_machine
 from crctl.paths import api_token_path, default_events_db, read_api_token
 from relay_server import events as ev
 
@@ -64,7 +65,7 @@ def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
     if (configured := current().api_token_value()) is not None:
         return configured
     host = urlsplit(url).hostname or ""
-    return read_api_token() if host in ("127.0.0.1", "localhost", "::1") else None
+    return read_api_token() if is_this_machine(host) else None
 
 
 def _client(timeout: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:

@@ -32,6 +32,7 @@ from crctl.console import crctl_command, runnable
 from crctl.credentials import resolve
 from crctl.environment import current
 from crctl.errors import CrctlError
+from crctl.hosts import is_this_machine
 from crctl.provisioning import Twilio
 from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay
 from crctl.settings import Settings, SettingsError, load_settings
@@ -211,7 +212,7 @@ def _prepare(
     if public is None and not no_tunnel:
         public = _tunnel(settings.port, session)
     update: dict[str, Any] = {"public_url": public}
-    if public is None and settings.host in ("127.0.0.1", "localhost", "::1"):
+    if public is None and is_this_machine(settings.host):
         # Local only: nothing but this machine reaches the relay, and there is no public
         # URL to check Twilio's signatures against.
         update["verify_signatures"] = False

@@ -50,7 +50,8 @@ def summary(values: list[float], scale: float = 1000.0, digits: int = 3) -> dict
 
 class LoopLag:
     """Measures the load generator's own event-loop lag (how late a 5 ms sleep wakes up).
-    A large lag means the client's receive stamps are late: the measurement is the bottleneck."""
+    A large lag means the client's receive stamps are late: the measurement is the bottleneck.
+    """
 
     def __init__(self, period: float = 0.005) -> None:
         self.period = period
@@ -107,7 +108,8 @@ class BargeResult:
 
 class Caller:
     """One call: a signed WebSocket to the relay that speaks ConversationRelay through the
-    protocol's Twilio side (frames encoded and checked as Twilio would)."""
+    protocol's Twilio side (frames encoded and checked as Twilio would).
+    """
 
     def __init__(self, index: int, ws_url: str, signature: str, deflate: bool = False) -> None:
         self.index = index
@@ -187,7 +189,8 @@ class Caller:
         self, turn: int, tag: str, after_tokens: int, quiet: float, timeout: float = 15.0
     ) -> BargeResult:
         """Send a prompt for a long reply, interrupt it after ``after_tokens`` tokens, read to
-        last:true, then listen ``quiet`` s for anything more."""
+        last:true, then listen ``quiet`` s for anything more.
+        """
         res = BargeResult(self.index, turn, tag, now())
         self.side.send_prompt(tag)
         await self.flush()

@@ -60,7 +60,8 @@ def argv(command: list[str]) -> list[str]:
 @contextlib.contextmanager
 def tree_at(ref: str) -> Iterator[Path]:
     """The product's packages as they were at ``ref`` (git archive into a scratch folder), to
-    put first on PYTHONPATH: the same venv runs the other commit's code."""
+    put first on PYTHONPATH: the same venv runs the other commit's code.
+    """
     with tempfile.TemporaryDirectory(prefix="crctl-startup-") as folder:
         archive = subprocess.run(
             ["git", "archive", ref, "crctl", "relay_server", "twiml_templates"],
@@ -75,7 +76,8 @@ def tree_at(ref: str) -> Iterator[Path]:
 
 def environment(scratch: Path, pythonpath: Path | None) -> dict[str, str]:
     """No crctl or Python settings from outside; state in a scratch folder with an empty call
-    log (``calls list`` reads it)."""
+    log (``calls list`` reads it).
+    """
     env = {
         k: v
         for k, v in os.environ.items()

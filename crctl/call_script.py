@@ -62,7 +62,8 @@ EXAMPLES = {"example": "conversation.yaml", "conversation": "conversation.yaml"}
 
 class ScriptError(ConfigurationError):
     """A malformed script: one line naming the file, the turn, the key, the value and what is
-    allowed."""
+    allowed.
+    """
 
 
 # --------------------------------------------------------------------------------- schema
@@ -280,7 +281,8 @@ def resolve_script(path: Path) -> Path:
 
 def load_script(path: Path) -> list[Turn]:
     """Read and check a script (``example`` is the shipped one); raises :class:`ScriptError`
-    naming the file, the turn, the key and the value."""
+    naming the file, the turn, the key and the value.
+    """
     path = resolve_script(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -492,7 +494,8 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
 
 def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
     """``reply: none``: what the agent sent within the settle time after this turn's input
-    (``replies``: every reply opened since, one per key of a ``dtmf`` turn)."""
+    (``replies``: every reply opened since, one per key of a ``dtmf`` turn).
+    """
     came = []
     for reply in replies:
         if reply.received.strip():
@@ -553,7 +556,8 @@ def _shown(reply: Reply | None) -> str:
 
 def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> bool:
     """Print the results (a table on a terminal, one line per turn in a log) and the call's
-    end; True when every turn passed."""
+    end; True when every turn passed.
+    """
     if out.is_terminal:
         table = Table("#", "caller", "agent", "first token", "result")
         for result in results:
@@ -595,7 +599,8 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
 
 async def play_script(caller: SimulatedCaller, turns: list[Turn], out: Console) -> int:
     """Run the script on a dialled caller, hang up (unless the agent ended the call) and print
-    the report. Returns the exit code: 0 when every turn passed, else 1."""
+    the report. Returns the exit code: 0 when every turn passed, else 1.
+    """
     try:
         results = await run_script(caller, turns, caller.timeout)
     finally:

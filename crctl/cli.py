@@ -101,7 +101,8 @@ COMMANDS: dict[str, LazyCommand] = {
 
 class _Commands(MutableMapping[str, Any]):
     """The root group's commands by name: all of :data:`COMMANDS`, each built on first access
-    (so Typer's own lookups and "did you mean" suggestions see every name)."""
+    (so Typer's own lookups and "did you mean" suggestions see every name).
+    """
 
     def __init__(self, loaded: MutableMapping[str, Any]) -> None:
         self._loaded = dict(loaded)
@@ -150,7 +151,8 @@ class LazyGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         """Run the command with the environment resolved once; a known failure (module
-        docstring) becomes one ``error:`` line and its exit code."""
+        docstring) becomes one ``error:`` line and its exit code.
+        """
         from crctl.environment import resolved
         from crctl.errors import exit_code
 

@@ -54,7 +54,8 @@ class Session:
 
 def restore(session: Session, state: State) -> None:
     """Undo this session: the number's previous webhook, then the tunnel. Each step is
-    guarded, so the tunnel closes even if Twilio cannot be reached."""
+    guarded, so the tunnel closes even if Twilio cannot be reached.
+    """
     if session.twilio is not None and session.number is not None:
         try:
             result = up_sessions.put_back(
@@ -81,7 +82,8 @@ def restore(session: Session, state: State) -> None:
 @contextlib.contextmanager
 def _interruptible_setup() -> Iterator[None]:
     """SIGTERM behaves like Ctrl-C while ``up`` is getting ready, so the ``finally`` that
-    puts things back runs for both (the relay installs its own handlers once it serves)."""
+    puts things back runs for both (the relay installs its own handlers once it serves).
+    """
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -350,7 +352,8 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
 
 def _printer() -> Any:
     """An event subscriber that never blocks the relay: events go through a bounded queue to
-    a printing thread (a paused terminal or an unread pipe must not stall calls)."""
+    a printing thread (a paused terminal or an unread pipe must not stall calls).
+    """
     from crctl.console import CallLog
 
     log = CallLog(console)

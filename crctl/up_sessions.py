@@ -115,7 +115,8 @@ def _drop(state: State, sid: str) -> None:
 
 def repair(twilio: Twilio, state: State) -> tuple[list[str], list[str]]:
     """Put back numbers left pointed by ``crctl up`` runs that died: (done, warnings). One
-    entry that cannot be repaired never stops the others, nor this run."""
+    entry that cannot be repaired never stops the others, nor this run.
+    """
     done: list[str] = []
     warnings: list[str] = []
     for sid, entry in list(state.reload().get(SESSIONS, {}).items()):

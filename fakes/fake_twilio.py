@@ -307,7 +307,8 @@ def _available(
 
 def default_available() -> dict[tuple[str, str], list[dict[str, Any]]]:
     """The pre-seeded pool: US local numbers in several area codes (one of them NOT
-    voice-capable; one spelling CALL), US toll-free and GB mobile numbers."""
+    voice-capable; one spelling CALL), US toll-free and GB mobile numbers.
+    """
     us = [
         ("+14155550101", "San Francisco", "CA", "94105", True),
         ("+14155550102", "San Francisco", "CA", "94107", True),
@@ -426,7 +427,8 @@ class FakeTwilio(BackgroundServer):
     def add_number(self, phone_number: str, **fields: Any) -> dict[str, Any]:
         """Give the account a number; ``fields`` override resource fields by their JSON
         names (``voice_url=...``, ``voice_application_sid=...``, ``type="toll-free"``...).
-        Returns the stored resource (live: later requests change it)."""
+        Returns the stored resource (live: later requests change it).
+        """
         with self._lock:
             resource = self._new_number(phone_number)
             self._override(resource, fields)
@@ -447,7 +449,8 @@ class FakeTwilio(BackgroundServer):
         self, country: str, kind: str, phone_number: str, **fields: Any
     ) -> dict[str, Any]:
         """Put a number in the pool; ``fields``: ``voice=``/``sms=``/``mms=``/``fax=``
-        capabilities and any available-number field (``locality=``...)."""
+        capabilities and any available-number field (``locality=``...).
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}")
         entry = _available(country, phone_number, **fields)
@@ -473,7 +476,8 @@ class FakeTwilio(BackgroundServer):
 
     def fail_next(self, method: str, path_regex: str, status: int, code: int, message: str) -> None:
         """Answer the next ``method`` ("*": any) request whose path matches ``path_regex``
-        (``re.search``) with this Twilio error, once. Checked after authentication."""
+        (``re.search``) with this Twilio error, once. Checked after authentication.
+        """
         failure = _Failure(
             method.upper(), re.compile(path_regex), TwilioError(status, code, message)
         )
@@ -866,7 +870,8 @@ class FakeTwilio(BackgroundServer):
         bad_app_code: int,
     ) -> None:
         """Validate then apply the form's parameters (all or nothing); unknown ones are
-        ignored, as Twilio does."""
+        ignored, as Twilio does.
+        """
         changes: dict[str, Any] = {}
         for param in form:
             if param not in allowed or param == "AccountSid":

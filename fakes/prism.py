@@ -249,7 +249,8 @@ class Prism:
 
     def declared_names(self, method: str, path: str) -> tuple[set[str], set[str]] | None:
         """(query parameter names, form body parameter names) the contract declares for this
-        operation; None for an unknown operation (left to Prism to report)."""
+        operation; None for an unknown operation (left to Prism to report).
+        """
         for regex, item in self._operations:
             if regex.fullmatch(path):
                 op = item.get(method.lower())
@@ -264,7 +265,8 @@ class Prism:
 
     def _unknown_names(self, rec: RecordedRequest) -> list[str]:
         """Query and form parameters the contract does not declare (case-sensitive: Prism
-        matches query names case-insensitively and drops unknown form parameters)."""
+        matches query names case-insensitively and drops unknown form parameters).
+        """
         declared = self.declared_names(rec.method, rec.path)
         if declared is None:
             return []

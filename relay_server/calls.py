@@ -180,7 +180,8 @@ class CallConnection:
 
     async def close(self, code: int | None = None) -> None:
         """The socket is gone (``code``: its close code, if known): stop the session and
-        unregister it."""
+        unregister it.
+        """
         session, self.session = self.session, None
         if session is None:
             return

@@ -94,7 +94,8 @@ class ChatStream:
 
     ``timeout``: seconds without a token (from the request on) before the stream is a
     ``timeout`` fault; ``None``: no limit beyond the SDK's. ``max_line``: the longest SSE line
-    read, in bytes."""
+    read, in bytes.
+    """
 
     def __init__(
         self, manager: Any, *, timeout: float | None = None, max_line: int = 1 << 20
@@ -142,7 +143,8 @@ class ChatStream:
     def _check(self) -> None:
         """The token watchdog: one timer per stream, moved only when it fires (a token costs a
         counter and a clock read per network read, not a timer). Cancels the waiting read
-        once ``timeout`` seconds passed without a token."""
+        once ``timeout`` seconds passed without a token.
+        """
         assert self._timeout is not None
         loop = asyncio.get_running_loop()
         now, due = loop.time(), self._last + self._timeout
@@ -314,7 +316,8 @@ def _map_error(exc: openai.APIError) -> LLMError:
 
 def _unreachable(exc: BaseException) -> LLMError | None:
     """The connection failed before any HTTP: the host does not resolve, nothing listens on
-    the port, or another socket error. ``None`` for anything else (a real timeout)."""
+    the port, or another socket error. ``None`` for anything else (a real timeout).
+    """
     host: str | None = None
     port: int | None = None
     seen: set[int] = set()
@@ -348,7 +351,8 @@ def _unreachable(exc: BaseException) -> LLMError | None:
 
 class LLMClient:
     """A shared async OpenAI-compatible client (one connection pool for all calls): the
-    relay's :class:`relay_server.chat.ChatModel`."""
+    relay's :class:`relay_server.chat.ChatModel`.
+    """
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
@@ -405,7 +409,8 @@ def describe(config: LLMConfig) -> str:
 @dataclass(frozen=True)
 class LLMCheck:
     """What the start-up check found: the model to use, how it was chosen, and a warning
-    (one line, not fatal) when the LLM cannot be reached or refuses the key."""
+    (one line, not fatal) when the LLM cannot be reached or refuses the key.
+    """
 
     model: str
     #: "given" (--model / CRCTL_MODEL), "default", or "the only model <url> lists".

@@ -65,7 +65,8 @@ class Services:
 
     def open_chat(self, config: LLMConfig) -> None:
         """Create the relay's HTTP chat model unless one was given (call on the serving loop:
-        its connection pool belongs to it)."""
+        its connection pool belongs to it).
+        """
         if self.chat is None:
             from relay_server.llm import LLMClient  # the one module that imports openai
 
@@ -81,5 +82,6 @@ class Services:
 def build_services(config: RelayConfig) -> Services:
     """The services of an app with ``config``: its tool modules imported (a
     :class:`relay_server.errors.ConfigError` of one line when one cannot be), no chat model yet
-    (:meth:`Services.open_chat` makes it once the relay serves)."""
+    (:meth:`Services.open_chat` makes it once the relay serves).
+    """
     return Services(tools=tuple(load_tool_modules(config.tool_modules, config.app_dir)))

@@ -136,7 +136,8 @@ class ToolBox:
 def load_tool_modules(modules: Iterable[str], app_dir: str | None = None) -> list[Tool]:
     """Import modules (from ``app_dir`` first, see :func:`import_user_module`) and collect
     their ``@tool`` functions. Raises :class:`ConfigError` (one line) when a module cannot be
-    imported, has no ``@tool`` function, or has one whose signature cannot be described."""
+    imported, has no ``@tool`` function, or has one whose signature cannot be described.
+    """
     found: list[Tool] = []
     for name in modules:
         what = f"tools {name!r}"

@@ -127,7 +127,8 @@ def load_template(name: str | Path) -> Template:
 
 def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path], dict[str, Path]]:
     """The template at ``path`` merged over its parents, the chain of files, and which file
-    set each key (``relay.voice``, ``language``…) so errors name the right one."""
+    set each key (``relay.voice``, ``language``…) so errors name the right one.
+    """
     if path.resolve() in seen:
         raise TemplateError(f"{path}: extends itself (through {', '.join(map(str, seen))})")
     try:
@@ -200,7 +201,8 @@ def check_combination(
 ) -> None:
     """Rules across attributes: ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS
     in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (Twilio docs:
-    <ConversationRelay>)."""
+    <ConversationRelay>).
+    """
 
     def where(key: str) -> Path:
         return file(key) if callable(file) else file

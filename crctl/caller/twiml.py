@@ -1,5 +1,6 @@
 """Reading the TwiML a relay answers with, as Twilio reads it when a call rings (Twilio docs:
-TwiML ``<Connect>`` and ``<ConversationRelay>``)."""
+TwiML ``<Connect>`` and ``<ConversationRelay>``).
+"""
 
 from __future__ import annotations
 

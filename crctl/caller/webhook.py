@@ -1,5 +1,6 @@
 """The simulated caller's webhooks: signed form requests, as Twilio sends them (Twilio docs:
-webhooks, security: ``X-Twilio-Signature``)."""
+webhooks, security: ``X-Twilio-Signature``).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ async def send_webhook(
     url: str, params: dict[str, str], headers: dict[str, str], method: str, timeout: float
 ) -> tuple[int, str]:
     """One webhook request; returns (status, body). Raises :class:`Unreachable` when nothing
-    answers. A local host is reached directly, never through a proxy from the environment."""
+    answers. A local host is reached directly, never through a proxy from the environment.
+    """
     direct = is_local(urlsplit(url).hostname)
     try:
         async with httpx.AsyncClient(trust_env=not direct, timeout=timeout) as client:
@@ -80,7 +82,8 @@ async def post_action(
 ) -> None:
     """Post ``<Connect action>`` as Twilio does when the session ends, signed (a GET carries
     ``params`` in the signed URL); the answer in words goes to ``outcome.action``, a failure to
-    ``outcome.action_error``."""
+    ``outcome.action_error``.
+    """
     if not plan.action_url or not plan.action_connect_url:
         return
     method = plan.action_method

@@ -23,7 +23,8 @@ from relay_server.session import CallSession, SessionLink
 
 class Responder(Protocol):
     """What answers a caller turn: streams tokens to speak (and may use the agent's helpers:
-    record tool calls in its conversation, send digits, ask for the call to end)."""
+    record tool calls in its conversation, send digits, ask for the call to end).
+    """
 
     def reply(self, agent: ConversationAgent, user_text: str) -> AsyncGenerator[str, None]:
         """The answer to ``user_text`` (already in the agent's history), token by token."""
@@ -32,7 +33,8 @@ class Responder(Protocol):
 
 class ConversationAgent(CallSession):
     """A session that answers each caller turn with a streamed :meth:`reply`: its
-    :attr:`responder`'s, unless a subclass overrides :meth:`reply`."""
+    :attr:`responder`'s, unless a subclass overrides :meth:`reply`.
+    """
 
     #: The answerer of every caller turn; set by the ready-made agents.
     responder: Responder | None = None
@@ -60,7 +62,8 @@ class ConversationAgent(CallSession):
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
-        Anything beyond the spoken text (tool messages) goes to :attr:`conversation`."""
+        Anything beyond the spoken text (tool messages) goes to :attr:`conversation`.
+        """
         if self.responder is None:
             raise NotImplementedError("set responder or override reply()")
         return self.responder.reply(self, user_text)

@@ -31,7 +31,8 @@ class Filler:
 
     async def stop(self) -> None:
         """The first token (or the end of the answer) is here: call the timer off, or let a
-        filler already on its way reach the socket first, whole."""
+        filler already on its way reach the socket first, whole.
+        """
         self.cancel_timer()
         sending, self._sending = self._sending, None
         if sending is not None:

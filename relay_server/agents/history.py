@@ -14,7 +14,8 @@ from relay_server.chat import Message, ToolCall
 
 class Conversation:
     """The messages an LLM agent sends with every request, and the bookkeeping of the reply
-    being spoken."""
+    being spoken.
+    """
 
     def __init__(self, system_prompt: str) -> None:
         self.messages: list[Message] = [{"role": "system", "content": system_prompt}]
@@ -55,7 +56,8 @@ class Conversation:
     # ------------------------------------------------------------------------- agent side
     def add_greeting(self, text: str | None) -> None:
         """The greeting Twilio speaks from the TwiML: the latest "reply", so a barge-in on it
-        shortens it and nothing said before (a resumed call)."""
+        shortens it and nothing said before (a resumed call).
+        """
         self.reply_start = len(self.messages)
         if text:
             self.messages.append({"role": "assistant", "content": text})
@@ -87,7 +89,8 @@ class Conversation:
 
     def add_tool_results(self, calls: Sequence[ToolCall], results: Mapping[str, str]) -> None:
         """Answer every call of :meth:`add_tool_calls`: its result, or "cancelled" when the
-        caller cut in while it ran."""
+        caller cut in while it ran.
+        """
         for call in calls:
             self.messages.append(
                 {

@@ -18,14 +18,16 @@ from twiml_templates import schema
 # ------------------------------------------------------------------ built-in relay actions
 async def end_call(session: ConversationAgent, reason: str = "") -> str:
     """End the phone call. Use it when the caller says goodbye or asks to hang up; say a short
-    goodbye in the same answer."""
+    goodbye in the same answer.
+    """
     session.request_end(None, reason)
     return "The call will end right after your goodbye."
 
 
 async def transfer_to_human(session: ConversationAgent, reason: str, summary: str = "") -> str:
     """Hand the caller over to a human agent. Use it when the caller asks for a person or you
-    cannot help. Tell the caller you are transferring them."""
+    cannot help. Tell the caller you are transferring them.
+    """
     session.request_end(
         {"reasonCode": "live-agent-handoff", "reason": reason, "summary": summary}, reason
     )
@@ -34,14 +36,16 @@ async def transfer_to_human(session: ConversationAgent, reason: str, summary: st
 
 async def send_dtmf(session: ConversationAgent, digits: str) -> str:
     """Press keys on the phone line (for example to navigate another phone menu).
-    Digits 0-9, * and #; w is a half-second pause."""
+    Digits 0-9, * and #; w is a half-second pause.
+    """
     await session.send_digits(digits)
     return f"sent {digits}"
 
 
 async def switch_language(session: ConversationAgent, language: str) -> str:
     """Switch the language you speak and listen in, as a BCP-47 code such as es-ES or fr-FR.
-    Then answer in that language."""
+    Then answer in that language.
+    """
     try:
         language = schema.language(multi=True)(language)
     except ValueError:

@@ -56,6 +56,7 @@ class EventBus:
 
     def publish(self, kind: str, call_sid: str, /, **data: Any) -> None:
         """Publish the event of ``kind`` with ``data`` (its wire keys): :meth:`emit` of the
-        typed event built from them."""
+        typed event built from them.
+        """
         if self._subscribers:
             self.emit(build(kind, call_sid, data))

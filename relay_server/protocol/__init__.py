@@ -1,5 +1,6 @@
 """ConversationRelay wire protocol: typed messages and a pure codec (Twilio docs: WebSocket
-messages)."""
+messages).
+"""
 
 from relay_server.protocol.codec import (
     DEFAULT_MAX_FRAME_BYTES,

@@ -77,13 +77,15 @@ def _unknown_or_raise(frame: str, exc: msgspec.ValidationError) -> Unknown:
 
 def encode(message: Outbound) -> str:
     """Encode one of our messages as the JSON text Twilio validates (Twilio docs: WebSocket
-    messages)."""
+    messages).
+    """
     return _encoder.encode(message).decode()
 
 
 def decode_outbound(data: Union[str, bytes]) -> Outbound:
     """Parse an outbound message given as JSON (the relay's messages API), with the same rules
-    the constructors enforce. Raises :class:`ProtocolError` with the reason."""
+    the constructors enforce. Raises :class:`ProtocolError` with the reason.
+    """
     try:
         message: Outbound = _outbound.decode(data)
         return message
@@ -108,7 +110,8 @@ _LAST_FALSE = ',"last":false}'
 
 def encode_inbound(message: Inbound) -> str:
     """Encode a frame as Twilio sends it to an app (the simulated caller, the test clients and
-    the load generator speak as Twilio; Twilio docs: WebSocket messages)."""
+    the load generator speak as Twilio; Twilio docs: WebSocket messages).
+    """
     return _encoder.encode(message).decode()
 
 
@@ -140,7 +143,8 @@ def decode_received(frame: Union[str, bytes]) -> Outbound:
 
 def invalid_message(frame: Union[str, bytes]) -> Error:
     """The ``error`` frame Twilio answers a rejected frame with: one per bad frame, code 64107,
-    the frame quoted (Twilio docs: WebSocket messages, error; error 64107)."""
+    the frame quoted (Twilio docs: WebSocket messages, error; error 64107).
+    """
     shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
     return Error(description=f"Invalid message received, code: 64107, {shown}")
 

@@ -46,7 +46,8 @@ class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_on
 
 class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_only=True):
     """Caller speech (Twilio docs: WebSocket messages). ``last=False`` frames are cumulative
-    partials."""
+    partials.
+    """
 
     voice_prompt: str
     lang: str = ""
@@ -65,7 +66,8 @@ class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
 
 class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel", kw_only=True):
     """Caller barged in (Twilio docs: WebSocket messages). ``utterance_until_interrupt`` is the
-    agent text the caller heard."""
+    agent text the caller heard.
+    """
 
     utterance_until_interrupt: str = ""
     #: An int in 2026 captures, a string in the early docs ("460"): both accepted (Twilio docs:
@@ -103,7 +105,8 @@ _CODE_RE = re.compile(r"\b(64\d{3})\b")
 
 class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
     """Opt-in speaker / tokens-played / debugging events (Twilio docs: WebSocket messages).
-    ``value`` is kept as a string."""
+    ``value`` is kept as a string.
+    """
 
     name: str
     value: Union[str, int, float, bool, None] = ""
@@ -120,7 +123,8 @@ class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
 
 class Unknown(msgspec.Struct, kw_only=True):
     """A well-formed frame whose ``type`` this relay does not know. Twilio adds types over time,
-    so this is skipped, never an error (DESIGN.md)."""
+    so this is skipped, never an error (DESIGN.md).
+    """
 
     type: str
 
@@ -206,7 +210,8 @@ Outbound = Union[Text, Play, SendDigits, Language, End]
 
 class SentSetup(Setup, tag="setup"):
     """``setup`` as the Twilio side sends it: ``applicationSid`` absent, as in 2026 captures
-    (Twilio docs: WebSocket messages), instead of ``null``."""
+    (Twilio docs: WebSocket messages), instead of ``null``.
+    """
 
     application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
 
@@ -214,7 +219,8 @@ class SentSetup(Setup, tag="setup"):
 class SentInterrupt(Interrupt, tag="interrupt"):
     """``interrupt`` as the Twilio side sends it: ``durationUntilInterruptMs`` kept in the form
     given, so a client can send the early docs' string (``"460"``) as well as the int of 2026
-    captures (Twilio docs: WebSocket messages, interrupt)."""
+    captures (Twilio docs: WebSocket messages, interrupt).
+    """
 
     def __post_init__(self) -> None:
         raw = self.duration_until_interrupt_ms
@@ -226,7 +232,8 @@ class SentInterrupt(Interrupt, tag="interrupt"):
 
 class ReceivedText(Text, tag="text"):
     """``text`` as Twilio reads it: ``last`` defaults to false (Twilio docs: WebSocket messages,
-    text). The relay's own :class:`Text` keeps ``last`` required so that it is always sent."""
+    text). The relay's own :class:`Text` keeps ``last`` required so that it is always sent.
+    """
 
     last: bool = False
 

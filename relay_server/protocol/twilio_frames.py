@@ -36,7 +36,8 @@ STALE_WINDOW = 1.0
 @dataclass(frozen=True)
 class CallerModes:
     """What the TwiML lets the caller do (``<ConversationRelay>`` attributes, as sets of the
-    input kinds ``speech`` / ``dtmf``) and which ``info`` events it asked for."""
+    input kinds ``speech`` / ``dtmf``) and which ``info`` events it asked for.
+    """
 
     interruptible: frozenset[str] = frozenset({"speech", "dtmf"})
     report_input: frozenset[str] = frozenset()
@@ -101,7 +102,8 @@ class TwilioFrames:
 
     def send_interrupt(self, heard: str, duration_ms: int | str) -> None:
         """An ``interrupt`` frame as given (the caller-level barge-in is :meth:`barge_in`);
-        ``duration_ms`` may be the early docs' string form."""
+        ``duration_ms`` may be the early docs' string form.
+        """
         self.send(
             SentInterrupt(utterance_until_interrupt=heard, duration_until_interrupt_ms=duration_ms)
         )

@@ -50,6 +50,7 @@ def summary(values: list[float], scale: float = 1000.0, digits: int = 3) -> dict
 
 class LoopLag:
     """Measures the load generator's own event-loop lag (how late a 5 ms sleep wakes up).
+
     A large lag means the client's receive stamps are late: the measurement is the bottleneck.
     """
 
@@ -107,8 +108,9 @@ class BargeResult:
 
 
 class Caller:
-    """One call: a signed WebSocket to the relay that speaks ConversationRelay through the
-    protocol's Twilio side (frames encoded and checked as Twilio would).
+    """One call: a signed WebSocket to the relay that speaks ConversationRelay.
+
+    It speaks through the protocol's Twilio side (frames encoded and checked as Twilio would).
     """
 
     def __init__(self, index: int, ws_url: str, signature: str, deflate: bool = False) -> None:
@@ -188,8 +190,9 @@ class Caller:
     async def barge_in(
         self, turn: int, tag: str, after_tokens: int, quiet: float, timeout: float = 15.0
     ) -> BargeResult:
-        """Send a prompt for a long reply, interrupt it after ``after_tokens`` tokens, read to
-        last:true, then listen ``quiet`` s for anything more.
+        """Send a prompt for a long reply and interrupt it after ``after_tokens`` tokens.
+
+        Then read to last:true, and listen ``quiet`` s for anything more.
         """
         res = BargeResult(self.index, turn, tag, now())
         self.side.send_prompt(tag)

@@ -213,8 +213,9 @@ class RelayProc:
 
 # ---------------------------------------------------------------------- machine-wide load
 def core_times() -> dict[int, dict[str, float]]:
-    """Per-core CPU seconds from /proc/stat: task time (user+nice+system), irq+softirq,
-    steal, and the total of all columns.
+    """Per-core CPU seconds from /proc/stat.
+
+    Per core: task time (user+nice+system), irq+softirq, steal, and the total of all columns.
     """
     out: dict[int, dict[str, float]] = {}
     with open("/proc/stat") as f:
@@ -245,8 +246,9 @@ def core_load(before: dict[int, dict[str, float]], after: dict[int, dict[str, fl
 
 
 async def wait_quiet(max_wait: float = 30.0, busy_pct: float = 10.0) -> dict[str, Any]:
-    """Wait (at most ``max_wait`` s) until no core is busier than ``busy_pct`` % over 0.5 s,
-    so another job on the machine (a test suite, a build) does not skew a level.
+    """Wait (at most ``max_wait`` s) until no core is busier than ``busy_pct`` % over 0.5 s.
+
+    So another job on the machine (a test suite, a build) does not skew a level.
     """
     start = now()
     while True:

@@ -374,9 +374,11 @@ async def barge_phase(
 
 
 def barge_figures(results: list[BargeResult], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The criterion (bench/README.md): a token received after the interrupt was sent counts
-    as *generated after the barge-in* when the fake wrote it after the client's
-    ``ws.send(interrupt)`` had returned (the interrupt was then in the relay's socket).
+    """The criterion (bench/README.md) for a token *generated after the barge-in*.
+
+    A token received after the interrupt was sent counts as generated after the barge-in when
+    the fake wrote it after the client's ``ws.send(interrupt)`` had returned (the interrupt was
+    then in the relay's socket).
     """
     silence, close_after = [], []
     after_sent = in_flight = ambiguous = generated_after = stray = not_closed = dropped = 0

@@ -59,8 +59,9 @@ def argv(command: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def tree_at(ref: str) -> Iterator[Path]:
-    """The product's packages as they were at ``ref`` (git archive into a scratch folder), to
-    put first on PYTHONPATH: the same venv runs the other commit's code.
+    """The product's packages as they were at ``ref``, to put first on PYTHONPATH.
+
+    A git archive into a scratch folder: the same venv runs the other commit's code.
     """
     with tempfile.TemporaryDirectory(prefix="crctl-startup-") as folder:
         archive = subprocess.run(
@@ -75,8 +76,9 @@ def tree_at(ref: str) -> Iterator[Path]:
 
 
 def environment(scratch: Path, pythonpath: Path | None) -> dict[str, str]:
-    """No crctl or Python settings from outside; state in a scratch folder with an empty call
-    log (``calls list`` reads it).
+    """An environment with no crctl or Python settings from outside.
+
+    State goes in a scratch folder with an empty call log (``calls list`` reads it).
     """
     env = {
         k: v

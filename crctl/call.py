@@ -174,8 +174,10 @@ async def _command(caller: SimulatedCaller, line: str) -> tuple[bool, Reply | No
 
 
 async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> int:
-    """Read what the caller says from stdin, a line at a time, waiting for each reply before
-    the next line (a pipe or a file: the replies come in order).
+    """Read what the caller says from stdin, a line at a time.
+
+    Each reply is awaited before the next line is sent (a pipe or a file: the replies come in
+    order).
     """
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
@@ -211,8 +213,9 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
 
 
 def _history() -> History:
-    """The prompt's history: ``call-history`` in crctl's state folder, in memory if that
-    folder cannot be written.
+    """The prompt's history: ``call-history`` in crctl's state folder.
+
+    In memory if that folder cannot be written.
     """
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
@@ -228,8 +231,9 @@ def _history() -> History:
 
 
 async def _prompt(caller: SimulatedCaller, printer: LivePrinter) -> int:
-    """The interactive caller on a terminal: a prompt with line editing and history (↑, ^R);
-    replies stream on a line of their own above it, and every other line prints above it too,
+    """The interactive caller on a terminal: a prompt with line editing and history (↑, ^R).
+
+    Replies stream on a line of their own above it, and every other line prints above it too,
     so what the user is typing is never broken. Speaking while the agent talks barges in, as
     on a phone.
     """
@@ -281,9 +285,10 @@ async def _next_line(lines: asyncio.Queue[str | None], closed: asyncio.Event) ->
 def _defaults(
     url: str, auth_token: str | None, public_url: str | None
 ) -> tuple[str | None, str | None]:
-    """Fill the auth token and the public URL from the settings ``crctl serve`` uses (the
-    environment, ``.env.local``, ``.env``). The public URL only applies to a direct
-    ``http://`` address: a relay reached that way is signed for as Twilio reaches it.
+    """Fill the auth token and the public URL from the settings ``crctl serve`` uses.
+
+    Those are the environment, ``.env.local`` and ``.env``. The public URL only applies to a
+    direct ``http://`` address: a relay reached that way is signed for as Twilio reaches it.
     """
     from crctl.settings import load_settings
 
@@ -354,8 +359,9 @@ def call(
         "crctl call --example > my-agent.yaml. --script example plays it as it is.",
     ),
 ) -> None:
-    """Call the relay as Twilio would, without a phone: type what the caller says, or play
-    and check a --script.
+    """Call the relay as Twilio would, without a phone.
+
+    Type what the caller says, or play and check a --script.
     """
     from crctl.call_script import ScriptError, load_script
     from crctl.settings import SettingsError

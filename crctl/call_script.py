@@ -1,5 +1,7 @@
-"""Scripted calls for ``crctl call --script``: load a YAML conversation, run it through a
-:class:`~crctl.call.SimulatedCaller`, check each reply and print a pass/fail report.
+r"""Scripted calls for ``crctl call --script``: play a YAML conversation and report.
+
+The script runs through a :class:`~crctl.call.SimulatedCaller`, which checks each reply; a
+pass/fail report is printed at the end.
 
 A script is a YAML list of turns::
 
@@ -61,8 +63,9 @@ EXAMPLES = {"example": "conversation.yaml", "conversation": "conversation.yaml"}
 
 
 class ScriptError(ConfigurationError):
-    """A malformed script: one line naming the file, the turn, the key, the value and what is
-    allowed.
+    """A malformed script.
+
+    Its message is one line naming the file, the turn, the key, the value and what is allowed.
     """
 
 
@@ -280,8 +283,9 @@ def resolve_script(path: Path) -> Path:
 
 
 def load_script(path: Path) -> list[Turn]:
-    """Read and check a script (``example`` is the shipped one); raises :class:`ScriptError`
-    naming the file, the turn, the key and the value.
+    """Read and check a script (``example`` is the shipped one).
+
+    Raises :class:`ScriptError` naming the file, the turn, the key and the value.
     """
     path = resolve_script(path)
     try:
@@ -493,8 +497,9 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
 
 
 def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
-    """``reply: none``: what the agent sent within the settle time after this turn's input
-    (``replies``: every reply opened since, one per key of a ``dtmf`` turn).
+    """``reply: none``: what the agent sent within the settle time after this turn's input.
+
+    ``replies``: every reply opened since, one per key of a ``dtmf`` turn.
     """
     came = []
     for reply in replies:
@@ -555,8 +560,9 @@ def _shown(reply: Reply | None) -> str:
 
 
 def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> bool:
-    """Print the results (a table on a terminal, one line per turn in a log) and the call's
-    end; True when every turn passed.
+    """Print the results and the call's end; True when every turn passed.
+
+    The results are a table on a terminal, one line per turn in a log.
     """
     if out.is_terminal:
         table = Table("#", "caller", "agent", "first token", "result")
@@ -598,8 +604,10 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
 
 
 async def play_script(caller: SimulatedCaller, turns: list[Turn], out: Console) -> int:
-    """Run the script on a dialled caller, hang up (unless the agent ended the call) and print
-    the report. Returns the exit code: 0 when every turn passed, else 1.
+    """Run the script on a dialled caller, hang up and print the report.
+
+    The caller hangs up unless the agent ended the call. Returns the exit code: 0 when every
+    turn passed, else 1.
     """
     try:
         results = await run_script(caller, turns, caller.timeout)

@@ -100,8 +100,9 @@ COMMANDS: dict[str, LazyCommand] = {
 
 
 class _Commands(MutableMapping[str, Any]):
-    """The root group's commands by name: all of :data:`COMMANDS`, each built on first access
-    (so Typer's own lookups and "did you mean" suggestions see every name).
+    """The root group's commands by name: all of :data:`COMMANDS`, each built on first access.
+
+    So Typer's own lookups and "did you mean" suggestions see every name.
     """
 
     def __init__(self, loaded: MutableMapping[str, Any]) -> None:
@@ -150,8 +151,9 @@ class LazyGroup(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command with the environment resolved once; a known failure (module
-        docstring) becomes one ``error:`` line and its exit code.
+        """Run the command with the environment resolved once.
+
+        A known failure (module docstring) becomes one ``error:`` line and its exit code.
         """
         from crctl.environment import resolved
         from crctl.errors import exit_code

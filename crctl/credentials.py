@@ -1,5 +1,4 @@
-"""Twilio credentials: flags > environment (with ``.env.local`` and ``.env``) > the twilio-cli
-profile.
+"""Twilio credentials: flags > environment (``.env.local``, ``.env``) > twilio-cli profile.
 
 People who already use twilio-cli set up nothing new: its ``~/.twilio-cli/config.json`` holds
 ``profiles: {id: {accountSid, apiKey, apiSecret}}`` and ``activeProject`` (twilio-cli-core's

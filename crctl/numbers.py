@@ -44,8 +44,9 @@ YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
 def _table(*columns: tuple[str, int]) -> Table:
-    """A table whose SIDs and numbers are never cut (min widths) and whose long values fold
-    onto more lines instead of ending in "…", whatever the terminal width.
+    """A table whose SIDs and numbers are never cut, whatever the terminal width.
+
+    Min widths keep them whole; long values fold onto more lines instead of ending in "…".
     """
     table = Table(box=None)
     for name, width in columns:
@@ -63,9 +64,10 @@ _CREDENTIALS = {
 
 
 def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the credential options (``--account-sid`` … ``--profile``) and call it
-    with ``twilio``, connected with them (a credentials problem is a CredentialsError, one
-    error line from the CLI's handler).
+    """Give a command the credential options and call it with a connected ``twilio`` client.
+
+    The options are ``--account-sid`` … ``--profile``; a credentials problem is a
+    CredentialsError, one error line from the CLI's handler.
     """
     signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "twilio"]
@@ -138,9 +140,10 @@ def provision_number(
     yes: bool = YES,
     twilio: Any = None,
 ) -> None:
-    """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
-    whose voice URL is the relay's /twiml, and point the number at it. A second run changes
-    nothing.
+    """Get a number ringing the relay.
+
+    Buy one (or use --number), create or reuse a TwiML App whose voice URL is the relay's
+    /twiml, and point the number at it. A second run changes nothing.
     """
     check_public_url(public_url, path="")
     plan = twilio.plan(public_url, number=number, app_name=app_name)

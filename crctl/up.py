@@ -1,5 +1,6 @@
-"""``crctl up``: tunnel + relay + the number pointed at it + the live call log, in one command,
-and everything put back on exit.
+"""``crctl up``: tunnel + relay + pointed number + live call log, in one command.
+
+Everything is put back on exit.
 
 The number's previous voice settings are saved in the state file (``up`` sessions, with this
 process's pid) before it is pointed at the tunnel. Ctrl-C or SIGTERM puts them back; if the
@@ -53,8 +54,9 @@ class Session:
 
 
 def restore(session: Session, state: State) -> None:
-    """Undo this session: the number's previous webhook, then the tunnel. Each step is
-    guarded, so the tunnel closes even if Twilio cannot be reached.
+    """Undo this session: the number's previous webhook, then the tunnel.
+
+    Each step is guarded, so the tunnel closes even if Twilio cannot be reached.
     """
     if session.twilio is not None and session.number is not None:
         try:
@@ -81,8 +83,10 @@ def restore(session: Session, state: State) -> None:
 
 @contextlib.contextmanager
 def _interruptible_setup() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C while ``up`` is getting ready, so the ``finally`` that
-    puts things back runs for both (the relay installs its own handlers once it serves).
+    """SIGTERM behaves like Ctrl-C while ``up`` is getting ready.
+
+    So the ``finally`` that puts things back runs for both (the relay installs its own handlers
+    once it serves).
     """
 
     def stop(signum: int, frame: Any) -> None:
@@ -351,8 +355,10 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
 
 
 def _printer() -> Any:
-    """An event subscriber that never blocks the relay: events go through a bounded queue to
-    a printing thread (a paused terminal or an unread pipe must not stall calls).
+    """An event subscriber that never blocks the relay.
+
+    Events go through a bounded queue to a printing thread (a paused terminal or an unread
+    pipe must not stall calls).
     """
     from crctl.console import CallLog
 

@@ -51,10 +51,12 @@ EventHandler = Callable[[CallEvent], None]
 
 
 class SimulatedCaller:
-    """One simulated phone call: :meth:`fetch` the TwiML, :meth:`connect` the socket, then
-    :meth:`say`, :meth:`dtmf`, :meth:`interrupt` and :meth:`hangup`. A background task feeds
-    the relay's frames to the Twilio side and reports each step to ``on_event(event)``: a
-    typed :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``).
+    """One simulated phone call.
+
+    :meth:`fetch` the TwiML, :meth:`connect` the socket, then :meth:`say`, :meth:`dtmf`,
+    :meth:`interrupt` and :meth:`hangup`. A background task feeds the relay's frames to the
+    Twilio side and reports each step to ``on_event(event)``: a typed
+    :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``).
     """
 
     def __init__(
@@ -167,7 +169,8 @@ class SimulatedCaller:
 
     # ------------------------------------------------------------------------- the caller
     async def say(self, text: str, *, interrupt_after_words: int | None = None) -> Reply | None:
-        """Speak ``text`` (partials first when enabled); returns the reply to wait on, or
+        """Speak ``text`` (partials first when enabled); returns the reply to wait on.
+
         ``None`` when Twilio would not report the speech (see the ``dropped`` event).
         """
         plan = self._live()
@@ -188,8 +191,9 @@ class SimulatedCaller:
         return reply
 
     async def dtmf(self, digits: str, *, interrupt_after_words: int | None = None) -> Reply | None:
-        """Press ``digits`` one key at a time; returns the reply to the last key, or ``None``
-        when the TwiML has no ``dtmfDetection="true"`` (Twilio would not send them).
+        """Press ``digits`` one key at a time; returns the reply to the last key.
+
+        ``None`` when the TwiML has no ``dtmfDetection="true"`` (Twilio would not send them).
         """
         self._live()
         bad = set(digits) - _KEYS
@@ -212,8 +216,9 @@ class SimulatedCaller:
         return reply
 
     async def interrupt(self) -> bool:
-        """Barge in on the reply being spoken; False when nothing is being said or the TwiML
-        does not let speech interrupt.
+        """Barge in on the reply being spoken.
+
+        False when nothing is being said or the TwiML does not let speech interrupt.
         """
         self._live()
         barged = self.side.interrupt()

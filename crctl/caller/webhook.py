@@ -1,5 +1,6 @@
-"""The simulated caller's webhooks: signed form requests, as Twilio sends them (Twilio docs:
-webhooks, security: ``X-Twilio-Signature``).
+"""The simulated caller's webhooks: signed form requests, as Twilio sends them.
+
+Twilio docs: webhooks, security: ``X-Twilio-Signature``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def with_query(url: str, params: dict[str, str]) -> str:
 async def send_webhook(
     url: str, params: dict[str, str], headers: dict[str, str], method: str, timeout: float
 ) -> tuple[int, str]:
-    """One webhook request; returns (status, body). Raises :class:`Unreachable` when nothing
-    answers. A local host is reached directly, never through a proxy from the environment.
+    """One webhook request; returns (status, body).
+
+    Raises :class:`Unreachable` when nothing answers. A local host is reached directly, never
+    through a proxy from the environment.
     """
     direct = is_local(urlsplit(url).hostname)
     try:
@@ -80,9 +83,10 @@ def _why(exc: BaseException) -> str:
 async def post_action(
     plan: CallPlan, outcome: Outcome, params: dict[str, str], token: str | None, timeout: float
 ) -> None:
-    """Post ``<Connect action>`` as Twilio does when the session ends, signed (a GET carries
-    ``params`` in the signed URL); the answer in words goes to ``outcome.action``, a failure to
-    ``outcome.action_error``.
+    """Post ``<Connect action>``, signed, as Twilio does when the session ends.
+
+    A GET carries ``params`` in the signed URL. The answer in words goes to ``outcome.action``,
+    a failure to ``outcome.action_error``.
     """
     if not plan.action_url or not plan.action_connect_url:
         return

@@ -88,9 +88,10 @@ _RECHECK = 0.05
 
 
 class ChatStream:
-    """One streaming completion (a :class:`relay_server.chat.ChatReply`). Iterate for content
-    tokens (strings, never trimmed); after the loop, :attr:`tool_calls` and
-    :attr:`finish_reason` hold the rest. Use as ``async with``.
+    """One streaming completion (a :class:`relay_server.chat.ChatReply`).
+
+    Iterate for content tokens (strings, never trimmed); after the loop, :attr:`tool_calls`
+    and :attr:`finish_reason` hold the rest. Use as ``async with``.
 
     ``timeout``: seconds without a token (from the request on) before the stream is a
     ``timeout`` fault; ``None``: no limit beyond the SDK's. ``max_line``: the longest SSE line
@@ -141,9 +142,10 @@ class ChatStream:
         return self._iterator
 
     def _check(self) -> None:
-        """The token watchdog: one timer per stream, moved only when it fires (a token costs a
-        counter and a clock read per network read, not a timer). Cancels the waiting read
-        once ``timeout`` seconds passed without a token.
+        """The token watchdog: one timer per stream, moved only when it fires.
+
+        A token costs a counter and a clock read per network read, not a timer. Cancels the
+        waiting read once ``timeout`` seconds passed without a token.
         """
         assert self._timeout is not None
         loop = asyncio.get_running_loop()
@@ -315,8 +317,10 @@ def _map_error(exc: openai.APIError) -> LLMError:
 
 
 def _unreachable(exc: BaseException) -> LLMError | None:
-    """The connection failed before any HTTP: the host does not resolve, nothing listens on
-    the port, or another socket error. ``None`` for anything else (a real timeout).
+    """The connection failed before any HTTP: the reason, or ``None``.
+
+    The host does not resolve, nothing listens on the port, or another socket error. ``None``
+    for anything else (a real timeout).
     """
     host: str | None = None
     port: int | None = None
@@ -350,8 +354,9 @@ def _unreachable(exc: BaseException) -> LLMError | None:
 
 
 class LLMClient:
-    """A shared async OpenAI-compatible client (one connection pool for all calls): the
-    relay's :class:`relay_server.chat.ChatModel`.
+    """A shared async OpenAI-compatible client: the relay's :class:`~relay_server.chat.ChatModel`.
+
+    One connection pool for all calls.
     """
 
     def __init__(self, config: LLMConfig) -> None:
@@ -408,8 +413,9 @@ def describe(config: LLMConfig) -> str:
 
 @dataclass(frozen=True)
 class LLMCheck:
-    """What the start-up check found: the model to use, how it was chosen, and a warning
-    (one line, not fatal) when the LLM cannot be reached or refuses the key.
+    """What the start-up check found: the model, how it was chosen, and a warning.
+
+    The warning (one line, not fatal) says the LLM cannot be reached or refuses the key.
     """
 
     model: str

@@ -1,5 +1,6 @@
-"""Turn-taking on top of :class:`CallSession`: history, barge-in truncation, DTMF entry and
-silence reminders.
+"""Turn-taking on top of :class:`CallSession`.
+
+History, barge-in truncation, DTMF entry and silence reminders.
 
 Composition, not a chain of overrides: a :class:`ConversationAgent` owns a
 :class:`~relay_server.agents.history.Conversation` (what was said and what the caller heard) and
@@ -22,8 +23,10 @@ from relay_server.session import CallSession, SessionLink
 
 
 class Responder(Protocol):
-    """What answers a caller turn: streams tokens to speak (and may use the agent's helpers:
-    record tool calls in its conversation, send digits, ask for the call to end).
+    """What answers a caller turn: streams tokens to speak.
+
+    It may use the agent's helpers: record tool calls in its conversation, send digits, ask for
+    the call to end.
     """
 
     def reply(self, agent: ConversationAgent, user_text: str) -> AsyncGenerator[str, None]:
@@ -32,8 +35,9 @@ class Responder(Protocol):
 
 
 class ConversationAgent(CallSession):
-    """A session that answers each caller turn with a streamed :meth:`reply`: its
-    :attr:`responder`'s, unless a subclass overrides :meth:`reply`.
+    """A session that answers each caller turn with a streamed :meth:`reply`.
+
+    The reply is its :attr:`responder`'s, unless a subclass overrides :meth:`reply`.
     """
 
     #: The answerer of every caller turn; set by the ready-made agents.
@@ -62,6 +66,7 @@ class ConversationAgent(CallSession):
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
+
         Anything beyond the spoken text (tool messages) goes to :attr:`conversation`.
         """
         if self.responder is None:
@@ -180,8 +185,10 @@ class ConversationAgent(CallSession):
             await self.end(self._end_request[0])
 
     async def speak(self, tokens: AsyncGenerator[str, None], *, record: bool = True) -> str:
-        """Stream ``tokens`` to the caller as one talk cycle, record it as an assistant message
-        and return the spoken text. Runs inside the turn; cancellation keeps what was sent.
+        """Stream ``tokens`` to the caller as one talk cycle; returns the spoken text.
+
+        The text is recorded as an assistant message. Runs inside the turn; cancellation keeps
+        what was sent.
 
         The one consumer of the token path: ``tokens`` is the responder's generator, which
         reads the model's stream itself (two generators from the LLM's socket to this loop).

@@ -63,8 +63,9 @@ BUILTIN_TOOLS: tuple[Callable[..., Any], ...] = (
 
 
 class LLMAgent(ConversationAgent):
-    """Streams an LLM's answer to every caller turn; runs its tool calls in between (an
-    :class:`~relay_server.agents.responder.LLMResponder` over the relay's chat model).
+    """Streams an LLM's answer to every caller turn; runs its tool calls in between.
+
+    An :class:`~relay_server.agents.responder.LLMResponder` over the relay's chat model.
 
     Subclass and set :attr:`tools` to offer your own functions (see :mod:`relay_server.tools`).
     """

@@ -50,7 +50,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), from /proc/<pid>/stat."""
+    """The utime + stime of a process (all threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / _TICK

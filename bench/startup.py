@@ -113,7 +113,7 @@ def time_once(command: list[str], env: dict[str, str], cwd: Path) -> float:
 
 
 def measure(n: int, trees: dict[str, Path | None]) -> dict[str, dict[str, Any]]:
-    """tree label -> command -> figures, measured round-robin over trees and commands."""
+    """Figures by tree label, then command, measured round-robin over trees and commands."""
     samples: dict[str, dict[str, list[float]]] = {t: {c: [] for c in COMMANDS} for t in trees}
     with tempfile.TemporaryDirectory(prefix="crctl-startup-run-") as scratch_dir:
         scratch = Path(scratch_dir)

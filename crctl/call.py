@@ -84,6 +84,7 @@ class LivePrinter:
         self.changed()
 
     def __call__(self, event: CallEvent) -> None:
+        """Show one step of the call: a token joins its reply's line; other steps print a line."""
         match event:
             case TokenHeard(reply=reply, token=token):
                 if self._open is not reply:

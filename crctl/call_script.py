@@ -166,6 +166,7 @@ class Expect(_Strict):
 
     @property
     def wants_end(self) -> bool:
+        """Whether the turn expects the call to end after it (``ends_call`` or a ``handoff``)."""
         return bool(self.ends_call) or (self.handoff is not None and self.handoff is not False)
 
     @property
@@ -238,6 +239,7 @@ class Turn(_Strict):
 
     @property
     def label(self) -> str:
+        """The turn as a report names it: what it says, quoted, or its DTMF keys."""
         return repr(self.say) if self.say is not None else f"dtmf {self.dtmf}"
 
 
@@ -259,12 +261,15 @@ _EXPECT_KEYS = tuple(Expect.model_fields)
 
 @dataclass
 class TurnResult:
+    """One turn's outcome: the reply it got and why it failed (no reasons: it passed)."""
+
     turn: Turn
     reply: Reply | None
     reasons: list[str]
 
     @property
     def passed(self) -> bool:
+        """Whether every check of the turn held."""
         return not self.reasons
 
 

@@ -142,9 +142,11 @@ class LazyGroup(TyperGroup):
         polish(self, subcommands=False)  # each command is polished as it is loaded
 
     def list_commands(self, ctx: Any) -> list[str]:
+        """Every command name, without building a command."""
         return list(self.commands)  # the names only: TyperGroup's would build every command
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command ``cmd_name``: a name-and-help stand-in while the group's help is listed."""
         lazy = COMMANDS.get(cmd_name)
         if self._listing and lazy is not None:
             return typer.core.TyperCommand(name=cmd_name, help=lazy.help)
@@ -170,6 +172,7 @@ class LazyGroup(TyperGroup):
             raise fail(exc, code) from None
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Render the group's help from the stand-ins, so listing imports no command module."""
         self._listing = True
         try:
             super().format_help(ctx, formatter)

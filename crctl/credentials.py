@@ -34,7 +34,7 @@ class Credentials:
 
     @property
     def kind(self) -> str:
-        """ "auth token" or "API key SK…"."""
+        """What the credentials are, for messages: "auth token" or "API key SK…"."""
         return "auth token" if self.username == self.account_sid else f"API key {self.username}"
 
 

@@ -422,7 +422,7 @@ class FakeTwilio(BackgroundServer):
     # ---- test controls -------------------------------------------------------
     @property
     def account_path(self) -> str:
-        """``/2010-04-01/Accounts/AC...``"""
+        """The account's REST path, ``/2010-04-01/Accounts/AC...``."""
         return f"/{API_VERSION}/Accounts/{self.account_sid}"
 
     def add_number(self, phone_number: str, **fields: Any) -> dict[str, Any]:

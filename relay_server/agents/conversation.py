@@ -85,6 +85,7 @@ class ConversationAgent(CallSession):
 
     # --------------------------------------------------------------------------- handlers
     async def on_setup(self, setup: Setup) -> None:
+        """Record the greeting Twilio speaks from the TwiML and publish the call's start."""
         config = self.link.config
         greeting = config.reconnect_greeting if self._resumed else config.welcome_greeting
         self.conversation.add_greeting(greeting)
@@ -101,6 +102,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_prompt(self, prompt: Prompt) -> None:
+        """Publish the caller's speech; a final, non-empty transcript starts a turn."""
         self._caller_active()
         self.link.events.emit(
             ev.CallerSpeech(call_sid=self.call_sid, text=prompt.voice_prompt, last=prompt.last)
@@ -110,6 +112,7 @@ class ConversationAgent(CallSession):
         await self.user_turn(prompt.voice_prompt)
 
     async def on_dtmf(self, dtmf: Dtmf) -> None:
+        """A key: a turn of its own, or buffered until ``#`` or a pause (``dtmf_buffer``)."""
         self._caller_active()
         self.link.events.emit(ev.Dtmf(call_sid=self.call_sid, digit=dtmf.digit))
         if not self.settings.dtmf_buffer:
@@ -126,6 +129,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
+        """Barge-in: cancel the turn and keep only what the caller heard of the reply."""
         await self.cancel_turn()
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
@@ -139,6 +143,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_info(self, info: Info) -> None:
+        """Speaker events drive the silence reminder: on when the agent stops, off as it talks."""
         if info.name == "clientSpeaking" and info.value == "on":
             self._caller_active()
         elif info.name == "agentSpeaking":
@@ -148,15 +153,18 @@ class ConversationAgent(CallSession):
                 self._arm_silence()
 
     async def on_close(self) -> None:
+        """Stop the silence reminder and the DTMF timer."""
         self._cancel_silence()
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
 
     def resume_state(self) -> Any:
+        """The conversation's messages, for a reconnecting socket of the same call."""
         self.conversation.flush()
         return self.conversation.messages
 
     def restore(self, state: Any) -> None:
+        """Continue the conversation of :meth:`resume_state` (greeting with the reconnect one)."""
         if isinstance(state, list) and state:
             self.conversation.messages = state
             self._resumed = True

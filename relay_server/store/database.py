@@ -243,7 +243,7 @@ class EventStore:
         return [event_row(row) for row in self.select(since, call_sid, after_id, limit)]
 
     def calls(self, limit: int = 50) -> list[dict[str, Any]]:
-        """One row per call, newest first: call_sid, from, to, started, ended, status, turns…"""
+        """One row per call, newest first (call_sid, from, to, started, ended, status, turns…)."""
         self.flush()
         with self._lock:
             return queries.calls(self._con, limit)

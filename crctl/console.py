@@ -1,4 +1,6 @@
-"""Rich rendering of call events (the relay publishes them; only the CLI renders, DESIGN.md).
+"""Rich rendering of call events: the relay publishes them, only the CLI renders them.
+
+So the relay never imports rich: the same events feed ``crctl up``, ``crctl tail`` and any client.
 
 :class:`CallLog` takes events as ``/events`` serves them (dicts with ``kind``, ``call_sid``,
 ``ts``, ``data``) and prints each as it comes: a coloured rule when a call starts, then one

@@ -1,7 +1,8 @@
 """Decode Twilio's frames and encode ours: pure functions, no I/O, no event loop.
 
-This is the only module that turns ConversationRelay JSON into values and back (DESIGN.md,
-after the sans-I/O model of python-websockets).
+This is the only module that turns ConversationRelay JSON into values and back, after the
+sans-I/O model of python-websockets: one place holds the wire rules (Twilio docs:
+ConversationRelay WebSocket messages), and every caller, test and benchmark gets the same ones.
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ the key, the value and what is allowed. ``--script example`` plays the example s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -412,7 +414,9 @@ def _explain(exc: ValidationError, data: list[Any]) -> str:
 
 
 async def run_script(
-    caller: SimulatedCaller, turns: list[Turn], timeout: float
+    caller: SimulatedCaller,
+    turns: list[Turn],
+    timeout: float,  # noqa: ASYNC109 (each reply's own wait, --timeout; not a deadline for the run)
 ) -> list[TurnResult]:
     """Play ``turns`` on a connected caller, waiting for each reply; returns the results."""
     results: list[TurnResult] = []
@@ -439,33 +443,38 @@ async def run_script(
             continue
         if turn.expect.silent:
             # no answer must come: judged once it has had settle_ms to arrive
-            await _wait(caller.closed, turn.expect.settle)
+            async with _at_most(turn.expect.settle):
+                await caller.closed.wait()
             reasons = _check_silence(turn.expect, caller.replies[before:])
         else:
-            reasons = await _await_reply(caller, reply, timeout)
+            done = await caller.finished(reply, timeout)
+            reasons = _reply_faults(reply, done, timeout)
         if turn.interrupt_after_words and not reply.interrupted and not reasons:
             reasons.append(
                 f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
                 f"interrupt_after_words: {turn.interrupt_after_words}"
             )
         if turn.expect.wants_end:
-            await _wait(caller.closed, timeout)
+            async with _at_most(timeout):
+                await caller.closed.wait()
         elif turn.expect.ends_call is False or turn.expect.handoff is False:
-            await _wait(caller.closed, _END_GRACE)
+            async with _at_most(_END_GRACE):
+                await caller.closed.wait()
         results.append(TurnResult(turn, reply, reasons + check(turn.expect, reply, caller)))
     return results
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
+@contextlib.asynccontextmanager
+async def _at_most(seconds: float) -> AsyncIterator[None]:
+    """Let the block run ``seconds`` at most; running out of time is not an error."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            yield
 
 
-async def _await_reply(caller: SimulatedCaller, reply: Reply, timeout: float) -> list[str]:
-    if not await caller.finished(reply, timeout):
+def _reply_faults(reply: Reply, done: bool, timeout: float) -> list[str]:
+    """Why a reply waited on for ``timeout`` s fails before any check (``done``: it ended)."""
+    if not done:
         got = f" (so far: {reply.received!r})" if reply.received else ""
         return [f"no complete reply within {timeout:g} s{got}"]
     if reply.error:

@@ -255,7 +255,11 @@ async def _serve(
         await relay
         return 0
     try:
-        await _listening(settings.port)
+        try:
+            async with asyncio.timeout(_LISTEN_WAIT):
+                await _listening(settings.port)
+        except TimeoutError:
+            raise CrctlError(f"the relay did not start listening on port {settings.port}") from None
         token = settings.twilio_auth_token
         caller = SimulatedCaller(
             f"http://127.0.0.1:{settings.port}",
@@ -271,14 +275,16 @@ async def _serve(
         await relay
 
 
-async def _listening(port: int, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+#: Seconds ``up --script`` waits for its relay to accept connections before calling it.
+_LISTEN_WAIT = 10.0
+
+
+async def _listening(port: int) -> None:
+    """Return once something accepts connections on ``port`` (the caller bounds the wait)."""
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise CrctlError(f"the relay did not start listening on port {port}") from None
             await asyncio.sleep(0.05)
             continue
         writer.close()

@@ -483,7 +483,9 @@ def _warning(where: str, problem: LLMError) -> str | None:
     return f"the LLM at {where} answered GET /models with an error: {problem.detail}"
 
 
-async def _list_models(config: LLMConfig, timeout: float) -> list[str]:
+# ``timeout`` is the HTTP client's own: running out is an LLMError(kind="timeout") with the words
+# the start-up warning needs, which a cancellation from asyncio.timeout would not carry.
+async def _list_models(config: LLMConfig, timeout: float) -> list[str]:  # noqa: ASYNC109
     client = openai.AsyncOpenAI(
         api_key=config.api_key or "unset",
         base_url=config.base_url,

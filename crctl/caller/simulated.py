@@ -225,7 +225,9 @@ class SimulatedCaller:
         await self._pump()
         return barged
 
-    async def finished(self, reply: Reply, timeout: float | None = None) -> bool:
+    # ``timeout`` in finished and wait_closed is the caller's API (scripts, tests, bench): "is it
+    # over within t?" is an answer (False), not an error, and None waits for ever.
+    async def finished(self, reply: Reply, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until ``reply`` is over (at most ``timeout`` s); False if it is not by then."""
         async with self._changed:
             try:
@@ -243,7 +245,7 @@ class SimulatedCaller:
                 await self._pump()
         return await self.wait_closed()
 
-    async def wait_closed(self, timeout: float | None = None) -> Outcome:
+    async def wait_closed(self, timeout: float | None = None) -> Outcome:  # noqa: ASYNC109
         """The outcome once the session is over (after ``end``, a hang-up or a drop)."""
         if self._receiver is not None:
             await asyncio.wait_for(asyncio.shield(self._receiver), timeout)

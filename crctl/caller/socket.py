@@ -21,8 +21,13 @@ from crctl.hosts import is_local
 USER_AGENT = "Jetty/11.0.24"
 
 
+# ``timeout`` is websockets' handshake timeout (``open_timeout``): it bounds the opening only,
+# and ends in the library's own error, reported as "cannot open the WebSocket".
 async def open_socket(
-    plan: CallPlan, auth_token: str | None, timeout: float, why_403: Callable[[str], str]
+    plan: CallPlan,
+    auth_token: str | None,
+    timeout: float,  # noqa: ASYNC109
+    why_403: Callable[[str], str],
 ) -> ClientConnection:
     """Connect to ``plan.connect_url``, signed over the TwiML's ``url`` as Twilio signs it.
 

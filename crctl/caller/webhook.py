@@ -44,8 +44,14 @@ def with_query(url: str, params: dict[str, str]) -> str:
     return url + ("&" if urlsplit(url).query else "?") + urlencode(params)
 
 
+# ``timeout`` is httpx's, applied to each network operation (connect, read, write); running out
+# is an httpx.TimeoutException, reported as "timed out". A deadline at the caller is neither.
 async def send_webhook(
-    url: str, params: dict[str, str], headers: dict[str, str], method: str, timeout: float
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    method: str,
+    timeout: float,  # noqa: ASYNC109
 ) -> tuple[int, str]:
     """One webhook request; returns (status, body).
 
@@ -80,8 +86,13 @@ def _why(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).lower()
 
 
+# ``timeout`` is passed on to send_webhook: httpx's, as there.
 async def post_action(
-    plan: CallPlan, outcome: Outcome, params: dict[str, str], token: str | None, timeout: float
+    plan: CallPlan,
+    outcome: Outcome,
+    params: dict[str, str],
+    token: str | None,
+    timeout: float,  # noqa: ASYNC109
 ) -> None:
     """Post ``<Connect action>``, signed, as Twilio does when the session ends.
 

@@ -142,7 +142,9 @@ class Caller:
         for frame in self.side.data_to_send():
             await self.ws.send(frame)
 
-    async def recv(self, timeout: float) -> tuple[float, Outbound]:
+    # ``timeout`` in recv, turn and barge_in: a timeout is a measured outcome, recorded in the
+    # result while the run goes on, not an error to cancel from outside (ASYNC109).
+    async def recv(self, timeout: float) -> tuple[float, Outbound]:  # noqa: ASYNC109
         """The next valid frame and when it arrived (stamped before it is decoded)."""
         while True:
             raw = await asyncio.wait_for(self.ws.recv(), timeout)
@@ -160,7 +162,7 @@ class Caller:
                 await asyncio.wait_for(self.ws.close(1000, CLOSE_REASON), 5)
 
     # ------------------------------------------------------------------------- scenarios
-    async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:
+    async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:  # noqa: ASYNC109
         """Send a final prompt; read the reply up to last:true."""
         res = TurnResult(self.index, turn, tag, now())
         self.side.send_prompt(tag)
@@ -188,7 +190,12 @@ class Caller:
             return res
 
     async def barge_in(
-        self, turn: int, tag: str, after_tokens: int, quiet: float, timeout: float = 15.0
+        self,
+        turn: int,
+        tag: str,
+        after_tokens: int,
+        quiet: float,
+        timeout: float = 15.0,  # noqa: ASYNC109
     ) -> BargeResult:
         """Send a prompt for a long reply and interrupt it after ``after_tokens`` tokens.
 

@@ -317,10 +317,10 @@ def _map_error(exc: openai.APIError) -> LLMError:
 
 
 def _unreachable(exc: BaseException) -> LLMError | None:
-    """The connection failed before any HTTP: the reason, or ``None``.
+    """The LLMError for a connection that failed before any HTTP, else ``None``.
 
-    The host does not resolve, nothing listens on the port, or another socket error. ``None``
-    for anything else (a real timeout).
+    It failed when the host does not resolve, nothing listens on the port, or another socket
+    error happened. ``None`` for anything else (a real timeout).
     """
     host: str | None = None
     port: int | None = None

@@ -89,9 +89,9 @@ def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None
 
 
 def bounded(event: ev.CallEvent) -> ev.CallEvent:
-    """``event`` as stored: a partial transcript keeps its last :data:`PARTIAL_MAX_CHARS`.
+    """``event`` as stored: a partial transcript is cut to its end.
 
-    ``chars`` says how long it was.
+    It keeps its last :data:`PARTIAL_MAX_CHARS` characters (``chars``: how long it was).
     """
     if isinstance(event, ev.CallerSpeech) and not event.last:
         text = event.text

@@ -360,10 +360,9 @@ def call(
         "crctl call --example > my-agent.yaml. --script example plays it as it is.",
     ),
 ) -> None:
-    """Call the relay as Twilio would, without a phone.
-
-    Type what the caller says, or play and check a --script.
-    """
+    """Call the relay as Twilio would, without a phone: type what the caller says, or play
+    and check a --script.
+    """  # noqa: D205 (the first paragraph is the command's line in `crctl --help`: cli.COMMANDS)
     from crctl.call_script import ScriptError, load_script
     from crctl.settings import SettingsError
 

@@ -140,11 +140,10 @@ def provision_number(
     yes: bool = YES,
     twilio: Any = None,
 ) -> None:
-    """Get a number ringing the relay.
-
-    Buy one (or use --number), create or reuse a TwiML App whose voice URL is the relay's
-    /twiml, and point the number at it. A second run changes nothing.
-    """
+    """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
+    whose voice URL is the relay's /twiml, and point the number at it. A second run changes
+    nothing.
+    """  # noqa: D205 (the first paragraph is the command's line in `crctl --help`: cli.COMMANDS)
     check_public_url(public_url, path="")
     plan = twilio.plan(public_url, number=number, app_name=app_name)
     if plan.phone_number is None:

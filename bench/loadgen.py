@@ -50,7 +50,9 @@ def summary(values: list[float], scale: float = 1000.0, digits: int = 3) -> dict
 
 class LoopLag:
     """Measures the load generator's own event-loop lag (how late a 5 ms sleep wakes up).
-    A large lag means the client's receive stamps are late: the measurement is the bottleneck."""
+
+    A large lag means the client's receive stamps are late: the measurement is the bottleneck.
+    """
 
     def __init__(self, period: float = 0.005) -> None:
         self.period = period
@@ -106,8 +108,10 @@ class BargeResult:
 
 
 class Caller:
-    """One call: a signed WebSocket to the relay that speaks ConversationRelay through the
-    protocol's Twilio side (frames encoded and checked as Twilio would)."""
+    """One call: a signed WebSocket to the relay that speaks ConversationRelay.
+
+    It speaks through the protocol's Twilio side (frames encoded and checked as Twilio would).
+    """
 
     def __init__(self, index: int, ws_url: str, signature: str, deflate: bool = False) -> None:
         self.index = index
@@ -138,7 +142,9 @@ class Caller:
         for frame in self.side.data_to_send():
             await self.ws.send(frame)
 
-    async def recv(self, timeout: float) -> tuple[float, Outbound]:
+    # ``timeout`` in recv, turn and barge_in: a timeout is a measured outcome, recorded in the
+    # result while the run goes on, not an error to cancel from outside (ASYNC109).
+    async def recv(self, timeout: float) -> tuple[float, Outbound]:  # noqa: ASYNC109
         """The next valid frame and when it arrived (stamped before it is decoded)."""
         while True:
             raw = await asyncio.wait_for(self.ws.recv(), timeout)
@@ -156,7 +162,7 @@ class Caller:
                 await asyncio.wait_for(self.ws.close(1000, CLOSE_REASON), 5)
 
     # ------------------------------------------------------------------------- scenarios
-    async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:
+    async def turn(self, turn: int, tag: str, timeout: float = 15.0) -> TurnResult:  # noqa: ASYNC109
         """Send a final prompt; read the reply up to last:true."""
         res = TurnResult(self.index, turn, tag, now())
         self.side.send_prompt(tag)
@@ -184,10 +190,17 @@ class Caller:
             return res
 
     async def barge_in(
-        self, turn: int, tag: str, after_tokens: int, quiet: float, timeout: float = 15.0
+        self,
+        turn: int,
+        tag: str,
+        after_tokens: int,
+        quiet: float,
+        timeout: float = 15.0,  # noqa: ASYNC109
     ) -> BargeResult:
-        """Send a prompt for a long reply, interrupt it after ``after_tokens`` tokens, read to
-        last:true, then listen ``quiet`` s for anything more."""
+        """Send a prompt for a long reply and interrupt it after ``after_tokens`` tokens.
+
+        Then read to last:true, and listen ``quiet`` s for anything more.
+        """
         res = BargeResult(self.index, turn, tag, now())
         self.side.send_prompt(tag)
         await self.flush()

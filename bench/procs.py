@@ -50,7 +50,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), from /proc/<pid>/stat."""
+    """The utime + stime of a process (all threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / _TICK
@@ -190,7 +190,8 @@ class RelayProc:
         finally:
             conn.close()
 
-    async def wait_calls(self, n: int, timeout: float = 20.0) -> bool:
+    # "Did the relay count n calls within t?" is an answer (False), not an error (ASYNC109).
+    async def wait_calls(self, n: int, timeout: float = 20.0) -> bool:  # noqa: ASYNC109
         deadline = now() + timeout
         while now() < deadline:
             h = await asyncio.to_thread(self.health)
@@ -213,8 +214,10 @@ class RelayProc:
 
 # ---------------------------------------------------------------------- machine-wide load
 def core_times() -> dict[int, dict[str, float]]:
-    """Per-core CPU seconds from /proc/stat: task time (user+nice+system), irq+softirq,
-    steal, and the total of all columns."""
+    """Per-core CPU seconds from /proc/stat.
+
+    Per core: task time (user+nice+system), irq+softirq, steal, and the total of all columns.
+    """
     out: dict[int, dict[str, float]] = {}
     with open("/proc/stat") as f:
         for line in f:
@@ -244,8 +247,10 @@ def core_load(before: dict[int, dict[str, float]], after: dict[int, dict[str, fl
 
 
 async def wait_quiet(max_wait: float = 30.0, busy_pct: float = 10.0) -> dict[str, Any]:
-    """Wait (at most ``max_wait`` s) until no core is busier than ``busy_pct`` % over 0.5 s,
-    so another job on the machine (a test suite, a build) does not skew a level."""
+    """Wait (at most ``max_wait`` s) until no core is busier than ``busy_pct`` % over 0.5 s.
+
+    So another job on the machine (a test suite, a build) does not skew a level.
+    """
     start = now()
     while True:
         t0, w0 = core_times(), now()

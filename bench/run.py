@@ -133,7 +133,8 @@ async def connect_all(
     Each call first gets its socket URL from ``/twiml``, as Twilio does (the relay gives each
     call its own one-time URL), all before the timed part and through one HTTP client; it then
     connects to the local address while signing the public URL. A relay that names the plain
-    ``/ws`` (before per-call URLs) is driven with ``sig`` as before."""
+    ``/ws`` (before per-call URLs) is driven with ``sig`` as before.
+    """
     callers = [Caller(start + i, relay.ws_url, sig, deflate) for i in range(n)]
     async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
         for c in callers:
@@ -373,9 +374,12 @@ async def barge_phase(
 
 
 def barge_figures(results: list[BargeResult], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The criterion (bench/README.md): a token received after the interrupt was sent counts
-    as *generated after the barge-in* when the fake wrote it after the client's
-    ``ws.send(interrupt)`` had returned (the interrupt was then in the relay's socket)."""
+    """The criterion (bench/README.md) for a token *generated after the barge-in*.
+
+    A token received after the interrupt was sent counts as generated after the barge-in when
+    the fake wrote it after the client's ``ws.send(interrupt)`` had returned (the interrupt was
+    then in the relay's socket).
+    """
     silence, close_after = [], []
     after_sent = in_flight = ambiguous = generated_after = stray = not_closed = dropped = 0
     violations: list[dict[str, Any]] = []

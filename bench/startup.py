@@ -59,8 +59,10 @@ def argv(command: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def tree_at(ref: str) -> Iterator[Path]:
-    """The product's packages as they were at ``ref`` (git archive into a scratch folder), to
-    put first on PYTHONPATH: the same venv runs the other commit's code."""
+    """The product's packages as they were at ``ref``, to put first on PYTHONPATH.
+
+    A git archive into a scratch folder: the same venv runs the other commit's code.
+    """
     with tempfile.TemporaryDirectory(prefix="crctl-startup-") as folder:
         archive = subprocess.run(
             ["git", "archive", ref, "crctl", "relay_server", "twiml_templates"],
@@ -74,8 +76,10 @@ def tree_at(ref: str) -> Iterator[Path]:
 
 
 def environment(scratch: Path, pythonpath: Path | None) -> dict[str, str]:
-    """No crctl or Python settings from outside; state in a scratch folder with an empty call
-    log (``calls list`` reads it)."""
+    """An environment with no crctl or Python settings from outside.
+
+    State goes in a scratch folder with an empty call log (``calls list`` reads it).
+    """
     env = {
         k: v
         for k, v in os.environ.items()
@@ -109,7 +113,7 @@ def time_once(command: list[str], env: dict[str, str], cwd: Path) -> float:
 
 
 def measure(n: int, trees: dict[str, Path | None]) -> dict[str, dict[str, Any]]:
-    """tree label -> command -> figures, measured round-robin over trees and commands."""
+    """Figures by tree label, then command, measured round-robin over trees and commands."""
     samples: dict[str, dict[str, list[float]]] = {t: {c: [] for c in COMMANDS} for t in trees}
     with tempfile.TemporaryDirectory(prefix="crctl-startup-run-") as scratch_dir:
         scratch = Path(scratch_dir)

@@ -59,7 +59,8 @@ class LivePrinter:
 
     With ``live=True`` (the interactive prompt) a reply being streamed is not printed piece by
     piece: it is kept in :attr:`live`, which the prompt shows above its input line, and printed
-    whole once it ends, so every line printed is complete and lands above the prompt."""
+    whole once it ends, so every line printed is complete and lands above the prompt.
+    """
 
     def __init__(self, console: Console, *, live: bool = False) -> None:
         self.out = console
@@ -84,6 +85,7 @@ class LivePrinter:
         self.changed()
 
     def __call__(self, event: CallEvent) -> None:
+        """Show one step of the call: a token joins its reply's line; other steps print a line."""
         match event:
             case TokenHeard(reply=reply, token=token):
                 if self._open is not reply:
@@ -174,8 +176,11 @@ async def _command(caller: SimulatedCaller, line: str) -> tuple[bool, Reply | No
 
 
 async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> int:
-    """Read what the caller says from stdin, a line at a time, waiting for each reply before
-    the next line (a pipe or a file: the replies come in order)."""
+    """Read what the caller says from stdin, a line at a time.
+
+    Each reply is awaited before the next line is sent (a pipe or a file: the replies come in
+    order).
+    """
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -210,8 +215,10 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
 
 
 def _history() -> History:
-    """The prompt's history: ``call-history`` in crctl's state folder, in memory if that
-    folder cannot be written."""
+    """The prompt's history: ``call-history`` in crctl's state folder.
+
+    In memory if that folder cannot be written.
+    """
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     from crctl.paths import state_dir
@@ -226,10 +233,12 @@ def _history() -> History:
 
 
 async def _prompt(caller: SimulatedCaller, printer: LivePrinter) -> int:
-    """The interactive caller on a terminal: a prompt with line editing and history (↑, ^R);
-    replies stream on a line of their own above it, and every other line prints above it too,
+    """The interactive caller on a terminal: a prompt with line editing and history (↑, ^R).
+
+    Replies stream on a line of their own above it, and every other line prints above it too,
     so what the user is typing is never broken. Speaking while the agent talks barges in, as
-    on a phone."""
+    on a phone.
+    """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.formatted_text import FormattedText
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -278,9 +287,11 @@ async def _next_line(lines: asyncio.Queue[str | None], closed: asyncio.Event) ->
 def _defaults(
     url: str, auth_token: str | None, public_url: str | None
 ) -> tuple[str | None, str | None]:
-    """Fill the auth token and the public URL from the settings ``crctl serve`` uses (the
-    environment, ``.env.local``, ``.env``). The public URL only applies to a direct
-    ``http://`` address: a relay reached that way is signed for as Twilio reaches it."""
+    """Fill the auth token and the public URL from the settings ``crctl serve`` uses.
+
+    Those are the environment, ``.env.local`` and ``.env``. The public URL only applies to a
+    direct ``http://`` address: a relay reached that way is signed for as Twilio reaches it.
+    """
     from crctl.settings import load_settings
 
     direct = urlsplit(url).scheme == "http"
@@ -351,7 +362,8 @@ def call(
     ),
 ) -> None:
     """Call the relay as Twilio would, without a phone: type what the caller says, or play
-    and check a --script."""
+    and check a --script.
+    """  # noqa: D205 (the first paragraph is the command's line in `crctl --help`: cli.COMMANDS)
     from crctl.call_script import load_script
 
     if example:

@@ -1,5 +1,7 @@
-"""Scripted calls for ``crctl call --script``: load a YAML conversation, run it through a
-:class:`~crctl.call.SimulatedCaller`, check each reply and print a pass/fail report.
+r"""Scripted calls for ``crctl call --script``: play a YAML conversation and report.
+
+The script runs through a :class:`~crctl.call.SimulatedCaller`, which checks each reply; a
+pass/fail report is printed at the end.
 
 A script is a YAML list of turns::
 
@@ -25,9 +27,11 @@ the key, the value and what is allowed. ``--script example`` plays the example s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,8 +65,10 @@ EXAMPLES = {"example": "conversation.yaml", "conversation": "conversation.yaml"}
 
 
 class ScriptError(ConfigurationError):
-    """A malformed script: one line naming the file, the turn, the key, the value and what is
-    allowed."""
+    """A malformed script.
+
+    Its message is one line naming the file, the turn, the key, the value and what is allowed.
+    """
 
 
 # --------------------------------------------------------------------------------- schema
@@ -162,6 +168,7 @@ class Expect(_Strict):
 
     @property
     def wants_end(self) -> bool:
+        """Whether the turn expects the call to end after it (``ends_call`` or a ``handoff``)."""
         return bool(self.ends_call) or (self.handoff is not None and self.handoff is not False)
 
     @property
@@ -234,6 +241,7 @@ class Turn(_Strict):
 
     @property
     def label(self) -> str:
+        """The turn as a report names it: what it says, quoted, or its DTMF keys."""
         return repr(self.say) if self.say is not None else f"dtmf {self.dtmf}"
 
 
@@ -255,12 +263,15 @@ _EXPECT_KEYS = tuple(Expect.model_fields)
 
 @dataclass
 class TurnResult:
+    """One turn's outcome: the reply it got and why it failed (no reasons: it passed)."""
+
     turn: Turn
     reply: Reply | None
     reasons: list[str]
 
     @property
     def passed(self) -> bool:
+        """Whether every check of the turn held."""
         return not self.reasons
 
 
@@ -279,8 +290,10 @@ def resolve_script(path: Path) -> Path:
 
 
 def load_script(path: Path) -> list[Turn]:
-    """Read and check a script (``example`` is the shipped one); raises :class:`ScriptError`
-    naming the file, the turn, the key and the value."""
+    """Read and check a script (``example`` is the shipped one).
+
+    Raises :class:`ScriptError` naming the file, the turn, the key and the value.
+    """
     path = resolve_script(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -401,7 +414,9 @@ def _explain(exc: ValidationError, data: list[Any]) -> str:
 
 
 async def run_script(
-    caller: SimulatedCaller, turns: list[Turn], timeout: float
+    caller: SimulatedCaller,
+    turns: list[Turn],
+    timeout: float,  # noqa: ASYNC109 (each reply's own wait, --timeout; not a deadline for the run)
 ) -> list[TurnResult]:
     """Play ``turns`` on a connected caller, waiting for each reply; returns the results."""
     results: list[TurnResult] = []
@@ -428,33 +443,38 @@ async def run_script(
             continue
         if turn.expect.silent:
             # no answer must come: judged once it has had settle_ms to arrive
-            await _wait(caller.closed, turn.expect.settle)
+            async with _at_most(turn.expect.settle):
+                await caller.closed.wait()
             reasons = _check_silence(turn.expect, caller.replies[before:])
         else:
-            reasons = await _await_reply(caller, reply, timeout)
+            done = await caller.finished(reply, timeout)
+            reasons = _reply_faults(reply, done, timeout)
         if turn.interrupt_after_words and not reply.interrupted and not reasons:
             reasons.append(
                 f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
                 f"interrupt_after_words: {turn.interrupt_after_words}"
             )
         if turn.expect.wants_end:
-            await _wait(caller.closed, timeout)
+            async with _at_most(timeout):
+                await caller.closed.wait()
         elif turn.expect.ends_call is False or turn.expect.handoff is False:
-            await _wait(caller.closed, _END_GRACE)
+            async with _at_most(_END_GRACE):
+                await caller.closed.wait()
         results.append(TurnResult(turn, reply, reasons + check(turn.expect, reply, caller)))
     return results
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
+@contextlib.asynccontextmanager
+async def _at_most(seconds: float) -> AsyncIterator[None]:
+    """Let the block run ``seconds`` at most; running out of time is not an error."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            yield
 
 
-async def _await_reply(caller: SimulatedCaller, reply: Reply, timeout: float) -> list[str]:
-    if not await caller.finished(reply, timeout):
+def _reply_faults(reply: Reply, done: bool, timeout: float) -> list[str]:
+    """Why a reply waited on for ``timeout`` s fails before any check (``done``: it ended)."""
+    if not done:
         got = f" (so far: {reply.received!r})" if reply.received else ""
         return [f"no complete reply within {timeout:g} s{got}"]
     if reply.error:
@@ -491,8 +511,10 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
 
 
 def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
-    """``reply: none``: what the agent sent within the settle time after this turn's input
-    (``replies``: every reply opened since, one per key of a ``dtmf`` turn)."""
+    """``reply: none``: what the agent sent within the settle time after this turn's input.
+
+    ``replies``: every reply opened since, one per key of a ``dtmf`` turn.
+    """
     came = []
     for reply in replies:
         if reply.received.strip():
@@ -552,8 +574,10 @@ def _shown(reply: Reply | None) -> str:
 
 
 def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> bool:
-    """Print the results (a table on a terminal, one line per turn in a log) and the call's
-    end; True when every turn passed."""
+    """Print the results and the call's end; True when every turn passed.
+
+    The results are a table on a terminal, one line per turn in a log.
+    """
     if out.is_terminal:
         table = Table("#", "caller", "agent", "first token", "result")
         for result in results:
@@ -594,8 +618,11 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
 
 
 async def play_script(caller: SimulatedCaller, turns: list[Turn], out: Console) -> int:
-    """Run the script on a dialled caller, hang up (unless the agent ended the call) and print
-    the report. Returns the exit code: 0 when every turn passed, else 1."""
+    """Run the script on a dialled caller, hang up and print the report.
+
+    The caller hangs up unless the agent ended the call. Returns the exit code: 0 when every
+    turn passed, else 1.
+    """
     try:
         results = await run_script(caller, turns, caller.timeout)
     finally:

@@ -100,8 +100,10 @@ COMMANDS: dict[str, LazyCommand] = {
 
 
 class _Commands(MutableMapping[str, Any]):
-    """The root group's commands by name: all of :data:`COMMANDS`, each built on first access
-    (so Typer's own lookups and "did you mean" suggestions see every name)."""
+    """The root group's commands by name: all of :data:`COMMANDS`, each built on first access.
+
+    So Typer's own lookups and "did you mean" suggestions see every name.
+    """
 
     def __init__(self, loaded: MutableMapping[str, Any]) -> None:
         self._loaded = dict(loaded)
@@ -140,17 +142,21 @@ class LazyGroup(TyperGroup):
         polish(self, subcommands=False)  # each command is polished as it is loaded
 
     def list_commands(self, ctx: Any) -> list[str]:
+        """Every command name, without building a command."""
         return list(self.commands)  # the names only: TyperGroup's would build every command
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command ``cmd_name``: a name-and-help stand-in while the group's help is listed."""
         lazy = COMMANDS.get(cmd_name)
         if self._listing and lazy is not None:
             return typer.core.TyperCommand(name=cmd_name, help=lazy.help)
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command with the environment resolved once; a known failure (module
-        docstring) becomes one ``error:`` line and its exit code."""
+        """Run the command with the environment resolved once.
+
+        A known failure (module docstring) becomes one ``error:`` line and its exit code.
+        """
         from crctl.environment import resolved
         from crctl.errors import exit_code
 
@@ -166,6 +172,7 @@ class LazyGroup(TyperGroup):
             raise fail(exc, code) from None
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Render the group's help from the stand-ins, so listing imports no command module."""
         self._listing = True
         try:
             super().format_help(ctx, formatter)

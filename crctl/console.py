@@ -1,4 +1,6 @@
-"""Rich rendering of call events (the relay publishes them; only the CLI renders, DESIGN.md).
+"""Rich rendering of call events: the relay publishes them, only the CLI renders them.
+
+So the relay never imports rich: the same events feed ``crctl up``, ``crctl tail`` and any client.
 
 :class:`CallLog` takes events as ``/events`` serves them (dicts with ``kind``, ``call_sid``,
 ``ts``, ``data``) and prints each as it comes: a coloured rule when a call starts, then one
@@ -42,18 +44,22 @@ def fail(exc: BaseException | str, code: int | None = None) -> typer.Exit:
 
 
 def runnable(text: str) -> str:
-    """``text`` with every quoted `` `crctl …` `` hint spelt the way this crctl was run
-    (:func:`crctl_command`), so a hint runs as printed; messages say `` `crctl …` `` and the
-    printing edge calls this."""
+    """``text`` with every quoted `` `crctl …` `` hint spelt the way this crctl was run.
+
+    The spelling is :func:`crctl_command`'s, so a hint runs as printed; messages say
+    `` `crctl …` `` and the printing edge calls this.
+    """
     command = crctl_command()
     return text if command == "crctl" else text.replace("`crctl ", f"`{command} ")
 
 
 def crctl_command() -> str:
-    """How to run crctl again, as the user did: ``crctl`` when that name on PATH is this very
-    install, ``./scripts/dev.sh`` (relative to the working folder) when running from a
-    checkout's ``.venv``, else ``python -m crctl``. Hints that name a command use it, so they
-    run as printed."""
+    """How to run crctl again, as the user did.
+
+    ``crctl`` when that name on PATH is this very install, ``./scripts/dev.sh`` (relative to
+    the working folder) when running from a checkout's ``.venv``, else ``python -m crctl``.
+    Hints that name a command use it, so they run as printed.
+    """
     import os
     import shlex
     import shutil
@@ -300,8 +306,11 @@ class CallLog:
 
 
 def _reply(event: ev.AgentReply) -> Text:
-    """An agent's reply with its latency: "first token" is the end of the caller's turn ->
-    the reply's first token sent (rows stored before the name was settled say ``ttft_ms``)."""
+    """An agent's reply with its latency.
+
+    "first token" is the end of the caller's turn -> the reply's first token sent (rows stored
+    before the name was settled say ``ttft_ms``).
+    """
     body = Text(event.text) if event.text else Text("(nothing said)", style="dim")
     first = event.first_token_ms if event.first_token_ms is not None else _set(event.ttft_ms)
     timing = [f"first token {_ms(first)}"] if first is not None else []

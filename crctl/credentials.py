@@ -1,5 +1,4 @@
-"""Twilio credentials: flags > environment (with ``.env.local`` and ``.env``) > the twilio-cli
-profile.
+"""Twilio credentials: flags > environment (``.env.local``, ``.env``) > twilio-cli profile.
 
 People who already use twilio-cli set up nothing new: its ``~/.twilio-cli/config.json`` holds
 ``profiles: {id: {accountSid, apiKey, apiSecret}}`` and ``activeProject`` (twilio-cli-core's
@@ -35,7 +34,7 @@ class Credentials:
 
     @property
     def kind(self) -> str:
-        """ "auth token" or "API key SK…"."""
+        """What the credentials are, for messages: "auth token" or "API key SK…"."""
         return "auth token" if self.username == self.account_sid else f"API key {self.username}"
 
 

@@ -94,7 +94,7 @@ class Environment(BaseSettings):
         return self.api_token.get_secret_value() if self.api_token is not None else None
 
     def crctl_dir(self) -> Path:
-        """crctl's own folder: ``CRCTL_STATE_DIR``, or ``~/.crctl``."""
+        """The crctl state folder: ``CRCTL_STATE_DIR``, or ``~/.crctl``."""
         return self.state_dir if self.state_dir is not None else Path.home() / ".crctl"
 
     def twilio_cli_config(self) -> Path:

@@ -83,8 +83,10 @@ def _append(param: Any, note: str) -> None:
 
 
 def polish(command: Any, *, subcommands: bool = True) -> Any:
-    """Apply the house style to ``command`` and (unless told not to) every subcommand;
-    returns it."""
+    """Apply the house style to ``command`` and (unless told not to) every subcommand.
+
+    Returns ``command``.
+    """
     command.context_settings.setdefault("help_option_names", HELP_OPTION_NAMES)
     for param in command.params:
         _polish_param(param)

@@ -44,8 +44,10 @@ YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
 def _table(*columns: tuple[str, int]) -> Table:
-    """A table whose SIDs and numbers are never cut (min widths) and whose long values fold
-    onto more lines instead of ending in "…", whatever the terminal width."""
+    """A table whose SIDs and numbers are never cut, whatever the terminal width.
+
+    Min widths keep them whole; long values fold onto more lines instead of ending in "…".
+    """
     table = Table(box=None)
     for name, width in columns:
         table.add_column(name, min_width=width or None, overflow="fold", no_wrap=bool(width))
@@ -62,9 +64,11 @@ _CREDENTIALS = {
 
 
 def with_twilio(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the credential options (``--account-sid`` … ``--profile``) and call it
-    with ``twilio``, connected with them (a credentials problem is a CredentialsError, one
-    error line from the CLI's handler)."""
+    """Give a command the credential options and call it with a connected ``twilio`` client.
+
+    The options are ``--account-sid`` … ``--profile``; a credentials problem is a
+    CredentialsError, one error line from the CLI's handler.
+    """
     signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "twilio"]
     params += [
@@ -138,7 +142,8 @@ def provision_number(
 ) -> None:
     """Get a number ringing the relay: buy one (or use --number), create or reuse a TwiML App
     whose voice URL is the relay's /twiml, and point the number at it. A second run changes
-    nothing."""
+    nothing.
+    """  # noqa: D205 (the first paragraph is the command's line in `crctl --help`: cli.COMMANDS)
     check_public_url(public_url, path="")
     plan = twilio.plan(public_url, number=number, app_name=app_name)
     if plan.phone_number is None:

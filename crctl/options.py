@@ -42,8 +42,10 @@ def default_text(field: str) -> str | None:
 
 
 def settings_flags(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters of a command that are settings (named as the setting), for
-    :func:`crctl.settings.load_settings`: pass the command's ``locals()`` first thing."""
+    """The parameters of a command that are settings, for :func:`crctl.settings.load_settings`.
+
+    They are named as the setting. Pass the command's ``locals()`` first thing.
+    """
     return {name: value for name, value in values.items() if name in Settings.model_fields}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def state_dir() -> Path:
-    """crctl's own directory: ``$CRCTL_STATE_DIR`` or ``~/.crctl``."""
+    """The crctl state directory: ``$CRCTL_STATE_DIR`` or ``~/.crctl``."""
     from crctl.environment import current
 
     return current().crctl_dir()

@@ -45,8 +45,10 @@ _NEXT_STEP = {
 
 
 class _RedirectingClient(TwilioHttpClient):  # type: ignore[misc]
-    """Sends every REST call to ``base`` instead of api.twilio.com (the ``twilio_api_url``
-    setting, CRCTL_TWILIO_API_URL)."""
+    """Sends every REST call to ``base`` instead of api.twilio.com.
+
+    ``base`` is the ``twilio_api_url`` setting, CRCTL_TWILIO_API_URL.
+    """
 
     def __init__(self, base: str) -> None:
         super().__init__(timeout=20)
@@ -64,8 +66,10 @@ def api_base() -> str:
 
 
 def make_client(credentials: Credentials, api_url: str | None = None) -> Client:
-    """A twilio Client for these credentials, sending its calls to ``api_url`` (default
-    :func:`api_base`; another one is a testing aid: a mock such as Prism)."""
+    """A twilio Client for these credentials, sending its calls to ``api_url``.
+
+    The default is :func:`api_base`; another one is a testing aid: a mock such as Prism.
+    """
     api_url = api_url or api_base()
     api_url = None if api_url == TWILIO_API else api_url
     http = _RedirectingClient(api_url) if api_url else TwilioHttpClient(timeout=20)
@@ -141,8 +145,11 @@ def _error_body(response: Any) -> dict[str, Any] | None:
 
 
 def check_public_url(url: str, *, path: str | None = None) -> str:
-    """A URL Twilio can call: https, a public host, no query. With ``path`` the result ends in
-    it (a base URL gets it appended); without, the URL must name an endpoint path."""
+    """A URL Twilio can call: https, a public host, no query.
+
+    With ``path`` the result ends in it (a base URL gets it appended); without, the URL must
+    name an endpoint path.
+    """
     parts = urlsplit(url.strip())
     if parts.scheme != "https" or not parts.hostname:
         raise UsageError(f"{url!r} is not an https:// URL: Twilio calls webhooks over https")
@@ -266,9 +273,11 @@ class Twilio:
         buy: str | None = None,
         app_name: str = DEFAULT_APP_NAME,
     ) -> Plan:
-        """What it takes for the app ``app_name`` to send calls to the relay at ``public_url``
-        and for a number to use the app: ``number`` (owned), ``buy`` (one to purchase), or
-        the number already using the app."""
+        """What it takes for the app ``app_name`` to send calls to the relay at ``public_url``.
+
+        Also which number uses the app: ``number`` (owned), ``buy`` (one to purchase), or the
+        number already using the app.
+        """
         base = check_public_url(public_url, path="")
         plan = Plan(base + "/twiml", base + "/status", app_name)
         apps = [a for a in self.applications(app_name) if a.friendly_name == app_name]
@@ -368,8 +377,10 @@ class Twilio:
             return number.update(**changes)
 
     def restore(self, number: Any) -> dict[str, Any] | None:
-        """Put back the voice settings recorded before crctl changed the number; the record,
-        or ``None`` when there is nothing recorded."""
+        """Put back the voice settings recorded before crctl changed the number.
+
+        Returns the record, or ``None`` when there is nothing recorded.
+        """
         entry = self.state.get(self.account_sid, "numbers", number.sid)
         if entry is None:
             return None

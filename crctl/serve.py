@@ -134,9 +134,11 @@ class Relay:
 
 
 def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
-    """The app for ``settings`` (``crctl serve`` and ``crctl up`` alike). Without
-    ``CRCTL_API_TOKEN`` the relay is still authenticated: it uses the token file crctl makes
-    once, where ``crctl tail`` finds it."""
+    """The app for ``settings`` (``crctl serve`` and ``crctl up`` alike).
+
+    Without ``CRCTL_API_TOKEN`` the relay is still authenticated: it uses the token file crctl
+    makes once, where ``crctl tail`` finds it.
+    """
     from relay_server.agents import LLMAgent
     from relay_server.app import create_app, resolve_agent
 
@@ -166,8 +168,10 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
 
 
 def bind(settings: Settings) -> socket.socket:
-    """Bind the listening socket before anything says "listening", so a busy port is one
-    clear error instead of a server that starts and dies."""
+    """Bind the listening socket before anything says "listening".
+
+    So a busy port is one clear error instead of a server that starts and dies.
+    """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
     # listening socket says so, and Nagle would hold a call's first token ~20 ms (bench/).
@@ -190,9 +194,11 @@ def _url_host(host: str) -> str:
 
 
 def _setup_logging(level: str, events_shown: bool = False) -> None:
-    """Log lines to stderr. ``events_shown``: the call log renders the call events (``crctl
-    up``), so a log line that says the same as an event (marked with
-    ``relay_server.events.said_by``) is left out."""
+    """Log lines to stderr.
+
+    ``events_shown``: the call log renders the call events (``crctl up``), so a log line that
+    says the same as an event (marked with ``relay_server.events.said_by``) is left out.
+    """
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -244,10 +250,12 @@ def server_config(
 
 
 def _h11_with_header_timeout(timeout: float) -> type[asyncio.Protocol]:
-    """Uvicorn's h11 protocol, closing a connection whose request headers are not complete
-    ``timeout`` seconds after the connection (for a kept-alive connection's next request,
-    after that request's first byte): a partial request gets ``408``, a silent connection is
-    just closed; one log line each."""
+    """Uvicorn's h11 protocol, closing a connection whose request headers are late.
+
+    Headers not complete ``timeout`` seconds after the connection (for a kept-alive
+    connection's next request, after that request's first byte) close it: a partial request
+    gets ``408``, a silent connection is just closed; one log line each.
+    """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -298,8 +306,11 @@ def _h11_with_header_timeout(timeout: float) -> type[asyncio.Protocol]:
 
 
 def _one_line_invalid_utf8(record: logging.LogRecord) -> bool:
-    """Uvicorn logs a text frame that is not UTF-8 with a traceback (then closes the socket
-    with 1007, which is right): one warning line instead, the client's fault, not the relay's."""
+    """One warning line, not a traceback, for a text frame that is not UTF-8.
+
+    Uvicorn logs such a frame with a traceback (then closes the socket with 1007, which is
+    right); it is the client's fault, not the relay's.
+    """
     if record.msg == "Invalid UTF-8 sequence received from client.":
         record.msg = "closed a WebSocket with 1007: a text frame was not valid UTF-8"
         record.args = None
@@ -309,8 +320,10 @@ def _one_line_invalid_utf8(record: logging.LogRecord) -> bool:
 
 
 def _server(config: uvicorn.Config) -> uvicorn.Server:
-    """Uvicorn, with SIGINT/SIGTERM handled by :func:`run_relay` (exit code 0 after a clean
-    stop) rather than re-raised after shutdown."""
+    """Uvicorn, with SIGINT/SIGTERM handled by :func:`run_relay`.
+
+    A signal gives exit code 0 after a clean stop rather than being re-raised after shutdown.
+    """
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -329,8 +342,11 @@ async def run_relay(
     *,
     header_timeout: float = HEADER_TIMEOUT,
 ) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set. A second signal forces
-    the exit without waiting for open calls. ``header_timeout``: see :data:`HEADER_TIMEOUT`."""
+    """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set.
+
+    A second signal forces the exit without waiting for open calls. ``header_timeout``: see
+    :data:`HEADER_TIMEOUT`.
+    """
     from relay_server.app import end_streams
 
     server = _server(server_config(app, settings, header_timeout=header_timeout))

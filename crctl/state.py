@@ -103,8 +103,10 @@ class State:
     def record(
         self, account_sid: str, kind: str, sid: str, label: str, previous: dict[str, Any], why: str
     ) -> bool:
-        """Record ``previous`` voice settings of a number or application, unless already
-        recorded. Returns True when a new record was written."""
+        """Record ``previous`` voice settings of a number or application, unless recorded.
+
+        Returns True when a new record was written.
+        """
         with self.change() as data:
             entries = self._account(data, account_sid)[kind]
             if sid in entries:

@@ -56,8 +56,10 @@ class _Unavailable(Exception):
 
 # ---------------------------------------------------------------------------- HTTP
 def _token(explicit: str | None, url: str = "http://127.0.0.1") -> str | None:
-    """The token to send: the one given, else this machine's token file, but only to a relay
-    on this machine (it is never sent to a remote --url)."""
+    """The token to send: the one given, else this machine's token file for a local relay.
+
+    The token file is only sent to a relay on this machine, never to a remote --url.
+    """
     if explicit:
         return explicit
     from crctl.environment import current  # flags > environment > .env.local > .env
@@ -162,8 +164,10 @@ class Follower:
         return "/events" + ("?" + urlencode(query) if query else "")
 
     def run(self, on_event: Callable[[str], None], notice: Callable[[str], None]) -> None:
-        """Call ``on_event(json_text)`` per event and ``notice(text)`` when the connection
-        comes and goes; returns only by an exception (:class:`TailError`, Ctrl-C)."""
+        """Call ``on_event(json_text)`` per event and ``notice(text)`` as the link comes and goes.
+
+        Returns only by an exception (:class:`TailError`, Ctrl-C).
+        """
         import httpx
         from httpx_sse import SSEError, connect_sse
 
@@ -303,8 +307,10 @@ def _open_db(db: Path | None) -> Any:
 
 
 def _with_call_sid(call: dict[str, Any]) -> dict[str, Any]:
-    """Every --json output names the call's SID ``call_sid`` (a relay from before said
-    ``sid`` in /calls)."""
+    """Every --json output names the call's SID ``call_sid``.
+
+    A relay from before said ``sid`` in /calls.
+    """
     if "call_sid" not in call and "sid" in call:
         call = {"call_sid": call["sid"], **{k: v for k, v in call.items() if k != "sid"}}
     return call

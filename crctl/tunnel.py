@@ -63,6 +63,7 @@ class NgrokTunnel:
         self._closed = False
 
     def close(self) -> None:
+        """Close the tunnel and stop ngrok; a second call does nothing."""
         if self._closed:
             return
         self._closed = True

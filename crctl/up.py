@@ -1,5 +1,6 @@
-"""``crctl up``: tunnel + relay + the number pointed at it + the live call log, in one command,
-and everything put back on exit.
+"""``crctl up``: tunnel + relay + pointed number + live call log, in one command.
+
+Everything is put back on exit.
 
 The number's previous voice settings are saved in the state file (``up`` sessions, with this
 process's pid) before it is pointed at the tunnel. Ctrl-C or SIGTERM puts them back; if the
@@ -54,8 +55,10 @@ class Session:
 
 
 def restore(session: Session, state: State) -> None:
-    """Undo this session: the number's previous webhook, then the tunnel. Each step is
-    guarded, so the tunnel closes even if Twilio cannot be reached."""
+    """Undo this session: the number's previous webhook, then the tunnel.
+
+    Each step is guarded, so the tunnel closes even if Twilio cannot be reached.
+    """
     if session.twilio is not None and session.number is not None:
         try:
             result = up_sessions.put_back(
@@ -81,8 +84,11 @@ def restore(session: Session, state: State) -> None:
 
 @contextlib.contextmanager
 def _interruptible_setup() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C while ``up`` is getting ready, so the ``finally`` that
-    puts things back runs for both (the relay installs its own handlers once it serves)."""
+    """SIGTERM behaves like Ctrl-C while ``up`` is getting ready.
+
+    So the ``finally`` that puts things back runs for both (the relay installs its own handlers
+    once it serves).
+    """
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -250,7 +256,11 @@ async def _serve(
         await relay
         return 0
     try:
-        await _listening(settings.port)
+        try:
+            async with asyncio.timeout(_LISTEN_WAIT):
+                await _listening(settings.port)
+        except TimeoutError:
+            raise CrctlError(f"the relay did not start listening on port {settings.port}") from None
         token = settings.twilio_auth_token
         caller = SimulatedCaller(
             f"http://127.0.0.1:{settings.port}",
@@ -266,14 +276,16 @@ async def _serve(
         await relay
 
 
-async def _listening(port: int, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+#: Seconds ``up --script`` waits for its relay to accept connections before calling it.
+_LISTEN_WAIT = 10.0
+
+
+async def _listening(port: int) -> None:
+    """Return once something accepts connections on ``port`` (the caller bounds the wait)."""
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise CrctlError(f"the relay did not start listening on port {port}") from None
             await asyncio.sleep(0.05)
             continue
         writer.close()
@@ -350,8 +362,11 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
 
 
 def _printer() -> Any:
-    """An event subscriber that never blocks the relay: events go through a bounded queue to
-    a printing thread (a paused terminal or an unread pipe must not stall calls)."""
+    """An event subscriber that never blocks the relay.
+
+    Events go through a bounded queue to a printing thread (a paused terminal or an unread
+    pipe must not stall calls).
+    """
     from crctl.console import CallLog
 
     log = CallLog(console)

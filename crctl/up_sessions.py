@@ -1,5 +1,6 @@
-"""The numbers a ``crctl up`` pointed at its tunnel, kept in the state file until it puts them
-back: ``{number sid: {pid, started, account, phone, previous, pointed_at}}``.
+"""The numbers a ``crctl up`` pointed at its tunnel, kept in the state file until put back.
+
+The record is ``{number sid: {pid, started, account, phone, previous, pointed_at}}``.
 
 A session whose process is gone (SIGKILL, a crash) is repaired by the next ``crctl up`` or by
 ``crctl numbers restore`` -- but only while the number still points where that run put it, so a
@@ -114,8 +115,10 @@ def _drop(state: State, sid: str) -> None:
 
 
 def repair(twilio: Twilio, state: State) -> tuple[list[str], list[str]]:
-    """Put back numbers left pointed by ``crctl up`` runs that died: (done, warnings). One
-    entry that cannot be repaired never stops the others, nor this run."""
+    """Put back numbers left pointed by ``crctl up`` runs that died: (done, warnings).
+
+    One entry that cannot be repaired never stops the others, nor this run.
+    """
     done: list[str] = []
     warnings: list[str] = []
     for sid, entry in list(state.reload().get(SESSIONS, {}).items()):

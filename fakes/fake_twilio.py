@@ -306,8 +306,10 @@ def _available(
 
 
 def default_available() -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """The pre-seeded pool: US local numbers in several area codes (one of them NOT
-    voice-capable; one spelling CALL), US toll-free and GB mobile numbers."""
+    """The pre-seeded pool: US local numbers in several area codes, US toll-free, GB mobile.
+
+    One of the local numbers is NOT voice-capable; one spells CALL.
+    """
     us = [
         ("+14155550101", "San Francisco", "CA", "94105", True),
         ("+14155550102", "San Francisco", "CA", "94107", True),
@@ -420,13 +422,16 @@ class FakeTwilio(BackgroundServer):
     # ---- test controls -------------------------------------------------------
     @property
     def account_path(self) -> str:
-        """``/2010-04-01/Accounts/AC...``"""
+        """The account's REST path, ``/2010-04-01/Accounts/AC...``."""
         return f"/{API_VERSION}/Accounts/{self.account_sid}"
 
     def add_number(self, phone_number: str, **fields: Any) -> dict[str, Any]:
-        """Give the account a number; ``fields`` override resource fields by their JSON
-        names (``voice_url=...``, ``voice_application_sid=...``, ``type="toll-free"``...).
-        Returns the stored resource (live: later requests change it)."""
+        """Give the account a number; returns the stored resource.
+
+        ``fields`` override resource fields by their JSON names (``voice_url=...``,
+        ``voice_application_sid=...``, ``type="toll-free"``...). The resource is live: later
+        requests change it.
+        """
         with self._lock:
             resource = self._new_number(phone_number)
             self._override(resource, fields)
@@ -446,8 +451,11 @@ class FakeTwilio(BackgroundServer):
     def add_available(
         self, country: str, kind: str, phone_number: str, **fields: Any
     ) -> dict[str, Any]:
-        """Put a number in the pool; ``fields``: ``voice=``/``sms=``/``mms=``/``fax=``
-        capabilities and any available-number field (``locality=``...)."""
+        """Put a number in the pool.
+
+        ``fields``: ``voice=``/``sms=``/``mms=``/``fax=`` capabilities and any available-number
+        field (``locality=``...).
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}")
         entry = _available(country, phone_number, **fields)
@@ -472,8 +480,11 @@ class FakeTwilio(BackgroundServer):
             return [r for r in self.requests if r.method == method and pattern.search(r.path)]
 
     def fail_next(self, method: str, path_regex: str, status: int, code: int, message: str) -> None:
-        """Answer the next ``method`` ("*": any) request whose path matches ``path_regex``
-        (``re.search``) with this Twilio error, once. Checked after authentication."""
+        """Answer the next matching request with this Twilio error, once.
+
+        A request matches by ``method`` ("*": any) and by its path (``re.search`` of
+        ``path_regex``). Checked after authentication.
+        """
         failure = _Failure(
             method.upper(), re.compile(path_regex), TwilioError(status, code, message)
         )
@@ -865,8 +876,10 @@ class FakeTwilio(BackgroundServer):
         allowed: frozenset[str],
         bad_app_code: int,
     ) -> None:
-        """Validate then apply the form's parameters (all or nothing); unknown ones are
-        ignored, as Twilio does."""
+        """Validate then apply the form's parameters (all or nothing).
+
+        Unknown ones are ignored, as Twilio does.
+        """
         changes: dict[str, Any] = {}
         for param in form:
             if param not in allowed or param == "AccountSid":

@@ -248,8 +248,11 @@ class Prism:
         return [(regex, item) for _, regex, item in ops]
 
     def declared_names(self, method: str, path: str) -> tuple[set[str], set[str]] | None:
-        """(query parameter names, form body parameter names) the contract declares for this
-        operation; None for an unknown operation (left to Prism to report)."""
+        """The parameter names the contract declares for this operation.
+
+        A pair (query parameter names, form body parameter names); None for an unknown
+        operation (left to Prism to report).
+        """
         for regex, item in self._operations:
             if regex.fullmatch(path):
                 op = item.get(method.lower())
@@ -263,8 +266,11 @@ class Prism:
         return None
 
     def _unknown_names(self, rec: RecordedRequest) -> list[str]:
-        """Query and form parameters the contract does not declare (case-sensitive: Prism
-        matches query names case-insensitively and drops unknown form parameters)."""
+        """Query and form parameters the contract does not declare.
+
+        Case-sensitive: Prism matches query names case-insensitively and drops unknown form
+        parameters.
+        """
         declared = self.declared_names(rec.method, rec.path)
         if declared is None:
             return []

@@ -1,5 +1,7 @@
-"""pytest fixtures for Twilio REST tests: the stateful fake, Prism, the environment, and the
-contract check. Load with ``pytest_plugins = ["fakes.twilio_fixtures"]``.
+"""pytest fixtures for Twilio REST tests: the stateful fake, Prism, the environment, a check.
+
+The check holds requests to the contract. Load with
+``pytest_plugins = ["fakes.twilio_fixtures"]``.
 
 - ``fake_twilio``: a fresh :class:`FakeTwilio` per test (account :data:`ACCOUNT_SID`, token
   :data:`AUTH_TOKEN`, API key :data:`API_KEY`/:data:`API_SECRET`, a full account).

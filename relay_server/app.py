@@ -6,7 +6,8 @@ call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
 :func:`create_app` only wires: it builds the app's :class:`~relay_server.state.RelayState` and
 mounts the routes over it (``routes_twilio``, ``routes_api``) and the call socket (``socket``).
 Handlers only move frames and form fields between Twilio and the sessions; they never hold
-conversation logic (DESIGN.md). Build the app with :func:`create_app` so tests inject fakes.
+conversation logic, which lives in the sessions where it can be tested without HTTP. Build the
+app with :func:`create_app` so tests inject fakes.
 """
 
 from __future__ import annotations

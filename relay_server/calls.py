@@ -175,8 +175,10 @@ class CallConnection:
         self.link.events.emit(ev.BadFrame(call_sid=sid, reason=reason))
 
     async def close(self, code: int | None = None) -> None:
-        """The socket is gone (``code``: its close code, if known): stop the session and
-        unregister it."""
+        """The socket is gone: stop the session and unregister it.
+
+        ``code``: its close code, if known.
+        """
         session, self.session = self.session, None
         if session is None:
             return

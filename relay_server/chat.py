@@ -24,9 +24,12 @@ Message = dict[str, Any]
 
 
 class LLMError(RelayError):
-    """The LLM could not answer. ``kind`` is one of: connection, timeout, rate_limit, server,
-    status, stream_cut, bad_chunk (also a line over the limit). ``fix`` is the next step when
-    the cause is known precisely (an unresolvable host, a refused connection)."""
+    """The LLM could not answer.
+
+    ``kind`` is one of: connection, timeout, rate_limit, server, status, stream_cut, bad_chunk
+    (also a line over the limit). ``fix`` is the next step when the cause is known precisely
+    (an unresolvable host, a refused connection).
+    """
 
     def __init__(
         self, kind: str, detail: str, fix: str | None = None, status: int | None = None
@@ -49,9 +52,11 @@ class ToolCall:
 
 
 class ChatReply(Protocol):
-    """One streamed answer: an async context manager that iterates content tokens (strings,
-    never trimmed). After the loop, :attr:`tool_calls` holds the calls the model asked for.
-    Failures are :class:`LLMError`, raised on entering or while iterating."""
+    """One streamed answer: an async context manager that iterates content tokens.
+
+    Tokens are strings, never trimmed. After the loop, :attr:`tool_calls` holds the calls the
+    model asked for. Failures are :class:`LLMError`, raised on entering or while iterating.
+    """
 
     @property
     def tool_calls(self) -> Sequence[ToolCall]:

@@ -88,13 +88,15 @@ _RECHECK = 0.05
 
 
 class ChatStream:
-    """One streaming completion (a :class:`relay_server.chat.ChatReply`). Iterate for content
-    tokens (strings, never trimmed); after the loop, :attr:`tool_calls` and
-    :attr:`finish_reason` hold the rest. Use as ``async with``.
+    """One streaming completion (a :class:`relay_server.chat.ChatReply`).
+
+    Iterate for content tokens (strings, never trimmed); after the loop, :attr:`tool_calls`
+    and :attr:`finish_reason` hold the rest. Use as ``async with``.
 
     ``timeout``: seconds without a token (from the request on) before the stream is a
     ``timeout`` fault; ``None``: no limit beyond the SDK's. ``max_line``: the longest SSE line
-    read, in bytes."""
+    read, in bytes.
+    """
 
     def __init__(
         self, manager: Any, *, timeout: float | None = None, max_line: int = 1 << 20
@@ -140,9 +142,11 @@ class ChatStream:
         return self._iterator
 
     def _check(self) -> None:
-        """The token watchdog: one timer per stream, moved only when it fires (a token costs a
-        counter and a clock read per network read, not a timer). Cancels the waiting read
-        once ``timeout`` seconds passed without a token."""
+        """The token watchdog: one timer per stream, moved only when it fires.
+
+        A token costs a counter and a clock read per network read, not a timer. Cancels the
+        waiting read once ``timeout`` seconds passed without a token.
+        """
         assert self._timeout is not None
         loop = asyncio.get_running_loop()
         now, due = loop.time(), self._last + self._timeout
@@ -313,8 +317,11 @@ def _map_error(exc: openai.APIError) -> LLMError:
 
 
 def _unreachable(exc: BaseException) -> LLMError | None:
-    """The connection failed before any HTTP: the host does not resolve, nothing listens on
-    the port, or another socket error. ``None`` for anything else (a real timeout)."""
+    """The LLMError for a connection that failed before any HTTP, else ``None``.
+
+    It failed when the host does not resolve, nothing listens on the port, or another socket
+    error happened. ``None`` for anything else (a real timeout).
+    """
     host: str | None = None
     port: int | None = None
     seen: set[int] = set()
@@ -347,8 +354,10 @@ def _unreachable(exc: BaseException) -> LLMError | None:
 
 
 class LLMClient:
-    """A shared async OpenAI-compatible client (one connection pool for all calls): the
-    relay's :class:`relay_server.chat.ChatModel`."""
+    """A shared async OpenAI-compatible client: the relay's :class:`~relay_server.chat.ChatModel`.
+
+    One connection pool for all calls.
+    """
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
@@ -404,8 +413,10 @@ def describe(config: LLMConfig) -> str:
 
 @dataclass(frozen=True)
 class LLMCheck:
-    """What the start-up check found: the model to use, how it was chosen, and a warning
-    (one line, not fatal) when the LLM cannot be reached or refuses the key."""
+    """What the start-up check found: the model, how it was chosen, and a warning.
+
+    The warning (one line, not fatal) says the LLM cannot be reached or refuses the key.
+    """
 
     model: str
     #: "given" (--model / CRCTL_MODEL), "default", or "the only model <url> lists".
@@ -472,7 +483,9 @@ def _warning(where: str, problem: LLMError) -> str | None:
     return f"the LLM at {where} answered GET /models with an error: {problem.detail}"
 
 
-async def _list_models(config: LLMConfig, timeout: float) -> list[str]:
+# ``timeout`` is the HTTP client's own: running out is an LLMError(kind="timeout") with the words
+# the start-up warning needs, which a cancellation from asyncio.timeout would not carry.
+async def _list_models(config: LLMConfig, timeout: float) -> list[str]:  # noqa: ASYNC109
     client = openai.AsyncOpenAI(
         api_key=config.api_key or "unset",
         base_url=config.base_url,

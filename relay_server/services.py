@@ -64,8 +64,10 @@ class Services:
     clock: Clock = field(default_factory=LoopClock)
 
     def open_chat(self, config: LLMConfig) -> None:
-        """Create the relay's HTTP chat model unless one was given (call on the serving loop:
-        its connection pool belongs to it)."""
+        """Create the relay's HTTP chat model unless one was given.
+
+        Call on the serving loop: its connection pool belongs to it.
+        """
         if self.chat is None:
             from relay_server.llm import LLMClient  # the one module that imports openai
 
@@ -79,7 +81,9 @@ class Services:
 
 
 def build_services(config: RelayConfig) -> Services:
-    """The services of an app with ``config``: its tool modules imported (a
-    :class:`relay_server.errors.ConfigError` of one line when one cannot be), no chat model yet
-    (:meth:`Services.open_chat` makes it once the relay serves)."""
+    """The services of an app with ``config``: its tool modules imported, no chat model yet.
+
+    A module that cannot be imported is a :class:`relay_server.errors.ConfigError` of one
+    line; :meth:`Services.open_chat` makes the chat model once the relay serves.
+    """
     return Services(tools=tuple(load_tool_modules(config.tool_modules, config.app_dir)))

@@ -173,8 +173,11 @@ class CallSession:
         self._ended = True
 
     async def push(self, message: Outbound) -> None:
-        """Deliver a message from outside the call (the relay's messages API): it cuts the
-        agent's running turn, like a barge-in, so it never lands in the middle of a reply."""
+        """Deliver a message from outside the call (the relay's messages API).
+
+        It cuts the agent's running turn, like a barge-in, so it never lands in the middle of
+        a reply.
+        """
         if isinstance(message, End):
             await self.end(message.handoff_data)
             return
@@ -224,8 +227,11 @@ class CallSession:
             return self._turn_task
 
     async def cancel_turn(self) -> bool:
-        """Cancel the running turn and wait until it has cleaned up. True if one was running.
-        From inside the turn itself this does nothing (a task cannot wait for itself)."""
+        """Cancel the running turn and wait until it has cleaned up.
+
+        True if one was running. From inside the turn itself this does nothing (a task cannot
+        wait for itself).
+        """
         if self._turn_task is asyncio.current_task():
             return False
         async with self._turn_lock:
@@ -242,8 +248,10 @@ class CallSession:
         return True
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a background task owned by this call (a timer's work): kept referenced, and
-        cancelled when the call closes."""
+        """Run a background task owned by this call (a timer's work).
+
+        It is kept referenced, and cancelled when the call closes.
+        """
         if self.closed:
             coro.close()
             return

@@ -46,6 +46,7 @@ class RelaySocket:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a ConversationRelay socket at ``path``; pass any other scope to ``app``."""
         if scope["type"] != "websocket" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return

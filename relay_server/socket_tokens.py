@@ -113,6 +113,7 @@ class MemoryLedger:
         return len(self._entries)
 
     def open(self, ticket: Ticket) -> str | None:
+        """Mark the token open; the reason it may not open, or ``None``."""
         entry = self._entries.get(ticket.token)
         if entry is None:
             self._expire()
@@ -126,12 +127,14 @@ class MemoryLedger:
         return None
 
     def close(self, ticket: Ticket, *, reusable: bool) -> None:
+        """Mark an open token dropped (``reusable``) or spent."""
         entry = self._entries.get(ticket.token)
         if entry is not None and entry[1] == self._OPEN:
             state = self._DROPPED if reusable else self._SPENT
             self._entries[ticket.token] = (entry[0], state, entry[2])
 
     def end_call(self, call_sid: str) -> None:
+        """Spend every token of the call."""
         for token, (sid, _, expires) in list(self._entries.items()):
             if sid == call_sid:
                 self._entries[token] = (sid, self._SPENT, expires)

@@ -1,5 +1,6 @@
-"""Tools the LLM agent may call: plain Python functions, described to the model by their
-signature and docstring.
+"""Tools the LLM agent may call: plain Python functions.
+
+They are described to the model by their signature and docstring.
 
 The JSON schema and the argument checking come from pydantic: a function's annotated
 parameters become a model, the model's JSON schema is what the LLM sees, and the model
@@ -134,9 +135,12 @@ class ToolBox:
 
 
 def load_tool_modules(modules: Iterable[str], app_dir: str | None = None) -> list[Tool]:
-    """Import modules (from ``app_dir`` first, see :func:`import_user_module`) and collect
-    their ``@tool`` functions. Raises :class:`ConfigError` (one line) when a module cannot be
-    imported, has no ``@tool`` function, or has one whose signature cannot be described."""
+    """Import modules and collect their ``@tool`` functions.
+
+    Modules come from ``app_dir`` first, see :func:`import_user_module`. Raises
+    :class:`ConfigError` (one line) when a module cannot be imported, has no ``@tool``
+    function, or has one whose signature cannot be described.
+    """
     found: list[Tool] = []
     for name in modules:
         what = f"tools {name!r}"

@@ -136,7 +136,8 @@ async def collect(
     http: httpx.AsyncClient,
     params: dict[str, str],
     until: Callable[[list[dict[str, Any]]], bool],
-    timeout: float = 10,
+    # the timeout turns a hang into a failing test instead of a stuck one (ASYNC109)
+    timeout: float = 10,  # noqa: ASYNC109
     started: asyncio.Event | None = None,
 ) -> list[dict[str, Any]]:
     """Events from ``/events?params`` until ``until(events)`` holds."""

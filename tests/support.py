@@ -237,7 +237,9 @@ class TwilioCaller:
         self.side.send_info(name, value)
         await self._flush()
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+    # ``timeout`` in recv, recv_turn and reply_text: a bound on each frame, so a hang fails the
+    # test at the frame it waited for (ASYNC109).
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
         """The next frame from the relay, checked as Twilio checks it, as its JSON object."""
         self.side.receive_data(await asyncio.wait_for(self.ws.recv(), timeout))
         invalid = [e.reason for e in self.side.events_received() if isinstance(e, Invalid)]
@@ -248,7 +250,7 @@ class TwilioCaller:
         self.received.append(frame)
         return frame
 
-    async def recv_turn(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+    async def recv_turn(self, timeout: float = 5.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
         """Frames up to and including the text frame with ``last: true``."""
         frames = []
         while True:
@@ -257,7 +259,7 @@ class TwilioCaller:
             if frame["type"] == "text" and frame["last"]:
                 return frames
 
-    async def reply_text(self, timeout: float = 5.0) -> str:
+    async def reply_text(self, timeout: float = 5.0) -> str:  # noqa: ASYNC109
         """The text of the next talk cycle."""
         return "".join(f["token"] for f in await self.recv_turn(timeout) if f["type"] == "text")
 

@@ -666,12 +666,19 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
             attributes=BASIC,
             parameters={},
         )
-        caller = SimulatedCaller(auth_token=AUTH_TOKEN, partials=True, partial_gap=0.01)
+        story = asyncio.Event()  # set by the token that makes the reply end in "story"
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, TokenHeard) and event.reply.received.strip().endswith("story"):
+                story.set()
+
+        caller = SimulatedCaller(
+            auth_token=AUTH_TOKEN, partials=True, partial_gap=0.01, on_event=on_event
+        )
         await caller.connect(plan)
         first = await caller.say("tell me")
         assert first is not None
-        while not first.received.strip().endswith("story"):
-            await asyncio.sleep(0.01)
+        await story.wait()
         await caller.say("stop now")
         await caller.hangup()
     frames = [short(f) for f in recorder.frames[1:]]

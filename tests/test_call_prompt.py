@@ -124,7 +124,8 @@ class Terminal(Pty):
         with self.lock:
             return self.screen.lines(), self.screen.row, self.screen.cursor_line()
 
-    async def until(self, check, what: str, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+    # The timeout turns a hang into a failure that shows the screen (ASYNC109).
+    async def until(self, check, what: str, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while True:
             lines, row, current = self.snapshot()

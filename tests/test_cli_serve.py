@@ -165,7 +165,8 @@ def _connect(relay: Relay, signed: tuple[str, str] | None) -> Any:
     )
 
 
-async def _turn(ws: Any, text: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+# The timeout turns a hang into a failure that lists the frames so far (ASYNC109).
+async def _turn(ws: Any, text: str, timeout: float = 5.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
     """Send a final prompt; the frames up to and including the ``last: true`` text frame."""
     await ws.send(
         json.dumps({"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True})

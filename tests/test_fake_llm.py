@@ -42,7 +42,8 @@ async def api(fake: FakeLLM) -> AsyncIterator[AsyncOpenAI]:
         yield sdk
 
 
-async def wait_for(fake: FakeLLM, predicate: Any, timeout: float) -> bool:
+# ``timeout`` is FakeLLM.wait_for's own (a thread's wait), passed on (ASYNC109).
+async def wait_for(fake: FakeLLM, predicate: Any, timeout: float) -> bool:  # noqa: ASYNC109
     """``fake.wait_for`` without blocking this test's event loop."""
     return await asyncio.to_thread(fake.wait_for, predicate, timeout)
 

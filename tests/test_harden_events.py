@@ -131,7 +131,9 @@ async def test_calls_left_open_by_a_killed_relay_are_lost_at_the_next_start(
 ):
     env = subprocess_env(tmp_path / "state", CRCTL_API_TOKEN=TOKEN)
     port = free_port()
-    proc = subprocess.Popen(
+    # Popen only starts the relay, a separate process this loop watches with poll(); the waits
+    # below come once this loop has nothing left to serve.
+    proc = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "crctl", "serve", "--port", str(port), "--events-db", str(db)],
         cwd=tmp_path,
         env=env,
@@ -179,7 +181,8 @@ async def test_calls_left_open_by_a_killed_relay_are_lost_at_the_next_start(
     relay.stop()
     shown = {}
     for args in (["list"], ["show", CA1]):
-        done = subprocess.run(
+        done = await asyncio.to_thread(  # the event loop stays free while the CLI runs
+            subprocess.run,
             [sys.executable, "-m", "crctl", "calls", *args, "--db", str(db)],
             env=subprocess_env(tmp_path / "state", COLUMNS="200"),
             capture_output=True,

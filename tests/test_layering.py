@@ -1,4 +1,4 @@
-"""The house's layering, checked on the import graph of every module (DESIGN: the data goes one
+"""The house's layering, checked on the import graph of every module (the data goes one
 way; each outside library has one door).
 
 Imports are read from the source with ``ast`` (function-level imports included), so a lazy

@@ -559,7 +559,7 @@ def test_decode_outbound_rejects(data: str, needle: str) -> None:
 
 
 def test_protocol_core_has_no_io_or_event_loop_imports() -> None:
-    # DESIGN.md: "the protocol module never sees asyncio"; it is the only json owner.
+    # The protocol module never sees asyncio (sans-I/O), and it is the only json owner.
     package_dir = Path(protocol_pkg.__file__).parent
     sources = {p.name: p.read_text(encoding="utf-8") for p in package_dir.glob("*.py")}
     assert {"codec.py", "messages.py", "errors.py"} <= set(sources)

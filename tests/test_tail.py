@@ -209,7 +209,8 @@ class TailPty(Pty):
     def text(self) -> str:
         return self.raw
 
-    async def wait_for(self, needle: str, timeout: float = 10) -> None:
+    # The timeout turns a hang into a failure that shows the output so far (ASYNC109).
+    async def wait_for(self, needle: str, timeout: float = 10) -> None:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while needle not in ANSI.sub("", self.text()):
             assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.text()}"
@@ -282,7 +283,9 @@ async def test_tail_json_zero_config_and_reconnect_after_a_relay_restart(tmp_pat
     log = tmp_path / "serve.log"
     relay = Serve(port, env, log)
     args = ["tail", "--json", "--url", f"http://127.0.0.1:{port}", "--since", "1m"]
-    tail = subprocess.Popen(  # no --token: it reads the file crctl serve wrote
+    # no --token: it reads the file crctl serve wrote. Popen only starts it; a thread reads its
+    # output and this loop watches it with poll().
+    tail = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "crctl", *args],
         cwd=REPO,
         env=env,

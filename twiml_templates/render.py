@@ -27,10 +27,12 @@ def relay_attributes(
     sets: Mapping[str, object] | None = None,
     local: bool = False,
 ) -> dict[str, str]:
-    """The ``<ConversationRelay>`` attributes as on the wire: the template's, overridden by
-    ``sets`` (``--set key=value``; an empty value removes the attribute) and ``url``; checked
-    like the template itself. ``local`` also accepts a ``ws://`` URL (a relay serving its own
-    TwiML without a public URL, for ``crctl call``)."""
+    """The ``<ConversationRelay>`` attributes as on the wire.
+
+    The template's, overridden by ``sets`` (``--set key=value``; an empty value removes the
+    attribute) and ``url``; checked like the template itself. ``local`` also accepts a
+    ``ws://`` URL (a relay serving its own TwiML without a public URL, for ``crctl call``).
+    """
     attrs = dict(template.relay)
     for key, value in (sets or {}).items():
         if key not in schema.RELAY:
@@ -99,7 +101,9 @@ def render(
 
 def lint(document: str | bytes, file: Path | str = "<twiml>") -> list[str]:
     """Problems of an existing TwiML document, by the rules templates follow (empty: fine).
-    Bytes are parsed with the encoding the document declares."""
+
+    Bytes are parsed with the encoding the document declares.
+    """
     try:
         root = ET.fromstring(document)
     except ET.ParseError as exc:

@@ -112,8 +112,10 @@ def text(value: object) -> str:
 
 
 def wss_url(value: object) -> str:
-    """The relay's WebSocket URL: ``wss://`` and no explicit ``:443`` (Twilio docs: webhook
-    security)."""
+    """The relay's WebSocket URL: ``wss://`` and no explicit ``:443``.
+
+    Twilio docs: webhook security.
+    """
     return _ws_url(value, insecure=False)
 
 
@@ -216,8 +218,10 @@ LANGUAGE: dict[str, Attr] = {
 
 #: ``<Connect>`` attributes.
 def action_url(value: object) -> str:
-    """``<Connect action>``: an https:// URL, or a relative URL (a ``/path`` is taken on the
-    relay's host)."""
+    """``<Connect action>``: an https:// URL, or a relative URL.
+
+    A ``/path`` is taken on the relay's host.
+    """
     url = _text(value).strip()
     if not url or any(ch.isspace() for ch in url):
         raise ValueError("allowed: an https:// URL or a path such as /action")
@@ -259,8 +263,11 @@ def _folded(name: str) -> str:
 
 
 def unknown_key(name: str, known: Iterable[str]) -> str:
-    """Why ``name`` is not accepted, with the nearest valid name when there is one. Names are
-    compared case- and underscore-blind first (``interrupt_by_dtmf``, ``stt_provider``)."""
+    """Why ``name`` is not accepted, with the nearest valid name when there is one.
+
+    Names are compared case- and underscore-blind first (``interrupt_by_dtmf``,
+    ``stt_provider``).
+    """
     folded = _folded(name)
     removed = {_folded(k): v for k, v in REMOVED.items()}
     if folded in removed:

@@ -285,8 +285,10 @@ def _sha256(content: bytes) -> str:
 
 
 def _read_manifest(directory: Path) -> dict[str, str]:
-    """The recorded hashes; an unreadable manifest counts as none (every differing file is
-    then treated as the user's: nothing is lost)."""
+    """The recorded hashes; an unreadable manifest counts as none.
+
+    Every differing file is then treated as the user's: nothing is lost.
+    """
     try:
         data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
         files = data["files"]
@@ -298,8 +300,10 @@ def _read_manifest(directory: Path) -> dict[str, str]:
 
 
 def _drop_stale_new_version(path: Path, content: bytes) -> None:
-    """A ``.crctl-new`` left from an earlier export is redundant once the file itself holds
-    the same content: remove it (only then; anything else there is left alone)."""
+    """Remove a ``.crctl-new`` left from an earlier export once the file holds its content.
+
+    It is redundant then (only then; anything else there is left alone).
+    """
     if path.is_file() and not path.is_symlink() and path.read_bytes() == content:
         path.unlink()
 

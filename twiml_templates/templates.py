@@ -1,5 +1,7 @@
-"""Template files: TOML that sets ConversationRelay attributes, ``<Language>`` entries,
-``<Parameter>``s and the ``<Connect action method>``, validated with :mod:`schema`.
+"""Template files: TOML for ConversationRelay attributes, languages, parameters and action.
+
+They set ``<ConversationRelay>`` attributes, ``<Language>`` entries, ``<Parameter>``s and the
+``<Connect action method>``, validated with :mod:`schema`.
 
 A template may ``extends = "basic"`` (a preset or another file, relative to it): its tables are
 merged over the parent's (``relay``, ``connect``, ``parameters`` key by key; ``language``, when
@@ -70,8 +72,9 @@ def user_templates(folder: Path | None = None) -> list[Path]:
 
 
 def find(name: str, *, base: Path | None = None, exclude: Path | None = None) -> Path:
-    """The file for ``name``: a path to a .toml file (relative to ``base``, the folder of the
-    template that extends it), a template beside it or in ``./twiml/``, or a preset.
+    """The file for ``name``: a .toml path, a template beside ``base``, in ./twiml/, or a preset.
+
+    A path is relative to ``base``, the folder of the template that extends it.
 
     A preset's own ``extends`` only ever names presets, so what the shipped presets produce
     never depends on the folder crctl runs in. ``exclude`` (the extending file) lets
@@ -126,8 +129,10 @@ def load_template(name: str | Path) -> Template:
 
 
 def _merged(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[Path], dict[str, Path]]:
-    """The template at ``path`` merged over its parents, the chain of files, and which file
-    set each key (``relay.voice``, ``language``…) so errors name the right one."""
+    """The template at ``path`` merged over its parents, the chain of files, and key origins.
+
+    Which file set each key (``relay.voice``, ``language``…), so errors name the right one.
+    """
     if path.resolve() in seen:
         raise TemplateError(f"{path}: extends itself (through {', '.join(map(str, seen))})")
     try:
@@ -198,9 +203,11 @@ def check_combination(
     languages: list[dict[str, str]],
     file: Path | Callable[[str], Path],
 ) -> None:
-    """Rules across attributes: ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS
-    in a ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux (Twilio docs:
-    <ConversationRelay>)."""
+    """Rules across attributes (Twilio docs: <ConversationRelay>).
+
+    ``multi`` needs Deepgram nova-2/3-general (and ElevenLabs TTS in a
+    ``<Language code="multi">``); ``eotThreshold`` needs Deepgram flux.
+    """
 
     def where(key: str) -> Path:
         return file(key) if callable(file) else file

@@ -51,10 +51,13 @@ EventHandler = Callable[[CallEvent], None]
 
 
 class SimulatedCaller:
-    """One simulated phone call: :meth:`fetch` the TwiML, :meth:`connect` the socket, then
-    :meth:`say`, :meth:`dtmf`, :meth:`interrupt` and :meth:`hangup`. A background task feeds
-    the relay's frames to the Twilio side and reports each step to ``on_event(event)``: a
-    typed :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``)."""
+    """One simulated phone call.
+
+    :meth:`fetch` the TwiML, :meth:`connect` the socket, then :meth:`say`, :meth:`dtmf`,
+    :meth:`interrupt` and :meth:`hangup`. A background task feeds the relay's frames to the
+    Twilio side and reports each step to ``on_event(event)``: a typed
+    :data:`~crctl.caller.outcome.CallEvent` (the Twilio side's steps, then ``Closed``).
+    """
 
     def __init__(
         self,
@@ -166,8 +169,10 @@ class SimulatedCaller:
 
     # ------------------------------------------------------------------------- the caller
     async def say(self, text: str, *, interrupt_after_words: int | None = None) -> Reply | None:
-        """Speak ``text`` (partials first when enabled); returns the reply to wait on, or
-        ``None`` when Twilio would not report the speech (see the ``dropped`` event)."""
+        """Speak ``text`` (partials first when enabled); returns the reply to wait on.
+
+        ``None`` when Twilio would not report the speech (see the ``dropped`` event).
+        """
         plan = self._live()
         partials = self.partials or plan.partial_prompts
         barged = self.side.begin_speech(partials=partials)
@@ -186,8 +191,10 @@ class SimulatedCaller:
         return reply
 
     async def dtmf(self, digits: str, *, interrupt_after_words: int | None = None) -> Reply | None:
-        """Press ``digits`` one key at a time; returns the reply to the last key, or ``None``
-        when the TwiML has no ``dtmfDetection="true"`` (Twilio would not send them)."""
+        """Press ``digits`` one key at a time; returns the reply to the last key.
+
+        ``None`` when the TwiML has no ``dtmfDetection="true"`` (Twilio would not send them).
+        """
         self._live()
         bad = set(digits) - _KEYS
         if bad or not digits:
@@ -209,14 +216,18 @@ class SimulatedCaller:
         return reply
 
     async def interrupt(self) -> bool:
-        """Barge in on the reply being spoken; False when nothing is being said or the TwiML
-        does not let speech interrupt."""
+        """Barge in on the reply being spoken.
+
+        False when nothing is being said or the TwiML does not let speech interrupt.
+        """
         self._live()
         barged = self.side.interrupt()
         await self._pump()
         return barged
 
-    async def finished(self, reply: Reply, timeout: float | None = None) -> bool:
+    # ``timeout`` in finished and wait_closed is the caller's API (scripts, tests, bench): "is it
+    # over within t?" is an answer (False), not an error, and None waits for ever.
+    async def finished(self, reply: Reply, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until ``reply`` is over (at most ``timeout`` s); False if it is not by then."""
         async with self._changed:
             try:
@@ -234,7 +245,7 @@ class SimulatedCaller:
                 await self._pump()
         return await self.wait_closed()
 
-    async def wait_closed(self, timeout: float | None = None) -> Outcome:
+    async def wait_closed(self, timeout: float | None = None) -> Outcome:  # noqa: ASYNC109
         """The outcome once the session is over (after ``end``, a hang-up or a drop)."""
         if self._receiver is not None:
             await asyncio.wait_for(asyncio.shield(self._receiver), timeout)

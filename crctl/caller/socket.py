@@ -1,7 +1,9 @@
-"""Opening a ConversationRelay socket as Twilio does: the handshake headers of a real call
-(``user-agent: Jetty/11.0.24``, ``x-twilio-signature`` and its duplicate, ``accept-encoding:
-gzip``), no subprotocol, no permessage-deflate, no pings (Twilio docs: ConversationRelay,
-WebSocket connection security)."""
+"""Opening a ConversationRelay socket as Twilio does.
+
+The handshake carries the headers of a real call (``user-agent: Jetty/11.0.24``,
+``x-twilio-signature`` and its duplicate, ``accept-encoding: gzip``), with no subprotocol, no
+permessage-deflate and no pings (Twilio docs: ConversationRelay, WebSocket connection security).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +21,19 @@ from crctl.hosts import is_local
 USER_AGENT = "Jetty/11.0.24"
 
 
+# ``timeout`` is websockets' handshake timeout (``open_timeout``): it bounds the opening only,
+# and ends in the library's own error, reported as "cannot open the WebSocket".
 async def open_socket(
-    plan: CallPlan, auth_token: str | None, timeout: float, why_403: Callable[[str], str]
+    plan: CallPlan,
+    auth_token: str | None,
+    timeout: float,  # noqa: ASYNC109
+    why_403: Callable[[str], str],
 ) -> ClientConnection:
-    """Connect to ``plan.connect_url``, signed over the TwiML's ``url`` as Twilio signs it (the
-    query's pairs as parameters). Raises :class:`CallError` with the relay's reason, or
-    ``why_403(url)`` for a bare 403."""
+    """Connect to ``plan.connect_url``, signed over the TwiML's ``url`` as Twilio signs it.
+
+    The query's pairs are signed as parameters. Raises :class:`CallError` with the relay's
+    reason, or ``why_403(url)`` for a bare 403.
+    """
     headers = {"Accept-Encoding": "gzip"}
     if auth_token:
         parts = urlsplit(plan.ws_url)

@@ -1,5 +1,7 @@
-"""Reading the TwiML a relay answers with, as Twilio reads it when a call rings (Twilio docs:
-TwiML ``<Connect>`` and ``<ConversationRelay>``)."""
+"""Reading the TwiML a relay answers with, as Twilio reads it when a call rings.
+
+Twilio docs: TwiML ``<Connect>`` and ``<ConversationRelay>``.
+"""
 
 from __future__ import annotations
 
@@ -88,8 +90,7 @@ _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
 def route(target: str, fetched: str) -> str:
-    """Where to send a request Twilio would send to ``target``, for a relay fetched over plain
-    ``http://``.
+    """Where to send a request Twilio would send to ``target``, for a relay fetched over http.
 
     One whose TwiML names another host (its public URL) is reached where it was fetched, with
     the path and query of ``target``; one whose TwiML names ``wss://`` (or ``https://``) on the

@@ -1,5 +1,7 @@
-"""The simulated caller's webhooks: signed form requests, as Twilio sends them (Twilio docs:
-webhooks, security: ``X-Twilio-Signature``)."""
+"""The simulated caller's webhooks: signed form requests, as Twilio sends them.
+
+Twilio docs: webhooks, security: ``X-Twilio-Signature``.
+"""
 
 from __future__ import annotations
 
@@ -42,11 +44,20 @@ def with_query(url: str, params: dict[str, str]) -> str:
     return url + ("&" if urlsplit(url).query else "?") + urlencode(params)
 
 
+# ``timeout`` is httpx's, applied to each network operation (connect, read, write); running out
+# is an httpx.TimeoutException, reported as "timed out". A deadline at the caller is neither.
 async def send_webhook(
-    url: str, params: dict[str, str], headers: dict[str, str], method: str, timeout: float
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    method: str,
+    timeout: float,  # noqa: ASYNC109
 ) -> tuple[int, str]:
-    """One webhook request; returns (status, body). Raises :class:`Unreachable` when nothing
-    answers. A local host is reached directly, never through a proxy from the environment."""
+    """One webhook request; returns (status, body).
+
+    Raises :class:`Unreachable` when nothing answers. A local host is reached directly, never
+    through a proxy from the environment.
+    """
     direct = is_local(urlsplit(url).hostname)
     try:
         async with httpx.AsyncClient(trust_env=not direct, timeout=timeout) as client:
@@ -75,12 +86,19 @@ def _why(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).lower()
 
 
+# ``timeout`` is passed on to send_webhook: httpx's, as there.
 async def post_action(
-    plan: CallPlan, outcome: Outcome, params: dict[str, str], token: str | None, timeout: float
+    plan: CallPlan,
+    outcome: Outcome,
+    params: dict[str, str],
+    token: str | None,
+    timeout: float,  # noqa: ASYNC109
 ) -> None:
-    """Post ``<Connect action>`` as Twilio does when the session ends, signed (a GET carries
-    ``params`` in the signed URL); the answer in words goes to ``outcome.action``, a failure to
-    ``outcome.action_error``."""
+    """Post ``<Connect action>``, signed, as Twilio does when the session ends.
+
+    A GET carries ``params`` in the signed URL. The answer in words goes to ``outcome.action``,
+    a failure to ``outcome.action_error``.
+    """
     if not plan.action_url or not plan.action_connect_url:
         return
     method = plan.action_method

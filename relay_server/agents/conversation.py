@@ -1,5 +1,6 @@
-"""Turn-taking on top of :class:`CallSession`: history, barge-in truncation, DTMF entry and
-silence reminders.
+"""Turn-taking on top of :class:`CallSession`.
+
+History, barge-in truncation, DTMF entry and silence reminders.
 
 Composition, not a chain of overrides: a :class:`ConversationAgent` owns a
 :class:`~relay_server.agents.history.Conversation` (what was said and what the caller heard) and
@@ -22,8 +23,11 @@ from relay_server.session import CallSession, SessionLink
 
 
 class Responder(Protocol):
-    """What answers a caller turn: streams tokens to speak (and may use the agent's helpers:
-    record tool calls in its conversation, send digits, ask for the call to end)."""
+    """What answers a caller turn: streams tokens to speak.
+
+    It may use the agent's helpers: record tool calls in its conversation, send digits, ask for
+    the call to end.
+    """
 
     def reply(self, agent: ConversationAgent, user_text: str) -> AsyncGenerator[str, None]:
         """The answer to ``user_text`` (already in the agent's history), token by token."""
@@ -31,8 +35,10 @@ class Responder(Protocol):
 
 
 class ConversationAgent(CallSession):
-    """A session that answers each caller turn with a streamed :meth:`reply`: its
-    :attr:`responder`'s, unless a subclass overrides :meth:`reply`."""
+    """A session that answers each caller turn with a streamed :meth:`reply`.
+
+    The reply is its :attr:`responder`'s, unless a subclass overrides :meth:`reply`.
+    """
 
     #: The answerer of every caller turn; set by the ready-made agents.
     responder: Responder | None = None
@@ -60,7 +66,9 @@ class ConversationAgent(CallSession):
     # ------------------------------------------------------------------------- to override
     def reply(self, user_text: str) -> AsyncGenerator[str, None]:
         """Stream the agent's answer to ``user_text`` (already appended to history) as tokens.
-        Anything beyond the spoken text (tool messages) goes to :attr:`conversation`."""
+
+        Anything beyond the spoken text (tool messages) goes to :attr:`conversation`.
+        """
         if self.responder is None:
             raise NotImplementedError("set responder or override reply()")
         return self.responder.reply(self, user_text)
@@ -77,6 +85,7 @@ class ConversationAgent(CallSession):
 
     # --------------------------------------------------------------------------- handlers
     async def on_setup(self, setup: Setup) -> None:
+        """Record the greeting Twilio speaks from the TwiML and publish the call's start."""
         config = self.link.config
         greeting = config.reconnect_greeting if self._resumed else config.welcome_greeting
         self.conversation.add_greeting(greeting)
@@ -93,6 +102,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_prompt(self, prompt: Prompt) -> None:
+        """Publish the caller's speech; a final, non-empty transcript starts a turn."""
         self._caller_active()
         self.link.events.emit(
             ev.CallerSpeech(call_sid=self.call_sid, text=prompt.voice_prompt, last=prompt.last)
@@ -102,6 +112,7 @@ class ConversationAgent(CallSession):
         await self.user_turn(prompt.voice_prompt)
 
     async def on_dtmf(self, dtmf: Dtmf) -> None:
+        """A key: a turn of its own, or buffered until ``#`` or a pause (``dtmf_buffer``)."""
         self._caller_active()
         self.link.events.emit(ev.Dtmf(call_sid=self.call_sid, digit=dtmf.digit))
         if not self.settings.dtmf_buffer:
@@ -118,6 +129,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
+        """Barge-in: cancel the turn and keep only what the caller heard of the reply."""
         await self.cancel_turn()
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
@@ -131,6 +143,7 @@ class ConversationAgent(CallSession):
         )
 
     async def on_info(self, info: Info) -> None:
+        """Speaker events drive the silence reminder: on when the agent stops, off as it talks."""
         if info.name == "clientSpeaking" and info.value == "on":
             self._caller_active()
         elif info.name == "agentSpeaking":
@@ -140,15 +153,18 @@ class ConversationAgent(CallSession):
                 self._arm_silence()
 
     async def on_close(self) -> None:
+        """Stop the silence reminder and the DTMF timer."""
         self._cancel_silence()
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
 
     def resume_state(self) -> Any:
+        """The conversation's messages, for a reconnecting socket of the same call."""
         self.conversation.flush()
         return self.conversation.messages
 
     def restore(self, state: Any) -> None:
+        """Continue the conversation of :meth:`resume_state` (greeting with the reconnect one)."""
         if isinstance(state, list) and state:
             self.conversation.messages = state
             self._resumed = True
@@ -177,8 +193,10 @@ class ConversationAgent(CallSession):
             await self.end(self._end_request[0])
 
     async def speak(self, tokens: AsyncGenerator[str, None], *, record: bool = True) -> str:
-        """Stream ``tokens`` to the caller as one talk cycle, record it as an assistant message
-        and return the spoken text. Runs inside the turn; cancellation keeps what was sent.
+        """Stream ``tokens`` to the caller as one talk cycle; returns the spoken text.
+
+        The text is recorded as an assistant message. Runs inside the turn; cancellation keeps
+        what was sent.
 
         The one consumer of the token path: ``tokens`` is the responder's generator, which
         reads the model's stream itself (two generators from the LLM's socket to this loop).

@@ -30,8 +30,10 @@ class Filler:
         )
 
     async def stop(self) -> None:
-        """The first token (or the end of the answer) is here: call the timer off, or let a
-        filler already on its way reach the socket first, whole."""
+        """The first token (or the end of the answer) is here: stop the filler.
+
+        Call the timer off, or let a filler already on its way reach the socket first, whole.
+        """
         self.cancel_timer()
         sending, self._sending = self._sending, None
         if sending is not None:

@@ -13,8 +13,10 @@ from relay_server.chat import Message, ToolCall
 
 
 class Conversation:
-    """The messages an LLM agent sends with every request, and the bookkeeping of the reply
-    being spoken."""
+    """The messages an LLM agent sends with every request, and the reply being spoken.
+
+    It also keeps the bookkeeping of that reply.
+    """
 
     def __init__(self, system_prompt: str) -> None:
         self.messages: list[Message] = [{"role": "system", "content": system_prompt}]
@@ -54,8 +56,10 @@ class Conversation:
 
     # ------------------------------------------------------------------------- agent side
     def add_greeting(self, text: str | None) -> None:
-        """The greeting Twilio speaks from the TwiML: the latest "reply", so a barge-in on it
-        shortens it and nothing said before (a resumed call)."""
+        """The greeting Twilio speaks from the TwiML, recorded as the latest "reply".
+
+        So a barge-in on it shortens it, and nothing said before it does (a resumed call).
+        """
         self.reply_start = len(self.messages)
         if text:
             self.messages.append({"role": "assistant", "content": text})
@@ -86,8 +90,10 @@ class Conversation:
         ]
 
     def add_tool_results(self, calls: Sequence[ToolCall], results: Mapping[str, str]) -> None:
-        """Answer every call of :meth:`add_tool_calls`: its result, or "cancelled" when the
-        caller cut in while it ran."""
+        """Answer every call of :meth:`add_tool_calls`.
+
+        Each gets its result, or "cancelled" when the caller cut in while it ran.
+        """
         for call in calls:
             self.messages.append(
                 {

@@ -16,16 +16,20 @@ from twiml_templates import schema
 
 
 # ------------------------------------------------------------------ built-in relay actions
+# Each docstring below is the tool description the model reads (relay_server.tools): it is
+# prompt text, so a lint rule is no reason to change what the model is told (noqa: D205).
 async def end_call(session: ConversationAgent, reason: str = "") -> str:
     """End the phone call. Use it when the caller says goodbye or asks to hang up; say a short
-    goodbye in the same answer."""
+    goodbye in the same answer.
+    """  # noqa: D205
     session.request_end(None, reason)
     return "The call will end right after your goodbye."
 
 
 async def transfer_to_human(session: ConversationAgent, reason: str, summary: str = "") -> str:
     """Hand the caller over to a human agent. Use it when the caller asks for a person or you
-    cannot help. Tell the caller you are transferring them."""
+    cannot help. Tell the caller you are transferring them.
+    """  # noqa: D205
     session.request_end(
         {"reasonCode": "live-agent-handoff", "reason": reason, "summary": summary}, reason
     )
@@ -34,14 +38,16 @@ async def transfer_to_human(session: ConversationAgent, reason: str, summary: st
 
 async def send_dtmf(session: ConversationAgent, digits: str) -> str:
     """Press keys on the phone line (for example to navigate another phone menu).
-    Digits 0-9, * and #; w is a half-second pause."""
+    Digits 0-9, * and #; w is a half-second pause.
+    """  # noqa: D205
     await session.send_digits(digits)
     return f"sent {digits}"
 
 
 async def switch_language(session: ConversationAgent, language: str) -> str:
     """Switch the language you speak and listen in, as a BCP-47 code such as es-ES or fr-FR.
-    Then answer in that language."""
+    Then answer in that language.
+    """  # noqa: D205
     try:
         language = schema.language(multi=True)(language)
     except ValueError:
@@ -59,8 +65,9 @@ BUILTIN_TOOLS: tuple[Callable[..., Any], ...] = (
 
 
 class LLMAgent(ConversationAgent):
-    """Streams an LLM's answer to every caller turn; runs its tool calls in between (an
-    :class:`~relay_server.agents.responder.LLMResponder` over the relay's chat model).
+    """Streams an LLM's answer to every caller turn; runs its tool calls in between.
+
+    An :class:`~relay_server.agents.responder.LLMResponder` over the relay's chat model.
 
     Subclass and set :attr:`tools` to offer your own functions (see :mod:`relay_server.tools`).
     """

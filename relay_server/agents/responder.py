@@ -27,8 +27,10 @@ class LLMResponder:
         self.toolbox = toolbox
 
     async def reply(self, agent: ConversationAgent, user_text: str) -> AsyncGenerator[str, None]:
-        """Stream the model's answer; run the tool calls it asks for and ask it again (at most
-        ``max_tool_rounds`` times); an LLM fault ends the answer with the apology."""
+        """Stream the model's answer; run the tool calls it asks for and ask it again.
+
+        At most ``max_tool_rounds`` times; an LLM fault ends the answer with the apology.
+        """
         settings = agent.settings
         filler: Filler | None = Filler(
             agent, agent.link.services.clock, settings.filler_after_ms / 1000, settings.filler
@@ -90,8 +92,11 @@ class LLMResponder:
 
 
 def _report(agent: ConversationAgent, exc: LLMError) -> None:
-    """One line in the relay's log, and the event (which `crctl up` and `tail` show instead of
-    the log line: ``call_event`` marks a record said by an event)."""
+    """One line in the relay's log, and the event.
+
+    `crctl up` and `tail` show the event instead of the log line: ``call_event`` marks a
+    record said by an event.
+    """
     # (The session's LoggerAdapter would replace ``extra``: log on its logger.)
     agent.log.logger.warning(
         "call %s: LLM fault (%s): %s",

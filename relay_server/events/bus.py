@@ -55,7 +55,9 @@ class EventBus:
                 log.exception("event subscriber failed on %s", event.kind)
 
     def publish(self, kind: str, call_sid: str, /, **data: Any) -> None:
-        """Publish the event of ``kind`` with ``data`` (its wire keys): :meth:`emit` of the
-        typed event built from them."""
+        """Publish the event of ``kind`` with ``data`` (its wire keys).
+
+        The same as :meth:`emit` of the typed event built from them.
+        """
         if self._subscribers:
             self.emit(build(kind, call_sid, data))

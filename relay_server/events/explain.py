@@ -92,9 +92,11 @@ _LLM_FIXES = {
 
 
 def explain(code: int | str | None) -> dict[str, str]:
-    """``title``, ``explanation`` and ``fix`` for a ConversationRelay 64xxx error code
-    (Twilio docs: error codes); an empty dict for no code. Unknown codes point at Twilio's error
-    page."""
+    """``title``, ``explanation`` and ``fix`` for a ConversationRelay 64xxx error code.
+
+    Twilio docs: error codes. An empty dict for no code; unknown codes point at Twilio's error
+    page.
+    """
     try:
         number = int(code) if code not in (None, "") else None
     except (TypeError, ValueError):
@@ -113,8 +115,10 @@ def explain(code: int | str | None) -> dict[str, str]:
 
 
 def enrich(event: CallEvent) -> CallEvent:
-    """``event`` with the words for its code (errors, session ends, LLM faults) unless it has
-    them already; any other event as it is."""
+    """``event`` with the words for its code (errors, session ends, LLM faults).
+
+    Unless it has them already; any other event as it is.
+    """
     if isinstance(event, (Error, SessionEnd)):
         code = event.code if isinstance(event, Error) else event.error_code
         if code and event.title is msgspec.UNSET:  # UNSET is falsy
@@ -134,8 +138,10 @@ def enrich(event: CallEvent) -> CallEvent:
 
 
 def pushed(call_sid: str, message: Any) -> AgentPushed:
-    """The ``agent.pushed`` event for an outbound frame pushed into a call: ``type`` and
-    ``text`` (what it says), plus ``last`` for a text frame."""
+    """The ``agent.pushed`` event for an outbound frame pushed into a call.
+
+    Its ``type`` and ``text`` (what it says), plus ``last`` for a text frame.
+    """
     frame_type = str(type(message).__struct_config__.tag)
     if frame_type == "language":
         parts = [("tts", message.tts_language), ("transcription", message.transcription_language)]

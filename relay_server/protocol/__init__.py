@@ -1,5 +1,7 @@
-"""ConversationRelay wire protocol: typed messages and a pure codec (Twilio docs: WebSocket
-messages)."""
+"""ConversationRelay wire protocol: typed messages and a pure codec.
+
+Twilio docs: ConversationRelay WebSocket messages.
+"""
 
 from relay_server.protocol.codec import (
     DEFAULT_MAX_FRAME_BYTES,

@@ -1,7 +1,8 @@
 """Decode Twilio's frames and encode ours: pure functions, no I/O, no event loop.
 
-This is the only module that turns ConversationRelay JSON into values and back (DESIGN.md,
-after the sans-I/O model of python-websockets).
+This is the only module that turns ConversationRelay JSON into values and back, after the
+sans-I/O model of python-websockets: one place holds the wire rules (Twilio docs:
+ConversationRelay WebSocket messages), and every caller, test and benchmark gets the same ones.
 """
 
 from __future__ import annotations
@@ -76,14 +77,19 @@ def _unknown_or_raise(frame: str, exc: msgspec.ValidationError) -> Unknown:
 
 
 def encode(message: Outbound) -> str:
-    """Encode one of our messages as the JSON text Twilio validates (Twilio docs: WebSocket
-    messages)."""
+    """Encode one of our messages as the JSON text Twilio validates.
+
+    Twilio docs: ConversationRelay WebSocket messages.
+    """
     return _encoder.encode(message).decode()
 
 
 def decode_outbound(data: Union[str, bytes]) -> Outbound:
-    """Parse an outbound message given as JSON (the relay's messages API), with the same rules
-    the constructors enforce. Raises :class:`ProtocolError` with the reason."""
+    """Parse an outbound message given as JSON (the relay's messages API).
+
+    The rules are the same the constructors enforce. Raises :class:`ProtocolError` with the
+    reason.
+    """
     try:
         message: Outbound = _outbound.decode(data)
         return message
@@ -107,14 +113,19 @@ _LAST_FALSE = ',"last":false}'
 
 
 def encode_inbound(message: Inbound) -> str:
-    """Encode a frame as Twilio sends it to an app (the simulated caller, the test clients and
-    the load generator speak as Twilio; Twilio docs: WebSocket messages)."""
+    """Encode a frame as Twilio sends it to an app.
+
+    The simulated caller, the test clients and the load generator speak as Twilio (Twilio docs:
+    ConversationRelay WebSocket messages).
+    """
     return _encoder.encode(message).decode()
 
 
 def decode_received(frame: Union[str, bytes]) -> Outbound:
-    """Decode a frame an app sent, checked as Twilio checks it (Twilio docs: WebSocket messages;
-    error 64107: a message that matches none of the supported messages).
+    """Decode a frame an app sent, checked as Twilio checks it.
+
+    Twilio docs: ConversationRelay WebSocket messages; error 64107: a message that matches none
+    of the supported messages.
 
     Raises :class:`ProtocolError` whose message is the reason Twilio would reject the frame:
     binary data, not JSON, no string ``type``, an unknown type, or a field Twilio would refuse.
@@ -139,8 +150,11 @@ def decode_received(frame: Union[str, bytes]) -> Outbound:
 
 
 def invalid_message(frame: Union[str, bytes]) -> Error:
-    """The ``error`` frame Twilio answers a rejected frame with: one per bad frame, code 64107,
-    the frame quoted (Twilio docs: WebSocket messages, error; error 64107)."""
+    """The ``error`` frame Twilio answers a rejected frame with.
+
+    One per bad frame, code 64107, the frame quoted (Twilio docs: ConversationRelay WebSocket
+    messages, error; error 64107).
+    """
     shown = frame if isinstance(frame, str) else f"<{len(frame)} bytes of binary data>"
     return Error(description=f"Invalid message received, code: 64107, {shown}")
 

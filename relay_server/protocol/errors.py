@@ -4,5 +4,8 @@ from relay_server.errors import RelayError
 
 
 class ProtocolError(RelayError, ValueError):
-    """A frame that is not valid ConversationRelay: not JSON, not an object, a wrong field type,
-    too large, or an outbound value Twilio would reject. The message says which."""
+    """A frame that is not valid ConversationRelay; the message says which rule it breaks.
+
+    Not JSON, not an object, a wrong field type, too large, or an outbound value Twilio would
+    reject.
+    """

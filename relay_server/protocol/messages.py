@@ -45,8 +45,10 @@ class Setup(msgspec.Struct, tag="setup", tag_field="type", rename="camel", kw_on
 
 
 class Prompt(msgspec.Struct, tag="prompt", tag_field="type", rename="camel", kw_only=True):
-    """Caller speech (Twilio docs: WebSocket messages). ``last=False`` frames are cumulative
-    partials."""
+    """Caller speech (Twilio docs: ConversationRelay WebSocket messages).
+
+    ``last=False`` frames are cumulative partials.
+    """
 
     voice_prompt: str
     lang: str = ""
@@ -64,8 +66,10 @@ class Dtmf(msgspec.Struct, tag="dtmf", tag_field="type", kw_only=True):
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", tag_field="type", rename="camel", kw_only=True):
-    """Caller barged in (Twilio docs: WebSocket messages). ``utterance_until_interrupt`` is the
-    agent text the caller heard."""
+    """Caller barged in (Twilio docs: ConversationRelay WebSocket messages).
+
+    ``utterance_until_interrupt`` is the agent text the caller heard.
+    """
 
     utterance_until_interrupt: str = ""
     #: An int in 2026 captures, a string in the early docs ("460"): both accepted (Twilio docs:
@@ -103,7 +107,9 @@ _CODE_RE = re.compile(r"\b(64\d{3})\b")
 
 class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
     """Opt-in speaker / tokens-played / debugging events (Twilio docs: WebSocket messages).
-    ``value`` is kept as a string."""
+
+    ``value`` is kept as a string.
+    """
 
     name: str
     value: Union[str, int, float, bool, None] = ""
@@ -119,8 +125,11 @@ class Info(msgspec.Struct, tag="info", tag_field="type", kw_only=True):
 
 
 class Unknown(msgspec.Struct, kw_only=True):
-    """A well-formed frame whose ``type`` this relay does not know. Twilio adds types over time,
-    so this is skipped, never an error (DESIGN.md)."""
+    """A well-formed frame whose ``type`` this relay does not know.
+
+    Twilio adds message types over time, so an unknown one is skipped, never an error: a relay
+    built before a new type must keep serving calls that send it.
+    """
 
     type: str
 
@@ -205,16 +214,20 @@ Outbound = Union[Text, Play, SendDigits, Language, End]
 
 
 class SentSetup(Setup, tag="setup"):
-    """``setup`` as the Twilio side sends it: ``applicationSid`` absent, as in 2026 captures
-    (Twilio docs: WebSocket messages), instead of ``null``."""
+    """``setup`` as the Twilio side sends it: ``applicationSid`` absent, not ``null``.
+
+    Absent as in 2026 captures (Twilio docs: ConversationRelay WebSocket messages).
+    """
 
     application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
 
 
 class SentInterrupt(Interrupt, tag="interrupt"):
-    """``interrupt`` as the Twilio side sends it: ``durationUntilInterruptMs`` kept in the form
-    given, so a client can send the early docs' string (``"460"``) as well as the int of 2026
-    captures (Twilio docs: WebSocket messages, interrupt)."""
+    """``interrupt`` as the Twilio side sends it: ``durationUntilInterruptMs`` as given.
+
+    So a client can send the early docs' string (``"460"``) as well as the int of 2026
+    captures (Twilio docs: ConversationRelay WebSocket messages, interrupt).
+    """
 
     def __post_init__(self) -> None:
         raw = self.duration_until_interrupt_ms
@@ -225,8 +238,11 @@ class SentInterrupt(Interrupt, tag="interrupt"):
 
 
 class ReceivedText(Text, tag="text"):
-    """``text`` as Twilio reads it: ``last`` defaults to false (Twilio docs: WebSocket messages,
-    text). The relay's own :class:`Text` keeps ``last`` required so that it is always sent."""
+    """``text`` as Twilio reads it: ``last`` defaults to false.
+
+    Twilio docs: ConversationRelay WebSocket messages, text. The relay's own :class:`Text`
+    keeps ``last`` required so that it is always sent.
+    """
 
     last: bool = False
 

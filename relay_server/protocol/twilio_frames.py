@@ -1,6 +1,8 @@
-"""The frames and bookkeeping every Twilio-side client shares: the opt-in ``info`` events,
-speaker state, and the I/O seam (after python-websockets' sans-I/O ``Protocol``: commands queue
-frames for :meth:`~TwilioFrames.data_to_send`, steps for :meth:`~TwilioFrames.events_received`).
+"""The frames and bookkeeping every Twilio-side client shares.
+
+The opt-in ``info`` events, speaker state, and the I/O seam (after python-websockets' sans-I/O
+``Protocol``: commands queue frames for :meth:`~TwilioFrames.data_to_send`, steps for
+:meth:`~TwilioFrames.events_received`).
 
 :class:`~relay_server.protocol.twilio_side.TwilioSide` adds the caller's behaviour on top.
 """
@@ -35,8 +37,10 @@ STALE_WINDOW = 1.0
 
 @dataclass(frozen=True)
 class CallerModes:
-    """What the TwiML lets the caller do (``<ConversationRelay>`` attributes, as sets of the
-    input kinds ``speech`` / ``dtmf``) and which ``info`` events it asked for."""
+    """What the TwiML lets the caller do, and which ``info`` events it asked for.
+
+    The ``<ConversationRelay>`` attributes, as sets of the input kinds ``speech`` / ``dtmf``.
+    """
 
     interruptible: frozenset[str] = frozenset({"speech", "dtmf"})
     report_input: frozenset[str] = frozenset()
@@ -100,8 +104,10 @@ class TwilioFrames:
         self.send(Prompt(voice_prompt=text, lang=self.lang if lang is None else lang, last=last))
 
     def send_interrupt(self, heard: str, duration_ms: int | str) -> None:
-        """An ``interrupt`` frame as given (the caller-level barge-in is :meth:`barge_in`);
-        ``duration_ms`` may be the early docs' string form."""
+        """An ``interrupt`` frame as given; ``duration_ms`` may be the early docs' string form.
+
+        The caller-level barge-in is :meth:`barge_in`.
+        """
         self.send(
             SentInterrupt(utterance_until_interrupt=heard, duration_until_interrupt_ms=duration_ms)
         )

@@ -1,5 +1,7 @@
-"""The Twilio end of a ConversationRelay socket, without I/O (after python-websockets' sans-I/O
-``Protocol``: ``receive_data`` / ``events_received`` in, ``send_*`` / ``data_to_send`` out).
+"""The Twilio end of a ConversationRelay socket, without I/O.
+
+After python-websockets' sans-I/O ``Protocol``: ``receive_data`` / ``events_received`` in,
+``send_*`` / ``data_to_send`` out.
 
 It keeps what Twilio keeps (Twilio docs: ConversationRelay, WebSocket messages): which talk cycle
 is being spoken (``last: true`` ends it; a cycle of ``preemptible`` text only, a filler, does not
@@ -52,9 +54,12 @@ __all__ = [
 
 
 class TwilioSide(TwilioFrames):
-    """One ConversationRelay session seen from Twilio's end. Every ``send_*``, caller action and
-    :meth:`receive_data` queues frames for :meth:`data_to_send` and steps for
-    :meth:`events_received`; :attr:`close_to_send` says when Twilio would close the socket."""
+    """One ConversationRelay session seen from Twilio's end.
+
+    Every ``send_*``, caller action and :meth:`receive_data` queues frames for
+    :meth:`data_to_send` and steps for :meth:`events_received`; :attr:`close_to_send` says when
+    Twilio would close the socket.
+    """
 
     def receive_data(self, frame: Union[str, bytes]) -> None:
         """One frame from the app: check it as Twilio does, then act on it."""
@@ -81,8 +86,10 @@ class TwilioSide(TwilioFrames):
 
     def begin_speech(self, *, partials: bool) -> bool | None:
         """The caller starts to talk: barge in if the agent speaks and the TwiML allows it.
+
         Returns whether it barged in (then :meth:`partial` sends ``agentSpeaking off`` after
-        the first partial), or ``None`` when Twilio would not report the speech."""
+        the first partial), or ``None`` when Twilio would not report the speech.
+        """
         head = self.speaking()
         barged = False
         if head is not None:
@@ -120,8 +127,10 @@ class TwilioSide(TwilioFrames):
         return True
 
     def press(self, digit: str, barge_after: int | None = None) -> Reply | None:
-        """One key: barge in first if the TwiML lets keys interrupt. Returns the reply to the
-        key, or ``None`` when Twilio would not report it."""
+        """One key: barge in first if the TwiML lets keys interrupt.
+
+        Returns the reply to the key, or ``None`` when Twilio would not report it.
+        """
         head = self.speaking()
         if head is not None:
             if "dtmf" in self.modes.interruptible:
@@ -136,8 +145,10 @@ class TwilioSide(TwilioFrames):
         return reply
 
     def interrupt(self) -> bool:
-        """Barge in on the reply being spoken; False when nothing is being said or the TwiML
-        does not let speech interrupt."""
+        """Barge in on the reply being spoken.
+
+        False when nothing is being said or the TwiML does not let speech interrupt.
+        """
         head = self.speaking()
         if head is None or "speech" not in self.modes.interruptible:
             return False
@@ -152,9 +163,12 @@ class TwilioSide(TwilioFrames):
     def barge_in(
         self, reply: Reply, heard: str, *, speech: bool, defer_agent_off: bool = False
     ) -> None:
-        """Twilio's barge-in order: clientSpeaking on, tokensPlayed, interrupt, then (unless
-        deferred past the first partial) agentSpeaking off. Twilio flushes the rest of the cycle:
-        ``heard`` is all it spoke."""
+        """Twilio's barge-in order, and the end of the talk cycle.
+
+        The order: clientSpeaking on, tokensPlayed, interrupt, then (unless deferred past the
+        first partial) agentSpeaking off. Twilio flushes the rest of the cycle: ``heard`` is
+        all it spoke.
+        """
         now = self.clock()
         if speech:
             self._client("on")
@@ -171,8 +185,10 @@ class TwilioSide(TwilioFrames):
         self._emit(Interrupted(reply, heard))
 
     def supersede_silent(self) -> None:
-        """Replies still waiting for their first token are replaced by the new input (the
-        relay cancels that turn before it said anything)."""
+        """Replies still waiting for their first token are replaced by the new input.
+
+        The relay cancels that turn before it said anything.
+        """
         now = self.clock()
         for reply in [r for r in self._pending if r.tokens == 0 and not r.done]:
             reply.superseded = True
@@ -293,9 +309,11 @@ class TwilioSide(TwilioFrames):
 
 
 def _grow(reply: Reply, token: str) -> None:
-    """Append ``token`` to what the reply said in amortised O(1): CPython grows a string in
-    place only when nothing else holds it, so the attribute lets go of it first (a 6,000-token
-    reply of 3 MB would otherwise be copied once per token)."""
+    """Append ``token`` to what the reply said, in amortised O(1).
+
+    CPython grows a string in place only when nothing else holds it, so the attribute lets go
+    of it first (a 6,000-token reply of 3 MB would otherwise be copied once per token).
+    """
     text, reply.text = reply.text, ""
     text += token
     reply.text = text
@@ -305,8 +323,11 @@ def _grow(reply: Reply, token: str) -> None:
 
 
 def _ends_sentence(text: str, start: int) -> bool:
-    """Whether ``text[start:]`` ends a sentence (``.``, ``!`` or ``?`` then only spaces): Twilio
-    reports ``tokensPlayed`` per synthesized sentence. Reads back from the end, never copies."""
+    """Whether ``text[start:]`` ends a sentence (``.``, ``!`` or ``?`` then only spaces).
+
+    Twilio reports ``tokensPlayed`` per synthesized sentence. Reads back from the end, never
+    copies.
+    """
     end = len(text)
     while end > start and text[end - 1].isspace():
         end -= 1

@@ -88,8 +88,10 @@ class EventStore:
 
     # ------------------------------------------------------------------ writing (hot path)
     def append(self, event: ev.CallEvent) -> None:
-        """Bus subscriber: queue ``event``; the writer thread stores it within
-        ``flush_interval``. Never touches the disk."""
+        """Bus subscriber: queue ``event``; the writer thread stores it within ``flush_interval``.
+
+        Never touches the disk.
+        """
         if self._writer is not None and not self._closed:
             self._writer.put(event)
 
@@ -234,19 +236,23 @@ class EventStore:
         after_id: int | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        """Stored events as dicts (``id``, ``ts``, ``call_sid``, ``kind``, ``data``), oldest
-        first, with the filters of :meth:`select`."""
+        """Stored events as dicts (``id``, ``ts``, ``call_sid``, ``kind``, ``data``), oldest first.
+
+        With the filters of :meth:`select`.
+        """
         return [event_row(row) for row in self.select(since, call_sid, after_id, limit)]
 
     def calls(self, limit: int = 50) -> list[dict[str, Any]]:
-        """One row per call, newest first: call_sid, from, to, started, ended, status, turns…"""
+        """One row per call, newest first (call_sid, from, to, started, ended, status, turns…)."""
         self.flush()
         with self._lock:
             return queries.calls(self._con, limit)
 
     def call(self, sid: str, limit: int = 10_000) -> dict[str, Any] | None:
-        """One call (as in :meth:`calls`) with its ``events``; ``sid`` may be a unique
-        prefix of at least 6 characters. ``None`` if there is no such call."""
+        """One call (as in :meth:`calls`) with its ``events``; ``None`` if there is no such call.
+
+        ``sid`` may be a unique prefix of at least 6 characters.
+        """
         self.flush()
         with self._lock:
             call = queries.find_call(self._con, sid)

@@ -73,8 +73,10 @@ class LiveFeed:
         self.ending = False
 
     def listen(self, callback: Callable[[list[Live]], None]) -> Callable[[], None]:
-        """Call ``callback(rows)`` on the running event loop with each batch of events the
-        store writes from now on. Returns a function that stops it."""
+        """Call ``callback(rows)`` on the event loop with each batch the store writes from now on.
+
+        Returns a function that stops it.
+        """
         self._loop = asyncio.get_running_loop()
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback)
@@ -96,8 +98,10 @@ class LiveFeed:
                 log.exception("event store: a live listener failed")
 
     def end_streams(self) -> None:
-        """End every open stream, and any opened later (the relay is stopping: a client that
-        reconnects at once must not hold the shutdown). Call on the event loop."""
+        """End every open stream, and any opened later; call on the event loop.
+
+        The relay is stopping: a client that reconnects at once must not hold the shutdown.
+        """
         self.ending = True
         for queue in list(self._streams):
             _end(queue)
@@ -192,8 +196,11 @@ class LiveFeed:
 
 
 def _end(queue: asyncio.Queue[list[Live] | None]) -> None:
-    """End a stream after what it has sent: what it had not sent is in the store, and
-    dropping only part of it would leave a gap before the client's ``Last-Event-ID``."""
+    """End a stream after what it has sent.
+
+    What it had not sent is in the store, and dropping only part of it would leave a gap
+    before the client's ``Last-Event-ID``.
+    """
     with contextlib.suppress(asyncio.QueueEmpty):
         while True:
             queue.get_nowait()

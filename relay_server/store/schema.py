@@ -62,8 +62,10 @@ CALL_COLUMNS = (
 
 
 def connect(path: str, *, memory: bool, readonly: bool, relay_id: str) -> sqlite3.Connection:
-    """Open the database at ``path``: to read an existing file (``readonly``), or to write,
-    creating it (owner-only) and its tables and registering relay ``relay_id``.
+    """Open the database at ``path``, to read an existing file or to write.
+
+    ``readonly`` reads; otherwise the file is created (owner-only) with its tables, and relay
+    ``relay_id`` is registered.
 
     Raises:
         ConfigError: the file is missing (``readonly``), read-only, or not a database.

@@ -31,8 +31,10 @@ PARTIAL_MAX_CHARS = 1024
 
 
 def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None:
-    """Keep the ``calls`` row of ``event``'s call up to date (in the writer's transaction);
-    ``relay`` (the writer's relay id) serves the call from now on."""
+    """Keep the ``calls`` row of ``event``'s call up to date (in the writer's transaction).
+
+    ``relay`` (the writer's relay id) serves the call from now on.
+    """
     sid, ts = event.call_sid, event.ts
     if isinstance(event, ev.CallLost):
         con.execute(
@@ -87,8 +89,10 @@ def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None
 
 
 def bounded(event: ev.CallEvent) -> ev.CallEvent:
-    """``event`` as stored: a partial transcript keeps its last :data:`PARTIAL_MAX_CHARS`
-    characters (``chars``: how long it was)."""
+    """``event`` as stored: a partial transcript is cut to its end.
+
+    It keeps its last :data:`PARTIAL_MAX_CHARS` characters (``chars``: how long it was).
+    """
     if isinstance(event, ev.CallerSpeech) and not event.last:
         text = event.text
         if len(text) > PARTIAL_MAX_CHARS:
@@ -108,8 +112,11 @@ def heartbeat(con: sqlite3.Connection, relay_id: str, *, stopped: bool = False) 
 
 
 def lost_calls(con: sqlite3.Connection, relay_id: str) -> list[ev.CallLost]:
-    """A ``call.lost`` event for each call left open by a relay that is gone, so a crash
-    does not leave it "live" for ever; forgets relays gone long ago with no open call."""
+    """A ``call.lost`` event for each call left open by a relay that is gone.
+
+    So a crash does not leave it "live" for ever. Relays gone long ago with no open call are
+    forgotten.
+    """
     now = time.time()
     host = socket.gethostname()
     relays = {

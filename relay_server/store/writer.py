@@ -86,8 +86,11 @@ class Writer:
                 return
 
     def _gather(self, item: CallEvent | _Mark) -> tuple[list[CallEvent], list[_Mark]]:
-        """The batch that starts with ``item``: up to a mark (a reader waits, or the store
-        closes), or what came within ``flush_interval``."""
+        """The batch that starts with ``item``.
+
+        It runs up to a mark (a reader waits, or the store closes), or holds what came within
+        ``flush_interval``.
+        """
         batch: list[CallEvent] = []
         deadline = time.monotonic() + self._flush_interval
         while not isinstance(item, _Mark):

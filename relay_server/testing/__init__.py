@@ -1,5 +1,6 @@
-"""Test your agents in-process: a chat model you release step by step, a call without a socket,
-a clock you move.
+"""Test your agents in-process.
+
+A chat model you release step by step, a call without a socket, a clock you move.
 
 ```python
 from relay_server import LLMAgent

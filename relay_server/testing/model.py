@@ -116,8 +116,11 @@ class FakeReply:
 
 
 class FakeChatModel:
-    """A :class:`~relay_server.chat.ChatModel` for tests. With ``echo``, a request nothing was
-    queued for is answered "You said: <the caller's last words>" at once."""
+    """A :class:`~relay_server.chat.ChatModel` for tests.
+
+    With ``echo``, a request nothing was queued for is answered "You said: <the caller's last
+    words>" at once.
+    """
 
     def __init__(self, *, echo: bool = False) -> None:
         self.echo = echo

@@ -212,6 +212,18 @@ def test_handoff_expectations(wanted, reasons):
     assert _check_handoff(True, None) == ["no hand-off: the agent did not end the call"]
 
 
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("billing dispute", "handoffData is not JSON: billing dispute"),
+        ('["billing"]', 'handoffData is not a JSON object: ["billing"]'),
+        ('"billing"', 'handoffData is not a JSON object: "billing"'),
+    ],
+)
+def test_a_handoff_expected_as_an_object_needs_a_json_object(data, reason):
+    assert _check_handoff({"reason": "billing"}, End(handoff_data=data)) == [reason]
+
+
 # ------------------------------------------------------------------------------- failures
 
 

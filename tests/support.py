@@ -22,7 +22,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -161,6 +161,13 @@ def setup_message(call_sid: str, **overrides: Any) -> SentSetup:
     return msgspec.structs.replace(setup, **overrides)
 
 
+@dataclass(frozen=True)
+class RelayAddress:
+    """A relay known by its socket address only (for :meth:`TwilioCaller.at`)."""
+
+    ws_url: str
+
+
 class TwilioCaller:
     """A WebSocket client that talks ConversationRelay like Twilio does: it drives the
     protocol's I/O-free :class:`TwilioSide`, so every frame the relay sends is checked as
@@ -183,6 +190,21 @@ class TwilioCaller:
         self.received: list[Outbound] = []
         #: The socket URL's query (``callSid=…&token=…``) of the last :meth:`connect`.
         self.query: str | None = None
+
+    @classmethod
+    def at(cls, base_url: str, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
+        """A caller for a relay known only by its address (a ``crctl`` process with no auth
+        token: nothing to sign); :meth:`connect` asks its ``/twiml`` for the socket URL."""
+        address = RelayAddress("ws" + base_url.removeprefix("http") + "/ws")
+        return cls(address, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
+
+    @classmethod
+    def over(cls, ws: Any, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
+        """A caller on a socket the test opened itself (a test of the handshake): from here on
+        it speaks and checks frames like any other."""
+        caller = cls(None, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
+        caller.ws = ws
+        return caller
 
     async def connect(
         self,

@@ -60,6 +60,7 @@ def sent(twilio: TwilioSide) -> list[tuple[object, ...]]:
     for frame in twilio.data_to_send():
         message = decode(frame)
         kind = type(message).__name__.lower()
+        # the raw JSON object on purpose: the values in the order they are on the wire
         values = {k: v for k, v in json.loads(frame).items() if k != "type"}
         out.append((kind, *values.values()))
     return out
@@ -69,7 +70,7 @@ def sent(twilio: TwilioSide) -> list[tuple[object, ...]]:
 
 
 def test_setup_is_encoded_byte_for_byte_as_captured() -> None:
-    captured = json.loads(SETUP_CAPTURED)
+    captured = json.loads(SETUP_CAPTURED)  # raw on purpose: the bytes Twilio sends verbatim
     setup = SentSetup(
         session_id=captured["sessionId"],
         call_sid=captured["callSid"],

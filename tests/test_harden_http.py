@@ -109,7 +109,7 @@ async def test_the_bearer_scheme_is_case_insensitive(relay_factory, scheme):
         push = await http.post(
             f"/calls/{CA1}/messages",
             headers={"Authorization": f"{scheme} {TOKEN}"},
-            json={"type": "text", "token": "hi", "last": True},
+            content=encode(Text(token="hi", last=True)),
         )
     assert good.status_code == 200, good.text
     assert wrong.status_code == 401

@@ -224,7 +224,7 @@ def test_the_tunnel_factory_is_a_setting() -> None:
     fake = {"CRCTL_TUNNEL_FACTORY": "fakes.fake_tunnel:FakeTunnel"}
     tunnel = open_tunnel(8080, Environment(**fake))
     assert tunnel.public_url.startswith("https://") and type(tunnel).__name__ == "FakeTunnel"
-    with pytest.raises(TunnelError, match=r"CRCTL_TUNNEL_FACTORY='tests\.fakes\.nothing:X'"):
+    with pytest.raises(TunnelError, match=r"CRCTL_TUNNEL_FACTORY='fakes\.nothing:X'"):
         open_tunnel(8080, Environment(**{"CRCTL_TUNNEL_FACTORY": "fakes.nothing:X"}))
 
 

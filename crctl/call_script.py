@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from rich.table import Table
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import ConfigurationError
 from relay_server.protocol import End
+from relay_server.protocol.handoff import HandoffDataError, parse_handoff
 
 #: How long a turn that must *not* end the call waits for a stray ``end``.
 _END_GRACE = 0.3
@@ -542,11 +542,10 @@ def _check_handoff(wanted: bool | str | dict[str, Any], end: End | None) -> list
     if isinstance(wanted, str):
         return [] if wanted.lower() in data.lower() else [f"handoffData lacks {wanted!r}: {data}"]
     try:
-        parsed = json.loads(data)
-    except ValueError:
-        return [f"handoffData is not JSON: {data}"]
-    if not isinstance(parsed, dict):
-        return [f"handoffData is not a JSON object: {data}"]
+        parsed = parse_handoff(data).fields
+    except HandoffDataError as exc:
+        kind = "not JSON" if exc.not_json else "not a JSON object"
+        return [f"handoffData is {kind}: {data}"]
     reasons = []
     for key, value in wanted.items():
         if key not in parsed:

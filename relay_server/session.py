@@ -13,7 +13,6 @@ A session never sees Quart: it writes encoded frames through :class:`SessionLink
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from relay_server.protocol import (
     encode,
     text_frame,
 )
+from relay_server.protocol.handoff import encode_handoff
 
 if TYPE_CHECKING:
     from relay_server.services import Services
@@ -168,7 +168,7 @@ class CallSession:
             await self.cancel_turn()  # called from outside the turn: nothing may follow end
         if self._cycle_open:
             await self.send_text("", last=True)
-        data = json.dumps(handoff_data) if isinstance(handoff_data, dict) else handoff_data
+        data = encode_handoff(handoff_data) if isinstance(handoff_data, dict) else handoff_data
         await self.send(End(handoff_data=data))
         self._ended = True
 

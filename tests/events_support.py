@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from fakes.fake_llm import FakeLLM, Script, ToolCallSpec
+from relay_server.protocol import Error, Language
 from tests.support import PUBLIC_URL, RelayServer, TwilioCaller, sign
 
 TOKEN = "crctl-events-token-0123456789abcdef"
@@ -65,10 +66,10 @@ async def call_part1(relay: RelayServer, fake_llm: FakeLLM, sid: str) -> TwilioC
         Script(tool_calls=[ToolCallSpec("switch_language", '{"language": "es-ES"}')]),
         Script(tokens=["Your order", " has shipped."], ttft=0.05),
     )
-    caller = await TwilioCaller(relay, call_sid=sid).connect(customParameters={"customerId": "42"})
+    caller = await TwilioCaller(relay, call_sid=sid).connect(custom_parameters={"customerId": "42"})
     await caller.prompt("where is", last=False)
     await caller.prompt("where is my order")
-    assert (await caller.recv())["type"] == "language"
+    assert isinstance(await caller.recv(), Language)
     assert await caller.reply_text() == "Your order has shipped."
     await wait_kind(relay, sid, "agent.reply")
     return caller
@@ -84,10 +85,7 @@ async def call_part2(relay: RelayServer, caller: TwilioCaller) -> None:
     await caller.reply_text()
     await wait_kind(relay, sid, "agent.reply", 2)
     await caller.send(
-        {
-            "type": "error",
-            "description": "Invalid message received, code: 64107, this is not json #1",
-        }
+        Error(description="Invalid message received, code: 64107, this is not json #1")
     )
     await wait_kind(relay, sid, "error")
     await caller.hangup()

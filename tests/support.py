@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import pty
 import select
@@ -23,11 +22,12 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import msgspec
 import websockets
 from twilio.request_validator import RequestValidator
 
@@ -35,7 +35,14 @@ from crctl.serve import run_relay
 from crctl.settings import Settings
 from relay_server import CallEvent, EventBus, RelayConfig, create_app
 from relay_server.calls import CallRegistry
-from relay_server.protocol import SentSetup, as_fields
+from relay_server.protocol import (
+    Inbound,
+    Outbound,
+    SentSetup,
+    Text,
+    as_fields,
+    decode_outbound,
+)
 from relay_server.protocol.replies import Invalid
 from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
 from relay_server.state import relay_state
@@ -136,24 +143,29 @@ def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN
     return str(RequestValidator(token).compute_signature(url, params or {}))
 
 
-def setup_frame(call_sid: str, **extra: Any) -> dict[str, Any]:
-    """A setup frame shaped like the captured one (Twilio docs: WebSocket messages), as the
-    protocol's Twilio side encodes it; ``extra`` overrides wire fields by their camelCase name."""
-    frame = as_fields(
-        SentSetup(
-            session_id="VX" + call_sid[2:],
-            call_sid=call_sid,
-            from_="+15550100001",
-            to="+15550100002",
-            forwarded_from="+15550100002",
-            direction="inbound",
-            call_type="PSTN",
-            call_status="RINGING",
-            account_sid="AC" + "0" * 32,
-        )
+def setup_message(call_sid: str, **overrides: Any) -> SentSetup:
+    """A setup message shaped like the captured one (Twilio docs: WebSocket messages), as the
+    protocol's Twilio side sends it; ``overrides`` replace fields by their Python name
+    (``custom_parameters={...}``, ``call_status="IN_PROGRESS"``)."""
+    setup = SentSetup(
+        session_id="VX" + call_sid[2:],
+        call_sid=call_sid,
+        from_="+15550100001",
+        to="+15550100002",
+        forwarded_from="+15550100002",
+        direction="inbound",
+        call_type="PSTN",
+        call_status="RINGING",
+        account_sid="AC" + "0" * 32,
     )
-    frame.update(extra)
-    return frame
+    return msgspec.structs.replace(setup, **overrides)
+
+
+@dataclass(frozen=True)
+class RelayAddress:
+    """A relay known by its socket address only (for :meth:`TwilioCaller.at`)."""
+
+    ws_url: str
 
 
 class TwilioCaller:
@@ -174,9 +186,25 @@ class TwilioCaller:
         self.token = token
         self.ws: Any = None
         self.side = TwilioSide()
-        self.received: list[dict[str, Any]] = []
+        #: Every message received from the relay, in order.
+        self.received: list[Outbound] = []
         #: The socket URL's query (``callSid=…&token=…``) of the last :meth:`connect`.
         self.query: str | None = None
+
+    @classmethod
+    def at(cls, base_url: str, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
+        """A caller for a relay known only by its address (a ``crctl`` process with no auth
+        token: nothing to sign); :meth:`connect` asks its ``/twiml`` for the socket URL."""
+        address = RelayAddress("ws" + base_url.removeprefix("http") + "/ws")
+        return cls(address, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
+
+    @classmethod
+    def over(cls, ws: Any, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
+        """A caller on a socket the test opened itself (a test of the handshake): from here on
+        it speaks and checks frames like any other."""
+        caller = cls(None, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
+        caller.ws = ws
+        return caller
 
     async def connect(
         self,
@@ -184,10 +212,12 @@ class TwilioCaller:
         signature: str | None = None,
         setup: bool = True,
         query: str | None = None,
-        **setup_extra: Any,
+        **setup_overrides: Any,
     ) -> TwilioCaller:
         """Open the socket at the URL the relay's ``/twiml`` gives this call (or with
-        ``query``: ``""`` for none, or a URL's query seen before, to replay it)."""
+        ``query``: ``""`` for none, or a URL's query seen before, to replay it), then send the
+        setup message (with ``setup_overrides``, see :func:`setup_message`) unless ``setup`` is
+        False."""
         if query is None and hasattr(self.relay, "socket_url"):
             query = urlsplit(await self.relay.socket_url(self.call_sid)).query
         elif query is None:  # a relay known by its ws_url only (no signatures): ask its /twiml
@@ -210,12 +240,17 @@ class TwilioCaller:
             open_timeout=5,
         )
         if setup:
-            await self.send(setup_frame(self.call_sid, **setup_extra))
+            await self.send(setup_message(self.call_sid, **setup_overrides))
         return self
 
-    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
-        """Send a raw frame: a dict (a test's own, possibly odd, frame) as JSON, else as is."""
-        await self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
+    async def send(self, frame: Inbound | str | bytes) -> None:
+        """Send a message as Twilio encodes it, or a raw frame (a test's own malformed or
+        unknown frame: the raw wire is its point) exactly as given."""
+        if isinstance(frame, (str, bytes)):
+            await self.ws.send(frame)
+            return
+        self.side.send(frame)
+        await self._flush()
 
     async def _flush(self) -> None:
         for data in self.side.data_to_send():
@@ -239,31 +274,35 @@ class TwilioCaller:
 
     # ``timeout`` in recv, recv_turn and reply_text: a bound on each frame, so a hang fails the
     # test at the frame it waited for (ASYNC109).
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """The next frame from the relay, checked as Twilio checks it, as its JSON object."""
-        self.side.receive_data(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def recv(self, timeout: float = 5.0) -> Outbound:  # noqa: ASYNC109
+        """The next message from the relay, checked as Twilio checks it (a frame Twilio would
+        reject fails the test), as the relay's own type: a ``text`` must carry ``last``, which
+        the relay always sends though Twilio would default it."""
+        frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        self.side.receive_data(frame)
         invalid = [e.reason for e in self.side.events_received() if isinstance(e, Invalid)]
         self.side.data_to_send()  # Twilio's 64107 answer: the failure below says it instead
         assert not invalid, f"Twilio would reject this frame (64107): {invalid[0]}"
-        (message,) = self.side.messages_received()
-        frame = as_fields(message)
-        self.received.append(frame)
-        return frame
+        (accepted,) = self.side.messages_received()
+        message = decode_outbound(frame)
+        assert as_fields(message) == as_fields(accepted), frame  # the two readings agree
+        self.received.append(message)
+        return message
 
-    async def recv_turn(self, timeout: float = 5.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
-        """Frames up to and including the text frame with ``last: true``."""
+    async def recv_turn(self, timeout: float = 5.0) -> list[Outbound]:  # noqa: ASYNC109
+        """Messages up to and including the text with ``last`` true."""
         frames = []
         while True:
             frame = await self.recv(timeout)
             frames.append(frame)
-            if frame["type"] == "text" and frame["last"]:
+            if isinstance(frame, Text) and frame.last:
                 return frames
 
     async def reply_text(self, timeout: float = 5.0) -> str:  # noqa: ASYNC109
         """The text of the next talk cycle."""
-        return "".join(f["token"] for f in await self.recv_turn(timeout) if f["type"] == "text")
+        return "".join(f.token for f in await self.recv_turn(timeout) if isinstance(f, Text))
 
-    async def quiet(self, seconds: float) -> list[dict[str, Any]]:
+    async def quiet(self, seconds: float) -> list[Outbound]:
         """Frames arriving within ``seconds`` (expected to be none, usually)."""
         frames = []
         deadline = asyncio.get_running_loop().time() + seconds

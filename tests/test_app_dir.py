@@ -19,13 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import websockets
 
 from relay_server.app import resolve_agent
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
+from relay_server.protocol import Text
 from relay_server.tools import load_tool_modules
-from tests.support import fetch_socket_url, free_port, setup_frame
+from tests.support import TwilioCaller, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The venv's console script, as `pip install .` makes it (beside the interpreter).
@@ -129,18 +129,17 @@ def run_crctl(
 
 async def _parrot_reply(port: int, said: str) -> str:
     """One call, as Twilio places it (loopback, no auth token: no signature), one prompt."""
-    call_sid = "CA" + "5" * 32
-    url = await fetch_socket_url(f"http://127.0.0.1:{port}", call_sid)  # the call's own URL
-    async with websockets.connect(url, open_timeout=5) as ws:
-        await ws.send(json.dumps(setup_frame(call_sid)))
-        await ws.send(json.dumps({"type": "prompt", "voicePrompt": said, "last": True}))
-        text = ""
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            if frame["type"] == "text":
-                text += frame["token"]
-                if frame["last"]:
-                    return text
+    # the call's own socket URL, from the relay's /twiml
+    caller = await TwilioCaller.at(f"http://127.0.0.1:{port}", "CA" + "5" * 32).connect()
+    await caller.prompt(said)
+    text = ""
+    while True:
+        frame = await caller.recv(5)
+        if isinstance(frame, Text):
+            text += frame.token
+            if frame.last:
+                await caller.hangup()
+                return text
 
 
 def test_the_console_script_is_the_installed_one() -> None:

@@ -28,7 +28,20 @@ from crctl.caller.outcome import Closed
 from crctl.cli import app as cli
 from crctl.console import crctl_command
 from fakes.fake_llm import Script, ToolCallSpec
-from relay_server.protocol import End, Prompt, decode, text_frame
+from relay_server.protocol import (
+    Dtmf,
+    End,
+    Error,
+    Inbound,
+    Info,
+    Interrupt,
+    Prompt,
+    Setup,
+    Unknown,
+    decode,
+    text_frame,
+)
+from relay_server.protocol.handoff import encode_handoff, parse_handoff
 from relay_server.protocol.replies import (
     DigitsSent,
     Dropped,
@@ -187,7 +200,7 @@ def test_end_call_and_handoff_are_checked_and_reported(relay_factory, fake_llm, 
     assert '"reasonCode": "live-agent-handoff"' in result.output
     assert "/action → dials +15550100999" in result.output
     end = events(relay, "session.end")[1]
-    assert end["status"] == "ended" and json.loads(end["handoff_data"])["reason"] == (
+    assert end["status"] == "ended" and parse_handoff(end["handoff_data"]).fields["reason"] == (
         "billing dispute"
     )
 
@@ -204,11 +217,23 @@ def test_end_call_and_handoff_are_checked_and_reported(relay_factory, fake_llm, 
     ],
 )
 def test_handoff_expectations(wanted, reasons):
-    data = json.dumps({"reasonCode": "live-agent-handoff", "reason": "billing dispute"})
+    data = encode_handoff({"reasonCode": "live-agent-handoff", "reason": "billing dispute"})
     got = _check_handoff(wanted, End(handoff_data=data))
     assert len(got) == len(reasons)
     assert all(got[i].startswith(reason) for i, reason in enumerate(reasons))
     assert _check_handoff(True, None) == ["no hand-off: the agent did not end the call"]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("billing dispute", "handoffData is not JSON: billing dispute"),
+        ('["billing"]', 'handoffData is not a JSON object: ["billing"]'),
+        ('"billing"', 'handoffData is not a JSON object: "billing"'),
+    ],
+)
+def test_a_handoff_expected_as_an_object_needs_a_json_object(data, reason):
+    assert _check_handoff({"reason": "billing"}, End(handoff_data=data)) == [reason]
 
 
 # ------------------------------------------------------------------------------- failures
@@ -418,9 +443,12 @@ BASIC = {
 class Recorder:
     """A WebSocket server that records what the caller sends and answers like the relay."""
 
-    def __init__(self, behaviour: Callable[[ServerConnection, dict[str, Any]], Any]) -> None:
+    def __init__(self, behaviour: Callable[[ServerConnection, Inbound | Unknown], Any]) -> None:
         self.behaviour = behaviour
-        self.frames: list[dict[str, Any]] = []
+        #: What the caller sent, as the relay decodes it.
+        self.frames: list[Inbound | Unknown] = []
+        #: The same frames as the JSON objects sent (for the checks on the wire itself).
+        self.wire: list[dict[str, Any]] = []
         self.request: Any = None
         self.close: tuple[int | None, str | None] = (None, None)
 
@@ -428,47 +456,58 @@ class Recorder:
         self.request = ws.request
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:
-                # the raw JSON object, not a decoded value: these tests check the key order
-                frame = json.loads(raw)
-                self.frames.append(frame)
-                await self.behaviour(ws, frame)
+                # Decoded as the relay decodes it: a frame the relay would refuse fails the test.
+                message = decode(raw)
+                # Also the raw JSON object, on purpose: "byte for byte" checks are about the wire
+                # itself (key order, an int where Twilio sends one), which a decoded value hides.
+                self.wire.append(json.loads(raw))
+                self.frames.append(message)
+                await self.behaviour(ws, message)
         self.close = (ws.close_code, ws.close_reason)
 
+    def shorts(self, start: int = 1) -> list[tuple[Any, ...]]:
+        """The frames from ``start`` on, in short (see :func:`short`)."""
+        return [
+            short(message, wire)
+            for message, wire in zip(self.frames[start:], self.wire[start:], strict=True)
+        ]
 
-def short(frame: dict[str, Any]) -> tuple[Any, ...]:
-    kind = frame["type"]
-    if kind == "info":
-        return ("info", frame["name"], frame["value"])
-    if kind == "prompt":
-        assert list(frame) == ["type", "voicePrompt", "lang", "last"]
-        return ("prompt", frame["voicePrompt"], frame["last"])
-    if kind == "interrupt":
-        assert isinstance(frame["durationUntilInterruptMs"], int)
-        return ("interrupt", frame["utteranceUntilInterrupt"])
-    if kind == "dtmf":
-        return ("dtmf", frame["digit"])
-    if kind == "error":
-        return ("error", frame["description"])
-    return (kind,)
+
+def short(message: Inbound | Unknown, wire: dict[str, Any]) -> tuple[Any, ...]:
+    """``message`` in short, after the checks on its wire form."""
+    if isinstance(message, Info):
+        assert isinstance(wire["value"], str)  # a string on the wire, as Twilio sends it
+        return ("info", message.name, message.value)
+    if isinstance(message, Prompt):
+        assert list(wire) == ["type", "voicePrompt", "lang", "last"]
+        return ("prompt", message.voice_prompt, message.last)
+    if isinstance(message, Interrupt):
+        assert isinstance(wire["durationUntilInterruptMs"], int)
+        return ("interrupt", message.utterance_until_interrupt)
+    if isinstance(message, Dtmf):
+        return ("dtmf", message.digit)
+    if isinstance(message, Error):
+        return ("error", message.description)
+    return (wire["type"],)
 
 
 async def test_frames_and_handshake_are_twilios():
     answering: list[asyncio.Task[None]] = []
 
-    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
+    async def behaviour(ws: ServerConnection, frame: Inbound | Unknown) -> None:
         async def answer() -> None:
             for token in ["Let", " me", " check", " that", " for", " you."]:
                 await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
             await ws.send(text_frame("", True))
 
-        if frame["type"] == "prompt" and frame["last"]:
+        if isinstance(frame, Prompt) and frame.last:
             answering.append(asyncio.create_task(answer()))
-        elif frame["type"] == "interrupt":  # as the relay does: stop, close the cycle
+        elif isinstance(frame, Interrupt):  # as the relay does: stop, close the cycle
             answering.pop().cancel()
             await ws.send(text_frame("", True))
-        elif frame["type"] == "dtmf":
-            await ws.send("not json")
+        elif isinstance(frame, Dtmf):
+            await ws.send("not json")  # raw on purpose: the frame Twilio answers with 64107
             await ws.send(text_frame("Pressed.", True))
 
     recorder = Recorder(behaviour)
@@ -501,26 +540,27 @@ async def test_frames_and_handshake_are_twilios():
     assert SignatureChecker(AUTH_TOKEN).websocket_ok(plan.ws_url, signature)
     assert headers["x-amzn-bedrock-agentcore-runtime-custom-twilio-signature"] == signature
 
-    setup, *rest = recorder.frames
-    assert list(setup) == [
+    setup = recorder.frames[0]
+    assert isinstance(setup, Setup)
+    assert list(recorder.wire[0]) == [
         "type", "sessionId", "callSid", "parentCallSid", "from", "to", "forwardedFrom",
         "callerName", "direction", "callType", "callStatus", "accountSid", "customParameters",
     ]  # fmt: skip
-    assert re.fullmatch(r"VX[0-9a-f]{32}", setup["sessionId"])
-    assert re.fullmatch(r"CA[0-9a-f]{32}", setup["callSid"])
-    assert re.fullmatch(r"AC[0-9a-f]{32}", setup["accountSid"])
-    assert (setup["parentCallSid"], setup["callerName"], setup["forwardedFrom"]) == (
+    assert re.fullmatch(r"VX[0-9a-f]{32}", setup.session_id)
+    assert re.fullmatch(r"CA[0-9a-f]{32}", setup.call_sid)
+    assert re.fullmatch(r"AC[0-9a-f]{32}", setup.account_sid)
+    assert (setup.parent_call_sid, setup.caller_name, setup.forwarded_from) == (
         "",
         "",
         "+15550100002",
     )
-    assert (setup["direction"], setup["callType"], setup["callStatus"]) == (
+    assert (setup.direction, setup.call_type, setup.call_status) == (
         "inbound",
         "PSTN",
         "RINGING",
     )
-    assert setup["customParameters"] == {"customerId": "42"}
-    assert [short(f) for f in rest] == [
+    assert setup.custom_parameters == {"customerId": "42"}
+    assert recorder.shorts() == [
         ("info", "agentSpeaking", "on"),  # the welcome greeting
         ("info", "tokensPlayed", "Hi!"),
         ("info", "agentSpeaking", "off"),
@@ -549,14 +589,14 @@ async def test_frames_and_handshake_are_twilios():
 
 @pytest.mark.parametrize("fault", ["malformed", "drop"])
 async def test_a_broken_session_ends_failed_64105(fault):
-    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
-        if frame["type"] != "setup":
+    async def behaviour(ws: ServerConnection, frame: Inbound | Unknown) -> None:
+        if not isinstance(frame, Setup):
             return
         if fault == "drop":
             await ws.close(1011, "bye")
             return
         for _ in range(10):
-            await ws.send('{"type": "text"}')  # no token: invalid
+            await ws.send('{"type": "text"}')  # raw on purpose: no token, invalid
 
     recorder = Recorder(behaviour)
     async with serve(recorder, "127.0.0.1", 0) as server:
@@ -568,8 +608,8 @@ async def test_a_broken_session_ends_failed_64105(fault):
     assert (outcome.status, outcome.error_code) == ("failed", "64105")
     if fault == "malformed":
         assert recorder.close == (1007, "Too many consecutive malformed messages.")
-        errors = [f for f in recorder.frames if f["type"] == "error"]
-        assert len(errors) == 10 and "64107" in errors[0]["description"]
+        errors = [f for f in recorder.frames if isinstance(f, Error)]
+        assert len(errors) == 10 and "64107" in errors[0].description
     else:
         assert outcome.close_code == 1011
 
@@ -644,16 +684,16 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
     (the order observed on real calls)."""
     answering: list[asyncio.Task[None]] = []
 
-    async def behaviour(ws: ServerConnection, frame: dict[str, Any]) -> None:
+    async def behaviour(ws: ServerConnection, frame: Inbound | Unknown) -> None:
         async def answer() -> None:
             for token in ["A", " long", " story", " about", " many", " things."] * 5:
                 await ws.send(text_frame(token, False))
                 await asyncio.sleep(0.03)
             await ws.send(text_frame("", True))
 
-        if frame["type"] == "prompt" and frame["last"] and not answering:
+        if isinstance(frame, Prompt) and frame.last and not answering:
             answering.append(asyncio.create_task(answer()))
-        elif frame["type"] == "interrupt":
+        elif isinstance(frame, Interrupt):
             answering[0].cancel()
             await ws.send(text_frame("", True))
 
@@ -681,7 +721,7 @@ async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
         await story.wait()
         await caller.say("stop now")
         await caller.hangup()
-    frames = [short(f) for f in recorder.frames[1:]]
+    frames = recorder.shorts()
     cut = frames.index(("interrupt", first.text))
     assert frames[cut - 2 : cut + 3] == [
         ("info", "clientSpeaking", "on"),

@@ -28,7 +28,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from fakes.fake_llm import FakeLLM
-from tests.support import free_port, setup_frame, sign
+from relay_server.protocol import Outbound, Text
+from tests.support import TwilioCaller, free_port, setup_message, sign
 
 TOKEN = "twilio-tok-Zq81xW7yV6uT5sR4"
 KEY = "sk-fake-Kp93mN2bL1vC0xZ8aQ7w"
@@ -165,27 +166,32 @@ def _connect(relay: Relay, signed: tuple[str, str] | None) -> Any:
     )
 
 
+async def _open(ws: Any, **setup: Any) -> TwilioCaller:
+    """Twilio's side of a call on a socket :func:`_connect` opened: the setup message sent."""
+    caller = TwilioCaller.over(ws, CALL)
+    await caller.send(setup_message(CALL, **setup))
+    return caller
+
+
 # The timeout turns a hang into a failure that lists the frames so far (ASYNC109).
-async def _turn(ws: Any, text: str, timeout: float = 5.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
-    """Send a final prompt; the frames up to and including the ``last: true`` text frame."""
-    await ws.send(
-        json.dumps({"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True})
-    )
-    frames: list[dict[str, Any]] = []
+async def _turn(caller: TwilioCaller, text: str, timeout: float = 5.0) -> list[Outbound]:  # noqa: ASYNC109
+    """Send a final prompt; the messages up to and including the text with ``last`` true."""
+    await caller.prompt(text, lang="en-US", last=True)
+    frames: list[Outbound] = []
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
         assert left > 0, f"no last:true text frame in {timeout} s; got {frames}"
-        frame = json.loads(await asyncio.wait_for(ws.recv(), left))
+        frame = await caller.recv(left)
         frames.append(frame)
-        if frame["type"] == "text" and frame["last"] is True:
+        if isinstance(frame, Text) and frame.last is True:
             return frames
 
 
-def _spoken(frames: list[dict[str, Any]]) -> str:
-    assert all(f["type"] == "text" for f in frames), frames
-    assert all(f["last"] is False for f in frames[:-1]), frames
-    return "".join(f["token"] for f in frames)
+def _spoken(frames: list[Outbound]) -> str:
+    assert all(isinstance(f, Text) for f in frames), frames
+    assert all(f.last is False for f in frames[:-1]), frames
+    return "".join(f.token for f in frames)
 
 
 async def _assert_refused(relay: Relay, signed: tuple[str, str] | None) -> None:
@@ -209,10 +215,9 @@ async def test_acceptance_command_line(tmp_path: Path, fake_llm: FakeLLM) -> Non
 
         # A signed call gets the (fake) LLM's streamed answer, closed by last:true.
         async with _connect(relay, (signed_ws, TOKEN)) as ws:
-            await ws.send(json.dumps(setup_frame(CALL)))
-            frames = await _turn(ws, "hello there")
+            frames = await _turn(await _open(ws), "hello there")
         assert _spoken(frames) == "You said: hello there"
-        assert frames[-1]["last"] is True
+        assert frames[-1].last is True
         assert len(fake_llm.records) == 1  # the LLM agent, not the offline echo agent
         user = [m for m in fake_llm.records[0].body["messages"] if m["role"] == "user"]
         assert user[-1]["content"] == "hello there"
@@ -253,9 +258,9 @@ async def test_no_accounts_uses_echo_agent_unsigned_on_loopback(tmp_path: Path) 
         assert "warning:" in banner and "TWILIO_AUTH_TOKEN" in banner
 
         async with _connect(relay, None) as ws:  # no token on 127.0.0.1: no signature needed
-            await ws.send(json.dumps(setup_frame(CALL)))
-            assert _spoken(await _turn(ws, "testing one two")) == "You said: testing one two"
-            assert _spoken(await _turn(ws, "and again")) == "You said: and again"
+            caller = await _open(ws)
+            assert _spoken(await _turn(caller, "testing one two")) == "You said: testing one two"
+            assert _spoken(await _turn(caller, "and again")) == "You said: and again"
         assert relay.terminate() == 0
     assert "Traceback" not in relay.stderr, relay.stderr
 
@@ -265,8 +270,7 @@ async def test_sigterm_during_a_live_call_shuts_down_cleanly(tmp_path: Path) -> 
     # within 5 s, and nothing is logged as a crash.
     with serve(tmp_path, [], _env()) as relay:
         async with _connect(relay, None) as ws:
-            await ws.send(json.dumps(setup_frame(CALL)))
-            assert _spoken(await _turn(ws, "hello")) == "You said: hello"
+            assert _spoken(await _turn(await _open(ws), "hello")) == "You said: hello"
             stopping = asyncio.create_task(asyncio.to_thread(relay.terminate))
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 6)
@@ -358,12 +362,12 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path, fake_llm: FakeLLM) -
     with serve(tmp_path, args, env) as relay:
         signed_ws = f"wss://127.0.0.1:{port}/ws"
         async with _connect(relay, (signed_ws, TOKEN)) as ws:
-            await ws.send(json.dumps(setup_frame(CALL, customParameters={"customerId": "42"})))
-            frames = await _turn(ws, "what is my balance")
+            caller = await _open(ws, custom_parameters={"customerId": "42"})
+            frames = await _turn(caller, "what is my balance")
             assert _spoken(frames) == "You said: what is my balance"
-            await ws.send(json.dumps({"type": "dtmf", "digit": "5"}))
-            await ws.send("this is not json")  # logged as a bad frame
-            await _turn(ws, "thanks")
+            await caller.dtmf("5")
+            await caller.send("this is not json")  # raw on purpose: logged as a bad frame
+            await _turn(caller, "thanks")
         await _assert_refused(relay, (signed_ws, "wrong"))  # logged as refused
         form = {"CallSid": CALL, "SessionStatus": "completed", "CallStatus": "completed"}
         headers = {"X-Twilio-Signature": sign(public + "/action", form, token=TOKEN)}

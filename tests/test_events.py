@@ -16,6 +16,7 @@ from crctl.settings import ensure_api_token, load_settings, read_api_token
 from relay_server import events as ev
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus, explain
+from relay_server.protocol import Text, encode
 from relay_server.store import EventStore, parse_since
 from tests.events_support import (
     PART1,
@@ -173,10 +174,12 @@ async def test_the_call_log_requires_the_api_token(relay_factory, db):
     async with client(relay) as http:
         # The messages API still works next to GET /calls/{sid}.
         pushed = await http.post(
-            f"/calls/{CA1}/messages", json={"type": "text", "token": "Hi.", "last": True}
+            f"/calls/{CA1}/messages",
+            content=encode(Text(token="Hi.", last=True)),
+            headers={"Content-Type": "application/json"},
         )
         assert pushed.status_code == 202
-        assert await caller.recv() == {"type": "text", "token": "Hi.", "last": True}
+        assert await caller.recv() == Text(token="Hi.", last=True)
     await caller.hangup()
 
     open_relay = relay_factory(events_db="")  # no token configured at all

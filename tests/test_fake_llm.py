@@ -305,27 +305,27 @@ def test_stop_does_not_hang_with_open_hanging_stream() -> None:
 
 def test_cli_serves_fixed_script() -> None:
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the pipe
         [sys.executable, "-m", "fakes.fake_llm", "--port", "0", "--tokens", "3"],
         cwd=root,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        base_url = proc.stdout.readline().strip()
-        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
-        body = httpx.post(f"{base_url}/chat/completions", json=REQUEST, timeout=5).text
-        deltas = [
-            json.loads(line[6:])["choices"][0]["delta"].get("content")
-            for line in body.splitlines()
-            if line.startswith("data: {")
-        ]
-        assert deltas == ["", " tok1", " tok2", " tok3", None]
-        assert body.rstrip().endswith("data: [DONE]")
-    finally:
-        proc.terminate()
-        assert proc.wait(5) == 0
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            base_url = proc.stdout.readline().strip()
+            assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+            body = httpx.post(f"{base_url}/chat/completions", json=REQUEST, timeout=5).text
+            deltas = [
+                json.loads(line[6:])["choices"][0]["delta"].get("content")
+                for line in body.splitlines()
+                if line.startswith("data: {")
+            ]
+            assert deltas == ["", " tok1", " tok2", " tok3", None]
+            assert body.rstrip().endswith("data: [DONE]")
+        finally:
+            proc.terminate()
+            assert proc.wait(5) == 0
 
 
 async def raw_bytes(fake: FakeLLM, limit: int) -> tuple[bytes, int]:

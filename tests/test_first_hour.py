@@ -30,10 +30,11 @@ from relay_server import events as ev
 from relay_server.config import LLMConfig
 from relay_server.errors import ConfigError
 from relay_server.llm import check_llm
+from relay_server.protocol import SendDigits, Text, encode
 from relay_server.store import EventStore
 from tests.events_support import AUTH, TOKEN
-from tests.support import TwilioCaller, fetch_socket_url, free_port, setup_frame, wait_until
-from tests.test_cli_serve import CALL, _connect, _env, _spoken, _turn, serve
+from tests.support import TwilioCaller, free_port, wait_until
+from tests.test_cli_serve import _connect, _env, _open, _spoken, _turn, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 UNRESOLVABLE = "http://llm.invalid/v1"
@@ -87,8 +88,7 @@ async def test_the_servers_only_model_is_used_and_said(tmp_path: Path, fake_llm:
         assert f"model: llama3.2:1b (the only model {fake_llm.base_url} lists)" in banner
         assert "warning: LLM" not in banner
         async with _connect(relay, None) as ws:  # the socket URL /twiml gives CALL
-            await ws.send(json.dumps(setup_frame(CALL)))
-            assert _spoken(await _turn(ws, "hi")) == "You said: hi"
+            assert _spoken(await _turn(await _open(ws), "hi")) == "You said: hi"
         assert fake_llm.records[-1].body["model"] == "llama3.2:1b"
         assert relay.terminate() == 0
 
@@ -264,16 +264,13 @@ def test_up_says_an_agent_failure_and_a_bad_frame_once_in_one_line(tmp_path: Pat
 
 
 async def _broken_turn(port: int) -> None:
-    import websockets
-
-    url = await fetch_socket_url(f"http://127.0.0.1:{port}", "CA" + "3" * 32)  # one per call
-    async with websockets.connect(url, open_timeout=5) as ws:
-        await ws.send(json.dumps(setup_frame("CA" + "3" * 32)))
-        await ws.send(json.dumps({"type": "prompt", "voicePrompt": "where is it", "last": True}))
-        while json.loads(await ws.recv()).get("last") is not True:
-            pass  # "Let me see", then the session closes the talk cycle
-        await ws.send("this is not json")
-        await ws.send(json.dumps({"type": "prompt", "voicePrompt": "hello?", "last": False}))
+    # the socket URL comes from the relay's /twiml: one per call
+    caller = await TwilioCaller.at(f"http://127.0.0.1:{port}", "CA" + "3" * 32).connect()
+    await caller.prompt("where is it")
+    await caller.recv_turn()  # "Let me see", then the session closes the talk cycle
+    await caller.send("this is not json")  # raw on purpose: the bad frame the log must show
+    await caller.prompt("hello?", last=False)
+    await caller.hangup()
 
 
 def _up_live_log(
@@ -328,12 +325,10 @@ def asyncio_run(coro: Any) -> Any:
 
 
 async def _one_turn(port: int) -> None:
-    import websockets
-
-    url = await fetch_socket_url(f"http://127.0.0.1:{port}", "CA" + "2" * 32)  # one per call
-    async with websockets.connect(url, open_timeout=5) as ws:
-        await ws.send(json.dumps(setup_frame("CA" + "2" * 32)))
-        await _turn(ws, "hello")
+    # the socket URL comes from the relay's /twiml: one per call
+    caller = await TwilioCaller.at(f"http://127.0.0.1:{port}", "CA" + "2" * 32).connect()
+    await _turn(caller, "hello")
+    await caller.hangup()
 
 
 # ------------------------------------------------------------ (d) pushed messages
@@ -343,12 +338,12 @@ async def test_a_pushed_message_is_a_call_event(relay_factory: Any) -> None:
     relay = relay_factory(api_token=TOKEN)
     caller = await TwilioCaller(relay).connect()
     async with httpx.AsyncClient(base_url=relay.base_url, headers=AUTH, trust_env=False) as http:
-        frame = {"type": "text", "token": "A supervisor joined.", "last": True}
-        answer = await http.post(f"/calls/{caller.call_sid}/messages", json=frame)
+        frame = Text(token="A supervisor joined.", last=True)
+        answer = await http.post(f"/calls/{caller.call_sid}/messages", content=encode(frame))
         assert answer.status_code == 202, answer.text
         assert await caller.recv() == frame
-        digits = {"type": "sendDigits", "digits": "12#"}
-        assert (await http.post(f"/calls/{caller.call_sid}/messages", json=digits)).is_success
+        digits = encode(SendDigits(digits="12#"))
+        assert (await http.post(f"/calls/{caller.call_sid}/messages", content=digits)).is_success
     assert wait_until(lambda: relay.kinds(caller.call_sid).count(ev.AGENT_PUSHED) == 2)
     pushed = [e.data for e in list(relay.events) if e.kind == ev.AGENT_PUSHED]
     assert pushed == [

@@ -11,6 +11,7 @@ from relay_server.protocol.handoff import (
     LIVE_AGENT_HANDOFF,
     HandoffData,
     HandoffDataError,
+    encode_handoff,
     parse_handoff,
     wants_person,
 )
@@ -86,3 +87,10 @@ def test_json_nested_too_deeply_is_an_error_not_a_recursion_error():
 @pytest.mark.parametrize("text", [None, ""])
 def test_no_handoff_data_asks_for_nobody(text):
     assert not wants_person(text)
+
+
+def test_an_object_is_encoded_as_the_relay_has_always_sent_it():
+    fields = {"reasonCode": "live-agent-handoff", "reason": "billing", "n": 2}
+    text = encode_handoff(fields)
+    assert text == '{"reasonCode": "live-agent-handoff", "reason": "billing", "n": 2}'
+    assert parse_handoff(text).fields == fields

@@ -163,6 +163,7 @@ async def test_calls_left_open_by_a_killed_relay_are_lost_at_the_next_start(
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        proc.stderr.close()  # type: ignore[union-attr]
 
     relay = relay_factory(api_token=TOKEN, events_db=str(db))
     async with client(relay) as http:

@@ -10,6 +10,7 @@ import socket
 import httpx
 import pytest
 
+from relay_server.protocol import Text, encode
 from relay_server.webhooks import BODY_MAX_BYTES
 from tests.events_support import TOKEN
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, sign
@@ -83,7 +84,7 @@ async def test_a_webhook_of_twilios_size_is_still_served(relay):
 
 async def test_a_pushed_message_is_bounded_by_the_frame_limit(relay_factory):
     relay = relay_factory(api_token=TOKEN)
-    frame = b'{"type":"text","token":"' + b"x" * (70 << 10) + b'","last":true}'
+    frame = encode(Text(token="x" * (70 << 10), last=True)).encode()
     auth = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
     path = f"/calls/{CA1}/messages"
     answer = await asyncio.to_thread(
@@ -108,7 +109,7 @@ async def test_the_bearer_scheme_is_case_insensitive(relay_factory, scheme):
         push = await http.post(
             f"/calls/{CA1}/messages",
             headers={"Authorization": f"{scheme} {TOKEN}"},
-            json={"type": "text", "token": "hi", "last": True},
+            content=encode(Text(token="hi", last=True)),
         )
     assert good.status_code == 200, good.text
     assert wrong.status_code == 401

@@ -39,8 +39,8 @@ async def test_keepalives_without_a_token_end_in_the_apology(relay_factory, fake
     await caller.prompt("hello")
 
     frames = await caller.recv_turn(timeout=PATIENCE)
-    assert "".join(f["token"] for f in frames) == relay.config.agent_config.apology
-    assert frames[-1]["last"] is True
+    assert "".join(f.token for f in frames) == relay.config.agent_config.apology
+    assert frames[-1].last is True
     (fault,) = faults(relay, caller.call_sid)
     assert fault["kind"] == "timeout"
     assert fault["detail"] == "no token for 1 s"
@@ -100,7 +100,7 @@ async def test_an_endless_line_is_a_fault_and_other_calls_go_on(relay_factory, f
 
     assert await other.reply_text(timeout=PATIENCE) == "You said: are you there"
     frames = await flood.recv_turn(timeout=PATIENCE)
-    assert "".join(f["token"] for f in frames) == relay.config.agent_config.apology
+    assert "".join(f.token for f in frames) == relay.config.agent_config.apology
     (fault,) = faults(relay, flood.call_sid)
     assert fault["kind"] == "bad_chunk"
     assert "longer than 1 MiB" in str(fault["detail"])

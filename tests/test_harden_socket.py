@@ -32,6 +32,7 @@ def _records(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRec
 
 
 # -- item 1: JSON nested ~1,000 deep ------------------------------------------------------------
+# Raw text on purpose here and in item 12a: malformed frames that no typed message can build.
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,103 @@ def test_templates_stand_alone() -> None:
 def test_only_the_cli_prints() -> None:
     # the relay reports through call events and logging; crctl renders them
     assert all(m.startswith("crctl") for m in _importers("rich"))
+
+
+# ------------------------------------------------------------ only protocol/ reads frames
+
+#: The modules that carry ConversationRelay frames: the relay's socket, call and session
+#: layers and its agents; crctl's simulated caller and ``crctl call``. They hand frames to
+#: ``relay_server.protocol`` (decode / encode, the Twilio side) and never parse JSON themselves.
+FRAME_CARRIERS = (
+    "relay_server.socket",
+    "relay_server.calls",
+    "relay_server.session",
+    "relay_server.agents",
+    "crctl.caller",
+    "crctl.call",
+    "crctl.call_",
+)
+#: Every way to turn JSON text into values and back that the environment offers.
+JSON_LIBRARIES = ("json", "msgspec.json", "orjson", "ujson", "simplejson", "rapidjson")
+
+
+def _carries_frames(module: str) -> bool:
+    return any(
+        module == p or module.startswith(p + ".") or (p.endswith("_") and module.startswith(p))
+        for p in FRAME_CARRIERS
+    )
+
+
+def _json_uses(path: Path) -> set[str]:
+    """The JSON codecs ``path`` reaches: imported (at any level) or as ``msgspec.json``."""
+    used: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "json"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "msgspec"
+        ):
+            names = ["msgspec.json"]
+        used.update(n for n in names if n in JSON_LIBRARIES)
+    return used
+
+
+def _module_paths() -> dict[str, Path]:
+    paths = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            paths[".".join(parts)] = path
+    return paths
+
+
+def test_the_frame_carriers_are_the_modules_named() -> None:
+    # a renamed module would otherwise drop out of the rule below without a sound
+    carriers = {m for m in _module_paths() if _carries_frames(m)}
+    assert {
+        "relay_server.socket",
+        "relay_server.calls",
+        "relay_server.session",
+        "relay_server.agents.llm_agent",
+        "crctl.caller.socket",
+        "crctl.caller.simulated",
+        "crctl.call",
+        "crctl.call_script",
+    } <= carriers
+    assert not any(m.startswith("relay_server.protocol") for m in carriers)
+
+
+def test_the_check_sees_every_way_to_reach_a_json_codec(tmp_path: Path) -> None:
+    # the rule below must not pass because the walk misses a spelling
+    spellings = {
+        "import json": {"json"},
+        "def f():\n    import json as j": {"json"},
+        "from json import loads": {"json"},
+        "from msgspec import json": {"msgspec.json"},
+        "import msgspec.json": {"msgspec.json"},
+        "import msgspec\nmsgspec.json.decode(b'{}')": {"msgspec.json"},
+        "import msgspec\nx = msgspec.UNSET": set(),
+    }
+    for source, wanted in spellings.items():
+        path = tmp_path / "m.py"
+        path.write_text(source)
+        assert _json_uses(path) == wanted, source
+
+
+def test_only_the_protocol_turns_frames_into_values() -> None:
+    # DESIGN: one module owns the ConversationRelay wire format; the modules that carry frames
+    # pass them to relay_server.protocol and never call json / msgspec.json on them.
+    offenders = {
+        module: sorted(used)
+        for module, path in _module_paths().items()
+        if _carries_frames(module) and (used := _json_uses(path))
+    }
+    assert offenders == {}

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from fakes.fake_llm import Script, ToolCallSpec
+from relay_server.protocol import Text
 from tests.support import TwilioCaller, free_port, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -27,12 +28,12 @@ async def test_tokens_stream_as_they_arrive_and_turn_closes(relay, fake_llm):
     await caller.prompt("hi")
     first = await caller.recv()
     t0 = time.monotonic()
-    assert first == {"type": "text", "token": "Hello", "last": False}
+    assert first == Text(token="Hello", last=False)
     rest = await caller.recv_turn()
     # tokens were forwarded one by one while the model was still generating (not buffered)
     assert time.monotonic() - t0 >= 0.3
-    assert [f["token"] for f in rest] == [" there", ",", " friend.", ""]
-    assert rest[-1]["last"] is True
+    assert [f.token for f in rest] == [" there", ",", " friend.", ""]
+    assert rest[-1].last is True
     body = fake_llm.records[-1].body
     assert body["stream"] is True and body["model"] == "gpt-4o-mini"
     assert body["messages"][0]["role"] == "system"
@@ -45,12 +46,12 @@ async def test_barge_in_stops_the_reply_and_closes_the_llm_stream(relay, fake_ll
     caller = await TwilioCaller(relay).connect()
     await caller.prompt("tell me a long story")
     got = [await caller.recv() for _ in range(5)]
-    assert all(f["type"] == "text" and not f["last"] for f in got)
+    assert all(isinstance(f, Text) and not f.last for f in got)
     await caller.interrupt("word0 word1", 700)
     after = await caller.quiet(0.5)
     # apart from the turn-closing frame, nothing of the interrupted reply follows
-    worded = [f for f in after if f["type"] == "text" and f["token"]]
-    closing = [f for f in after if f == {"type": "text", "token": "", "last": True}]
+    worded = [f for f in after if isinstance(f, Text) and f.token]
+    closing = [f for f in after if f == Text(token="", last=True)]
     assert len(worded) <= 1  # at most a token already on the wire when the interrupt left
     assert len(closing) == 1 and after[-1] == closing[0]
     record = fake_llm.records[-1]

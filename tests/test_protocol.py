@@ -3,6 +3,8 @@
 Plain sync tests, no event loop, in the spirit of websockets' sans-I/O protocol tests. Frames are
 shaped like the frames Twilio documents for ConversationRelay (WebSocket messages: inbound
 setup, prompt, dtmf, interrupt, info, error; outbound text, play, sendDigits, language, end).
+
+These tests build and read raw JSON on purpose: the wire text is what the codec is tested on.
 """
 
 from __future__ import annotations

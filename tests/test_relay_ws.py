@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import ClassVar
 
 import pytest
 
 from fakes.fake_llm import Script
 from relay_server import CallSession
-from relay_server.protocol import Dtmf, Error, Info, Interrupt, Prompt, Setup
-from tests.support import TwilioCaller, setup_frame, wait_until
+from relay_server.protocol import (
+    Dtmf,
+    End,
+    Error,
+    Info,
+    Interrupt,
+    Language,
+    Play,
+    Prompt,
+    SendDigits,
+    Setup,
+    Text,
+    encode_inbound,
+)
+from tests.support import TwilioCaller, setup_message, wait_until
 
 pytestmark = pytest.mark.asyncio
 
 
 async def test_bad_frames_are_logged_and_the_call_goes_on(relay, fake_llm, caplog):
     caller = await TwilioCaller(relay).connect()
+    # Raw text on purpose: frames the protocol's types cannot build (the malformed wire is the
+    # point), and one well-formed frame that is only too large.
     bad = [
         "this is not json #1",
         b"\x00\x01binary",
-        json.dumps({"type": "prompt", "voicePrompt": 42, "last": True}),
-        json.dumps({"type": "dtmf"}),
-        json.dumps(["not", "an", "object"]),
-        json.dumps({"no": "type"}),
-        json.dumps({"type": "prompt", "voicePrompt": "x" * 70_000, "last": True}),
+        '{"type": "prompt", "voicePrompt": 42, "last": true}',
+        '{"type": "dtmf"}',
+        '["not", "an", "object"]',
+        '{"no": "type"}',
+        encode_inbound(Prompt(voice_prompt="x" * 70_000, last=True)),
     ]
     for frame in bad:
         await caller.send(frame)
-    await caller.send({"type": "somethingNew", "field": 1})  # unknown type: skipped quietly
+    await caller.send('{"type": "somethingNew", "field": 1}')  # unknown type: skipped quietly
     await caller.prompt("are you alive")
     assert await caller.reply_text() == "You said: are you alive"
     assert relay.kinds(caller.call_sid).count("frame.bad") == len(bad)
@@ -48,7 +62,7 @@ async def test_frames_before_setup_are_dropped_then_setup_works(relay, fake_llm,
     caller = TwilioCaller(relay)
     await caller.connect(setup=False)
     await caller.prompt("too early")
-    await caller.send(setup_frame(caller.call_sid))
+    await caller.send(setup_message(caller.call_sid))
     await caller.prompt("now")
     assert await caller.reply_text() == "You said: now"
     assert any("prompt before setup" in r.getMessage() for r in caller_records(caplog))
@@ -146,22 +160,22 @@ class RecordingAgent(CallSession):
 async def test_custom_agent_gets_every_message_type(relay_factory):
     RecordingAgent.seen = []
     relay = relay_factory(agent="tests.test_relay_ws:RecordingAgent")
-    caller = await TwilioCaller(relay).connect(customParameters={"customerId": "42"})
+    caller = await TwilioCaller(relay).connect(custom_parameters={"customerId": "42"})
     await caller.prompt("partial", last=False)
     await caller.prompt("full")
     frames = [await caller.recv() for _ in range(5)]
     assert frames == [
-        {"type": "text", "token": "Hi", "last": False, "lang": "en-US", "interruptible": False},
-        {"type": "text", "token": " there", "last": True},
-        {"type": "play", "source": "https://example.test/hold.mp3", "loop": 2, "preemptible": True},
-        {"type": "sendDigits", "digits": "9w1"},
-        {"type": "language", "ttsLanguage": "sv-SE", "transcriptionLanguage": "en-US"},
+        Text(token="Hi", last=False, lang="en-US", interruptible=False),
+        Text(token=" there", last=True),
+        Play(source="https://example.test/hold.mp3", loop=2, preemptible=True),
+        SendDigits(digits="9w1"),
+        Language(tts_language="sv-SE", transcription_language="en-US"),
     ]
     await caller.interrupt("Hi", "120")
     await caller.info("roundTripDelayMs", "148")
-    await caller.send({"type": "error", "description": "Invalid message received, code: 64107"})
+    await caller.send(Error(description="Invalid message received, code: 64107"))
     await caller.dtmf("0")
-    assert await caller.recv() == {"type": "end", "handoffData": '{"reason": "operator"}'}
+    assert await caller.recv() == End(handoff_data='{"reason": "operator"}')
     await caller.hangup()
     assert wait_until(lambda: ("close", None) in RecordingAgent.seen)
     assert RecordingAgent.seen == [
@@ -188,7 +202,7 @@ async def test_an_agent_exception_is_logged_and_the_call_goes_on(relay_factory, 
     caller = await TwilioCaller(relay).connect()
     await caller.prompt("crash")
     await caller.prompt("hello")
-    assert await caller.recv() == {"type": "text", "token": "ok", "last": True}
+    assert await caller.recv() == Text(token="ok", last=True)
     assert any("handler failed" in r.getMessage() for r in caller_records(caplog))
     await caller.hangup()
 

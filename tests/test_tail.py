@@ -328,6 +328,9 @@ async def test_tail_json_zero_config_and_reconnect_after_a_relay_restart(tmp_pat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+        reader.join(5)  # the pipe is at its end once tail exited
+        tail.stdout.close()  # type: ignore[union-attr]
+        tail.stderr.close()  # type: ignore[union-attr]
 
     events = [json.loads(line) for line in lines]  # every line is one JSON object
     assert [e["call_sid"] for e in events] == [CA1] * 4 + [CA2] * 4

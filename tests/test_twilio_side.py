@@ -14,6 +14,7 @@ import pytest
 
 from relay_server.protocol import (
     End,
+    Language,
     Play,
     ProtocolError,
     SendDigits,
@@ -60,6 +61,7 @@ def sent(twilio: TwilioSide) -> list[tuple[object, ...]]:
     for frame in twilio.data_to_send():
         message = decode(frame)
         kind = type(message).__name__.lower()
+        # the raw JSON object on purpose: the values in the order they are on the wire
         values = {k: v for k, v in json.loads(frame).items() if k != "type"}
         out.append((kind, *values.values()))
     return out
@@ -69,7 +71,7 @@ def sent(twilio: TwilioSide) -> list[tuple[object, ...]]:
 
 
 def test_setup_is_encoded_byte_for_byte_as_captured() -> None:
-    captured = json.loads(SETUP_CAPTURED)
+    captured = json.loads(SETUP_CAPTURED)  # raw on purpose: the bytes Twilio sends verbatim
     setup = SentSetup(
         session_id=captured["sessionId"],
         call_sid=captured["callSid"],
@@ -84,6 +86,7 @@ def test_setup_is_encoded_byte_for_byte_as_captured() -> None:
     assert encode_inbound(setup) == SETUP_CAPTURED
 
 
+# Raw text on purpose: frames Twilio rejects, which no typed message can build.
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
@@ -107,7 +110,7 @@ def test_twilio_rejects_app_frames_and_says_why(frame: str | bytes, reason: str)
 
 
 def test_twilio_reads_text_without_last_as_false() -> None:
-    message = decode_received('{"type":"text","token":"Hi"}')
+    message = decode_received('{"type":"text","token":"Hi"}')  # raw: no "last" on the wire
     assert isinstance(message, Text) and message.last is False
 
 
@@ -125,7 +128,7 @@ def test_the_64107_error_quotes_the_frame() -> None:
 def test_each_bad_frame_gets_an_error_and_ten_in_a_row_close_with_1007() -> None:
     twilio, _ = side()
     for _ in range(9):
-        twilio.receive_data('{"type":"text"}')
+        twilio.receive_data('{"type":"text"}')  # raw on purpose: malformed
     twilio.receive_data(text("ok"))  # a good frame resets the count
     assert twilio.malformed == 0 and twilio.close_to_send is None
     for _ in range(10):
@@ -177,7 +180,7 @@ def test_play_digits_language_and_end_belong_to_the_reply() -> None:
     reply = twilio.end_speech("hi")
     twilio.receive_data(encode(Play(source="https://x/a.mp3")))
     twilio.receive_data(encode(SendDigits(digits="12#")))
-    twilio.receive_data('{"type":"language","transcriptionLanguage":"sv-SE"}')
+    twilio.receive_data(encode(Language(transcription_language="sv-SE")))
     assert (reply.plays, reply.digits) == (["https://x/a.mp3"], ["12#"])
     assert reply.languages == [{"transcriptionLanguage": "sv-SE"}] and twilio.lang == "sv-SE"
     twilio.receive_data(encode(End(handoff_data='{"a":1}')))

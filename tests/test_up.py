@@ -31,15 +31,16 @@ class Up:
     def __init__(self, tmp_path: Path, env: dict[str, str], *args: str) -> None:
         self.port = free_port()
         self.log = tmp_path / f"up-{self.port}.log"
-        handle = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crctl", "up", "--port", str(self.port), *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # the child keeps its own copy of the file: ours is closed once it started
+        with self.log.open("w") as handle:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "crctl", "up", "--port", str(self.port), *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def output(self) -> str:

@@ -10,6 +10,8 @@ examples use). Parsing is pure, like the rest of ``protocol/``: no I/O, no event
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -78,6 +80,16 @@ def parse_handoff(text: str) -> HandoffData:
         handoff=bool(value.get("handoff")),
         fields=value,
     )
+
+
+def encode_handoff(fields: Mapping[str, Any]) -> str:
+    """Encode an object as the ``HandoffData`` string of an ``end`` frame.
+
+    ``handoffData`` is a string on the wire (Twilio docs: WebSocket messages, end). Encoded
+    with the standard library's separators (``", "``, ``": "``): the exact text the relay
+    has always sent, which an action handler may compare verbatim.
+    """
+    return json.dumps(dict(fields))
 
 
 def wants_person(text: str | None) -> bool:

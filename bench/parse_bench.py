@@ -244,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def floor_ratio_text(ratio: float | None) -> str:
     """The above-floor ratio for people: ``None`` means the relay path is at the floor."""
     return "n/a (the relay path is at the raw-bytes floor)" if ratio is None else f"{ratio}x"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

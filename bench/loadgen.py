@@ -250,17 +250,7 @@ class Caller:
 
 def setup_for(call_sid: str) -> SentSetup:
     """A setup frame shaped like the captured one (Twilio docs: WebSocket messages)."""
-    return SentSetup(
-        session_id="VX" + call_sid[2:],
-        call_sid=call_sid,
-        from_="+15550100001",
-        to="+15550100002",
-        forwarded_from="+15550100002",
-        direction="inbound",
-        call_type="PSTN",
-        call_status="RINGING",
-        account_sid="AC" + "0" * 32,
-    )
+    return SentSetup.inbound(call_sid)
 
 
 def bench_tag(

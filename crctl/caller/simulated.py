@@ -148,16 +148,12 @@ class SimulatedCaller:
         self._ws = await open_socket(plan, self.auth_token, self.timeout, self._why_403)
         self._started = time.monotonic()
         self.side.send_setup(
-            SentSetup(
-                session_id=self.session_id,
-                call_sid=self.call_sid,
+            SentSetup.inbound(
+                self.call_sid,
                 from_=self.from_,
                 to=self.to,
-                forwarded_from=self.to,
-                direction="inbound",
-                call_type=_call_type(self.from_),
-                call_status="RINGING",
                 account_sid=self.account_sid,
+                session_id=self.session_id,
                 custom_parameters=plan.parameters,
             )
         )
@@ -338,9 +334,3 @@ class SimulatedCaller:
         if outcome.error_code:
             params.update(ErrorCode=outcome.error_code, ErrorMessage=outcome.error_message or "")
         await post_action(plan, outcome, params, self.auth_token, self.timeout)
-
-
-def _call_type(number: str) -> str:
-    if number.startswith("client:"):
-        return "CLIENT"
-    return "SIP" if number.startswith("sip:") else "PSTN"

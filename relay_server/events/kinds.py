@@ -46,6 +46,7 @@ A kind this code does not know (from a newer relay) is an :class:`Other`, never 
 from __future__ import annotations
 
 import time
+import typing
 from typing import Any, ClassVar, Union
 
 import msgspec
@@ -254,22 +255,5 @@ AnyEvent = Union[
 
 #: The Struct of each kind.
 KINDS: dict[str, type[CallEvent]] = {
-    str(cls.__struct_config__.tag): cls
-    for cls in (
-        CallStarted,
-        CallerSpeech,
-        AgentReply,
-        AgentPushed,
-        BargeIn,
-        Dtmf,
-        ToolCall,
-        LanguageSwitched,
-        Error,
-        LlmFault,
-        BadFrame,
-        SocketClosed,
-        SessionEnd,
-        CallStatus,
-        CallLost,
-    )
+    str(cls.__struct_config__.tag): cls for cls in typing.get_args(AnyEvent)
 }

@@ -13,7 +13,7 @@ and are therefore always encoded.
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -220,6 +220,40 @@ class SentSetup(Setup, tag="setup"):
     """
 
     application_sid: str | msgspec.UnsetType | None = msgspec.UNSET  # type: ignore[assignment]
+
+    @classmethod
+    def inbound(
+        cls,
+        call_sid: str,
+        *,
+        from_: str = "+15550100001",
+        to: str = "+15550100002",
+        account_sid: str = "AC" + "0" * 32,
+        **fields: Any,
+    ) -> SentSetup:
+        """The ``setup`` of an inbound call as Twilio sends it, shaped like a captured one.
+
+        The session id follows the call's, ``forwardedFrom`` is the number called, the call is
+        ``RINGING``, and its type follows the caller's address (``client:`` is ``CLIENT``,
+        ``sip:`` is ``SIP``, else ``PSTN``). ``fields`` set any other field by its Python name
+        (``custom_parameters={...}``, ``call_status="IN_PROGRESS"``).
+        """
+        call_type = (
+            "CLIENT"
+            if from_.startswith("client:")
+            else "SIP"
+            if from_.startswith("sip:")
+            else "PSTN"
+        )
+        values: dict[str, Any] = {
+            "session_id": "VX" + call_sid[2:],
+            "forwarded_from": to,
+            "direction": "inbound",
+            "call_type": call_type,
+            "call_status": "RINGING",
+            **fields,
+        }
+        return cls(call_sid=call_sid, from_=from_, to=to, account_sid=account_sid, **values)
 
 
 class SentInterrupt(Interrupt, tag="interrupt"):

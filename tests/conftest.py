@@ -17,7 +17,7 @@ pytest_plugins = ["fakes.twilio_fixtures"]
 def _scratch_state(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """crctl's state, token file and events database never land in the real home."""
+    """The crctl state, token file and events database never land in the real home."""
     monkeypatch.setenv("CRCTL_STATE_DIR", str(tmp_path_factory.mktemp("crctl-state")))
 
 
@@ -29,8 +29,10 @@ def fake_llm() -> Iterator[FakeLLM]:
 
 @pytest.fixture
 def relay_factory(fake_llm: FakeLLM) -> Iterator[Callable[..., RelayServer]]:
-    """Start a relay wired to the fake LLM: ``relay_factory(agent_factory=None, **config)``;
-    config keys ``agent_*`` and ``llm_*`` go to AgentConfig / LLMConfig."""
+    """Start a relay wired to the fake LLM: ``relay_factory(agent_factory=None, **config)``.
+
+    Config keys ``agent_*`` and ``llm_*`` go to AgentConfig / LLMConfig.
+    """
     started: list[RelayServer] = []
 
     def make(agent_factory: Any = None, **overrides: Any) -> RelayServer:

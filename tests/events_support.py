@@ -1,6 +1,8 @@
-"""Helpers shared by the call-log tests (test_events.py, test_tail.py): a relay with an events
-database and an API token, one scripted call that produces every kind of event, and an SSE
-reader over httpx."""
+"""Helpers shared by the call-log tests (test_events.py, test_tail.py).
+
+A relay with an events database and an API token, one scripted call that produces every kind of
+event, and an SSE reader over httpx.
+"""
 
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ def count(relay: RelayServer, sid: str, kind: str) -> int:
 
 
 async def wait_kind(relay: RelayServer, sid: str, kind: str, n: int = 1) -> None:
-    """Until ``relay`` published ``n`` events of ``kind`` for ``sid`` (frames that follow then
-    cannot overtake them)."""
+    """Wait until ``relay`` published ``n`` events of ``kind`` for ``sid``.
+
+    Frames that follow then cannot overtake them.
+    """
     deadline = time.monotonic() + 5
     while count(relay, sid, kind) < n:
         assert time.monotonic() < deadline, f"no {kind} #{n} for {sid}: {relay.kinds(sid)}"
@@ -60,8 +64,10 @@ async def post_signed(relay: RelayServer, path: str, params: dict[str, str]) -> 
 
 
 async def call_part1(relay: RelayServer, fake_llm: FakeLLM, sid: str) -> TwilioCaller:
-    """Setup (custom parameters), a partial and a final prompt; the agent switches to Spanish
-    with a tool and answers."""
+    """Setup (custom parameters), a partial and a final prompt.
+
+    The agent switches to Spanish with a tool and answers.
+    """
     fake_llm.enqueue(
         Script(tool_calls=[ToolCallSpec("switch_language", '{"language": "es-ES"}')]),
         Script(tokens=["Your order", " has shipped."], ttft=0.05),
@@ -76,8 +82,10 @@ async def call_part1(relay: RelayServer, fake_llm: FakeLLM, sid: str) -> TwilioC
 
 
 async def call_part2(relay: RelayServer, caller: TwilioCaller) -> None:
-    """A barge-in, a key press (answered), Twilio's 64107 error, the hang-up, then the
-    ``/action`` and status callbacks Twilio sends."""
+    """A barge-in, a key press (answered), Twilio's 64107 error, the hang-up, then the callbacks.
+
+    The callbacks are the ``/action`` and status callbacks Twilio sends.
+    """
     sid = caller.call_sid
     await caller.interrupt("Your order", 640)
     await wait_kind(relay, sid, "barge_in")

@@ -111,8 +111,10 @@ class RelayServer:
         return box[0]
 
     async def socket_url(self, call_sid: str) -> str:
-        """The ``<ConversationRelay url>`` the relay's ``/twiml`` gives ``call_sid``: POSTed as
-        Twilio posts it, signed with the relay's own auth token over its public URL."""
+        """The ``<ConversationRelay url>`` the relay's ``/twiml`` gives ``call_sid``.
+
+        POSTed as Twilio posts it, signed with the relay's own auth token over its public URL.
+        """
         token = self.config.auth_token if self.config.verify_signatures else None
         public = self.config.public_url or self.base_url
         return await fetch_socket_url(self.base_url, call_sid, token=token, public_url=public)
@@ -124,8 +126,10 @@ class RelayServer:
 async def fetch_socket_url(
     base_url: str, call_sid: str, *, token: str | None = None, public_url: str | None = None
 ) -> str:
-    """The ``<ConversationRelay url>`` from ``POST base_url/twiml`` for ``call_sid`` (signed
-    with ``token`` over ``public_url``, if given)."""
+    """The ``<ConversationRelay url>`` from ``POST base_url/twiml`` for ``call_sid``.
+
+    Signed with ``token`` over ``public_url``, if given.
+    """
     form = {"CallSid": call_sid, "CallStatus": "ringing", "AccountSid": "AC" + "0" * 32}
     headers = {}
     if token:
@@ -144,9 +148,11 @@ def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN
 
 
 def setup_message(call_sid: str, **overrides: Any) -> SentSetup:
-    """A setup message shaped like the captured one (Twilio docs: WebSocket messages), as the
-    protocol's Twilio side sends it; ``overrides`` replace fields by their Python name
-    (``custom_parameters={...}``, ``call_status="IN_PROGRESS"``)."""
+    """A setup message shaped like the captured one (Twilio docs: WebSocket messages).
+
+    It is what the protocol's Twilio side sends; ``overrides`` replace fields by their Python name
+    (``custom_parameters={...}``, ``call_status="IN_PROGRESS"``).
+    """
     setup = SentSetup(
         session_id="VX" + call_sid[2:],
         call_sid=call_sid,
@@ -169,9 +175,11 @@ class RelayAddress:
 
 
 class TwilioCaller:
-    """A WebSocket client that talks ConversationRelay like Twilio does: it drives the
-    protocol's I/O-free :class:`TwilioSide`, so every frame the relay sends is checked as
-    Twilio checks it (a frame Twilio would reject with 64107 fails the test)."""
+    """A WebSocket client that talks ConversationRelay like Twilio does.
+
+    It drives the protocol's I/O-free :class:`TwilioSide`, so every frame the relay sends is checked
+    as Twilio checks it (a frame Twilio would reject with 64107 fails the test).
+    """
 
     def __init__(
         self,
@@ -193,15 +201,20 @@ class TwilioCaller:
 
     @classmethod
     def at(cls, base_url: str, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
-        """A caller for a relay known only by its address (a ``crctl`` process with no auth
-        token: nothing to sign); :meth:`connect` asks its ``/twiml`` for the socket URL."""
+        """A caller for a relay known only by its address.
+
+        Such a relay is a ``crctl`` process with no auth token: nothing to sign. :meth:`connect`
+        asks its ``/twiml`` for the socket URL.
+        """
         address = RelayAddress("ws" + base_url.removeprefix("http") + "/ws")
         return cls(address, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
 
     @classmethod
     def over(cls, ws: Any, call_sid: str = "CA" + "1" * 32) -> TwilioCaller:
-        """A caller on a socket the test opened itself (a test of the handshake): from here on
-        it speaks and checks frames like any other."""
+        """A caller on a socket the test opened itself (a test of the handshake).
+
+        From here on it speaks and checks frames like any other.
+        """
         caller = cls(None, call_sid, public_url=None, token=None)  # type: ignore[arg-type]
         caller.ws = ws
         return caller
@@ -214,10 +227,12 @@ class TwilioCaller:
         query: str | None = None,
         **setup_overrides: Any,
     ) -> TwilioCaller:
-        """Open the socket at the URL the relay's ``/twiml`` gives this call (or with
-        ``query``: ``""`` for none, or a URL's query seen before, to replay it), then send the
-        setup message (with ``setup_overrides``, see :func:`setup_message`) unless ``setup`` is
-        False."""
+        """Open the socket the relay's ``/twiml`` gives this call, then send the setup message.
+
+        With ``query``, the socket URL carries that query instead: ``""`` for none, or a URL's query
+        seen before, to replay it. The setup message carries ``setup_overrides`` (see
+        :func:`setup_message`) and is not sent if ``setup`` is False.
+        """
         if query is None and hasattr(self.relay, "socket_url"):
             query = urlsplit(await self.relay.socket_url(self.call_sid)).query
         elif query is None:  # a relay known by its ws_url only (no signatures): ask its /twiml
@@ -244,8 +259,10 @@ class TwilioCaller:
         return self
 
     async def send(self, frame: Inbound | str | bytes) -> None:
-        """Send a message as Twilio encodes it, or a raw frame (a test's own malformed or
-        unknown frame: the raw wire is its point) exactly as given."""
+        """Send a message as Twilio encodes it, or a raw frame exactly as given.
+
+        A raw frame is a test's own malformed or unknown frame: the raw wire is its point.
+        """
         if isinstance(frame, (str, bytes)):
             await self.ws.send(frame)
             return
@@ -275,9 +292,11 @@ class TwilioCaller:
     # ``timeout`` in recv, recv_turn and reply_text: a bound on each frame, so a hang fails the
     # test at the frame it waited for (ASYNC109).
     async def recv(self, timeout: float = 5.0) -> Outbound:  # noqa: ASYNC109
-        """The next message from the relay, checked as Twilio checks it (a frame Twilio would
-        reject fails the test), as the relay's own type: a ``text`` must carry ``last``, which
-        the relay always sends though Twilio would default it."""
+        """The next message from the relay, as the relay's own type, checked as Twilio checks it.
+
+        A frame Twilio would reject fails the test, and a ``text`` must carry ``last``, which the
+        relay always sends though Twilio would default it.
+        """
         frame = await asyncio.wait_for(self.ws.recv(), timeout)
         self.side.receive_data(frame)
         invalid = [e.reason for e in self.side.events_received() if isinstance(e, Invalid)]
@@ -338,8 +357,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 class Pty:
-    """A program whose stdin, stdout and stderr are a pseudo-terminal of ``size`` (rows,
-    columns); what it prints is collected (:attr:`raw`) and passed to :meth:`received`."""
+    """A program whose stdin, stdout and stderr are a pseudo-terminal of ``size`` (rows, columns).
+
+    What it prints is collected (:attr:`raw`) and passed to :meth:`received`.
+    """
 
     def __init__(
         self, args: list[str], env: dict[str, str], cwd: Any, size: tuple[int, int] = (30, 100)

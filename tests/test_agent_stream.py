@@ -1,5 +1,8 @@
-"""The chat model's reply in-process: ChatStream over a fake HTTP response (no socket), and the
-conversation's history bookkeeping, which needs no event loop at all."""
+"""The chat model's reply in-process, and the conversation's history bookkeeping.
+
+ChatStream runs over a fake HTTP response (no socket); the history bookkeeping needs no event loop
+at all.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The agent's timers in-process on a fake clock: the filler, silence reminders, the DTMF
-buffer. The test moves the clock; nothing waits for wall time."""
+"""The agent's timers in-process on a fake clock: the filler, silence reminders, the DTMF buffer.
+
+The test moves the clock; nothing waits for wall time.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The LLM agent's tool rounds in-process: built-in actions (end, hand-off, keys, language),
-and a tool cut by the caller, gated by the test so the cut lands while the tool runs."""
+"""The LLM agent's tool rounds in-process: built-in actions, and a tool cut by the caller.
+
+The built-in actions are end, hand-off, keys and language; the test gates the cut tool so the cut
+lands while the tool runs.
+"""
 
 from __future__ import annotations
 

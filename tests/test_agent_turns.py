@@ -1,5 +1,8 @@
-"""The LLM agent in-process over the gated fake model: streaming, barge-in, what the caller
-heard, faults. Each step happens where the test releases it: no socket, no sleep, no clock."""
+"""The LLM agent in-process over the gated fake model.
+
+Streaming, barge-in, what the caller heard, faults. Each step happens where the test releases it: no
+socket, no sleep, no clock.
+"""
 
 from __future__ import annotations
 

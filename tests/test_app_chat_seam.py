@@ -1,6 +1,8 @@
-"""The whole relay (real sockets, signed like Twilio) against a chat model the test scripts:
-``create_app(chat=FakeChatModel())``. The LLM seam reaches through the app, not only through
-in-process sessions."""
+"""The whole relay (real sockets, signed like Twilio) against a chat model the test scripts.
+
+The app is ``create_app(chat=FakeChatModel())``: the LLM seam reaches through the app, not only
+through in-process sessions.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""The README's own agent and tools, run as a user runs them: ``crctl serve --agent
-my_agent:Parrot --tools my_tools`` from the folder that holds the files, through the installed
-``crctl`` console script (which, unlike ``python -m crctl``, does not put the current folder on
-``sys.path``), driven over a real WebSocket; ``--app-dir`` / ``CRCTL_APP_DIR`` from elsewhere;
-and the one-line errors for every way naming user code can go wrong."""
+"""The README's own agent and tools, run as a user runs them.
+
+``crctl serve --agent my_agent:Parrot --tools my_tools`` from the folder that holds the files,
+through the installed ``crctl`` console script (which, unlike ``python -m crctl``, does not put the
+current folder on ``sys.path``), driven over a real WebSocket; ``--app-dir`` / ``CRCTL_APP_DIR``
+from elsewhere; and the one-line errors for every way naming user code can go wrong.
+"""
 
 from __future__ import annotations
 
@@ -83,8 +85,10 @@ def _healthy(port: int) -> bool:
 
 @contextmanager
 def crctl_serve(cwd: Path, args: Sequence[str], env: dict[str, str]) -> Iterator[int]:
-    """``crctl serve --port <free> *args`` through the console script; yields the port once
-    /healthz answers; always stopped at the end."""
+    """Run ``crctl serve --port <free> *args`` through the console script and yield the port.
+
+    The port is yielded once /healthz answers; the server is always stopped at the end.
+    """
     port = free_port()
     log = cwd.parent / f"serve-{port}.log"
     with log.open("wb") as out:
@@ -239,8 +243,11 @@ def test_a_missing_app_dir_is_one_line(tmp_path: Path) -> None:
 # ------------------------------------------------------- every message, in this process
 @pytest.fixture
 def scratch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """resolve_agent puts the app dir on sys.path (and keeps it, as uvicorn does): undo that
-    after each test, and forget the modules it imported (the next test's my_agent differs)."""
+    """Undo what resolve_agent does to sys.path and the module cache, after each test.
+
+    resolve_agent puts the app dir on sys.path (and keeps it, as uvicorn does): undo that after each
+    test, and forget the modules it imported (the next test's my_agent differs).
+    """
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
     yield
@@ -328,8 +335,11 @@ def test_a_package_module_is_found_and_a_missing_one_names_its_path(tmp_path: Pa
 
 @pytest.mark.usefixtures("scratch_path")
 def test_the_app_dir_goes_first_on_sys_path_and_stays(user_folder: Path) -> None:
-    """As uvicorn's --app-dir: first (a user's module beats an installed one of the same
-    name), and kept (the module may import its neighbours later, inside a function)."""
+    """The app dir goes on sys.path as with uvicorn's --app-dir: first, and kept.
+
+    First, so a user's module beats an installed one of the same name; kept, since the module may
+    import its neighbours later, inside a function.
+    """
     (user_folder / "later.py").write_text("ANSWER = 42\n")
     (user_folder / "my_agent.py").write_text(
         readme_module("my_agent.py") + "\n\ndef answer():\n    import later\n\n"

@@ -1,5 +1,7 @@
-"""``crctl call``: the simulated Twilio caller against the real relay (and a recording server
-for the exact frames), scripted and interactive."""
+"""``crctl call``: the simulated Twilio caller against the real relay, scripted and interactive.
+
+A recording server captures the exact frames.
+"""
 
 from __future__ import annotations
 
@@ -634,8 +636,10 @@ def test_the_report_is_a_table_on_a_terminal():
 
 
 def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
-    """A relay that drops the socket after one token (Twilio would report failed/64105): the
-    script fails even though the reply had the expected words."""
+    """A script fails on a relay that drops the socket after one token, despite the expected words.
+
+    Twilio would report that call as failed/64105.
+    """
     from aiohttp import web
     from rich.console import Console as FileConsole
 
@@ -680,8 +684,10 @@ def test_a_socket_dropped_mid_reply_fails_the_script(tmp_path: Path) -> None:
 
 
 async def test_speaking_over_the_agent_follows_twilios_barge_in_order() -> None:
-    """clientSpeaking on → tokensPlayed → interrupt → prompt(last:false) → agentSpeaking off
-    (the order observed on real calls)."""
+    """The barge-in order observed on real calls, from clientSpeaking on to agentSpeaking off.
+
+    clientSpeaking on → tokensPlayed → interrupt → prompt(last:false) → agentSpeaking off.
+    """
     answering: list[asyncio.Task[None]] = []
 
     async def behaviour(ws: ServerConnection, frame: Inbound | Unknown) -> None:
@@ -820,8 +826,10 @@ def test_the_example_ships_in_the_package():
 
 
 def test_a_plain_http_relay_naming_wss_on_its_own_port_is_reached_with_ws():
-    """A relay that answered /twiml over plain HTTP and names wss:// on that same host and
-    port: the socket (and /action) go there without TLS, still signed over the wss:// URL."""
+    """A relay that answered /twiml over plain HTTP and names wss:// on that same host and port.
+
+    The socket (and /action) go there without TLS, still signed over the wss:// URL.
+    """
     port = free_port()
     public = f"https://127.0.0.1:{port}"
     relay = RelayServer(config(public_url=public, agent="echo"))

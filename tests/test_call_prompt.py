@@ -1,6 +1,8 @@
-"""``crctl call`` on a terminal: the prompt_toolkit prompt in a real pseudo-terminal, its
-output played through a small VT100 screen, so the test sees what the user sees: replies
-streaming above the input line, the line being typed intact, history across lines."""
+"""``crctl call`` on a terminal: the prompt_toolkit prompt in a real pseudo-terminal.
+
+Its output is played through a small VT100 screen, so the test sees what the user sees: replies
+streaming above the input line, the line being typed intact, history across lines.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ _CSI = re.compile(r"\x1b\[([?>]?)([0-9;]*)([A-Za-z@])|\x1b[=>]|\x1b\][^\x07]*\x0
 
 
 class Screen:
-    """Enough of a VT100 for prompt_toolkit and rich: cursor moves, erases, autowrap (colours
-    and modes ignored). Rows are kept without limit, so nothing scrolls away."""
+    """Enough of a VT100 for prompt_toolkit and rich: cursor moves, erases, autowrap.
+
+    Colours and modes are ignored. Rows are kept without limit, so nothing scrolls away.
+    """
 
     def __init__(self, columns: int) -> None:
         self.columns = columns

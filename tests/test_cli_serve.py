@@ -143,8 +143,11 @@ def serve(tmp_path: Path, args: Sequence[str], env: dict[str, str]) -> Iterator[
 
 
 def _connect(relay: Relay, signed: tuple[str, str] | None) -> Any:
-    """The socket at the one-time URL the relay's /twiml gives CALL; ``signed``: the URL and
-    auth token to sign the handshake with (as Twilio does, the URL's query as params)."""
+    """The socket at the one-time URL the relay's /twiml gives CALL.
+
+    ``signed``: the URL and auth token to sign the handshake with (as Twilio does, the URL's query
+    as params).
+    """
     form = {"CallSid": CALL}
     twiml_signature = sign(f"https://127.0.0.1:{relay.port}/twiml", form, token=TOKEN)
     status, _, body = _http(

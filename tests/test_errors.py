@@ -1,6 +1,9 @@
-"""Errors at the edge: one exception tree per package, caught once by the CLI's root group with
-the exit-code rule (1 = the operation failed, 2 = usage or configuration), and the helpers the
-edge uses (the resolved environment, process identity, the atomic write, the tunnel setting)."""
+"""Errors at the edge: one exception tree per package, caught once by the CLI's root group.
+
+The root group applies the exit-code rule (1 = the operation failed, 2 = usage or configuration).
+Also the helpers the edge uses: the resolved environment, process identity, the atomic write, the
+tunnel setting.
+"""
 
 from __future__ import annotations
 

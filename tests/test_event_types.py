@@ -1,5 +1,8 @@
-"""Typed call events: one Struct per kind, encoded once for SQLite and SSE, decoded once in
-the CLI, rendered by kind; and the store's writer, signalled through one queue. In process."""
+"""Typed call events: one Struct per kind, and the store's writer, signalled through one queue.
+
+Each kind is encoded once for SQLite and SSE, decoded once in the CLI, and rendered by kind. In
+process.
+"""
 
 from __future__ import annotations
 
@@ -61,8 +64,11 @@ PUBLISHED: list[tuple[str, dict[str, object]]] = [
 
 
 def test_every_kind_keeps_its_data_as_published_and_round_trips_through_the_wire():
-    """The data stored and served is exactly what the call site published (no key added,
-    none lost), and one decode of the ``/events`` JSON gives the same typed event back."""
+    """The data stored and served is exactly what the call site published.
+
+    No key is added, none lost, and one decode of the ``/events`` JSON gives the same typed event
+    back.
+    """
     for kind, data in PUBLISHED:
         event = ev.build(kind, CA1, data, 1234.5)
         assert type(event) is ev.KINDS[kind], kind
@@ -86,8 +92,10 @@ def test_emit_and_publish_are_the_same_event():
 
 
 def test_the_llm_fault_kind_is_its_own_field_not_the_tag():
-    """``llm.fault`` carries a ``kind`` of its own in its data (connection, timeout…): it is
-    ``fault`` in Python, ``kind`` on the wire, and never confused with the event's kind."""
+    """``llm.fault`` carries a ``kind`` of its own in its data (connection, timeout…).
+
+    It is ``fault`` in Python, ``kind`` on the wire, and never confused with the event's kind.
+    """
     bus = ev.EventBus()
     got: list[ev.CallEvent] = []
     bus.subscribe(got.append)
@@ -138,8 +146,10 @@ def test_the_call_log_renders_typed_events_by_kind():
 async def test_a_reader_sees_everything_queued_before_it_without_waiting_for_the_batch(
     tmp_path: Path,
 ):
-    """The writer gathers a batch for ``flush_interval``; a reader's flush mark travels the
-    same queue, so it is written at once and in order (here the interval is an hour)."""
+    """The writer gathers a batch for ``flush_interval``; a reader's flush mark is written at once.
+
+    The mark travels the same queue, so it is also written in order (here the interval is an hour).
+    """
     store = EventStore(tmp_path / "events.sqlite3", flush_interval=3600)
     try:
         for digit in "123":

@@ -1,5 +1,7 @@
-"""Call events: published by a real call, stored in SQLite, served as SSE and JSON, and still
-there after a relay restart. Real sockets on 127.0.0.1, the fake LLM over real HTTP."""
+"""Call events: published by a real call, stored in SQLite, served as SSE and JSON.
+
+They are still there after a relay restart. Real sockets on 127.0.0.1, the fake LLM over real HTTP.
+"""
 
 from __future__ import annotations
 

@@ -330,7 +330,9 @@ def test_cli_serves_fixed_script() -> None:
 
 async def raw_bytes(fake: FakeLLM, limit: int) -> tuple[bytes, int]:
     """POST a streaming request; read at most ``limit`` bytes of the body, then close.
-    Returns what was read and the size of the largest single read."""
+
+    Returns what was read and the size of the largest single read.
+    """
     data, largest = bytearray(), 0
     async with (
         httpx.AsyncClient(timeout=5) as http,

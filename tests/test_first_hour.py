@@ -1,6 +1,8 @@
-"""The first hour without surprises (issue 8, item 6): a local model with one variable, the LLM
-and its reachability said at start, faults said as what they are and once, pushed messages in
-the call log, one name for latency (first token), ``call_sid`` in every JSON output.
+"""The first hour without surprises (issue 8, item 6).
+
+A local model with one variable, the LLM and its reachability said at start, faults said as what
+they are and once, pushed messages in the call log, one name for latency (first token), ``call_sid``
+in every JSON output.
 
 ``crctl serve`` and ``crctl up`` run as real processes against the fake LLM over real HTTP; an
 unresolvable host is a ``.invalid`` name (it never resolves, and fails fast offline) and a
@@ -280,8 +282,10 @@ def _up_live_log(
     drive: Any,
     shown: list[str],
 ) -> str:
-    """Run ``crctl up --no-tunnel`` as a process, ``drive(port)`` a call through it, wait until
-    the live log shows each of ``shown``, stop it with SIGINT; its output."""
+    """Run ``crctl up --no-tunnel`` as a process and ``drive(port)`` a call through it.
+
+    Wait until the live log shows each of ``shown``, stop it with SIGINT; return its output.
+    """
     port = free_port()
     log = tmp_path / "up.log"
     with log.open("w") as out:

@@ -1,6 +1,9 @@
-"""The call log under abuse (issue 9): an ``/events`` client that never reads, a relay that
-crashed with calls open, a read-only database, huge partial transcripts. Real sockets on
-127.0.0.1 and real HTTP; the relays that must die or refuse to start are real subprocesses."""
+"""The call log under abuse (issue 9).
+
+An ``/events`` client that never reads, a relay that crashed with calls open, a read-only database,
+huge partial transcripts. Real sockets on 127.0.0.1 and real HTTP; the relays that must die or
+refuse to start are real subprocesses.
+"""
 
 from __future__ import annotations
 
@@ -66,9 +69,11 @@ def dechunk(raw: bytes) -> bytes:
 async def test_a_subscriber_that_never_reads_is_cut_off_and_resumes_without_loss(
     relay_factory, db, caplog
 ):
-    """A client that stops reading is held to a byte budget (1 MiB), not 1,000 batches: its
-    stream ends after the last event it was sent, and resuming with ``after`` gives every
-    event after that one, from the store."""
+    """A client that stops reading is held to a byte budget (1 MiB), not 1,000 batches.
+
+    Its stream ends after the last event it was sent, and resuming with ``after`` gives every event
+    after that one, from the store.
+    """
     caplog.set_level(logging.WARNING, "relay_server.store")
     relay = relay_factory(api_token=TOKEN, events_db=str(db))
     sock = socket.socket()
@@ -227,8 +232,11 @@ class RelayAt:
 
 # ------------------------------------------------------------- item 8: a read-only database
 def _without_dac_override() -> None:
-    """In the child: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability
-    bounding set before exec, so even root is held to file modes (prctl PR_CAPBSET_DROP)."""
+    """In the child: drop the DAC override capabilities from the bounding set before exec.
+
+    With CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped (prctl PR_CAPBSET_DROP), even root is held
+    to file modes.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     for cap in (1, 2):
         if libc.prctl(24, cap, 0, 0, 0) != 0:

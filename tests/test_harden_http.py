@@ -1,6 +1,9 @@
-"""Request bodies and the API token under abuse (issue 9): a webhook body is bounded before it
-is read (with or without Content-Length), a pushed message is bounded by the frame limit, and
-the ``Bearer`` scheme is matched case-insensitively. Real sockets on 127.0.0.1, real HTTP."""
+"""Request bodies and the API token under abuse (issue 9).
+
+A webhook body is bounded before it is read (with or without Content-Length), a pushed message is
+bounded by the frame limit, and the ``Bearer`` scheme is matched case-insensitively. Real sockets on
+127.0.0.1, real HTTP.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ CA1 = "CA" + "1" * 32
 
 
 def raw_post(relay: RelayServer, path: str, head: bytes, body_parts: list[bytes]) -> bytes:
-    """Send a POST by hand (headers ``head``, then ``body_parts``) and return the whole answer
-    (the connection is closed after it)."""
+    """Send a POST by hand (headers ``head``, then ``body_parts``) and return the whole answer.
+
+    The connection is closed after it.
+    """
     with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as sock:
         sock.sendall(
             b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
@@ -46,8 +51,10 @@ def big_form(size: int) -> bytes:
 
 @pytest.mark.parametrize("path", ["/action", "/status", "/twiml"])
 async def test_an_oversized_webhook_is_refused_with_413_before_it_is_read(relay, path, caplog):
-    """10 MiB with a Content-Length: 413 at once, whatever the signature (the body is never
-    read, so never parsed); the relay goes on answering."""
+    """10 MiB with a Content-Length: 413 at once, whatever the signature.
+
+    The body is never read, so never parsed; the relay goes on answering.
+    """
     body = big_form(10 << 20)
     answer = await asyncio.to_thread(
         raw_post, relay, path, b"Content-Length: %d\r\n" % len(body), [body]

@@ -1,6 +1,9 @@
-"""Issue 9, the relay hardened against its LLM: keep-alives that hold no token, a line that never
-ends, a very long reply. Real sockets on 127.0.0.1, the fake LLM over real HTTP. (A barge-in on
-a very long reply is agent logic: tests/test_agent_turns.py, in-process.)"""
+"""Issue 9, the relay hardened against its LLM.
+
+Keep-alives that hold no token, a line that never ends, a very long reply. Real sockets on
+127.0.0.1, the fake LLM over real HTTP. (A barge-in on a very long reply is agent logic:
+tests/test_agent_turns.py, in-process.)
+"""
 
 from __future__ import annotations
 
@@ -66,8 +69,10 @@ async def test_keepalives_after_some_tokens_end_in_the_apology(relay_factory, fa
 
 
 async def test_slow_tokens_within_the_timeout_are_no_fault(relay_factory, fake_llm):
-    """The timeout is per token, not for the whole reply; tool-call deltas are tokens too. Gaps
-    of ~0.85 s against a 2 s timeout (room for a loaded machine), a reply of ~4 s in all."""
+    """The timeout is per token, not for the whole reply; tool-call deltas are tokens too.
+
+    Gaps of ~0.85 s against a 2 s timeout (room for a loaded machine), a reply of ~4 s in all.
+    """
     relay = relay_factory(llm_timeout=2.0)
     fake_llm.enqueue(
         Script(
@@ -144,11 +149,13 @@ def relay_cpu(relay: RelayServer) -> float:
 
 
 async def test_a_very_long_reply_costs_the_same_cpu_per_token_at_its_end(relay_factory, fake_llm):
-    """The relay's CPU per token over the last 1,000 tokens of a 6,000-token reply (3 MB of
-    text) against tokens 100-1,100 of the same reply: about equal when the cost is linear;
-    several times more when each token re-copies the reply so far. The LLM paces its tokens
-    (1 ms) so the relay keeps up with it, and the relay's CPU clock is read as the LLM passes
-    each mark."""
+    """The relay's CPU per token does not grow with the length of the reply so far.
+
+    It compares the last 1,000 tokens of a 6,000-token reply (3 MB of text) against tokens 100-1,100
+    of the same reply: about equal when the cost is linear; several times more when each token
+    re-copies the reply so far. The LLM paces its tokens (1 ms) so the relay keeps up with it, and
+    the relay's CPU clock is read as the LLM passes each mark.
+    """
     relay = relay_factory()
     token = " " + "y" * 499
     fake_llm.enqueue(Script(tokens=[token], repeat=6_000, delay=0.001))

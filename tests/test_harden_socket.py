@@ -1,9 +1,12 @@
-"""The call socket against abuse: deeply nested JSON, sockets that never send setup, HTTP
-requests that dribble their headers, browser pages opening /ws, invalid UTF-8.
+"""The call socket against abuse.
+
+Deeply nested JSON, sockets that never send setup, HTTP requests that dribble their headers, browser
+pages opening /ws, invalid UTF-8.
 
 Everything runs over real sockets on 127.0.0.1. A deadline the relay enforces is made short
 here through the relay's own knobs, and the test waits (with a generous outer timeout) for the
-relay to act."""
+relay to act.
+"""
 
 from __future__ import annotations
 

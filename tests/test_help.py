@@ -1,6 +1,8 @@
-"""Every command's --help speaks in one voice (crctl/helptext.py): real metavars, every option
-described, environment names and defaults said once, -h as well as --help, and `crctl up`
-taking every agent flag `crctl serve` takes."""
+"""Every command's --help speaks in one voice (crctl/helptext.py).
+
+Real metavars, every option described, environment names and defaults said once, -h as well as
+--help, and `crctl up` taking every agent flag `crctl serve` takes.
+"""
 
 from __future__ import annotations
 
@@ -106,8 +108,10 @@ def test_root_help_has_short_flag_and_no_type_column() -> None:
 
 
 def test_a_printed_hint_runs_as_printed(tmp_path: Path) -> None:
-    """crctl run from a checkout's .venv is not on PATH: its hints name scripts/dev.sh, relative
-    to where the user is, and that command is really there and runs."""
+    """Run from a checkout's .venv, crctl is not on PATH: its hints name scripts/dev.sh instead.
+
+    That path is relative to where the user is, and that command is really there and runs.
+    """
     missing = tmp_path / "none.sqlite3"
     env = {**os.environ, "CRCTL_STATE_DIR": str(tmp_path)}
     done = subprocess.run(

@@ -1,5 +1,7 @@
-"""The relay's HTTP surface over real sockets: /twiml, the /ws upgrade, /action, /status,
-/healthz and the messages API (Twilio docs: <Connect> action).
+"""The relay's HTTP surface over real sockets.
+
+/twiml, the /ws upgrade, /action, /status, /healthz and the messages API (Twilio docs: <Connect>
+action).
 
 Every webhook is signed exactly as Twilio signs it: over the *public* URL the relay is
 configured with (``tests.support.PUBLIC_URL``), never over the 127.0.0.1 address the test
@@ -75,8 +77,10 @@ def voice_params(call_sid: str = CALL_SID, **extra: str) -> dict[str, str]:
 
 
 def action_params(call_sid: str = CALL_SID, status: str = "completed", **extra: str) -> dict:
-    """The ``<Connect action>`` callback body: the key set Twilio sends (Twilio docs: <Connect>
-    action)."""
+    """The ``<Connect action>`` callback body: the key set Twilio sends.
+
+    See Twilio docs: <Connect> action.
+    """
     call_status = "completed" if status == "completed" else "in-progress"
     return voice_params(
         call_sid,
@@ -115,8 +119,11 @@ def parse_twiml(response: httpx.Response) -> ET.Element:
 
 
 def assert_relay_twiml(root: ET.Element, greeting: str, call_sid: str = CALL_SID) -> str:
-    """``<Connect action method><ConversationRelay url welcomeGreeting …/>`` as Twilio documents
-    it, the url being the public ``/ws`` with the call's one-time query; returns that query."""
+    """Assert the TwiML is ``<Connect action method><ConversationRelay url welcomeGreeting …/>``.
+
+    The TwiML is as Twilio documents it, the url being the public ``/ws`` with the call's one-time
+    query; returns that query.
+    """
     connect = root.find("Connect")
     assert connect is not None, ET.tostring(root)
     assert connect.attrib == {"action": ACTION_PUBLIC, "method": "POST"}
@@ -398,8 +405,11 @@ async def test_socket_url_expires(relay_factory, caplog):
 
 
 async def test_dropped_socket_may_reopen_its_url_until_the_session_ends(relay):
-    """applicationReconnect (Twilio docs: ConversationRelay) may reopen the same URL once the
-    socket has dropped; after /action the session is over and only the new URL opens."""
+    """A dropped socket may reopen its URL (applicationReconnect) until the session ends.
+
+    applicationReconnect (Twilio docs: ConversationRelay) reopens the same URL once the socket has
+    dropped; after /action the session is over and only the new URL opens.
+    """
     caller = await TwilioCaller(relay).connect()
     assert await exchange(caller, "hello") == "You said: hello"
     await drop(caller)
@@ -617,8 +627,10 @@ async def test_status_completed_forgets_parked_history(relay):
 
 
 async def test_barge_in_on_reconnect_greeting_keeps_resumed_history(relay, fake_llm):
-    """After a reconnect, the caller barges in on the reconnect greeting (Twilio reports the
-    heard fragment of that greeting). The restored conversation must survive it."""
+    """After a reconnect, the caller barges in on the reconnect greeting.
+
+    Twilio reports the heard fragment of that greeting. The restored conversation must survive it.
+    """
     caller = await TwilioCaller(relay).connect()
     assert await exchange(caller, "hello") == "You said: hello"
     await drop(caller)

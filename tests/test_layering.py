@@ -1,5 +1,6 @@
-"""The house's layering, checked on the import graph of every module (the data goes one
-way; each outside library has one door).
+"""The house's layering, checked on the import graph of every module.
+
+The data goes one way; each outside library has one door.
 
 Imports are read from the source with ``ast`` (function-level imports included), so a lazy
 ``import openai`` inside a function counts as much as one at the top.

@@ -1,6 +1,9 @@
-"""The default LLM agent over real sockets: the wiring end to end (streaming, barge-in closing
-the HTTP stream, a tool round-trip, faults of the wire). The agent's behaviour (history, tools,
-filler, silence, DTMF) is tested in-process over the gated fake model: tests/test_agent_*.py."""
+"""The default LLM agent over real sockets: the wiring end to end.
+
+Streaming, barge-in closing the HTTP stream, a tool round-trip, faults of the wire. The agent's
+behaviour (history, tools, filler, silence, DTMF) is tested in-process over the gated fake model:
+tests/test_agent_*.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Numbers and TwiML Apps against a stateful fake of Twilio's REST API over real HTTP; every
-request a test makes is also checked against Twilio's OpenAPI contract (Prism, ``contract``)."""
+"""Numbers and TwiML Apps against a stateful fake of Twilio's REST API over real HTTP.
+
+Every request a test makes is also checked against Twilio's OpenAPI contract (Prism, ``contract``).
+"""
 
 from __future__ import annotations
 

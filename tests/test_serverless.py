@@ -1,6 +1,7 @@
-"""``crctl twiml export --serverless``: the project's files, the project served by the real
-``twilio-run start`` (its HTTP body compared byte for byte with the Python rendering), and safe
-re-exports.
+"""``crctl twiml export --serverless``: the project's files, served for real, and safe re-exports.
+
+The project is served by the real ``twilio-run start``, its HTTP body compared byte for byte with
+the Python rendering.
 
 twilio-run and the Functions runtime handler come from ``tests/node`` (``npm ci``, run by
 ``scripts/test.sh``); the exported folder gets a ``node_modules`` link to it instead of a second
@@ -273,8 +274,11 @@ def test_twilio_run_uses_the_exported_runtime_handler(served: Served) -> None:
 
 @pytest.mark.parametrize("name", [*preset_names(), "tricky-text"])
 def test_served_body_is_the_python_rendering_byte_for_byte(served: Served, name: str) -> None:
-    """Each template exported over the same served folder (twilio-run reloads functions on
-    every request): GET and a Twilio-style form POST answer exactly the rendered bytes."""
+    """Each template exported over the same served folder answers exactly the rendered bytes.
+
+    twilio-run reloads functions on every request; GET and a Twilio-style form POST both answer
+    exactly the rendered bytes.
+    """
     xml = xml_for("multilingual", welcomeGreeting=TRICKY) if name == "tricky-text" else None
     xml = xml or xml_for(name)
     result = export_serverless(xml, served.folder, name=name)
@@ -295,9 +299,11 @@ def test_served_body_is_the_python_rendering_byte_for_byte(served: Served, name:
 
 
 def test_protected_function_is_not_checked_locally(served: Served) -> None:
-    """twilio-run start does not enforce X-Twilio-Signature on .protected functions (only
-    Twilio does, once deployed): unsigned and wrongly signed requests get the TwiML locally.
-    The README and the function's comment say so. A private asset, by contrast, is refused."""
+    """twilio-run start does not enforce X-Twilio-Signature on .protected functions.
+
+    Only Twilio does, once deployed: unsigned and wrongly signed requests get the TwiML locally. The
+    README and the function's comment say so. A private asset, by contrast, is refused.
+    """
     export_serverless(xml_for("basic"), served.folder, name="basic")
     expected = xml_for("basic").encode()
     assert served.get("/conversation-relay-signed") == (200, "text/xml; charset=utf-8", expected)
@@ -346,8 +352,10 @@ def test_a_socket_url_with_a_query_gets_the_calls_query_after_an_escaped_ampersa
 async def test_the_relay_accepts_a_socket_url_minted_by_the_function_once(
     served: Served,
 ) -> None:
-    """A call's TwiML from the exported function opens the relay's socket (same secret), once;
-    a relay with another secret refuses it."""
+    """A call's TwiML from the exported function opens the relay's socket (same secret), once.
+
+    A relay with another secret refuses it.
+    """
     export_serverless(xml_for("basic"), served.folder, name="basic")
     public = "https://relay.example.com"  # the relay the exported URL names
     settings = {"public_url": public, "agent": "echo", "socket_secret": SOCKET_SECRET}
@@ -441,8 +449,11 @@ def test_re_export_recreates_deleted_files(tmp_path: Path) -> None:
 def test_files_crctl_did_not_record_are_never_overwritten(
     tmp_path: Path, manifest: str | None
 ) -> None:
-    """An existing project (create-twilio-function's package.json, say), or a lost or broken
-    manifest: a differing file counts as the user's."""
+    """A differing file counts as the user's in an existing project or with no sound manifest.
+
+    An existing project is, say, one with create-twilio-function's package.json; a manifest may be
+    lost or broken.
+    """
     export_serverless(xml_for("basic"), tmp_path, name="basic")
     (tmp_path / "package.json").write_text('{"name": "theirs"}\n')
     if manifest is None:

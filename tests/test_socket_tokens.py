@@ -1,6 +1,7 @@
-"""One-time socket URLs (relay_server.socket_tokens): the token format, the replay set, and
-`crctl call` against a real relay: the first handshake opens the call, the same one again
-opens nothing.
+"""One-time socket URLs (relay_server.socket_tokens): the token format and the replay set.
+
+Also `crctl call` against a real relay: the first handshake opens the call, the same one again opens
+nothing.
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ def test_a_token_opens_once_unless_its_socket_dropped():
 
 
 def test_a_spent_token_respelt_opens_nothing():
-    """The expiry has one spelling: a leading zero (same number, same MAC) would otherwise be a
-    new key in the replay set and reopen a spent URL."""
+    """The expiry has one spelling, so a leading zero cannot reopen a spent URL.
+
+    A leading zero (same number, same MAC) would otherwise be a new key in the replay set and reopen
+    a spent URL.
+    """
     tokens = SocketTokens(b"secret", clock=Clock())
     query = query_of(tokens.url("wss://r/ws", CALL))
     tokens.ledger.close(tokens.open(query), reusable=False)

@@ -76,8 +76,10 @@ def imported_by(
     tmp_path: Path,
     also: Sequence[str] = (),
 ) -> tuple[int, list[str]]:
-    """(exit code, the watched modules imported) for ``crctl *args`` in a fresh interpreter
-    (which imports ``also`` first)."""
+    """The exit code and the watched modules imported for ``crctl *args`` in a fresh interpreter.
+
+    The interpreter imports ``also`` first.
+    """
     report = tmp_path / "report.json"
     probe = [_PROBE, json.dumps(list(args)), json.dumps(list(watched)), report, json.dumps(also)]
     result = subprocess.run(
@@ -179,8 +181,10 @@ def test_the_lazy_packages_keep_their_public_names() -> None:
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_help_lines_are_the_commands_own(name: str) -> None:
-    """`crctl --help` shows the help lines written in cli.py without importing the commands:
-    they must be the first paragraph of each command's own help."""
+    """`crctl --help` shows the help lines written in cli.py without importing the commands.
+
+    They must be the first paragraph of each command's own help.
+    """
     real = COMMANDS[name].load(name)
     assert real.name == name
     assert (real.help or "").split("\n\n")[0] == COMMANDS[name].help

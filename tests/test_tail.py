@@ -1,5 +1,8 @@
-"""``crctl tail`` and ``crctl calls``: the rendering on a file-backed rich Console and in a
-pseudo-terminal, ``--json`` lines, reconnecting across a relay restart, stored calls."""
+"""``crctl tail`` and ``crctl calls``.
+
+The rendering on a file-backed rich Console and in a pseudo-terminal, ``--json`` lines, reconnecting
+across a relay restart, stored calls.
+"""
 
 from __future__ import annotations
 
@@ -143,8 +146,10 @@ def _sse(body: bytes) -> httpx.Response:
 
 
 def test_the_follower_reads_messages_comments_and_ids_and_resumes_after_the_last_id():
-    """Comments and ``retry:`` are skipped, an id-only message moves the resume point, a
-    multi-line ``data`` is joined; the next request resumes with ``after`` and the token."""
+    """Comments and ``retry:`` are skipped, an id-only message moves the resume point.
+
+    A multi-line ``data`` is joined; the next request resumes with ``after`` and the token.
+    """
     requests: list[httpx.Request] = []
 
     def relay(request: httpx.Request) -> httpx.Response:

@@ -1,5 +1,6 @@
-"""The Twilio side of the wire (relay_server.protocol.twilio_side), with no event loop and no
-socket: frames in through ``receive_data``, frames out through ``data_to_send``, a fake clock.
+"""The Twilio side of the wire (relay_server.protocol.twilio_side), with no event loop or socket.
+
+Frames in through ``receive_data``, frames out through ``data_to_send``, a fake clock.
 
 Shaped after Twilio's ConversationRelay docs (WebSocket messages: talk cycles end at
 ``last: true``; barge-in reported as ``interrupt`` with what the caller heard; a bad app frame

@@ -238,8 +238,10 @@ def test_node_sdk_is_the_version_the_export_pins(rendered: Rendered) -> None:
 
 
 def test_all_attributes_case_covers_every_attribute(rendered: Rendered) -> None:
-    """The big template really sets every <ConversationRelay> attribute, every <Language> attribute,
-    and Node emitted each of them (no name dropped or renamed)."""
+    """The big template really sets every <ConversationRelay> and <Language> attribute.
+
+    Node emitted each of them: no name dropped or renamed.
+    """
     case = rendered.cases["all-attributes"]
     relay = ET.fromstring(c14n(rendered.node["all-attributes"])).find(".//ConversationRelay")
     assert relay is not None
@@ -263,8 +265,11 @@ def test_canonical_form_is_sensitive_to_values(rendered: Rendered) -> None:
 
 
 def test_serialisations_differ_only_in_form(rendered: Rendered) -> None:
-    """What C14N evens out (documented for the report): Node keeps attribute order as given and
-    writes ``<X/>``, Python sorts attributes and writes ``<X />``; values are identical."""
+    """What C14N evens out (documented for the report).
+
+    Node keeps attribute order as given and writes ``<X/>``, Python sorts attributes and writes
+    ``<X />``; values are identical.
+    """
     python = rendered.cases["basic"].python()
     node = rendered.node["basic"]
     assert python != node

@@ -1,6 +1,8 @@
-"""``crctl up`` end to end, as a real process: a fake tunnel, the fake Twilio API (contract-
-checked) and the relay; the number pointed, then restored on SIGINT, and repaired after the
-process was killed with SIGKILL."""
+"""``crctl up`` end to end, as a real process.
+
+A fake tunnel, the fake Twilio API (contract-checked) and the relay; the number pointed, then
+restored on SIGINT, and repaired after the process was killed with SIGKILL.
+"""
 
 from __future__ import annotations
 

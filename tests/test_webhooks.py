@@ -1,7 +1,9 @@
-"""The webhook prologue (``relay_server.webhooks``) in-process, over Quart's test client: the
-signature is checked over the configured public URL, the route's path and the raw query; a
-refused request never reaches the route; bodies are bounded before they are read. The same
-rules over real sockets: ``test_http.py`` and ``test_harden_http.py``."""
+"""The webhook prologue (``relay_server.webhooks``) in-process, over Quart's test client.
+
+The signature is checked over the configured public URL, the route's path and the raw query; a
+refused request never reaches the route; bodies are bounded before they are read. The same rules
+over real sockets: ``test_http.py`` and ``test_harden_http.py``.
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
-import msgspec
 import websockets
 from twilio.request_validator import RequestValidator
 
@@ -153,18 +152,7 @@ def setup_message(call_sid: str, **overrides: Any) -> SentSetup:
     It is what the protocol's Twilio side sends; ``overrides`` replace fields by their Python name
     (``custom_parameters={...}``, ``call_status="IN_PROGRESS"``).
     """
-    setup = SentSetup(
-        session_id="VX" + call_sid[2:],
-        call_sid=call_sid,
-        from_="+15550100001",
-        to="+15550100002",
-        forwarded_from="+15550100002",
-        direction="inbound",
-        call_type="PSTN",
-        call_status="RINGING",
-        account_sid="AC" + "0" * 32,
-    )
-    return msgspec.structs.replace(setup, **overrides)
+    return SentSetup.inbound(call_sid, **overrides)
 
 
 @dataclass(frozen=True)

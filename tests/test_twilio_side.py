@@ -73,16 +73,13 @@ def sent(twilio: TwilioSide) -> list[tuple[object, ...]]:
 
 def test_setup_is_encoded_byte_for_byte_as_captured() -> None:
     captured = json.loads(SETUP_CAPTURED)  # raw on purpose: the bytes Twilio sends verbatim
-    setup = SentSetup(
-        session_id=captured["sessionId"],
-        call_sid=captured["callSid"],
+    # the one shape every simulated caller sends (crctl call, the tests, bench)
+    setup = SentSetup.inbound(
+        captured["callSid"],
         from_=captured["from"],
         to=captured["to"],
-        forwarded_from=captured["forwardedFrom"],
-        direction="inbound",
-        call_type="PSTN",
-        call_status="RINGING",
         account_sid=captured["accountSid"],
+        session_id=captured["sessionId"],
     )
     assert encode_inbound(setup) == SETUP_CAPTURED
 

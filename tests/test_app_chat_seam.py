@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from relay_server.protocol import Text
 from relay_server.testing import FakeChatModel
 from tests.support import RelayServer, TwilioCaller, config
 
@@ -45,8 +46,8 @@ async def test_a_model_fault_through_the_app_is_an_apology_and_an_event(
     caller = await TwilioCaller(relay).connect()
     await caller.prompt("hello?")
     frames = await caller.recv_turn()
-    assert frames[-1]["last"] is True
-    assert "".join(f["token"] for f in frames).strip()  # an apology, not silence
+    assert all(isinstance(f, Text) for f in frames) and frames[-1].last is True
+    assert "".join(f.token for f in frames if isinstance(f, Text)).strip()  # not silence
     await caller.hangup()
     faults = [e for e in relay.events if e.kind == "llm.fault"]
     assert [(e.data["kind"], e.data["detail"]) for e in faults] == [

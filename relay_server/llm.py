@@ -178,7 +178,9 @@ class ChatStream:
         transport's chunk iterator); else httpx2's decoded bytes (a proxy may gzip the stream).
         """
         http_response = self._response.http_response
-        raw = getattr(getattr(http_response, "stream", None), "_aiohttp_response", None)
+        stream = getattr(http_response, "stream", None)
+        stream = getattr(stream, "_stream", stream)  # httpx2's BoundAsyncStream wraps it
+        raw = getattr(stream, "_aiohttp_response", None)
         encoding = http_response.headers.get("content-encoding", "identity") if raw else None
         if raw is not None and encoding in ("", "identity"):
             return raw.content.readany, None

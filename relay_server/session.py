@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay_server.session")
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionLink:
     """What a session gets from the relay: a way to send, the events bus and shared services."""
 

@@ -99,6 +99,8 @@ class CallRegistry:
 class CallConnection:
     """One ConversationRelay socket: frames in, session handlers called, errors contained."""
 
+    __slots__ = ("_broken", "factory", "link", "peer", "registry", "session")
+
     def __init__(
         self, registry: CallRegistry, factory: SessionFactory, link: SessionLink, peer: str = ""
     ) -> None:

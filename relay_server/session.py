@@ -13,6 +13,7 @@ A session never sees Quart: it writes encoded frames through :class:`SessionLink
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay_server.session")
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionLink:
     """What a session gets from the relay: a way to send, the events bus and shared services."""
 
@@ -64,15 +65,20 @@ class CallSession:
         self.link = link
         self.setup = setup
         self.call_sid = setup.call_sid
-        self.log = logging.LoggerAdapter(log, {"call_sid": setup.call_sid})
         self.closed = False
         self._ended = False
         self._turn_task: asyncio.Task[None] | None = None
         self._turn_coro: Coroutine[Any, Any, None] | None = None
-        self._turn_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Made when first needed: most idle calls never use them (memory per idle call, bench/).
+        self._turn_lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[None]] | None = None
         #: A talk cycle is open: tokens went out without ``last: true`` yet.
         self._cycle_open = False
+
+    @functools.cached_property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """This call's logger: its records carry ``call_sid`` (made at first use)."""
+        return logging.LoggerAdapter(log, {"call_sid": self.call_sid})
 
     # ------------------------------------------------------------------ handlers to override
     async def on_setup(self, setup: Setup) -> None:
@@ -215,7 +221,7 @@ class CallSession:
         Calls are serialised: of two turns started at once, both run in order (the second
         cancels the first). After the call has closed nothing starts (returns ``None``).
         """
-        async with self._turn_lock:
+        async with self._lock():
             await self._cancel_turn()
             if self.closed or self._ended:
                 coro.close()
@@ -234,8 +240,14 @@ class CallSession:
         """
         if self._turn_task is asyncio.current_task():
             return False
-        async with self._turn_lock:
+        async with self._lock():
             return await self._cancel_turn()
+
+    def _lock(self) -> asyncio.Lock:
+        lock = self._turn_lock
+        if lock is None:
+            lock = self._turn_lock = asyncio.Lock()
+        return lock
 
     async def _cancel_turn(self) -> bool:
         turn, coro = self._turn_task, self._turn_coro
@@ -256,6 +268,8 @@ class CallSession:
             coro.close()
             return
         task = asyncio.create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -311,7 +325,7 @@ class CallSession:
     async def close(self) -> None:
         """Cancel the turn and run ``on_close``; called once when the socket is gone."""
         self.closed = True
-        for task in list(self._tasks):
+        for task in list(self._tasks or ()):
             task.cancel()
         await self.cancel_turn()
         try:

@@ -49,13 +49,25 @@ def _token(text: str) -> bytes:
 async def test_leaving_the_stream_with_a_token_in_hand_closes_it_and_its_watchdog():
     manager = _Manager()
     stream = ChatStream(manager, timeout=3600)
-    manager.chunks.put_nowait(_token("Hello") + _token(" there"))
+    manager.chunks.put_nowait(_token("Hello"))  # one network read each: one token each
+    manager.chunks.put_nowait(_token(" there"))
     async with stream:
         async for token in stream:
             assert token == "Hello"
             break  # as a cancelled turn does: the generator is left at its yield
     assert manager.exited
     assert stream._watch is None  # the watchdog timer went with the generator
+
+
+@pytest.mark.asyncio
+async def test_the_tokens_of_one_network_read_are_forwarded_together():
+    manager = _Manager()
+    stream = ChatStream(manager, timeout=3600)
+    manager.chunks.put_nowait(_token("Hello") + b": keep-alive\n\n" + _token(" there"))
+    manager.chunks.put_nowait(_token(" you") + b"data: [DONE]\n\n")
+    manager.chunks.put_nowait(None)
+    async with stream:
+        assert [token async for token in stream] == ["Hello there", " you"]
 
 
 @pytest.mark.asyncio

@@ -18,6 +18,9 @@ class Conversation:
     It also keeps the bookkeeping of that reply.
     """
 
+    # One per call, alive as long as the call: no instance dict (memory per idle call, bench/).
+    __slots__ = ("_message", "_parts", "messages", "reply_start")
+
     def __init__(self, system_prompt: str) -> None:
         self.messages: list[Message] = [{"role": "system", "content": system_prompt}]
         #: Index in ``messages`` where the current (or last) reply's messages start.

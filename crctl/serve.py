@@ -275,13 +275,17 @@ def _lean_websockets_sansio() -> type[asyncio.Protocol]:
     class LeanWebSocketsSansIO(WebSocketsSansIOProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            # The same calls, without the five deques of an asyncio.Queue and Event.
-            self.queue = _Inbox()  # type: ignore[assignment]
-            self.writable = _Flag()  # type: ignore[assignment]
+            # The same calls, without the five deques of an asyncio.Queue and Event. Only where
+            # this uvicorn has them as the locked one does (a newer one may not): else as is.
+            if type(getattr(self, "queue", None)) is asyncio.Queue:
+                self.queue = _Inbox()  # type: ignore[assignment]
+            if type(getattr(self, "writable", None)) is asyncio.Event:
+                self.writable = _Flag()  # type: ignore[assignment]
 
         def start_keepalive(self) -> None:
             # Called once, right after the 101 response went out.
-            self.request = self.response = None  # type: ignore[assignment]
+            if hasattr(self, "request") and hasattr(self, "response"):
+                self.request = self.response = None  # type: ignore[assignment]
             super().start_keepalive()
 
     return LeanWebSocketsSansIO

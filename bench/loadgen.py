@@ -260,8 +260,11 @@ def bench_tag(
     rng: random.Random,
     ttft: tuple[float, float],
     delay: tuple[float, float],
+    tick: float = 0.0,
 ) -> str:
-    """The prompt text that scripts the fake LLM's reply (see bench/fake_server.py)."""
-    return (
-        f"bench c={call} t={turn} n={n} ttft={rng.uniform(*ttft):.4f} d={rng.uniform(*delay):.4f}"
-    )
+    """The prompt text that scripts the fake LLM's reply (see bench/fake_server.py).
+
+    ``tick`` > 0: the fake writes every token on its shared clock (the burst profile).
+    """
+    tag = f"bench c={call} t={turn} n={n} ttft={rng.uniform(*ttft):.4f} d={rng.uniform(*delay):.4f}"
+    return f"{tag} tick={tick:.4f}" if tick > 0 else tag

@@ -2,13 +2,14 @@
 
 Same server and WebSocket implementation as ``crctl serve`` (uvicorn, its websockets-sansio
 protocol, no per-message deflate, the asyncio loop, a listening socket with TCP_NODELAY, the
-start-up objects frozen out of the collector), so the difference with crctl is the relay's own
-work. Per call: accept the socket, read ``setup``; on a final prompt POST one chat request to
-the LLM (aiohttp, one client session for the process: connections kept alive, as crctl's
-openai transport), split the SSE stream into lines, decode each ``data:`` line with msgspec,
-send one text frame per token and ``last:true`` at the end; on ``interrupt`` cancel the stream
-(the HTTP connection is closed, so the LLM stops) and send ``last:true``. Nothing else: no
-signature check, no events, no history (the prompt is the only message), no call log.
+start-up objects frozen out of the collector, full collections 10x rarer), so the difference
+with crctl is the relay's own work. Per call: accept the socket, read ``setup``; on a final
+prompt POST one chat request to the LLM (aiohttp, one client session for the process:
+connections kept alive, as crctl's openai transport), split the SSE stream into lines, decode
+each ``data:`` line with msgspec, send one text frame per token and ``last:true`` at the end; on
+``interrupt`` cancel the stream (the HTTP connection is closed, so the LLM stops) and send
+``last:true``. Nothing else: no signature check, no events, no history (the prompt is the only
+message), no call log.
 
 It also serves what the load generator needs: ``POST /twiml`` (TwiML naming the plain ``/ws``,
 so callers connect without a per-call token) and ``GET /healthz`` (``{"calls": N}``, calls that
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     gc.collect()
     gc.freeze()
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, 100)  # full collections 10x rarer, as crctl serve
     uvicorn.Server(config).run(sockets=[sock])
 
 

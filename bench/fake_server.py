@@ -10,12 +10,13 @@ It prints its base URL on the first stdout line, then answers commands on stdin,
 
 Every request is scripted by its last user message, written by the load generator::
 
-    bench c=<call> t=<turn> n=<tokens> ttft=<s> d=<s>    tokens " c<call>t<turn>w<k>@<ns>"
+    bench c=<call> t=<turn> n=<tokens> ttft=<s> d=<s> [tick=<s>]  tokens " c<call>t<turn>w<k>@<ns>"
     parse n=<tokens> ttft=<s> d=<s>                       tokens " tok<k>" (no stamp)
 
 ``<ns>`` is ``time.monotonic_ns()`` taken when the SSE event is serialised, i.e. immediately
 before aiohttp hands it to the socket (``transport.writelines``, no buffering in between).
-The relay forwards tokens verbatim, so a client parses the write time out of each token.
+``tick``: every token on the fake's shared clock (``fakes.fake_llm.Script.tick``, the burst
+profile). The relay forwards tokens verbatim, so a client parses the write time out of each token.
 CLOCK_MONOTONIC is system-wide on Linux: the stamp compares with the client's clock.
 """
 
@@ -67,7 +68,7 @@ def responder(body: dict[str, Any]) -> Script:
         tokens = [f"{prefix}{k}@{MARK}" for k in range(n)]
     else:
         tokens = [f" tok{k}" for k in range(n)]
-    return Script(tokens=tokens, ttft=ttft, delay=delay)
+    return Script(tokens=tokens, ttft=ttft, delay=delay, tick=float(f.get("tick", 0)))
 
 
 def dump(fake: FakeLLM) -> list[dict[str, Any]]:

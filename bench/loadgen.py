@@ -13,10 +13,13 @@ import math
 import random
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
 
 from relay_server.protocol import Outbound, SentSetup, Text, encode
 from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
@@ -76,6 +79,34 @@ class LoopLag:
         return summary(self.lags)
 
 
+class StampedConnection(ClientConnection):
+    """A client connection that stamps each message when its bytes arrive.
+
+    The stamp is taken in ``data_received`` (when the loop hands the socket's bytes to the
+    protocol), not when the caller's task gets to ``recv()``: in the burst profile a hundred
+    frames arrive in the same instant, and the task that reads the hundredth runs after the
+    ninety-nine others were decoded; that wait is the load generator's, not the relay's.
+    Every ConversationRelay message is one frame, so the stamps pair with ``recv()`` in order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: deque[float] = deque()
+        self._at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self._at = now()
+        super().data_received(data)
+
+    def process_event(self, event: Any) -> None:
+        if isinstance(event, Frame) and event.fin and event.opcode in _DATA:
+            self.arrivals.append(self._at)
+        super().process_event(event)
+
+
+_DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+
+
 @dataclass
 class TurnResult:
     call: int
@@ -133,6 +164,7 @@ class Caller:
             ping_interval=None,
             max_size=None,
             max_queue=None,
+            create_connection=StampedConnection,
         )
         self.side.send_setup(setup_for(self.call_sid))
         await self.flush()
@@ -145,10 +177,10 @@ class Caller:
     # ``timeout`` in recv, turn and barge_in: a timeout is a measured outcome, recorded in the
     # result while the run goes on, not an error to cancel from outside (ASYNC109).
     async def recv(self, timeout: float) -> tuple[float, Outbound]:  # noqa: ASYNC109
-        """The next valid frame and when it arrived (stamped before it is decoded)."""
+        """The next valid frame and when its bytes arrived (see :class:`StampedConnection`)."""
         while True:
             raw = await asyncio.wait_for(self.ws.recv(), timeout)
-            at = now()
+            at = self.ws.arrivals.popleft()
             self.side.receive_data(raw)
             self.side.events_received()
             self.side.data_to_send()  # a 64107 answer would skew the relay's figures: not sent
@@ -260,8 +292,11 @@ def bench_tag(
     rng: random.Random,
     ttft: tuple[float, float],
     delay: tuple[float, float],
+    tick: float = 0.0,
 ) -> str:
-    """The prompt text that scripts the fake LLM's reply (see bench/fake_server.py)."""
-    return (
-        f"bench c={call} t={turn} n={n} ttft={rng.uniform(*ttft):.4f} d={rng.uniform(*delay):.4f}"
-    )
+    """The prompt text that scripts the fake LLM's reply (see bench/fake_server.py).
+
+    ``tick`` > 0: the fake writes every token on its shared clock (the burst profile).
+    """
+    tag = f"bench c={call} t={turn} n={n} ttft={rng.uniform(*ttft):.4f} d={rng.uniform(*delay):.4f}"
+    return f"{tag} tick={tick:.4f}" if tick > 0 else tag

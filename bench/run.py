@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,12 @@ RESULTS = REPO / "bench" / "results"
 RELAY_CORE, LOAD_CORE = 0, 1
 TARGET_ADDED_P99_MS = 5.0
 TARGET_IDLE_KIB = 30.0
-WATCHDOG_S = 290  # the whole run, hard limit
+WATCHDOG_S = 600  # the whole run, hard limit
+#: Issue 11's targets, crctl against the floor at 200 calls, burst profile.
+TARGET_FIRST_TOKEN_RATIO = 1.5
+TARGET_CPU_RATIO = 1.2
+TARGET_IDLE_KIB_11 = 18.0
+RELAYS = ("crctl", "floor")
 BARGE_TURN = 1000  # barge-in turns are numbered from here (tags stay unique per call)
 
 
@@ -122,6 +128,44 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+# ------------------------------------------------------------------------------- load shapes
+@dataclass(frozen=True)
+class Shape:
+    """How the fake LLM paces its replies, and how the calls start.
+
+    ``jitter``: TTFT and per-token delay drawn per reply from ranges, starts spread over up to
+    3 s. ``burst``: fixed TTFT, fixed delay on the fake's shared clock (``tick``: every
+    stream's next token leaves on the same tick), starts within ``stagger`` s.
+    """
+
+    name: str
+    ttft: tuple[float, float]
+    delay: tuple[float, float]
+    tick: float
+    stagger: float  # the calls' first turns start within this (s), at most
+    turns: dict[int, int]
+    barge_rounds: dict[int, int]
+
+    def spread(self, n: int) -> float:
+        return min(self.stagger, n * 0.015) if self.tick == 0 else self.stagger
+
+
+def shapes(args: argparse.Namespace) -> dict[str, Shape]:
+    every = {
+        "jitter": Shape("jitter", args.ttft, args.delay, 0.0, 3.0, args.turns, args.barge_rounds),
+        "burst": Shape(
+            "burst",
+            (args.burst_ttft, args.burst_ttft),
+            (args.burst_delay, args.burst_delay),
+            args.burst_delay,
+            args.burst_stagger,
+            args.burst_turns,
+            args.barge_rounds,
+        ),
+    }
+    return {name: every[name] for name in args.shape}
 
 
 # ------------------------------------------------------------------------------- one level
@@ -206,9 +250,21 @@ class Meter:
 
 
 async def run_level(
-    n: int, fake: FakeProc, args: argparse.Namespace, rng: random.Random, log_dir: Path
+    n: int,
+    fake: FakeProc,
+    args: argparse.Namespace,
+    rng: random.Random,
+    log_dir: Path,
+    shape: Shape,
+    relay_kind: str = "crctl",
+    barge: bool = True,
 ) -> dict[str, Any]:
-    """One concurrency level against a fresh relay: RSS, turns, barge-ins."""
+    """One concurrency level against a fresh relay (crctl or the floor): RSS, turns, barge-ins.
+
+    ``barge`` False: no barge-in phase (bench/capacity.py).
+    """
+    crctl = relay_kind == "crctl"
+    name = f"{shape.name}-{relay_kind}-{n}"
     sig = sign(AUTH_TOKEN, PUBLIC_URL.replace("https://", "wss://") + "/ws", {})
     quiet = await wait_quiet()
     if not quiet["quiet"]:
@@ -220,15 +276,19 @@ async def run_level(
     relay = RelayProc(
         fake.base_url,
         RELAY_CORE if args.pin else None,
-        log_dir / f"relay-{n}.log",
-        profile=log_dir / f"relay-{n}.prof" if args.profile else None,
-        probe=log_dir / f"relay-{n}-probe.json" if args.probe or args.probe_slow else None,
+        log_dir / f"relay-{name}.log",
+        profile=log_dir / f"relay-{name}.prof" if args.profile and crctl else None,
+        probe=log_dir / f"relay-{name}-probe.json"
+        if (args.probe or args.probe_slow) and crctl
+        else None,
         probe_slow=args.probe_slow,
         agent=args.agent,
-        module=args.relay_module,
-        pyinstrument=log_dir / f"relay-{n}-pyinstrument.txt" if args.pyinstrument else None,
+        module=args.relay_module if crctl else "bench.floor",
+        pyinstrument=log_dir / f"relay-{name}-pyinstrument.txt"
+        if args.pyinstrument and crctl
+        else None,
     )
-    out: dict[str, Any] = {"calls": n, "machine_before": quiet}
+    out: dict[str, Any] = {"calls": n, "relay": relay_kind, "machine_before": quiet}
     callers: list[Caller] = []
     try:
         # -- warm-up: two calls, two short turns each, then hang up
@@ -253,8 +313,9 @@ async def run_level(
             "with_calls_kib": rss_n,
             "per_call_kib": round((rss_n - rss0) / n, 2),
         }
-        out["turns"] = await turns_phase(n, callers, relay, fake, args, rng)
-        out["barge_in"] = await barge_phase(n, callers, relay, fake, args, rng)
+        out["turns"] = await turns_phase(n, callers, relay, fake, args, rng, shape)
+        if barge:
+            out["barge_in"] = await barge_phase(n, callers, relay, fake, args, rng, shape)
     finally:
         await asyncio.gather(*(c.close() for c in callers))
         relay.stop()
@@ -270,17 +331,19 @@ async def turns_phase(
     fake: FakeProc,
     args: argparse.Namespace,
     rng: random.Random,
+    shape: Shape,
 ) -> dict[str, Any]:
     """Every call runs several turns; added latency and per-token delay."""
-    turns = args.turns.get(n, 5)
-    stagger = min(3.0, n * 0.015)
+    turns = shape.turns.get(n, 5)
+    stagger = shape.spread(n)
 
     async def call_turns(c: Caller) -> list[TurnResult]:
         crng = random.Random(rng.random())
         await asyncio.sleep(crng.uniform(0, stagger))
         results = []
         for t in range(turns):
-            res = await c.turn(t, bench_tag(c.index, t, args.tokens, crng, args.ttft, args.delay))
+            tag = bench_tag(c.index, t, args.tokens, crng, shape.ttft, shape.delay, shape.tick)
+            res = await c.turn(t, tag)
             results.append(res)
             if res.error:
                 break
@@ -317,6 +380,7 @@ async def turns_phase(
         "turns": len(results),
         "turns_per_call": turns,
         "errors": sum(1 for r in results if r.error),
+        "lost_last_true": sum(1 for r in results if r.last_at is None),
         "error_sample": next((r.error for r in results if r.error), None),
         "unmatched": unmatched,
         "cross_talk_tokens": sum(r.wrong for r in results),
@@ -340,9 +404,10 @@ async def barge_phase(
     fake: FakeProc,
     args: argparse.Namespace,
     rng: random.Random,
+    shape: Shape,
 ) -> dict[str, Any]:
     """Interrupt long replies: time to last:true, words generated after the barge-in."""
-    rounds = args.barge_rounds.get(n, 1)
+    rounds = shape.barge_rounds.get(n, 1)
     stagger = min(2.0, n * 0.01)
 
     async def call_barge(c: Caller) -> list[BargeResult]:
@@ -350,7 +415,7 @@ async def barge_phase(
         await asyncio.sleep(crng.uniform(0, stagger))
         results = []
         for b in range(BARGE_TURN, BARGE_TURN + rounds):
-            tag = bench_tag(c.index, b, 400, crng, args.ttft, args.delay)
+            tag = bench_tag(c.index, b, 400, crng, shape.ttft, shape.delay, shape.tick)
             results.append(await c.barge_in(b, tag, crng.randint(3, 15), args.quiet))
             await asyncio.sleep(crng.uniform(0.1, 0.3))
         return results
@@ -477,6 +542,121 @@ def targets(levels: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def _get(lv: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(lv, dict) or key not in lv:
+            return None
+        lv = lv[key]
+    return lv
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return float(a) / float(b)
+
+
+def floor_targets(runs: dict[str, Any], n: int = 200, shape: str = "burst") -> list[dict[str, Any]]:
+    """Issue 11's targets: crctl against the floor, ``n`` calls, ``shape`` profile, one run."""
+    pair = runs.get(shape, {})
+    crctl, floor = pair.get("crctl", {}).get(str(n)), pair.get("floor", {}).get(str(n))
+    checks: list[dict[str, Any]] = []
+    where = f"at {n} calls, {shape}"
+    if crctl is None:
+        return checks
+    if floor is not None:
+        for p in ("p50", "p99"):
+            c = _get(crctl, "turns", "added_latency_ms", p)
+            f = _get(floor, "turns", "added_latency_ms", p)
+            r = _ratio(c, f)
+            checks.append(
+                {
+                    "target": f"added first-token latency {p} <= {TARGET_FIRST_TOKEN_RATIO:g}x "
+                    f"the floor's ({where})",
+                    "value": f"{fmt(c)} / {fmt(f)} ms = {fmt(r)}x",
+                    "pass": r is not None and r <= TARGET_FIRST_TOKEN_RATIO,
+                }
+            )
+        c = _get(crctl, "turns", "relay_cpu_us_per_token")
+        f = _get(floor, "turns", "relay_cpu_us_per_token")
+        r = _ratio(c, f)
+        checks.append(
+            {
+                "target": f"CPU per token <= {TARGET_CPU_RATIO:g}x the floor's ({where})",
+                "value": f"{fmt(c)} / {fmt(f)} µs = {fmt(r)}x",
+                "pass": r is not None and r <= TARGET_CPU_RATIO,
+            }
+        )
+    idle = _get(crctl, "rss", "per_call_kib")
+    checks.append(
+        {
+            "target": f"RSS per idle call <= {TARGET_IDLE_KIB_11:g} KiB ({where})",
+            "value": f"{fmt(idle)} KiB (floor {fmt(_get(floor or {}, 'rss', 'per_call_kib'))})",
+            "pass": idle is not None and idle <= TARGET_IDLE_KIB_11,
+        }
+    )
+    levels = [lv for sh in runs.values() for lv in sh.get("crctl", {}).values()]
+    words = sum(
+        _get(lv, "barge_in", "tokens_generated_after_barge_in") or 0 for lv in levels
+    ) + sum(_get(lv, "barge_in", "frames_after_last_true") or 0 for lv in levels)
+    barges = sum(_get(lv, "barge_in", "barge_ins") or 0 for lv in levels)
+    checks.append(
+        {
+            "target": "0 words after barge-in (crctl, every level and profile)",
+            "value": f"{words} in {barges} barge-ins",
+            "pass": words == 0,
+        }
+    )
+    cross = sum(_get(lv, "turns", "cross_talk_tokens") or 0 for lv in levels)
+    checks.append(
+        {
+            "target": "0 cross-talk (crctl, every level and profile)",
+            "value": f"{cross} tokens of another call or turn",
+            "pass": cross == 0,
+        }
+    )
+    lost = sum(_get(lv, "turns", "lost_last_true") or 0 for lv in levels) + sum(
+        _get(lv, "barge_in", "errors") or 0 for lv in levels
+    )
+    checks.append(
+        {
+            "target": "0 lost last:true (crctl, every turn and barge-in)",
+            "value": f"{lost} turns or barge-ins without their last:true",
+            "pass": lost == 0,
+        }
+    )
+    return checks
+
+
+#: The side-by-side rows: (label, path into a level's figures).
+COMPARE: list[tuple[str, tuple[str, ...]]] = [
+    ("relay CPU per token, µs", ("turns", "relay_cpu_us_per_token")),
+    ("added first-token latency p50, ms", ("turns", "added_latency_ms", "p50")),
+    ("added first-token latency p99, ms", ("turns", "added_latency_ms", "p99")),
+    ("per-token forwarding p50, ms", ("turns", "per_token_ms", "p50")),
+    ("per-token forwarding p99, ms", ("turns", "per_token_ms", "p99")),
+    ("memory per idle call, KiB", ("rss", "per_call_kib")),
+    ("relay CPU, % of its core", ("turns", "relay_cpu_pct")),
+    ("barge-in to last:true p99, ms", ("barge_in", "silence_ms", "p99")),
+]
+
+
+def compare_table(pair: dict[str, dict[str, Any]]) -> str:
+    """The crctl and floor figures at each level of one profile, with the ratios."""
+    levels = list(pair.get("crctl", {}))
+    head = "| |" + "".join(f" {k}: crctl | floor | ×  |" for k in levels)
+    lines = [head, "|---|" + "--:|--:|--:|" * len(levels)]
+    for label, path in COMPARE:
+        cells = []
+        for k in levels:
+            c = _get(pair.get("crctl", {}).get(k, {}), *path)
+            f = _get(pair.get("floor", {}).get(k, {}), *path)
+            r = _ratio(c, f)
+            cells += [fmt(c), fmt(f), f"{r:.2f}" if r is not None else "-"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pair(a: Any, b: Any) -> str:
     return f"{fmt(a)} / {fmt(b)}"
 
@@ -525,7 +705,7 @@ ROWS: list[tuple[str, Any]] = [
 def table(levels: dict[str, Any]) -> str:
     keys = list(levels)
     width = max(len(name) for name, _ in ROWS)
-    head = " | ".join(f"{k} calls".rjust(15) for k in keys)
+    head = " | ".join((k if " " in k else f"{k} calls").rjust(15) for k in keys)
     lines = [
         f"| {'metric'.ljust(width)} | {head} |",
         "|" + "-" * (width + 2) + "|" + "|".join("-" * 16 + ":" for _ in keys) + "|",
@@ -570,20 +750,36 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{c['agent']}`, pinned to core {RELAY_CORE}; fake LLM and load generator pinned to "
         f"core {LOAD_CORE} (pinning {'on' if c['pin'] else 'OFF'}).",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
-        f"- Load: turns per call {turns}; fake TTFT {c['ttft'][0]}-{c['ttft'][1]} s, "
+        f"- Load, `jitter` profile: turns per call {turns}; fake TTFT "
+        f"{c['ttft'][0]}-{c['ttft'][1]} s, "
         f"{c['tokens']} tokens per reply at {c['delay'][0] * 1000:g}-{c['delay'][1] * 1000:g} ms "
-        f"per token; the caller pauses {c['think'][0]}-{c['think'][1]} s after last:true; "
-        f"staggered starts; WebSocket compression "
+        f"per token, both drawn per reply; the caller pauses {c['think'][0]}-{c['think'][1]} s "
+        f"after last:true; starts spread over up to 3 s; WebSocket compression "
         f"{'permessage-deflate offered' if c['deflate'] else 'not offered (as Twilio)'}.",
+        "- Load, `burst` profile: turns per call "
+        + ", ".join(f"{v} at {k} calls" for k, v in c["burst_turns"].items())
+        + f"; fake TTFT {c['burst_ttft']} s, then one token every {c['burst_delay'] * 1000:g} ms "
+        f"on the fake's shared clock (every stream's next token leaves on the same tick); calls "
+        f"start within {c['burst_stagger']:g} s; the same pauses.",
+        f"- Profiles run: {', '.join(c['shapes'])}; relays: {', '.join(c['relays'])} (each "
+        "level runs each relay, fresh, on the same load: same seed, same fake LLM process; "
+        "`floor` is bench/floor.py, a bare relay on the same server).",
         "",
         "## Targets",
         "",
     ]
+    if result.get("floor_targets"):
+        out += ["Issue 11 (crctl against the floor, one run):", ""]
+        for t in result["floor_targets"]:
+            out.append(f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['value']}")
+        out += ["", "Earlier targets (crctl, first profile run):", ""]
     for t in result["targets"]:
         out.append(f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['value']}")
     busy = [
-        k
-        for k, lv in result["levels"].items()
+        f"{shape} {relay} {k}"
+        for shape, pair in result["runs"].items()
+        for relay, levels in pair.items()
+        for k, lv in levels.items()
         if max(lv["turns"]["other_load_relay_core_pct"], lv["turns"]["other_load_load_core_pct"])
         > 5
     ]
@@ -593,7 +789,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"Warning: other jobs used more than 5% of a pinned core during the "
             f"{', '.join(busy)}-call level(s) (row 'other jobs'): those figures are skewed.",
         ]
-    out += ["", "## Figures", "", table(result["levels"]), ""]
+    for shape, pair in result["runs"].items():
+        out += ["", f"## `{shape}` profile: crctl beside the floor", "", compare_table(pair)]
+        merged = {
+            f"{k} {relay}": lv for k in pair.get("crctl", {}) for relay, lvs in pair.items()
+            if (lv := lvs.get(k)) is not None
+        }  # fmt: skip
+        out += ["", f"### `{shape}` profile: every figure", "", table(merged), ""]
     pb = result.get("parse_bench")
     if pb:
         out += [
@@ -641,7 +843,6 @@ def parse_map(text: str) -> dict[int, int]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    rng = random.Random(args.seed)
     result: dict[str, Any] = {
         "started": datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -660,20 +861,44 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "agent": args.agent,
             "pin": args.pin,
             "seed": args.seed,
+            "shapes": args.shape,
+            "relays": args.relays,
+            "burst_ttft": args.burst_ttft,
+            "burst_delay": args.burst_delay,
+            "burst_stagger": args.burst_stagger,
+            "burst_turns": {
+                str(k): v for k, v in args.burst_turns.items() if k in args.burst_calls
+            },
         },
-        "levels": {},
+        "runs": {},
     }
     log_dir = RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fake = FakeProc(LOAD_CORE if args.pin else None)
     try:
-        for n in args.calls:
-            t0 = now()
-            print(f"-- {n} calls ...", flush=True)
-            result["levels"][str(n)] = await run_level(n, fake, args, rng, log_dir)
-            print(f"   done in {now() - t0:.1f} s", flush=True)
+        for shape in shapes(args).values():
+            runs = result["runs"].setdefault(shape.name, {r: {} for r in args.relays})
+            for i, n in enumerate(args.burst_calls if shape.tick else args.calls):
+                # crctl and the floor alternate who goes first, on the same load (same seed)
+                order = args.relays if i % 2 == 0 else args.relays[::-1]
+                for relay in order:
+                    t0 = now()
+                    print(f"-- {shape.name}, {relay}, {n} calls ...", flush=True)
+                    level_rng = random.Random(f"{args.seed}-{shape.name}-{n}")
+                    runs[relay][str(n)] = await run_level(
+                        n, fake, args, level_rng, log_dir, shape, relay
+                    )
+                    t = runs[relay][str(n)]["turns"]
+                    print(
+                        f"   done in {now() - t0:.1f} s: added p50/p99 "
+                        f"{t['added_latency_ms'].get('p50')}/{t['added_latency_ms'].get('p99')} "
+                        f"ms, {t['relay_cpu_us_per_token']} µs/token",
+                        flush=True,
+                    )
     finally:
         fake.stop()
+    first: dict[str, Any] = next(iter(result["runs"].values()), {})
+    result["levels"] = first.get("crctl", {})  # the earlier targets' levels
     return result
 
 
@@ -698,6 +923,25 @@ def main(argv: list[str] | None = None) -> int:
         default="crctl",
         help="python -m MODULE serve ... (a wrapper of crctl's CLI, for what-if runs)",
     )
+    parser.add_argument(
+        "--shape",
+        default="jitter,burst",
+        help="load profiles to run: jitter (TTFT and delay drawn per reply), burst (fixed "
+        "TTFT, every token on the fake's shared tick, calls start within --burst-stagger s)",
+    )
+    parser.add_argument("--burst-calls", default="200", help="levels of the burst profile")
+    parser.add_argument("--burst-turns", default="1:3,50:3,200:3", help="burst turns per call")
+    parser.add_argument("--burst-ttft", type=float, default=0.3, help="burst: fixed TTFT, s")
+    parser.add_argument(
+        "--burst-delay", type=float, default=0.020, help="burst: the tick between tokens, s"
+    )
+    parser.add_argument("--burst-stagger", type=float, default=2.0, help="burst: starts within")
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="crctl only (default: the floor, bench/floor.py, runs beside it at every level)",
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
     parser.add_argument("--profile", action="store_true", help="run the relay under cProfile")
     parser.add_argument(
@@ -718,6 +962,12 @@ def main(argv: list[str] | None = None) -> int:
     args.turns, args.barge_rounds = parse_map(args.turns), parse_map(args.barge_rounds)
     args.ttft, args.delay = parse_pair(args.ttft), parse_pair(args.delay)
     args.think = parse_pair(args.think)
+    args.shape = [s.strip() for s in args.shape.split(",") if s.strip()]
+    if not args.shape or set(args.shape) - {"jitter", "burst"}:
+        parser.error("--shape: jitter, burst or both (jitter,burst)")
+    args.burst_calls = [int(x) for x in args.burst_calls.split(",")]
+    args.burst_turns = parse_map(args.burst_turns)
+    args.relays = ["crctl", "floor"] if args.floor else ["crctl"]
     if args.pin and (os.cpu_count() or 1) < 2:
         print("warning: fewer than 2 CPUs: running unpinned", file=sys.stderr)
         args.pin = False
@@ -735,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
     result["duration_s"] = round(now() - t0, 1)
     result["targets"] = targets(result["levels"])
+    result["floor_targets"] = floor_targets(result["runs"])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.out or f"{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
@@ -744,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     print(f"wrote {RESULTS / stem}.json and {stem}.md")
-    return 0 if all(t["pass"] for t in result["targets"]) else 1
+    checks = result["targets"] + result["floor_targets"]
+    return 0 if all(t["pass"] for t in checks) else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import signal
 import socket
 import struct
@@ -96,12 +97,20 @@ class Script:
     line_piece: int = 65536
     #: Send ``tokens`` this many times over: a very long reply without a very long list.
     repeat: int = 1
+    #: A shared clock (s; 0: off): every token leaves on a tick, a multiple of ``tick`` of
+    #: ``time.monotonic()`` (one clock for every stream of the process): the first on the first
+    #: tick at or after ``ttft``, each next one on the first tick at least ``delay`` after the
+    #: previous one's (its target, so lateness does not accumulate). Streams that run at once
+    #: then write their tokens in the same instant, as a busy provider's streams reach a relay.
+    tick: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
         if self.keepalive_kind not in KEEPALIVES:
             raise ValueError(f"unknown keepalive_kind {self.keepalive_kind!r}: {KEEPALIVES}")
+        if self.tick < 0:
+            raise ValueError(f"tick must be >= 0, got {self.tick}")
 
 
 @dataclass
@@ -149,6 +158,11 @@ def _usage(completion_tokens: int) -> dict[str, int]:
 def _sse(obj: dict[str, Any]) -> bytes:
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     return b"data: " + text.encode() + b"\n\n"
+
+
+def _on_tick(at: float, tick: float) -> float:
+    """The first multiple of ``tick`` at or after ``at`` (to within a nanosecond)."""
+    return math.ceil(at / tick - 1e-9) * tick
 
 
 def _error_response(status: int) -> web.Response:
@@ -342,6 +356,7 @@ class FakeLLM(BackgroundServer):
             return _sse({**base, "choices": [choice]})
 
         count, deltas = self._deltas(script, ids)
+        due = 0.0  # with script.tick: when the last token was due
         midstream = script.fault in ("cut", "reset", "garbage")
         fault_at = min(script.cut_after, count) if midstream else -1
         keepalive_at = min(script.keepalive_after, count) if script.keepalive > 0 else -1
@@ -364,7 +379,14 @@ class FakeLLM(BackgroundServer):
                         return resp
                 if delta is None:
                     break
-                pause = rec.received_at + script.ttft - time.monotonic() if i == 0 else script.delay
+                if script.tick > 0:
+                    due = _on_tick(due + script.delay if i else rec.received_at + script.ttft,
+                                   script.tick)  # fmt: skip
+                    pause = due - time.monotonic()
+                elif i == 0:
+                    pause = rec.received_at + script.ttft - time.monotonic()
+                else:
+                    pause = script.delay
                 if pause > 0:
                     await asyncio.sleep(pause)
                 await resp.write(event(delta))

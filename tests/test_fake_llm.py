@@ -413,3 +413,39 @@ async def test_repeat_streams_a_very_long_reply(fake: FakeLLM, api: AsyncOpenAI)
     assert fake.records[0].tokens_sent == 10_000 and fake.records[0].completed
     done = await api.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert done.choices[0].message.content == "You said: hello there general"
+
+
+def test_on_tick_rounds_up_to_the_shared_clock() -> None:
+    """A due time moves to the first multiple of the tick at or after it."""
+    from fakes.fake_llm import _on_tick
+
+    assert _on_tick(1.000, 0.02) == pytest.approx(1.00)
+    assert _on_tick(1.001, 0.02) == pytest.approx(1.02)
+    assert _on_tick(1.019, 0.02) == pytest.approx(1.02)
+    with pytest.raises(ValueError, match="tick"):
+        Script(tick=-1)
+
+
+@pytest.mark.asyncio
+async def test_tick_paces_every_stream_on_one_clock(fake: FakeLLM, api: AsyncOpenAI) -> None:
+    """With a tick, a stream's tokens wait for the shared clock; all of them arrive in order.
+
+    Only lower bounds: a token never leaves before its tick (a loaded machine makes it late).
+    """
+    fake.enqueue(*(Script(tokens=["a", "b", "c"], ttft=0.03, delay=0.02, tick=0.02),) * 2)
+
+    async def read() -> list[str]:
+        stream = await api.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+        return [
+            c.choices[0].delta.content
+            async for c in stream
+            if c.choices and c.choices[0].delta.content
+        ]
+
+    first, second = await asyncio.gather(read(), read())
+
+    assert first == second == ["a", "b", "c"]
+    for rec in fake.records:
+        assert rec.first_chunk_at is not None
+        due = math.ceil((rec.received_at + 0.03) / 0.02 - 1e-9) * 0.02
+        assert rec.first_chunk_at >= due - 1e-3  # the loop's clock resolution

@@ -1,12 +1,12 @@
 """The floor: the least a ConversationRelay relay can do, run beside crctl by bench/run.py.
 
-Same server and WebSocket implementation as ``crctl serve`` (uvicorn, its websockets-sansio
-protocol, no per-message deflate, the asyncio loop, a listening socket with TCP_NODELAY, the
-start-up objects frozen out of the collector, full collections 10x rarer), so the difference
-with crctl is the relay's own work. Per call: accept the socket, read ``setup``; on a final
-prompt POST one chat request to the LLM (aiohttp, one client session for the process:
-connections kept alive, as crctl's openai transport), split the SSE stream into lines, decode
-each ``data:`` line with msgspec, send one text frame per token and ``last:true`` at the end; on
+Same server, WebSocket implementation and event loop as ``crctl serve`` (uvicorn, crctl's lean
+websockets-sansio protocol, no per-message deflate, uvloop where crctl uses it, a listening socket
+with TCP_NODELAY, the start-up objects frozen out of the collector, full collections 10x rarer), so
+the difference with crctl is the relay's own work. Per call: accept the socket, read ``setup``; on
+a final prompt POST one chat request to the LLM (aiohttp, one client session for the process:
+connections kept alive, as crctl's openai transport), split the SSE stream into lines, decode each
+``data:`` line with msgspec, send one text frame per token and ``last:true`` at the end; on
 ``interrupt`` cancel the stream (the HTTP connection is closed, so the LLM stops) and send
 ``last:true``. Nothing else: no signature check, no events, no history (the prompt is the only
 message), no call log.
@@ -208,12 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     app = Floor(os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8099/v1"))
+    # crctl's own server pieces: what differs between the two is then the relay's work only
+    from crctl.serve import _lean_websockets_sansio, event_loop_factory
+
     config = uvicorn.Config(
         app,
         http="h11",
-        ws="websockets-sansio",
+        ws=_lean_websockets_sansio(),
         ws_per_message_deflate=False,
-        loop="asyncio",
+        loop="none",
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -223,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, 100)  # full collections 10x rarer, as crctl serve
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(server.serve(sockets=[sock]))
 
 
 if __name__ == "__main__":

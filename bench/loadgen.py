@@ -208,9 +208,11 @@ class Caller:
                 if token:
                     if res.first_at is None:
                         res.first_at = at
-                    res.tokens += 1
-                    m = TOKEN_RE.search(token)
-                    if m:
+                    # a frame may carry several tokens (a relay forwards one network read
+                    # whole): each counts, and each is checked and timed
+                    marks = list(TOKEN_RE.finditer(token))
+                    res.tokens += max(1, len(marks))
+                    for m in marks:
                         if int(m[1]) != self.index or int(m[2]) != turn:
                             res.wrong += 1
                         res.token_delays.append(at - int(m[4]) / 1e9)
@@ -243,11 +245,11 @@ class Caller:
                 is_text = isinstance(frame, Text)
                 token = frame.token if isinstance(frame, Text) else ""
                 if token:
-                    res.tokens_before += 1
+                    marks = list(TOKEN_RE.finditer(token))
+                    res.tokens_before += max(1, len(marks))
                     heard.append(token)
-                    m = TOKEN_RE.search(token)
-                    if m:
-                        res.max_k_before = int(m[3])
+                    if marks:
+                        res.max_k_before = int(marks[-1][3])
                 if is_text and frame.last:  # type: ignore[union-attr]
                     res.error = "reply ended before the interrupt"
                     return res
@@ -262,9 +264,11 @@ class Caller:
                     continue
                 token = frame.token
                 if token:
-                    m = TOKEN_RE.search(token)
-                    written = int(m[4]) / 1e9 if m else float("nan")
-                    res.late.append((at, written, int(m[3]) if m else -1))
+                    marks = list(TOKEN_RE.finditer(token))  # every token of the frame
+                    for m in marks:
+                        res.late.append((at, int(m[4]) / 1e9, int(m[3])))
+                    if not marks:
+                        res.late.append((at, float("nan"), -1))
                 if frame.last:
                     res.last_at = at
                     break

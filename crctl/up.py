@@ -184,7 +184,11 @@ def up(
         early = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: early.set())
-        code = asyncio.run(_serve(relay.app, settings, sock, turns, early))
+        # the same event loop as `crctl serve` (uvloop where installed): one relay, one behaviour
+        from crctl.serve import event_loop_factory
+
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            code = runner.run(_serve(relay.app, settings, sock, turns, early))
     except KeyboardInterrupt:
         code = 130
     finally:

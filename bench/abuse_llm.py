@@ -32,8 +32,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +50,7 @@ if str(REPO) not in sys.path:
 import websockets  # noqa: E402
 
 from bench.loadgen import setup_for  # noqa: E402
-from bench.procs import cpu_seconds, free_port, rss_kib  # noqa: E402
+from bench.procs import cpu_seconds, end_relay, free_port, rss_kib  # noqa: E402
 from fakes.fake_llm import FakeLLM, Script  # noqa: E402
 from relay_server.protocol import Text  # noqa: E402
 from relay_server.protocol.twilio_side import TwilioSide  # noqa: E402
@@ -115,15 +113,7 @@ class Relay:
         return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.state, ignore_errors=True)
+        end_relay(self.proc, self.log, self.state)
 
 
 class Caller:

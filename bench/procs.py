@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 #: The relay's auth token and public URL in the bench: the callers sign their handshakes with
@@ -201,15 +201,23 @@ class RelayProc:
         return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.cwd, ignore_errors=True)
+        end_relay(self.proc, self.log, self.cwd)
+
+
+def end_relay(proc: subprocess.Popen[Any], log: IO[Any], folder: str | Path) -> None:
+    """Stop a relay process as a deploy would (SIGTERM, then SIGKILL after 15 s); clean up.
+
+    ``log`` is the file its output went to, ``folder`` its scratch folder (removed).
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- machine-wide load

@@ -125,6 +125,9 @@ class StreamRecord:
     client_disconnected: bool  # client went away before the script finished
     disconnected_at: float | None
     script: Script
+    #: The request's headers, and the client's ``host:port`` (one per connection).
+    headers: dict[str, str] = field(default_factory=dict)
+    peer: str = ""
 
 
 def echo_responder(body: dict[str, Any]) -> Script:
@@ -280,6 +283,9 @@ class FakeLLM(BackgroundServer):
             return _error_response(400)
         script = self._next_script(body)
         rec = StreamRecord(body, received, None, 0, False, False, None, script)
+        rec.headers = dict(request.headers)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        rec.peer = f"{peer[0]}:{peer[1]}" if peer else ""
         if self._keep_records:
             with self._lock:
                 self.records.append(rec)

@@ -1,14 +1,12 @@
 """The chat model's reply in-process, and the conversation's history bookkeeping.
 
-ChatStream runs over a fake HTTP response (no socket); the history bookkeeping needs no event loop
+ChatStream runs over a fake response body (no socket); the history bookkeeping needs no event loop
 at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -17,28 +15,21 @@ from relay_server.chat import LLMError, ToolCall
 from relay_server.llm import ChatStream
 
 
-class _Response:
-    """What the SDK's raw streaming response offers ChatStream: ``http_response.aiter_bytes``."""
+class _Body:
+    """A response body as ChatStream reads it: one ``read()`` per network read."""
 
-    def __init__(self, chunks: asyncio.Queue[bytes | None]) -> None:
-        self.http_response = self
-        self._chunks = chunks
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._chunks.get()) is not None:
-            yield chunk
-
-
-class _Manager:
     def __init__(self) -> None:
         self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.exited = False
+        self.closed = False
 
-    async def __aenter__(self) -> _Response:
-        return _Response(self.chunks)
+    async def read(self) -> bytes:
+        return (await self.chunks.get()) or b""
 
-    async def __aexit__(self, *exc: Any) -> None:
-        self.exited = True
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def open(self) -> _Body:
+        return self
 
 
 def _token(text: str) -> bytes:
@@ -47,40 +38,40 @@ def _token(text: str) -> bytes:
 
 @pytest.mark.asyncio
 async def test_leaving_the_stream_with_a_token_in_hand_closes_it_and_its_watchdog():
-    manager = _Manager()
-    stream = ChatStream(manager, timeout=3600)
-    manager.chunks.put_nowait(_token("Hello"))  # one network read each: one token each
-    manager.chunks.put_nowait(_token(" there"))
+    body = _Body()
+    stream = ChatStream(body.open, timeout=3600)
+    body.chunks.put_nowait(_token("Hello"))  # one network read each: one token each
+    body.chunks.put_nowait(_token(" there"))
     async with stream:
         async for token in stream:
             assert token == "Hello"
             break  # as a cancelled turn does: the generator is left at its yield
-    assert manager.exited
+    assert body.closed
     assert stream._watch is None  # the watchdog timer went with the generator
 
 
 @pytest.mark.asyncio
 async def test_the_tokens_of_one_network_read_are_forwarded_together():
-    manager = _Manager()
-    stream = ChatStream(manager, timeout=3600)
-    manager.chunks.put_nowait(_token("Hello") + b": keep-alive\n\n" + _token(" there"))
-    manager.chunks.put_nowait(_token(" you") + b"data: [DONE]\n\n")
-    manager.chunks.put_nowait(None)
+    body = _Body()
+    stream = ChatStream(body.open, timeout=3600)
+    body.chunks.put_nowait(_token("Hello") + b": keep-alive\n\n" + _token(" there"))
+    body.chunks.put_nowait(_token(" you") + b"data: [DONE]\n\n")
+    body.chunks.put_nowait(None)
     async with stream:
         assert [token async for token in stream] == ["Hello there", " you"]
 
 
 @pytest.mark.asyncio
 async def test_keepalives_hold_no_token_and_the_watchdog_ends_the_stream():
-    manager = _Manager()
-    stream = ChatStream(manager, timeout=0.01)
-    manager.chunks.put_nowait(b": keep-alive\n\n")  # then nothing: the read waits for ever
+    body = _Body()
+    stream = ChatStream(body.open, timeout=0.01)
+    body.chunks.put_nowait(b": keep-alive\n\n")  # then nothing: the read waits for ever
     with pytest.raises(LLMError) as raised:
         async with stream:
             async for _ in stream:
                 pass
     assert raised.value.kind == "timeout"
-    assert manager.exited
+    assert body.closed
 
 
 def test_trimming_never_starts_with_an_orphaned_tool_result():

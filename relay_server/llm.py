@@ -116,7 +116,10 @@ class _Direct:
         headers.update(client.auth_headers)
         headers["Accept"] = "text/event-stream"
         self.headers = headers
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        # No sock_read: aiohttp would move a timer on every network read. Until the response
+        # starts, ``timeout`` bounds the wait (open); after, ChatStream's token watchdog does.
+        self.timeout = timeout
+        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -130,10 +133,11 @@ class _Direct:
 
     async def open(self, body: bytes) -> Body:
         try:
-            response = await self.session().post(
-                self.url, data=body, headers=self.headers, timeout=self.timeout
-            )
-        except aiohttp.ServerTimeoutError as exc:  # connect or first byte took too long
+            async with asyncio.timeout(self.timeout or None):
+                response = await self.session().post(
+                    self.url, data=body, headers=self.headers, timeout=self._client_timeout
+                )
+        except TimeoutError as exc:  # no connection, or no response, within the timeout
             raise LLMError("timeout", "the LLM did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _unreachable(exc) or LLMError("connection", f"cannot connect: {exc}") from exc

@@ -69,8 +69,10 @@ class RelaySocket:
         # the frame loop reads the socket directly.
         gate = _CallGate(ticket, receive, send, peer, self.state.config.max_frame_bytes)
 
-        async def send_frame(frame: str) -> None:
-            await send({"type": "websocket.send", "text": frame})
+        def send_frame(frame: str) -> Awaitable[None]:
+            # A plain function handing back the server's own awaitable: no coroutine of its
+            # own per token.
+            return send({"type": "websocket.send", "text": frame})
 
         state = self.state
         link = SessionLink(send_frame, state.bus, state.config, state.services)

@@ -143,28 +143,40 @@ class EventStore:
                 )
 
     def _write(self, batch: list[ev.CallEvent]) -> list[Row]:
+        """Store ``batch`` in one transaction: one statement for its events, one for its calls.
+
+        The events' ids are known without a query per row: the transaction holds the write
+        lock, so AUTOINCREMENT numbers them on from the table's sequence, in order (checked
+        after the insert; if anything else numbered them, they are read back).
+        """
         con = self._con
-        rows: list[Row] = []
+        events = [tracking.bounded(event) for event in batch]
+        params = [
+            (event.ts, event.call_sid, event.kind, ev.encode_data(event).decode())
+            for event in events
+        ]
         try:
             con.execute("BEGIN IMMEDIATE")
-            for event in batch:
-                event = tracking.bounded(event)
-                data = ev.encode_data(event).decode()
-                cursor = con.execute(
-                    "INSERT INTO events (ts, call_sid, kind, data) VALUES (?, ?, ?, ?)",
-                    (event.ts, event.call_sid, event.kind, data),
-                )
-                rows.append(
-                    (int(cursor.lastrowid or 0), event.ts, event.call_sid, event.kind, data)
-                )
-                if event.call_sid:
-                    tracking.track_call(con, event, self.relay_id)
+            before = _sequence(con)
+            con.executemany(
+                "INSERT INTO events (ts, call_sid, kind, data) VALUES (?, ?, ?, ?)", params
+            )
+            after = _sequence(con)
+            if after - before == len(params):
+                ids = list(range(before + 1, after + 1))
+            else:  # not numbered on from the sequence: ask (never seen; cheap insurance)
+                found = con.execute(
+                    "SELECT id FROM events ORDER BY id DESC LIMIT ?", (len(params),)
+                ).fetchall()
+                ids = sorted(row[0] for row in found)
+            tracking.track_calls(con, events, self.relay_id)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             log.warning("event store %s: %d events lost: %s", self.path, len(batch), exc)
             return []
+        rows: list[Row] = [(i, *p) for i, p in zip(ids, params, strict=True)]
         self.last_id = rows[-1][0]
         self._written_since_prune += len(rows)
         return rows
@@ -287,3 +299,9 @@ class EventStore:
         return self.feed.stream(
             since=since, call_sid=call_sid, after=after, heartbeat=heartbeat, page=page
         )
+
+
+def _sequence(con: sqlite3.Connection) -> int:
+    """The last id AUTOINCREMENT gave out in ``events`` (0 before the first)."""
+    row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    return int(row[0]) if row else 0

@@ -15,6 +15,7 @@ import logging
 import socket
 import sqlite3
 import time
+from typing import Any
 
 import msgspec
 import psutil
@@ -30,24 +31,54 @@ GONE_AFTER_SECONDS = 60.0
 PARTIAL_MAX_CHARS = 1024
 
 
-def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None:
-    """Keep the ``calls`` row of ``event``'s call up to date (in the writer's transaction).
+def track_calls(con: sqlite3.Connection, events: list[ev.CallEvent], relay: str) -> None:
+    """Keep the ``calls`` rows of ``events``' calls up to date (in the writer's transaction).
 
-    ``relay`` (the writer's relay id) serves the call from now on.
+    ``relay`` (the writer's relay id) serves those calls from now on. The common events (a
+    prompt, a reply) only touch a call's last time and counters: those are gathered into one
+    upsert per call and batch. The rare ones (start, end, hang-up, status, lost) update the
+    row one by one, in order, after it.
     """
-    sid, ts = event.call_sid, event.ts
-    if isinstance(event, ev.CallLost):
-        con.execute(
-            "UPDATE calls SET status = 'lost', ended = ? WHERE sid = ? AND status = 'live'",
-            (event.last_seen or ts, sid),
-        )
-        return
-    con.execute(
-        "INSERT INTO calls (sid, started, last_ts, relay) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (sid) DO UPDATE SET last_ts = excluded.last_ts, relay = excluded.relay",
-        (sid, ts, ts, relay),
+    seen: dict[str, list[Any]] = {}  # sid -> [started, last_ts, turns, errors]
+    rare: list[ev.CallEvent] = []
+    for event in events:
+        sid = event.call_sid
+        if not sid:
+            continue
+        if isinstance(event, ev.CallLost):
+            rare.append(event)
+            continue
+        row = seen.get(sid)
+        if row is None:
+            row = seen[sid] = [event.ts, event.ts, 0, 0]
+        row[1] = event.ts
+        if isinstance(event, ev.AgentReply):
+            row[2] += 1
+        elif isinstance(event, ev.Error | ev.LlmFault):
+            row[3] += 1
+        elif isinstance(event, _RARE):
+            rare.append(event)
+    con.executemany(
+        "INSERT INTO calls (sid, started, last_ts, relay, turns, errors) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (sid) DO UPDATE SET last_ts = excluded.last_ts, relay = excluded.relay, "
+        "turns = turns + excluded.turns, errors = errors + excluded.errors",
+        [
+            (sid, first, last, relay, turns, errors)
+            for sid, (first, last, turns, errors) in seen.items()
+        ],
     )
+    for event in rare:
+        _track_rare(con, event)
+
+
+def _track_rare(con: sqlite3.Connection, event: ev.CallEvent) -> None:
+    sid, ts = event.call_sid, event.ts
     match event:
+        case ev.CallLost():
+            con.execute(
+                "UPDATE calls SET status = 'lost', ended = ? WHERE sid = ? AND status = 'live'",
+                (event.last_seen or ts, sid),
+            )
         case ev.CallStarted():
             con.execute(
                 "UPDATE calls SET from_number = coalesce(?, from_number), "
@@ -60,10 +91,6 @@ def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None
                     sid,
                 ),
             )
-        case ev.AgentReply():
-            con.execute("UPDATE calls SET turns = turns + 1 WHERE sid = ?", (sid,))
-        case ev.Error() | ev.LlmFault():
-            con.execute("UPDATE calls SET errors = errors + 1 WHERE sid = ?", (sid,))
         case ev.SocketClosed():
             con.execute(
                 "UPDATE calls SET ended = ?, status = CASE status WHEN 'live' THEN 'hung up' "
@@ -86,6 +113,10 @@ def track_call(con: sqlite3.Connection, event: ev.CallEvent, relay: str) -> None
                 "IN ('live', 'hung up') THEN ? ELSE status END WHERE sid = ?",
                 (ts, status, sid),
             )
+
+
+#: Events that change more of a call's row than its last time and counters.
+_RARE = (ev.CallStarted, ev.SocketClosed, ev.SessionEnd, ev.CallStatus)
 
 
 def bounded(event: ev.CallEvent) -> ev.CallEvent:

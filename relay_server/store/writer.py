@@ -1,10 +1,12 @@
 """The store's writer thread, signalled through one queue.
 
 The relay's loop only puts events on the queue (a bus subscriber: well under a microsecond,
-no lock, no disk). The thread takes the first event, gathers what follows for
-``flush_interval`` seconds (one transaction per batch, not per event) and hands the batch to
-``write``. A reader that must see everything queued so far puts a flush mark on the same
-queue and waits for it: the queue's order guarantees every event before the mark is written.
+no lock, no disk, and no wake-up of the thread). The thread takes the first event, sleeps for
+``flush_interval`` seconds, then takes everything queued meanwhile (one transaction per batch,
+not per event) and hands the batch to ``write``. Waiting on the queue for each event instead
+woke the thread once per event, and every wake-up is a hand-over of the GIL. A reader that must
+see everything queued so far puts a flush mark on the same queue, cuts the sleep short and
+waits for the mark: the queue's order guarantees every event before the mark is written.
 When the queue stays empty for ``idle_every`` seconds the thread calls ``idle`` (the relay's
 heartbeat).
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 
 from relay_server.events import CallEvent
@@ -49,6 +50,8 @@ class Writer:
         self._flush_interval = flush_interval
         self._idle_every = idle_every
         self._queue: queue.SimpleQueue[CallEvent | _Mark] = queue.SimpleQueue()
+        #: Set by a flush or stop: the thread's sleep ends at once.
+        self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="event-store", daemon=True)
         self._thread.start()
 
@@ -61,12 +64,14 @@ class Writer:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             mark = _Mark()
             self._queue.put(mark)
+            self._urgent.set()
             mark.done.wait(WAIT_SECONDS)
 
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
         mark = _Mark(stop=True)
         self._queue.put(mark)
+        self._urgent.set()
         self._thread.join(WAIT_SECONDS)
         if self._thread.is_alive():
             log.warning("event store: the writer did not finish within %.0f s", WAIT_SECONDS)
@@ -86,23 +91,28 @@ class Writer:
                 return
 
     def _gather(self, item: CallEvent | _Mark) -> tuple[list[CallEvent], list[_Mark]]:
-        """The batch that starts with ``item``.
+        """The batch that starts with ``item``: what else is queued after ``flush_interval``.
 
-        It runs up to a mark (a reader waits, or the store closes), or holds what came within
-        ``flush_interval``.
+        The sleep ends early when a reader waits (a flush mark) or the store closes.
         """
         batch: list[CallEvent] = []
-        deadline = time.monotonic() + self._flush_interval
-        while not isinstance(item, _Mark):
+        marks: list[_Mark] = []
+        if isinstance(item, _Mark):
+            marks.append(item)
+        else:
             batch.append(item)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return batch, []
+            self._urgent.wait(self._flush_interval)
+        self._urgent.clear()
+        get = self._queue.get_nowait
+        while True:  # a mark's events are all before it: writing past it is still in order
             try:
-                item = self._queue.get(timeout=remaining)
+                item = get()
             except queue.Empty:
-                return batch, []
-        return batch, [item]
+                return batch, marks
+            if isinstance(item, _Mark):
+                marks.append(item)
+            else:
+                batch.append(item)
 
     @staticmethod
     def _guarded(step: Callable[..., None], *args: object) -> None:

@@ -167,6 +167,15 @@ EventsDb = Annotated[
         "events_db", "FILE", "SQLite file of call events ('' keeps them in memory only)."
     ),
 ]
+RedisUrl = Annotated[
+    Optional[str],
+    setting_option(
+        "redis_url",
+        "URL",
+        "Redis shared by the relay's replicas (redis://host:port/db): live calls, "
+        "conversations, pushes and call events; none: this process alone.",
+    ),
+]
 EventsKeepDays = Annotated[
     Optional[float],
     setting_option("events_keep_days", "DAYS", "Delete call events older than this."),

@@ -59,6 +59,7 @@ def serve(
     events_db: opts.EventsDb = None,
     events_keep_days: opts.EventsKeepDays = None,
     events_max_rows: opts.EventsMaxRows = None,
+    redis_url: opts.RedisUrl = None,
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz."""
     flags = opts.settings_flags(locals())  # every parameter is the setting of its name
@@ -161,6 +162,10 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
     if config.api_token is None:
         config = replace(config, api_token=ensure_api_token())
         token_from = str(api_token_path())
+    if config.redis_url:
+        from relay_server.cluster import check_redis
+
+        check_redis(config.redis_url)  # one line and exit 2 when Redis does not answer
     agent_cls = resolve_agent(config)
     llm = None
     if issubclass(agent_cls, LLMAgent):

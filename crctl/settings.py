@@ -81,7 +81,19 @@ class Settings(BaseSettings):
     events_db: str | None = None
     events_keep_days: float = Field(RelayConfig.events_keep_days, gt=0)
     events_max_rows: int = Field(RelayConfig.events_max_rows, ge=100)
+    #: ``redis://host:port/db``: replicas share live calls, conversations, pushes and events.
+    redis_url: str | None = None
     log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+            raise ValueError("must be a redis://host:port/db (or rediss://, unix://) URL")
+        return value
 
     @field_validator("public_url", "openai_base_url")
     @classmethod
@@ -154,6 +166,7 @@ class Settings(BaseSettings):
             events_db=self.events_db_path(),
             events_keep_days=self.events_keep_days,
             events_max_rows=self.events_max_rows,
+            redis_url=self.redis_url or None,
             agent_config=AgentConfig(**agent_kwargs),
             llm=LLMConfig(
                 api_key=secret(self.openai_api_key),

@@ -158,6 +158,7 @@ def up(
     events_db: opts.EventsDb = None,
     events_keep_days: opts.EventsKeepDays = None,
     events_max_rows: opts.EventsMaxRows = None,
+    redis_url: opts.RedisUrl = None,
     log_level: Annotated[
         str,
         typer.Option(

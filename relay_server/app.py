@@ -21,6 +21,7 @@ from quart import Quart
 from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.chat import ChatModel
+from relay_server.cluster import open_cluster
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -124,6 +125,7 @@ def create_app(
     tokens = socket_tokens(config)
     store = open_store(config)
     bus.subscribe(store.append)
+    cluster = open_cluster(config)  # ConfigError: no shared secret to sign with
     state = RelayState(
         config=config,
         bus=bus,
@@ -134,8 +136,15 @@ def create_app(
         agent=factory,
         services=services,
         template=template,
+        cluster=cluster,
     )
     app.extensions[EXTENSION] = state
+
+    if cluster is not None:
+
+        @app.after_serving
+        async def _close_cluster() -> None:
+            await cluster.aclose()
 
     @app.after_serving
     async def _close_store() -> None:

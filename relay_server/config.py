@@ -98,6 +98,9 @@ class RelayConfig:
     #: Events older than this many days, or beyond this many rows, are deleted.
     events_keep_days: float = 30.0
     events_max_rows: int = 500_000
+    #: ``redis://host:port/db``: replicas of the relay share live calls, conversations, pushes
+    #: and call events through it (``relay_server.cluster``); ``None``: this process alone.
+    redis_url: str | None = field(default=None, repr=False)
     agent_config: AgentConfig = field(default_factory=AgentConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
 

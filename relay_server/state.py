@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from quart import Quart, current_app
 
 from relay_server.calls import CallRegistry, SessionFactory
+from relay_server.cluster import Cluster
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -48,6 +49,8 @@ class RelayState:
     services: Services
     #: The template ``/twiml`` (and a reconnect from ``/action``) serves.
     template: Template
+    #: The link to the other replicas (``--redis-url``); ``None``: this process alone.
+    cluster: Cluster | None = None
 
 
 def relay_state(app: Quart) -> RelayState:

@@ -23,5 +23,7 @@ if [ ! -f "$stamp" ] || [ tests/node/package-lock.json -nt "$stamp" ] || [ tests
   touch "$stamp"
   echo "npm ci: $((SECONDS - started)) s"
 fi
+echo "== redis-server (the scale-out tests run their own)"
+"$root/scripts/ensure_redis.sh" >/dev/null
 echo "== pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -52,3 +52,15 @@ def relay_factory(fake_llm: FakeLLM) -> Iterator[Callable[..., RelayServer]]:
 def relay(relay_factory: Callable[..., RelayServer]) -> RelayServer:
     """The relay with the default (LLM) agent and the test auth token."""
     return relay_factory()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free port (tests/redis_support.py), stopped after the test."""
+    from tests.redis_support import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()

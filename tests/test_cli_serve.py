@@ -295,6 +295,13 @@ BAD_CONFIGS: dict[str, tuple[list[str], dict[str, str], str]] = {
     "env-tools-comma-list": ([], {"CRCTL_TOOLS": "nosuch_mod_a,nosuch_mod_b"}, "tools"),
     # User text in an error must be printed as it is, not parsed as rich markup.
     "agent-with-brackets": (["--agent", "x[/b]:Y"], {}, "x[/b]:Y"),
+    # Issue 12: Redis unreachable at start is one line naming the URL (exit 2)
+    "redis-unreachable": (
+        ["--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
+        {},
+        "cannot reach Redis at redis://127.0.0.1:",
+    ),
+    "redis-not-a-redis-url": (["--redis-url", "http://cache:6379"], {}, "redis_url"),
 }
 
 

@@ -1,0 +1,56 @@
+"""The replica's link to Redis (relay_server.cluster), against a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay_server.cluster import Cluster, ClusterUnavailable, check_redis, replica_secret
+from relay_server.config import RelayConfig
+from relay_server.errors import ConfigError
+from tests.redis_support import RedisServer, free_port
+
+
+@pytest.mark.asyncio
+async def test_a_replica_reaches_redis_and_signs_what_it_says(redis_server: RedisServer) -> None:
+    a = Cluster(redis_server.url, b"k" * 32)
+    b = Cluster(redis_server.url, b"k" * 32)
+    stranger = Cluster(redis_server.url, b"x" * 32)
+    try:
+        await a.ping()
+        assert a.replica != b.replica
+        assert Cluster.key("call", "CA1") == "crctl:call:CA1"
+        await a.redis.set(Cluster.key("probe"), b"1")
+        assert await b.redis.get(Cluster.key("probe")) == b"1"
+        mac = a.sign(b"payload")
+        assert b.verify(b"payload", mac)
+        assert not stranger.verify(b"payload", mac)
+        assert not b.verify(b"payload!", mac)
+    finally:
+        for c in (a, b, stranger):
+            await c.aclose()
+
+
+@pytest.mark.asyncio
+async def test_redis_gone_is_one_readable_fault() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cluster = Cluster(url, b"k" * 32)
+    try:
+        with pytest.raises(ClusterUnavailable) as raised:
+            await cluster.ping()
+    finally:
+        await cluster.aclose()
+    assert str(raised.value).startswith(f"Redis at {url} is not reachable: ")
+    with pytest.raises(ConfigError, match=r"cannot reach Redis at redis://127\.0\.0\.1:\d+/0"):
+        check_redis(url, timeout=1.0)
+
+
+def test_a_password_never_shows_and_replicas_need_a_shared_secret() -> None:
+    with pytest.raises(ConfigError, match="CRCTL_SOCKET_SECRET"):
+        replica_secret(RelayConfig(redis_url="redis://h:6379/0"))
+    same = replica_secret(RelayConfig(socket_secret="s1"))
+    assert same == replica_secret(RelayConfig(socket_secret="s1"))
+    assert same != replica_secret(RelayConfig(socket_secret="s2"))
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
+    with pytest.raises(ConfigError) as raised:
+        check_redis(url, timeout=1.0)
+    assert "hunter2" not in str(raised.value) and "user:***@127.0.0.1" in str(raised.value)

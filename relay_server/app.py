@@ -130,7 +130,11 @@ def create_app(
         config=config,
         bus=bus,
         store=store,
-        registry=CallRegistry(ttl=config.resume_ttl, max_reconnects=config.max_reconnects),
+        registry=CallRegistry(
+            ttl=config.resume_ttl,
+            max_reconnects=config.max_reconnects,
+            directory=cluster.directory if cluster is not None else None,
+        ),
         tokens=tokens,
         checker=checker,
         agent=factory,
@@ -141,6 +145,10 @@ def create_app(
     app.extensions[EXTENSION] = state
 
     if cluster is not None:
+
+        @app.before_serving
+        async def _start_cluster() -> None:
+            cluster.start()
 
         @app.after_serving
         async def _close_cluster() -> None:

@@ -10,11 +10,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from relay_server import events as ev
 from relay_server.protocol import ProtocolError, Setup, Unknown, decode
 from relay_server.session import CallSession, SessionLink
+
+if TYPE_CHECKING:
+    from relay_server.cluster.directory import Directory
 
 log = logging.getLogger("relay_server.calls")
 
@@ -37,8 +40,12 @@ class CallRegistry:
     same conversation; parked entries expire, so nothing grows without bound.
     """
 
-    def __init__(self, ttl: float = 120.0, max_reconnects: int = 3) -> None:
+    def __init__(
+        self, ttl: float = 120.0, max_reconnects: int = 3, directory: Directory | None = None
+    ) -> None:
         self.sessions: dict[str, CallSession] = {}
+        #: The replicas' shared directory (``--redis-url``): told of every socket here.
+        self.directory = directory
         self._parked: dict[str, _Parked] = {}
         self.ttl = ttl
         self.max_reconnects = max_reconnects
@@ -54,6 +61,8 @@ class CallRegistry:
         """Register a new socket's session; returns parked state to restore, if it resumes."""
         self._expire()
         self.sessions[session.call_sid] = session
+        if self.directory is not None:
+            self.directory.add(session.call_sid)
         parked = self._parked.get(session.call_sid)
         if parked is not None and parked.resume:
             parked.resume = False
@@ -64,6 +73,8 @@ class CallRegistry:
         """Drop a closed socket's session and park its state for a possible reconnect."""
         if self.sessions.get(session.call_sid) is session:
             del self.sessions[session.call_sid]
+            if self.directory is not None:
+                self.directory.remove(session.call_sid)
         state = session.resume_state()
         if state is not None:
             previous = self._parked.get(session.call_sid)

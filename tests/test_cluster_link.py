@@ -54,3 +54,54 @@ def test_a_password_never_shows_and_replicas_need_a_shared_secret() -> None:
     with pytest.raises(ConfigError) as raised:
         check_redis(url, timeout=1.0)
     assert "hunter2" not in str(raised.value) and "user:***@127.0.0.1" in str(raised.value)
+
+
+async def _until(predicate: object, patience: float = 30.0) -> bool:
+    """Poll an async predicate until it holds (a generous bound, never the figure under test)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while loop.time() < deadline:
+        if await predicate():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.asyncio
+async def test_the_directory_names_the_replica_of_each_call(redis_server: RedisServer) -> None:
+    from relay_server.cluster import stop
+    from relay_server.cluster.directory import Directory
+
+    a = Cluster(redis_server.url, b"k" * 32)
+    b = Cluster(redis_server.url, b"k" * 32)
+    try:
+        a.directory = Directory(a, ttl=1.0, beat=0.2)
+        a.start()
+        a.directory.add("CA1")
+        a.directory.add("CA2")
+
+        async def b_sees_both() -> bool:
+            return await b.directory.where("CA1") == a.replica == await b.directory.where("CA2")
+
+        assert await _until(b_sees_both)
+        assert a.replica in await b.directory.replicas()
+        a.directory.remove("CA1")
+
+        async def b_sees_one() -> bool:
+            return await b.directory.where("CA1") is None
+
+        assert await _until(b_sees_one)
+        assert await b.directory.where("CA2") == a.replica
+        # a dies without a word (no final write): its entries expire with its heartbeat
+        await stop(a.directory._task)
+
+        async def gone() -> bool:
+            return await b.directory.where("CA2") is None
+
+        assert await _until(gone)
+        assert a.replica not in await b.directory.replicas()
+    finally:
+        await b.aclose()
+        await a.redis.aclose()

@@ -83,6 +83,8 @@ class Cluster:
     def __init__(self, url: str, secret: bytes, replica_id: str | None = None) -> None:
         import redis.asyncio as aioredis  # only with --redis-url
 
+        from relay_server.cluster.directory import Directory
+
         self.url = url
         self.secret = secret
         self.replica = replica_id or new_replica_id()
@@ -93,6 +95,8 @@ class Cluster:
             health_check_interval=10,
             decode_responses=False,
         )
+        #: Which replica holds each live call's socket.
+        self.directory = Directory(self)
 
     @staticmethod
     def key(*parts: str) -> str:
@@ -114,8 +118,13 @@ class Cluster:
         except Exception as exc:  # redis raises its own ConnectionError, TimeoutError, OSError…
             raise ClusterUnavailable(self.url, exc) from exc
 
+    def start(self) -> None:
+        """Start the replica's background work (in the serving loop): the directory's beat."""
+        self.directory.start()
+
     async def aclose(self) -> None:
-        """Close the client's connections."""
+        """Leave the directory and close the client's connections."""
+        await self.directory.aclose()
         await self.redis.aclose()
 
 

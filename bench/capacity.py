@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -33,6 +32,7 @@ if str(REPO) not in sys.path:  # `python bench/capacity.py`
 
 from bench.loadgen import now  # noqa: E402
 from bench.procs import FakeProc  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from bench.run import (  # noqa: E402
     LOAD_CORE,
     RELAY_CORE,
@@ -233,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
     result["duration_s"] = round(now() - t0, 1)
     stem = args.out or f"capacity-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / f"{stem}.md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {RESULTS / stem}.json and {stem}.md")
+    write_report(stem, result, markdown(result))
     return 0
 
 

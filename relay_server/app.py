@@ -22,6 +22,8 @@ from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.chat import ChatModel
 from relay_server.cluster import open_cluster
+from relay_server.cluster.events import SharedEvents
+from relay_server.cluster.push import Pushes
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -126,21 +128,30 @@ def create_app(
     store = open_store(config)
     bus.subscribe(store.append)
     cluster = open_cluster(config)  # ConfigError: no shared secret to sign with
+    shared = None
+    if cluster is not None:
+        shared = SharedEvents(
+            cluster, keep_days=config.events_keep_days, max_rows=config.events_max_rows
+        )
+        bus.subscribe(shared.append)
+    registry = CallRegistry(
+        ttl=config.resume_ttl,
+        max_reconnects=config.max_reconnects,
+        directory=cluster.directory if cluster is not None else None,
+    )
     state = RelayState(
         config=config,
         bus=bus,
         store=store,
-        registry=CallRegistry(
-            ttl=config.resume_ttl,
-            max_reconnects=config.max_reconnects,
-            directory=cluster.directory if cluster is not None else None,
-        ),
+        registry=registry,
         tokens=tokens,
         checker=checker,
         agent=factory,
         services=services,
         template=template,
         cluster=cluster,
+        pushes=Pushes(cluster, registry, bus) if cluster is not None else None,
+        shared=shared,
     )
     app.extensions[EXTENSION] = state
 
@@ -149,9 +160,15 @@ def create_app(
         @app.before_serving
         async def _start_cluster() -> None:
             cluster.start()
+            for part in (state.pushes, state.shared):
+                if part is not None:
+                    part.start()
 
         @app.after_serving
         async def _close_cluster() -> None:
+            for part in (state.pushes, state.shared):
+                if part is not None:
+                    await part.aclose()
             await cluster.aclose()
 
     @app.after_serving
@@ -196,3 +213,5 @@ def end_streams(app: Quart) -> None:
     state = app.extensions.get(EXTENSION)
     if isinstance(state, RelayState):
         state.store.end_streams()
+        if state.shared is not None:
+            state.shared.ending = True

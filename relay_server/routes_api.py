@@ -3,6 +3,10 @@
 Push a message into a live call (``POST /calls/{sid}/messages``), the call log (``/calls``,
 ``/calls/{sid}``) and its live feed (``/events``, Server-Sent Events, resumable with ``after=``
 or ``Last-Event-ID``).
+
+With ``--redis-url`` a push reaches the call on whichever replica holds its socket
+(:mod:`relay_server.cluster.push`), and the call log is every replica's, from Redis
+(:mod:`relay_server.cluster.events`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any, ParamSpec
 
 from quart import Blueprint, Response, request
 
-from relay_server import events as ev
+from relay_server.cluster import ClusterUnavailable
+from relay_server.cluster.push import deliver
 from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import bearer_ok
 from relay_server.state import current_state
@@ -58,26 +63,35 @@ async def push(call_sid: str) -> Any:
     too_large = {"error": f"message too large: at most {limit} bytes (a frame)"}, 413
     if (request.content_length or 0) > limit:
         return too_large
-    body = await request.get_data()  # bounded by MAX_CONTENT_LENGTH, chunked or not
+    data = await request.get_data(as_text=False)  # bounded by MAX_CONTENT_LENGTH, chunked or not
+    body = data if isinstance(data, bytes) else data.encode()
     if len(body) > limit:
         return too_large
-    session = state.registry.get(call_sid)
-    if session is None:
+    if state.pushes is None or state.registry.get(call_sid) is not None:
+        return await deliver(state.registry, state.bus, call_sid, body)
+    # Another replica may hold the call's socket (crctl serve --redis-url).
+    try:
+        holder = await state.pushes.cluster.directory.where(call_sid)
+    except ClusterUnavailable as exc:
+        return {"error": f"cannot reach the other replicas: {exc}"}, 503
+    if holder is None or holder == state.pushes.cluster.replica:
         return {"error": f"no live call {call_sid}"}, 404
     try:
-        message = decode_outbound(body)
+        decode_outbound(body)  # a bad frame is refused here, not by the holder
     except ProtocolError as exc:
         return {"error": str(exc)}, 400
-    await session.push(message)
-    state.bus.emit(ev.pushed(call_sid, message))
-    return {"sent": type(message).__struct_config__.tag}, 202
+    try:
+        return await state.pushes.send(holder, call_sid, body)
+    except ClusterUnavailable as exc:
+        return {"error": f"cannot reach the other replicas: {exc}"}, 503
 
 
 @api.get("/events")
 @bearer_required
 async def events() -> Any:
     """The call events as Server-Sent Events, from ``since`` or after an event id, live."""
-    store = current_state().store
+    state = current_state()
+    store = state.store
     args = request.args
     try:
         since = parse_since(args.get("since"))
@@ -86,9 +100,17 @@ async def events() -> Any:
     except ValueError as exc:
         message = str(exc) if "since" in str(exc) else "after: expected an event id"
         return {"error": message}, 400
-    if store.ending:
+    if store.ending or (state.shared is not None and state.shared.ending):
         return {"error": "the relay is stopping"}, 503
-    body = store.stream(since=since, call_sid=args.get("call") or None, after=after)
+    call_sid = args.get("call") or None
+    if state.shared is None:
+        body = store.stream(since=since, call_sid=call_sid, after=after)
+    else:  # every replica's events, from Redis
+        try:
+            start = await state.shared.cursor(since, after)
+        except ClusterUnavailable as exc:
+            return {"error": f"the shared call log is unavailable: {exc}"}, 503
+        body = state.shared.stream(start, since=since, call_sid=call_sid)
     response = Response(
         body,
         content_type="text/event-stream; charset=utf-8",
@@ -106,14 +128,27 @@ async def calls() -> Any:
         limit = min(max(int(request.args.get("limit", 50)), 1), 1000)
     except ValueError:
         return {"error": "limit: expected a number"}, 400
-    return {"calls": await asyncio.to_thread(current_state().store.calls, limit)}
+    shared = current_state().shared
+    if shared is None:
+        return {"calls": await asyncio.to_thread(current_state().store.calls, limit)}
+    try:
+        return {"calls": await shared.calls(limit)}
+    except ClusterUnavailable as exc:
+        return {"error": f"the shared call log is unavailable: {exc}"}, 503
 
 
 @api.get("/calls/<call_sid>")
 @bearer_required
 async def call(call_sid: str) -> Any:
     """One stored call with its events."""
-    found = await asyncio.to_thread(current_state().store.call, call_sid)
+    shared = current_state().shared
+    if shared is None:
+        found = await asyncio.to_thread(current_state().store.call, call_sid)
+    else:
+        try:
+            found = await shared.call(call_sid)
+        except ClusterUnavailable as exc:
+            return {"error": f"the shared call log is unavailable: {exc}"}, 503
     if found is None:
         return {"error": f"no stored call {call_sid}"}, 404
     return found

@@ -16,6 +16,8 @@ from quart import Quart, current_app
 
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.cluster import Cluster
+from relay_server.cluster.events import SharedEvents
+from relay_server.cluster.push import Pushes
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -51,6 +53,10 @@ class RelayState:
     template: Template
     #: The link to the other replicas (``--redis-url``); ``None``: this process alone.
     cluster: Cluster | None = None
+    #: Pushes to the calls other replicas hold (with ``cluster``).
+    pushes: Pushes | None = None
+    #: Every replica's call events and calls in Redis (with ``cluster``): ``/events``, ``/calls``.
+    shared: SharedEvents | None = None
 
 
 def relay_state(app: Quart) -> RelayState:

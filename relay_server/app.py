@@ -22,6 +22,8 @@ from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.chat import ChatModel
 from relay_server.cluster import open_cluster
+from relay_server.cluster.conversations import Conversations
+from relay_server.cluster.ledger import RedisLedger
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
@@ -126,15 +128,20 @@ def create_app(
     store = open_store(config)
     bus.subscribe(store.append)
     cluster = open_cluster(config)  # ConfigError: no shared secret to sign with
+    registry = CallRegistry(
+        ttl=config.resume_ttl,
+        max_reconnects=config.max_reconnects,
+        directory=cluster.directory if cluster is not None else None,
+        conversations=Conversations(cluster, config.resume_ttl) if cluster is not None else None,
+    )
+    if cluster is not None:
+        bus.subscribe(registry.on_event)  # turn boundaries keep the conversation in Redis
+        tokens.shared = RedisLedger(cluster)
     state = RelayState(
         config=config,
         bus=bus,
         store=store,
-        registry=CallRegistry(
-            ttl=config.resume_ttl,
-            max_reconnects=config.max_reconnects,
-            directory=cluster.directory if cluster is not None else None,
-        ),
+        registry=registry,
         tokens=tokens,
         checker=checker,
         agent=factory,
@@ -149,9 +156,13 @@ def create_app(
         @app.before_serving
         async def _start_cluster() -> None:
             cluster.start()
+            if registry.conversations is not None:
+                registry.conversations.start()
 
         @app.after_serving
         async def _close_cluster() -> None:
+            if registry.conversations is not None:
+                await registry.conversations.aclose()
             await cluster.aclose()
 
     @app.after_serving

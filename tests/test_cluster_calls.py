@@ -196,3 +196,23 @@ async def test_redis_stopped_mid_call_the_call_goes_on_and_is_kept_again_after(
     faults = [line for line in log.splitlines() if "conversations are kept again when" in line]
     assert len(faults) == 1, log  # once per outage, not per turn
     assert "conversations are kept again" in log.split(faults[0])[1]  # and said when it is back
+
+
+async def test_the_reconnect_limit_holds_across_replicas(redis_server, fake_llm):
+    sid = "CA" + "e" * 32
+    with replicas(redis_server.url, fake_llm.base_url) as (a, b):
+        caller = await TwilioCaller(a, sid).connect()
+        assert await exchange(caller, "hello") == "You said: hello"
+        for n, replica in enumerate((b, a, b)):  # max_reconnects is 3, counted in Redis
+            caller.ws.transport.abort()  # the socket fails (1006)
+            await until(lambda: kept_says(redis_server.url, sid, "You said: hello"))
+            relay_el = (await failed_action(replica, sid)).find("Connect/ConversationRelay")
+            assert relay_el is not None, f"reconnect {n + 1} refused"
+            query = urlsplit(relay_el.get("url", "")).query
+            caller = await TwilioCaller(replica, sid).connect(query=query)
+            assert await exchange(caller, f"turn {n}") == f"You said: turn {n}"
+        caller.ws.transport.abort()
+        root = await failed_action(a, sid)
+        sent = contents(fake_llm.records[-1].body["messages"])
+    assert root.find("Connect") is None and root.find("Hangup") is not None
+    assert ("user", "hello") in sent and sent[-1] == ("user", "turn 2")

@@ -22,7 +22,9 @@ from relay_server.agents import EchoAgent, LLMAgent
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.chat import ChatModel
 from relay_server.cluster import open_cluster
+from relay_server.cluster.conversations import Conversations
 from relay_server.cluster.events import SharedEvents
+from relay_server.cluster.ledger import RedisLedger
 from relay_server.cluster.push import Pushes
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
@@ -138,7 +140,11 @@ def create_app(
         ttl=config.resume_ttl,
         max_reconnects=config.max_reconnects,
         directory=cluster.directory if cluster is not None else None,
+        conversations=Conversations(cluster, config.resume_ttl) if cluster is not None else None,
     )
+    if cluster is not None:
+        bus.subscribe(registry.on_event)  # turn boundaries keep the conversation in Redis
+        tokens.shared = RedisLedger(cluster)
     state = RelayState(
         config=config,
         bus=bus,
@@ -160,13 +166,13 @@ def create_app(
         @app.before_serving
         async def _start_cluster() -> None:
             cluster.start()
-            for part in (state.pushes, state.shared):
+            for part in (registry.conversations, state.pushes, state.shared):
                 if part is not None:
                     part.start()
 
         @app.after_serving
         async def _close_cluster() -> None:
-            for part in (state.pushes, state.shared):
+            for part in (registry.conversations, state.pushes, state.shared):
                 if part is not None:
                     await part.aclose()
             await cluster.aclose()

@@ -6,6 +6,7 @@ session on ``setup``, dispatches the rest and survives anything a frame or an ag
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -13,15 +14,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from relay_server import events as ev
-from relay_server.protocol import ProtocolError, Setup, Unknown, decode
+from relay_server.protocol import Prompt, ProtocolError, Setup, Unknown, decode
 from relay_server.session import CallSession, SessionLink
 
 if TYPE_CHECKING:
+    from relay_server.cluster.conversations import Conversations
     from relay_server.cluster.directory import Directory
 
 log = logging.getLogger("relay_server.calls")
 
 SessionFactory = Callable[[SessionLink, Setup], CallSession]
+
+#: Seconds after a resume in which Twilio's replay of buffered events is expected (see
+#: :meth:`CallConnection._replayed`).
+REPLAY_WINDOW = 3.0
 
 
 @dataclass
@@ -41,11 +47,17 @@ class CallRegistry:
     """
 
     def __init__(
-        self, ttl: float = 120.0, max_reconnects: int = 3, directory: Directory | None = None
+        self,
+        ttl: float = 120.0,
+        max_reconnects: int = 3,
+        directory: Directory | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         self.sessions: dict[str, CallSession] = {}
         #: The replicas' shared directory (``--redis-url``): told of every socket here.
         self.directory = directory
+        #: The replicas' kept conversations (``--redis-url``): a reconnect resumes anywhere.
+        self.conversations = conversations
         self._parked: dict[str, _Parked] = {}
         self.ttl = ttl
         self.max_reconnects = max_reconnects
@@ -76,6 +88,8 @@ class CallRegistry:
             if self.directory is not None:
                 self.directory.remove(session.call_sid)
         state = session.resume_state()
+        if self.conversations is not None:
+            self.conversations.save(session.call_sid, state)
         if state is not None:
             previous = self._parked.get(session.call_sid)
             self._parked[session.call_sid] = _Parked(
@@ -92,9 +106,50 @@ class CallRegistry:
         parked.expires = time.monotonic() + self.ttl
         return True
 
+    async def claim(self, call_sid: str) -> bool:
+        """:meth:`claim_reconnect`, across the replicas with ``--redis-url``.
+
+        There the count is kept in Redis and the conversation read from it, so the reconnect may
+        land on any replica; Redis down: decided by this replica's parked state.
+        """
+        if self.conversations is None:
+            return self.claim_reconnect(call_sid)
+        granted = await self.conversations.claim(call_sid, self.max_reconnects)
+        if granted is None:
+            return self.claim_reconnect(call_sid)
+        parked = self._parked.get(call_sid)
+        if granted and parked is not None:  # the socket may come back here: resume from memory
+            parked.resume = True
+            parked.expires = time.monotonic() + self.ttl
+        return granted
+
+    async def resumable(self, call_sid: str) -> tuple[Any, bool]:
+        """The state a new socket of ``call_sid`` resumes from Redis, if any.
+
+        Returns:
+            The state (``None``: none) and whether Twilio may replay events to it (no reconnect
+            was granted: its ``applicationReconnect`` brought the socket back).
+        """
+        if self.conversations is None:
+            return None, False
+        found = await self.conversations.take(call_sid)
+        return found if found is not None else (None, False)
+
+    def on_event(self, event: ev.CallEvent) -> None:
+        """A bus subscriber: at each turn boundary the call's conversation is kept in Redis.
+
+        A reply ended (or was cut: ``agent.reply``), a barge-in trimmed it (``barge_in``).
+        """
+        if self.conversations is not None and event.kind in (ev.AGENT_REPLY, ev.BARGE_IN):
+            session = self.sessions.get(event.call_sid)
+            if session is not None:
+                self.conversations.save(event.call_sid, session.resume_state())
+
     def forget(self, call_sid: str) -> None:
         """The call is over: drop its parked state."""
         self._parked.pop(call_sid, None)
+        if self.conversations is not None:
+            self.conversations.forget(call_sid)
 
     @property
     def parked(self) -> int:
@@ -110,7 +165,7 @@ class CallRegistry:
 class CallConnection:
     """One ConversationRelay socket: frames in, session handlers called, errors contained."""
 
-    __slots__ = ("_broken", "factory", "link", "peer", "registry", "session")
+    __slots__ = ("_broken", "_replay", "factory", "link", "peer", "registry", "session")
 
     def __init__(
         self, registry: CallRegistry, factory: SessionFactory, link: SessionLink, peer: str = ""
@@ -123,6 +178,8 @@ class CallConnection:
         self.peer = peer
         #: The agent could not be created: frames are dropped quietly (logged once).
         self._broken = False
+        #: After an ``applicationReconnect`` resume: (last answered caller words, deadline).
+        self._replay: tuple[str, float] | None = None
 
     @property
     def call_id(self) -> str:
@@ -152,6 +209,8 @@ class CallConnection:
                 return
             await self._start(message)
             return
+        if self._replay is not None and self._replayed(message):
+            return
         try:
             await self.session.dispatch(message)
         except Exception:
@@ -168,6 +227,10 @@ class CallConnection:
             return
         self.session = session
         state = self.registry.add(session)
+        if state is None and self.registry.conversations is not None:
+            state, replays = await self.registry.resumable(setup.call_sid)
+            if replays and state is not None:
+                self._guard_replay(state)
         if state is not None:
             session.restore(state)
             log.info("call %s: reconnected, conversation resumed", setup.call_sid)
@@ -175,6 +238,40 @@ class CallConnection:
             await session.on_setup(setup)
         except Exception:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
+
+    def _guard_replay(self, state: Any) -> None:
+        """Expect Twilio's replay of what the dropped socket was sent (``applicationReconnect``).
+
+        Assumption (Twilio's docs say the events buffered during the drop are replayed, not which
+        ones): a final prompt the old socket already answered may come again; the caller's last
+        words that have a reply in the restored conversation, repeated within
+        :data:`REPLAY_WINDOW` s of the setup, are not answered twice.
+        """
+        if not isinstance(state, list):
+            return
+        answered = False
+        for message in reversed(state):
+            if not isinstance(message, dict):
+                return
+            if message.get("role") == "assistant" and message.get("content"):
+                answered = True
+            elif message.get("role") == "user":
+                if answered and isinstance(message.get("content"), str):
+                    deadline = asyncio.get_running_loop().time() + REPLAY_WINDOW
+                    self._replay = (message["content"], deadline)
+                return
+
+    def _replayed(self, message: Any) -> bool:
+        if not isinstance(message, Prompt) or self._replay is None:
+            return False
+        words, deadline = self._replay
+        if message.last:
+            self._replay = None  # one final prompt ends the replay window either way
+        if asyncio.get_running_loop().time() > deadline or message.voice_prompt != words:
+            return False
+        if message.last:
+            log.info("call %s: replayed prompt already answered; not answered again", self.call_id)
+        return True
 
     def _bad(self, reason: str) -> None:
         # Said by the ``frame.bad`` event too: ``call_event`` lets `crctl up` show it once.

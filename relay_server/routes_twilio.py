@@ -83,12 +83,15 @@ async def action(form: Fields) -> Response:
             duration=form.get("SessionDuration"),
         )
     )
-    # The session is over: its socket URLs open nothing more; a reconnect gets a new one.
-    state.tokens.ledger.end_call(sid)
+    # The session is over: its socket URLs open nothing more (on any replica); a reconnect
+    # gets a new one.
+    await state.tokens.end_call(sid)
     # Reconnect only a dropped socket (64105); other failures (bad TwiML 64101, cannot
     # connect 64102…) would fail again in a loop (Twilio docs: error dictionary).
+    # With --redis-url the count and the conversation are the replicas' (the socket may have
+    # been on another replica, even one that died).
     dropped = status == "failed" and error_code == "64105"
-    if dropped and sid and state.registry.claim_reconnect(sid):
+    if dropped and sid and await state.registry.claim(sid):
         log.info("call %s: socket failed (%s), reconnecting", sid, error_code)
         return _twiml(connect_document(state, state.config.reconnect_greeting, sid))
     state.registry.forget(sid)
@@ -113,7 +116,7 @@ async def status(form: Fields) -> Response:
     )
     if call_status in ev.CALL_OVER:
         state.registry.forget(sid)
-        state.tokens.ledger.end_call(sid)
+        await state.tokens.end_call(sid)
     return Response("", 204)
 
 

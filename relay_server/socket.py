@@ -57,7 +57,7 @@ class RelaySocket:
         if _from_browser(scope, peer) or not self._signed(scope, peer):
             await _refuse(scope, send)
             return
-        ticket = self._ticket(scope, peer)
+        ticket = await self._ticket(scope, peer)
         if ticket is None:
             await _refuse(scope, send, _SPENT_URL)
             return
@@ -93,8 +93,11 @@ class RelaySocket:
         finally:  # hang-up, server shutdown or cancellation: the session always closes
             # 1000: Twilio closes so on hang-up and after `end` (Twilio docs: WebSocket
             # messages): the session is over and its URL opens nothing more.
-            self.state.tokens.ledger.close(ticket, reusable=gate.reusable and code != 1000)
-            await conn.close(code)
+            try:
+                await conn.close(code)
+            finally:  # (after the conversation is kept: a reopened URL finds it)
+                reusable = gate.reusable and code != 1000
+                await self.state.tokens.release(ticket, reusable=reusable)
 
     async def _until_setup(
         self, conn: CallConnection, receive: Receive, send: Send, peer: str
@@ -129,11 +132,14 @@ class RelaySocket:
                 return False
         return True
 
-    def _ticket(self, scope: Scope, peer: str) -> Ticket | None:
-        """The call's one-time token from the URL, claimed; ``None`` (logged) if refused."""
+    async def _ticket(self, scope: Scope, peer: str) -> Ticket | None:
+        """The call's one-time token from the URL, claimed; ``None`` (logged) if refused.
+
+        Claimed in the replicas' shared replay set too, with ``--redis-url``.
+        """
         query = (scope.get("query_string") or b"").decode("latin-1")
         try:
-            return self.state.tokens.open(query)
+            return await self.state.tokens.claim(query)
         except TokenRefused as exc:
             log.warning("refused WebSocket from %s: %s", peer, exc)
             return None

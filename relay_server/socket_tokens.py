@@ -97,6 +97,23 @@ class TokenLedger(Protocol):
         """
 
 
+class SharedLedger(Protocol):
+    """The replay set the replicas share (``--redis-url``: ``cluster.ledger.RedisLedger``).
+
+    Consulted after this process's own :class:`TokenLedger`; it contains its own faults (a
+    shared set that cannot answer says ``None``: the process's own set decided).
+    """
+
+    async def open(self, ticket: Ticket) -> str | None:
+        """Mark ``ticket`` in use; ``None`` if it may open a socket, else why not."""
+
+    async def close(self, ticket: Ticket, *, reusable: bool) -> None:
+        """Its socket is gone (as :meth:`TokenLedger.close`)."""
+
+    async def end_call(self, call_sid: str) -> None:
+        """The call's session is over (as :meth:`TokenLedger.end_call`)."""
+
+
 class MemoryLedger:
     """:class:`TokenLedger` in this process: bounded, entries dropped at their expiry."""
 
@@ -159,6 +176,8 @@ class SocketTokens:
         self._secret = secret
         self.lifetime = lifetime
         self.ledger: TokenLedger = ledger if ledger is not None else MemoryLedger(clock=clock)
+        #: The replicas' shared replay set, if any (set by the app with ``--redis-url``).
+        self.shared: SharedLedger | None = None
         self.clock = clock
 
     @classmethod
@@ -219,3 +238,28 @@ class SocketTokens:
         if why is not None:
             raise TokenRefused(f"socket token of call {ticket.call_sid}: {why}")
         return ticket
+
+    async def claim(self, query: str) -> Ticket:
+        """:meth:`open`, then claim the token in the replicas' shared replay set, if any.
+
+        Raises :class:`TokenRefused` if it is in use or used here or on another replica.
+        """
+        ticket = self.open(query)
+        if self.shared is not None:
+            why = await self.shared.open(ticket)
+            if why is not None:
+                self.ledger.close(ticket, reusable="in use" in why)  # undo the local claim
+                raise TokenRefused(f"socket token of call {ticket.call_sid}: {why}")
+        return ticket
+
+    async def release(self, ticket: Ticket, *, reusable: bool) -> None:
+        """The ticket's socket closed: tell the replay set(s) (see :meth:`TokenLedger.close`)."""
+        self.ledger.close(ticket, reusable=reusable)
+        if self.shared is not None:
+            await self.shared.close(ticket, reusable=reusable)
+
+    async def end_call(self, call_sid: str) -> None:
+        """The call's session is over: none of its tokens opens anything, on any replica."""
+        self.ledger.end_call(call_sid)
+        if self.shared is not None:
+            await self.shared.end_call(call_sid)

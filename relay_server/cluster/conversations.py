@@ -1,0 +1,213 @@
+"""Each call's resumable conversation in Redis, so a reconnect resumes it on any replica.
+
+``crctl:conv:<callSid>`` holds the JSON of the session's ``resume_state()``, written at turn
+boundaries (a reply ended or was cut, the socket closed), never per token, and expiring after
+``resume_ttl`` seconds. ``crctl:reconnects:<callSid>`` counts the reconnects ``/action`` granted
+(``max_reconnects`` holds across replicas), ``crctl:resume:<callSid>`` says one was granted.
+
+The call path never waits for a write: :meth:`Conversations.save` serialises the state and wakes
+the writer task. A Redis fault is logged once per outage; what could not be written is written
+when Redis answers again (only the newest state of each call is kept meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from relay_server.cluster import Cluster, shown_url, stop
+
+log = logging.getLogger("relay_server.cluster")
+
+#: Seconds between write attempts while Redis fails.
+RETRY = 1.0
+#: Seconds a new socket's setup may wait for its conversation before it starts afresh.
+LOOKUP_TIMEOUT = 1.0
+
+#: Grants a reconnect when the call's conversation is kept and the count allows it.
+#: KEYS: conv, reconnects, resume; ARGV: max reconnects, ttl seconds.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local n = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if n > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class Conversations:
+    """This replica's writer of conversations, and reader for sockets that resume one."""
+
+    def __init__(self, cluster: Cluster, ttl: float) -> None:
+        self.cluster = cluster
+        self.ttl = max(1, round(ttl))
+        #: callSid -> JSON to write, or ``None`` to delete (the call is over).
+        self._pending: dict[str, bytes | None] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._healthy = True
+        self._claim: Any = None
+        #: Writes done (for tests and ``/healthz``-style checks).
+        self.written = 0
+
+    @staticmethod
+    def keys(call_sid: str) -> tuple[str, str, str]:
+        """The call's conversation, reconnect count and granted-resume keys."""
+        return (
+            Cluster.key("conv", call_sid),
+            Cluster.key("reconnects", call_sid),
+            Cluster.key("resume", call_sid),
+        )
+
+    # ------------------------------------------------------------------ the call path
+    def save(self, call_sid: str, state: Any) -> None:
+        """Keep ``state`` (a session's ``resume_state()``) as the call's conversation."""
+        if state is None:
+            return
+        try:
+            data = json.dumps(state, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            log.warning("call %s: conversation not kept in Redis (not JSON: %s)", call_sid, exc)
+            return
+        self._pending[call_sid] = data
+        self._wake.set()
+
+    def forget(self, call_sid: str) -> None:
+        """The call is over: its conversation and counters go."""
+        self._pending[call_sid] = None
+        self._wake.set()
+
+    # ------------------------------------------------------------------ reconnects
+    async def claim(self, call_sid: str, max_reconnects: int) -> bool | None:
+        """Grant a reconnect of ``call_sid`` (``/action``, SessionStatus failed, 64105).
+
+        Returns:
+            True: granted (counted in Redis); False: no conversation kept, or over the limit;
+            None: Redis did not answer (the caller decides in-process).
+        """
+        conv, count, resume = self.keys(call_sid)
+        try:
+            if self._claim is None:
+                self._claim = self.cluster.redis.register_script(_CLAIM)
+            await self._flush_one(call_sid)  # a state still queued here is written first
+            async with asyncio.timeout(LOOKUP_TIMEOUT * 2):
+                granted = await self._claim(
+                    keys=[conv, count, resume], args=[max_reconnects, self.ttl]
+                )
+        except Exception as exc:
+            self._fault(exc)
+            return None
+        return int(granted) == 1
+
+    async def take(self, call_sid: str) -> tuple[Any, bool] | None:
+        """The conversation a new socket of ``call_sid`` resumes, or ``None``.
+
+        One is resumed when ``/action`` granted a reconnect, or when no live replica holds the
+        call's socket (Twilio's ``applicationReconnect``: the app's socket came back after an
+        unexpected drop). Redis slow or down: ``None`` (the call starts afresh).
+
+        Returns:
+            The state, and whether it is an ``applicationReconnect`` (no reconnect granted).
+        """
+        if not self._healthy:
+            return None  # an outage: do not make every new call wait for the timeout
+        conv, _, resume = self.keys(call_sid)
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                pipe = self.cluster.redis.pipeline(transaction=False)
+                pipe.get(conv)
+                pipe.getdel(resume)
+                raw, granted = await pipe.execute()
+                if raw is None:
+                    return None
+                if granted is None:
+                    holder = await self.cluster.directory.where(call_sid)
+                    if holder not in (None, self.cluster.replica):
+                        log.warning(
+                            "call %s: a new socket while replica %s still holds the call; "
+                            "it starts afresh",
+                            call_sid,
+                            holder,
+                        )
+                        return None
+        except Exception as exc:  # ClusterUnavailable, redis' own errors, TimeoutError
+            self._fault(exc)
+            return None
+        try:
+            return json.loads(raw), granted is None
+        except ValueError:
+            log.warning("call %s: its kept conversation is not JSON; starting afresh", call_sid)
+            return None
+
+    # ------------------------------------------------------------------ the writer
+    def start(self) -> None:
+        """Start the writer task (in the serving loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="conversations")
+
+    async def aclose(self) -> None:
+        """Stop the writer after one last attempt to write what is queued."""
+        await stop(self._task)
+        self._task = None
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LOOKUP_TIMEOUT * 2):
+                await self._write()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._write()
+                if not self._healthy:
+                    await self.cluster.redis.ping()  # faults seen by lookups: is it back?
+            except Exception as exc:
+                self._fault(exc)
+                await asyncio.sleep(RETRY)
+                self._wake.set()  # try again: nothing is lost while Redis is away
+                continue
+            if not self._healthy:
+                log.warning(
+                    "cluster: Redis at %s answers again; conversations are kept again",
+                    shown_url(self.cluster.url),
+                )
+                self._healthy = True
+
+    async def _flush_one(self, call_sid: str) -> None:
+        if call_sid in self._pending:
+            await self._write({call_sid: self._pending.pop(call_sid)})
+
+    async def _write(self, batch: dict[str, bytes | None] | None = None) -> None:
+        if batch is None:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        try:
+            pipe = self.cluster.redis.pipeline(transaction=False)
+            for call_sid, data in batch.items():
+                if data is None:
+                    pipe.delete(*self.keys(call_sid))
+                else:
+                    pipe.set(self.keys(call_sid)[0], data, ex=self.ttl)
+            await pipe.execute()
+            self.written += len(batch)
+        except BaseException:
+            for call_sid, data in batch.items():
+                self._pending.setdefault(call_sid, data)  # a newer state queued since wins
+            raise
+
+    def _fault(self, exc: BaseException) -> None:
+        if self._healthy:
+            log.warning(
+                "cluster: Redis at %s failed (%s); calls go on here, conversations are kept "
+                "again when it is back",
+                shown_url(self.cluster.url),
+                str(exc) or type(exc).__name__,
+            )
+            self._healthy = False
+            self._wake.set()  # the writer probes until Redis answers

@@ -10,13 +10,14 @@ routes reach it through :func:`current_state` within a request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quart import Quart, current_app
 
 from relay_server.calls import CallRegistry, SessionFactory
 from relay_server.cluster import Cluster
 from relay_server.config import RelayConfig
+from relay_server.drain import Drain
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
 from relay_server.security import SignatureChecker
@@ -51,6 +52,8 @@ class RelayState:
     template: Template
     #: The link to the other replicas (``--redis-url``); ``None``: this process alone.
     cluster: Cluster | None = None
+    #: The live sockets, and whether the relay is draining (stopping on SIGTERM).
+    drain: Drain = field(default_factory=Drain)
 
 
 def relay_state(app: Quart) -> RelayState:

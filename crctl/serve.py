@@ -203,7 +203,7 @@ def bind(settings: Settings) -> socket.socket:
     # listening socket says so, and Nagle would hold a call's first token ~20 ms (bench/).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if settings.workers > 1:  # --workers: every worker listens on the port (see crctl.workers)
+    if is_worker():  # --workers: every worker listens on the port (see crctl.workers)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((settings.host, settings.port))

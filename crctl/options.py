@@ -176,6 +176,23 @@ RedisUrl = Annotated[
         "conversations, pushes and call events; none: this process alone.",
     ),
 ]
+DrainTimeout = Annotated[
+    Optional[float],
+    setting_option(
+        "drain_timeout",
+        "SECONDS",
+        "On SIGTERM, how long live calls may go on before they are closed (new ones are "
+        "refused at once; a second signal stops at once).",
+    ),
+]
+Workers = Annotated[
+    Optional[int],
+    setting_option(
+        "workers",
+        "N",
+        "Relay processes sharing the port (SO_REUSEPORT); more than 1 needs --redis-url.",
+    ),
+]
 EventsKeepDays = Annotated[
     Optional[float],
     setting_option("events_keep_days", "DAYS", "Delete call events older than this."),

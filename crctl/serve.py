@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.markup import escape
 
 from crctl import options as opts
@@ -23,6 +24,7 @@ from crctl.settings import (
     ensure_api_token,
     load_settings,
 )
+from crctl.workers import is_worker, run_workers
 from relay_server.config import RelayConfig
 from relay_server.events import SAID_BY_EVENT, EventBus
 
@@ -60,14 +62,19 @@ def serve(
     events_keep_days: opts.EventsKeepDays = None,
     events_max_rows: opts.EventsMaxRows = None,
     redis_url: opts.RedisUrl = None,
+    drain_timeout: opts.DrainTimeout = None,
+    workers: opts.Workers = None,
 ) -> None:
-    """Run the relay: /twiml, /ws, /action, /status, /healthz."""
+    """Run the relay: /twiml, /ws, /action, /status, /healthz, /readyz."""
     flags = opts.settings_flags(locals())  # every parameter is the setting of its name
     # a SettingsError or the relay's ConfigError ends here: the CLI prints it, exit code 2
     settings = load_settings(**flags)
     problems, warnings = settings.startup_problems()
     if problems:
         raise SettingsError(problems[0])
+    if settings.workers > 1 and not is_worker():
+        # The supervisor: N `crctl serve` children of these same arguments share the port.
+        raise typer.Exit(run_workers(settings))
     relay = build_relay(settings)
     config, app = relay.config, relay.app
     sock = bind(settings)
@@ -196,6 +203,8 @@ def bind(settings: Settings) -> socket.socket:
     # listening socket says so, and Nagle would hold a call's first token ~20 ms (bench/).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if is_worker():  # --workers: every worker listens on the port (see crctl.workers)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
@@ -474,10 +483,13 @@ async def run_relay(
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM or until ``stop`` is set.
 
-    A second signal forces the exit without waiting for open calls. ``header_timeout``: see
-    :data:`HEADER_TIMEOUT`.
+    SIGTERM drains first (:func:`relay_server.drain.run_drain`: new calls refused, live ones go
+    on up to ``settings.drain_timeout``); SIGINT stops now. A second signal forces the exit
+    without waiting for open calls. ``header_timeout``: see :data:`HEADER_TIMEOUT`.
     """
     from relay_server.app import end_streams
+    from relay_server.drain import run_drain
+    from relay_server.state import relay_state
 
     server = _server(server_config(app, settings, header_timeout=header_timeout))
     logging.getLogger("uvicorn.error").addFilter(_one_line_invalid_utf8)  # once: same object
@@ -492,14 +504,27 @@ async def run_relay(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
-        if stop.is_set():
+    draining: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        try:
+            await run_drain(relay_state(app), settings.drain_timeout)
+        finally:
+            stop.set()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() or draining:  # the second signal: now
+            log.info("%s again: stopping now, open calls are cut", sig.name)
             server.force_exit = True
-        stop.set()
+            stop.set()
+        elif sig == signal.SIGTERM:
+            draining.append(asyncio.create_task(drain_then_stop()))
+        else:
+            stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
 
     async def watch() -> None:
         await stop.wait()
@@ -511,6 +536,8 @@ async def run_relay(
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         watcher.cancel()
+        for task in draining:
+            task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)

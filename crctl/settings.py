@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     events_max_rows: int = Field(RelayConfig.events_max_rows, ge=100)
     #: ``redis://host:port/db``: replicas share live calls, conversations, pushes and events.
     redis_url: str | None = None
+    #: Seconds a relay told to stop (SIGTERM) lets its live calls go on before it closes them.
+    drain_timeout: float = Field(300.0, ge=0)
+    #: Processes serving one port (SO_REUSEPORT), each a full relay; more than 1 needs redis_url.
+    workers: int = Field(1, ge=1, le=64)
     log_level: str = "INFO"
 
     @field_validator("redis_url")
@@ -209,6 +213,11 @@ class Settings(BaseSettings):
                     "no TWILIO_AUTH_TOKEN: requests are not signature-checked (fine on "
                     "127.0.0.1; set it before exposing the relay)"
                 )
+        if self.workers > 1 and not self.redis_url:
+            errors.append(
+                f"setting workers (CRCTL_WORKERS): {self.workers} workers share calls through "
+                "Redis; pass --redis-url redis://host:port/0, or run one worker"
+            )
         return errors, warnings
 
 

@@ -1,7 +1,7 @@
 """The Quart app, wired: its state, its routes and the call socket.
 
-Routes: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, the messages API and the
-call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
+Routes: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, ``/readyz``, the messages
+API and the call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
 
 :func:`create_app` only wires: it builds the app's :class:`~relay_server.state.RelayState` and
 mounts the routes over it (``routes_twilio``, ``routes_api``) and the call socket (``socket``).
@@ -30,6 +30,7 @@ from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
 from relay_server.routes_api import api
+from relay_server.routes_health import health
 from relay_server.routes_twilio import twilio
 from relay_server.services import Services, build_services
 from relay_server.session import CallSession
@@ -184,6 +185,7 @@ def create_app(
 
     app.register_blueprint(twilio)
     app.register_blueprint(api)
+    app.register_blueprint(health)
     # The call socket: a lean ASGI handler in front of the Quart routes (see socket.py).
     app.asgi_app = RelaySocket(app.asgi_app, state)  # type: ignore[method-assign,assignment]
     return app

@@ -54,6 +54,10 @@ class RelaySocket:
         if message["type"] != "websocket.connect":
             return
         peer = (scope.get("client") or ("?",))[0]
+        if self.state.drain.active:
+            log.info("refused WebSocket from %s: this relay is draining (stopping)", peer)
+            await _refuse(scope, send, b"draining: this relay is stopping\n", status=503)
+            return
         if _from_browser(scope, peer) or not self._signed(scope, peer):
             await _refuse(scope, send)
             return
@@ -78,6 +82,7 @@ class RelaySocket:
         link = SessionLink(send_frame, state.bus, state.config, state.services)
         conn = CallConnection(state.registry, state.agent, link, peer)
         code: int | None = None
+        state.drain.track(conn, send)
         try:
             if not await self._until_setup(conn, gate, send, peer):
                 return
@@ -96,6 +101,7 @@ class RelaySocket:
             try:
                 await conn.close(code)
             finally:  # (after the conversation is kept: a reopened URL finds it)
+                state.drain.untrack(conn)
                 reusable = gate.reusable and code != 1000
                 await self.state.tokens.release(ticket, reusable=reusable)
 
@@ -237,13 +243,15 @@ _SPENT_URL = (
 )
 
 
-async def _refuse(scope: Scope, send: Send, body: bytes = b"forbidden\n") -> None:
-    """Refuse the upgrade with HTTP 403 where the server can (else close before accepting)."""
+async def _refuse(
+    scope: Scope, send: Send, body: bytes = b"forbidden\n", status: int = 403
+) -> None:
+    """Refuse the upgrade with HTTP ``status`` where the server can (else close unaccepted)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
         await send(
             {
                 "type": "websocket.http.response.start",
-                "status": 403,
+                "status": status,
                 "headers": [(b"content-type", b"text/plain")],
             }
         )

@@ -10,7 +10,7 @@ routes reach it through :func:`current_state` within a request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quart import Quart, current_app
 
@@ -19,6 +19,7 @@ from relay_server.cluster import Cluster
 from relay_server.cluster.events import SharedEvents
 from relay_server.cluster.push import Pushes
 from relay_server.config import RelayConfig
+from relay_server.drain import Drain
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
 from relay_server.security import SignatureChecker
@@ -57,6 +58,8 @@ class RelayState:
     pushes: Pushes | None = None
     #: Every replica's call events and calls in Redis (with ``cluster``): ``/events``, ``/calls``.
     shared: SharedEvents | None = None
+    #: The live sockets, and whether the relay is draining (stopping on SIGTERM).
+    drain: Drain = field(default_factory=Drain)
 
 
 def relay_state(app: Quart) -> RelayState:

@@ -102,9 +102,9 @@ class Relay:
             time.sleep(0.05)
         pytest.fail(f"crctl serve not healthy after {timeout} s:\n{self.stderr}")
 
-    def terminate(self, timeout: float = 5.0) -> int:
-        """SIGTERM, and the exit code (fails the test if it takes longer than ``timeout``)."""
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or ``sig``), and the exit code (fails the test if it takes longer)."""
+        self.proc.send_signal(sig)
         started = time.monotonic()
         try:
             code = self.proc.wait(timeout)
@@ -268,13 +268,13 @@ async def test_no_accounts_uses_echo_agent_unsigned_on_loopback(tmp_path: Path) 
     assert "Traceback" not in relay.stderr, relay.stderr
 
 
-async def test_sigterm_during_a_live_call_shuts_down_cleanly(tmp_path: Path) -> None:
-    # Ctrl-C / SIGTERM while a call is connected: the socket is closed, the process exits 0
-    # within 5 s, and nothing is logged as a crash.
+async def test_ctrl_c_during_a_live_call_shuts_down_cleanly(tmp_path: Path) -> None:
+    # Ctrl-C (SIGINT) while a call is connected: the socket is closed, the process exits 0
+    # within 5 s, and nothing is logged as a crash. (SIGTERM drains first: tests/test_drain.py.)
     with serve(tmp_path, [], _env()) as relay:
         async with _connect(relay, None) as ws:
             assert _spoken(await _turn(await _open(ws), "hello")) == "You said: hello"
-            stopping = asyncio.create_task(asyncio.to_thread(relay.terminate))
+            stopping = asyncio.create_task(asyncio.to_thread(relay.terminate, 5.0, signal.SIGINT))
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 6)
             assert await stopping == 0

@@ -95,8 +95,8 @@ def test_up_takes_every_agent_flag_serve_takes() -> None:
     serve = {p.name for p in dict(ALL_BY_PATH)["serve"].params}
     up = {p.name for p in dict(ALL_BY_PATH)["up"].params}
     # serve-only: where and how the relay listens (up binds 127.0.0.1 and checks signatures
-    # against its own tunnel)
-    assert serve - up == {"host", "verify_signatures"}
+    # against its own tunnel; the drain and the workers are a deployment's)
+    assert serve - up == {"host", "verify_signatures", "drain_timeout", "workers"}
 
 
 ALL_BY_PATH = [(" ".join(path), command) for path, command in ALL]

@@ -38,6 +38,10 @@ from older relays (and hand-published ones) readable.
 ``call.lost``           ``last_seen`` (Unix time), ``reason``: written by a relay at start for
                         a call left open by a relay that is gone (crashed, killed, stopped
                         with the call still open); the call's status becomes ``lost``
+``call.drained``        ``action`` (``reconnect``: the socket was closed with ``code`` for
+                        Twilio's applicationReconnect to reopen it on another replica;
+                        ``end``: the call was ended politely), ``code``, ``replica``: a call
+                        still open when a stopping relay's drain timeout ran out
 ======================  =============================================================
 
 A kind this code does not know (from a newer relay) is an :class:`Other`, never an error.
@@ -65,6 +69,7 @@ ERROR = "error"
 SESSION_END = "session.end"
 CALL_STATUS = "call.status"
 CALL_LOST = "call.lost"
+CALL_DRAINED = "call.drained"
 LLM_FAULT = "llm.fault"
 BAD_FRAME = "frame.bad"
 SOCKET_CLOSED = "socket.closed"
@@ -222,6 +227,14 @@ class CallLost(CallEvent, tag=CALL_LOST, frozen=True):
     reason: str = ""
 
 
+class CallDrained(CallEvent, tag=CALL_DRAINED, frozen=True):
+    """A call a stopping relay closed when its drain timeout ran out (module docstring)."""
+
+    action: str = ""
+    code: int | None = None
+    replica: str = ""
+
+
 class Other(CallEvent, tag="other", frozen=True):
     """An event of a kind this code does not know (``name``), its data as it came."""
 
@@ -251,6 +264,7 @@ AnyEvent = Union[
     SessionEnd,
     CallStatus,
     CallLost,
+    CallDrained,
 ]
 
 #: The Struct of each kind.

@@ -1,0 +1,125 @@
+"""``crctl serve --workers N``: N relay processes on one port, one supervisor.
+
+The supervisor runs N children, each ``crctl serve`` with the same arguments and environment,
+marked as workers (:data:`WORKER_ENV`). Each child is a full relay that binds the port with
+``SO_REUSEPORT``, so the kernel spreads connections over them; they share calls through Redis
+(``--redis-url`` is required). The supervisor forwards SIGTERM (every worker drains) and SIGINT;
+a second signal is forwarded as well, and stops the workers at once. A worker that exits on
+its own stops the others (drained) and the supervisor exits with its code, so the process
+manager above (systemd, Kubernetes) restarts the whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from rich.markup import escape
+
+from crctl.console import err
+from crctl.settings import Settings, SettingsError
+
+#: Set in a worker's environment (to the supervisor's pid): it serves instead of supervising.
+WORKER_ENV = "CRCTL_WORKER_OF"
+#: Seconds between looks at the workers.
+POLL = 0.1
+
+
+def is_worker() -> bool:
+    """Whether this process is a worker of a ``--workers`` supervisor."""
+    return bool(os.environ.get(WORKER_ENV))
+
+
+def _check_port(settings: Settings) -> None:
+    """The port can be listened on with SO_REUSEPORT: else one line now, not N failed workers."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise SettingsError(
+                f"setting port (CRCTL_PORT): cannot listen on {settings.host}:{settings.port}: "
+                f"{exc.strerror}; pick another with --port"
+            ) from None
+
+
+def run_workers(settings: Settings, argv: list[str] | None = None) -> int:
+    """Run ``settings.workers`` workers until they stop; returns the exit code.
+
+    ``argv``: the command line after the program (``serve ...``), by default this process's.
+
+    Raises:
+        SettingsError: the port cannot be used, or Redis does not answer (one line, exit 2).
+    """
+    from relay_server.cluster import check_redis
+
+    if settings.redis_url:
+        check_redis(settings.redis_url)  # one line and exit 2 when Redis does not answer
+    _check_port(settings)
+    args = [sys.executable, "-m", "crctl", *(sys.argv[1:] if argv is None else argv)]
+    env = {**os.environ, WORKER_ENV: str(os.getpid())}
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Own sessions: Ctrl-C at a terminal reaches the supervisor only, which forwards it once.
+    workers = [
+        subprocess.Popen(args, env=env, start_new_session=True) for _ in range(settings.workers)
+    ]
+    pids = ", ".join(str(w.pid) for w in workers)
+    err.print(
+        f"[bold green]crctl serve[/]: {settings.workers} workers on "
+        f"{escape(settings.host)}:{settings.port} (pids {pids}); SIGTERM drains them all"
+    )
+    try:
+        return _supervise(workers, signals)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], signals: list[int]) -> int:
+    """Forward signals to the workers until all have exited; the exit code."""
+    stopping = False
+    failed = 0
+    while any(w.poll() is None for w in workers):
+        while signals:
+            signum = signals.pop(0)
+            stopping = True
+            _send(workers, signum)
+        if not stopping:
+            gone = next((w for w in workers if w.returncode is not None), None)
+            if gone is not None:
+                failed = gone.returncode or 1  # it stopped though nobody asked
+                err.print(
+                    f"[bold red]crctl serve[/]: worker {gone.pid} exited with code "
+                    f"{gone.returncode}; draining the other workers and stopping"
+                )
+                stopping = True
+                _send(workers, signal.SIGTERM)
+        time.sleep(POLL)
+    codes = [_code(w.returncode) for w in workers]
+    return _code(failed) or next((c for c in codes if c), 0)
+
+
+def _code(returncode: int) -> int:
+    """A worker's exit code as a shell says it (killed by signal N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _send(workers: list[subprocess.Popen[bytes]], signum: int) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signum)

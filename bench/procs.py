@@ -124,7 +124,10 @@ class RelayProc:
         agent: str = "llm",
         pyinstrument: Path | None = None,
         module: str = "crctl",
+        redis_url: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        """``redis_url``: ``--redis-url`` (a replica of a cluster); ``extra_args``: more flags."""
         self.port = free_port()
         self.probe = probe
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -159,6 +162,7 @@ class RelayProc:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--public-url", PUBLIC_URL, "--agent", agent,
             "--silence-timeout", "0", "--filler-after-ms", "0", "--llm-timeout", "30",
+            *(["--redis-url", redis_url] if redis_url else []), *extra_args,
         ]  # fmt: skip
         self.cwd = tempfile.mkdtemp(prefix="crctl-bench-")  # no stray .env is read
         self.log = open(log_path, "w")  # noqa: SIM115

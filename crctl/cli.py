@@ -55,7 +55,7 @@ class LazyCommand:
 #: In ``crctl --help`` order: commands, then groups of commands.
 COMMANDS: dict[str, LazyCommand] = {
     "serve": LazyCommand(
-        "crctl.serve", "serve", "Run the relay: /twiml, /ws, /action, /status, /healthz."
+        "crctl.serve", "serve", "Run the relay: /twiml, /ws, /action, /status, /healthz, /readyz."
     ),
     "whoami": LazyCommand(
         "crctl.numbers",

@@ -190,3 +190,29 @@ async def test_redis_away_fails_clearly_and_recovers(
         for replica in (a, b):
             assert replica.log().count("Traceback") == 0, replica.log()
         await caller.hangup()
+
+
+@pytest.mark.asyncio
+async def test_the_calls_of_a_killed_replica_show_as_lost_on_the_others(
+    redis_server: RedisServer, fake_llm: FakeLLM
+) -> None:
+    with replicas(redis_server.url, fake_llm.base_url, 2) as (a, b):
+        caller = await _talking(a)
+
+        async def live_on_b() -> bool:
+            response = await _api(b, "GET", f"/calls/{SID}")
+            return response.status_code == 200 and response.json()["status"] == "live"
+
+        assert await _until(live_on_b)
+        a.kill()  # SIGKILL: A never says the call ended
+
+        async def lost_on_b() -> bool:
+            response = await _api(b, "GET", "/calls")
+            rows = {row["call_sid"]: row for row in response.json()["calls"]}
+            return SID in rows and rows[SID]["status"] == "lost"
+
+        assert await _until(lost_on_b)  # once A's directory entries expire
+        one = (await _api(b, "GET", f"/calls/{SID}")).json()
+        assert one["status"] == "lost" and one["turns"] == 1
+        assert "_last_ts" not in one
+        await caller.ws.close()  # (its relay is gone: the socket is already down)

@@ -185,6 +185,10 @@ async def test_redis_stopped_mid_call_the_call_goes_on_and_is_kept_again_after(
         assert await exchange(caller, "two") == "You said: two"
         assert await exchange(caller, "three") == "You said: three"
 
+        async def fault_said() -> bool:  # the writer met the outage (it gathers for a moment)
+            return "conversations are kept again when" in a.log()
+
+        await until(fault_said)
         redis_server.start()  # same port, empty: the next turn boundary writes the call again
         assert await exchange(caller, "four") == "You said: four"
         await until(lambda: kept_says(redis_server.url, sid, "You said: four"))

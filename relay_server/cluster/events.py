@@ -139,27 +139,13 @@ class SharedEvents:
             count = min(len(self._pending), BATCH_MAX)
             batch = [self._pending.popleft() for _ in range(count)]
             try:
-                ids = await self._xadd(batch)
+                await self.rows.write(STREAM, self.max_rows, [bounded(e) for e in batch])
             except BaseException:
                 self._pending.extendleft(reversed(batch))  # in order, before newer ones
                 while len(self._pending) > PENDING_MAX:
                     self._pending.popleft()
                     self._dropped += 1
                 raise
-            await self.rows.update(list(zip(batch, ids, strict=True)))
-
-    async def _xadd(self, batch: list[ev.CallEvent]) -> list[bytes]:
-        pipe = self.cluster.redis.pipeline(transaction=False)
-        for event in batch:
-            stored = bounded(event)
-            fields = {
-                "ts": repr(stored.ts),
-                "sid": stored.call_sid,
-                "kind": stored.kind,
-                "data": ev.encode_data(stored),
-            }
-            pipe.xadd(STREAM, fields, maxlen=self.max_rows, approximate=True)
-        return list(await pipe.execute())
 
     async def _trim(self) -> None:
         now = time.time()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -51,6 +50,7 @@ from bench.procs import (  # noqa: E402
     pin_prefix,
     wait_quiet,
 )
+from bench.report import write_report  # noqa: E402
 from bench.run import (  # noqa: E402
     LOAD_CORE,
     RELAY_CORE,
@@ -383,12 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.alarm(0)
     stem = args.out or f"cluster-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / f"{stem}.md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {RESULTS / stem}.json and .md")
+    write_report(stem, result, markdown(result))
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -473,6 +474,42 @@ def _server(config: uvicorn.Config) -> uvicorn.Server:
     return Server(config)
 
 
+#: Seconds between a worker's looks at its supervisor (where pidfds are not available).
+ORPHAN_CHECK = 1.0
+
+
+async def _drain_when_orphaned(drain: Callable[[], None]) -> None:
+    """A worker of ``--workers`` whose supervisor died (even by SIGKILL) drains and stops.
+
+    It would otherwise serve on, unmanaged, holding the port. Linux tells the worker through a
+    pidfd of the supervisor, which turns readable when it exits; elsewhere the worker looks at
+    its parent every :data:`ORPHAN_CHECK` seconds.
+    """
+    from crctl.workers import supervisor_pid
+
+    supervisor = supervisor_pid()
+    if supervisor is None:
+        return
+    gone = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(supervisor)
+    except (AttributeError, OSError):  # not Linux 5.3+, or already gone
+        fd = None
+    if fd is not None:
+        loop.add_reader(fd, gone.set)
+        try:
+            await gone.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    else:
+        while os.getppid() == supervisor:  # noqa: ASYNC110 (no event to wait on here)
+            await asyncio.sleep(ORPHAN_CHECK)
+    log.warning("the --workers supervisor (pid %s) is gone: draining and stopping", supervisor)
+    drain()
+
+
 async def run_relay(
     app: Quart,
     settings: Settings,
@@ -532,10 +569,12 @@ async def run_relay(
         end_streams(app)  # open /events streams would hold the shutdown until its timeout
 
     watcher = asyncio.create_task(watch())
+    orphan = asyncio.create_task(_drain_when_orphaned(lambda: on_signal(signal.SIGTERM)))
     try:
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         watcher.cancel()
+        orphan.cancel()
         for task in draining:
             task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):

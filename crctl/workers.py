@@ -35,6 +35,12 @@ def is_worker() -> bool:
     return bool(os.environ.get(WORKER_ENV))
 
 
+def supervisor_pid() -> int | None:
+    """The pid of this worker's supervisor (``None``: not a worker)."""
+    value = os.environ.get(WORKER_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
 def _check_port(settings: Settings) -> None:
     """The port can be listened on with SO_REUSEPORT: else one line now, not N failed workers."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET

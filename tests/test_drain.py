@@ -201,3 +201,28 @@ def test_two_workers_share_one_port_and_sigterm_stops_both(redis_server: Any, fa
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
         assert relay.log().count("drained: every call ended") == 2
+
+
+def test_workers_whose_supervisor_is_killed_drain_and_stop(redis_server: Any, fake_llm: FakeLLM):
+    """SIGKILL on the supervisor (nothing forwarded): its workers notice, drain and exit."""
+    with replica(redis_server.url, fake_llm.base_url, "--workers", "2") as relay:
+        pids: set[int] = set()
+        for _ in range(400):
+            pids.add(httpx.get(relay.base_url + "/readyz", timeout=PATIENCE).json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+        relay.kill()
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        deadline = time.monotonic() + PATIENCE
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in pids), "the orphaned workers kept serving"
+        assert relay.log().count("supervisor (pid") == 2

@@ -128,6 +128,44 @@ class Cluster:
         await self.redis.aclose()
 
 
+class Outage:
+    """One part's view of Redis: an outage is said once when it starts, once when it ends.
+
+    ``part`` names what is affected (``pushes``, ``conversations``…) and ``meanwhile`` what
+    happens until Redis is back, so each log line says what to expect.
+    """
+
+    def __init__(self, cluster: Cluster, part: str, meanwhile: str) -> None:
+        self.cluster = cluster
+        self.part = part
+        self.meanwhile = meanwhile
+        self.healthy = True
+
+    def failed(self, exc: BaseException) -> bool:
+        """Redis failed this part: logged if an outage starts here. Returns whether it did."""
+        if not self.healthy:
+            return False
+        self.healthy = False
+        log.warning(
+            "cluster: %s: Redis at %s failed (%s); %s",
+            self.part,
+            shown_url(self.cluster.url),
+            str(exc) or type(exc).__name__,
+            self.meanwhile,
+        )
+        return True
+
+    def answered(self, also: str = "") -> bool:
+        """Redis answered this part: logged if an outage ends here. Returns whether it did."""
+        if self.healthy:
+            return False
+        self.healthy = True
+        log.warning(
+            "cluster: %s: Redis at %s answers again%s", self.part, shown_url(self.cluster.url), also
+        )
+        return True
+
+
 class ClusterUnavailable(Exception):
     """Redis did not answer; the message is one line naming the URL and what to do."""
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from relay_server.cluster import Cluster, shown_url, stop
+from relay_server.cluster import Cluster, Outage, stop
 
 log = logging.getLogger("relay_server.cluster")
 
@@ -66,7 +66,11 @@ class Conversations:
         self._pending: dict[str, Any] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._healthy = True
+        self.outage = Outage(
+            cluster,
+            "conversations",
+            "calls go on here, conversations are kept again when it is back",
+        )
         self._claim: Any = None
         self._set_all: Any = None
         #: Writes done (for tests and ``/healthz``-style checks).
@@ -129,7 +133,7 @@ class Conversations:
         Returns:
             The state, and whether it is an ``applicationReconnect`` (no reconnect granted).
         """
-        if not self._healthy:
+        if not self.outage.healthy:
             return None  # an outage: do not make every new call wait for the timeout
         conv, _, resume = self.keys(call_sid)
         try:
@@ -180,19 +184,14 @@ class Conversations:
             self._wake.clear()
             try:
                 await self._write()
-                if not self._healthy:
+                if not self.outage.healthy:
                     await self.cluster.redis.ping()  # faults seen by lookups: is it back?
             except Exception as exc:
                 self._fault(exc)
                 await asyncio.sleep(RETRY)
                 self._wake.set()  # try again: nothing is lost while Redis is away
                 continue
-            if not self._healthy:
-                log.warning(
-                    "cluster: Redis at %s answers again; conversations are kept again",
-                    shown_url(self.cluster.url),
-                )
-                self._healthy = True
+            self.outage.answered("; conversations are kept again")
 
     async def _flush_one(self, call_sid: str) -> None:
         if call_sid in self._pending:
@@ -232,12 +231,5 @@ class Conversations:
             raise
 
     def _fault(self, exc: BaseException) -> None:
-        if self._healthy:
-            log.warning(
-                "cluster: Redis at %s failed (%s); calls go on here, conversations are kept "
-                "again when it is back",
-                shown_url(self.cluster.url),
-                str(exc) or type(exc).__name__,
-            )
-            self._healthy = False
+        if self.outage.failed(exc):
             self._wake.set()  # the writer probes until Redis answers

@@ -17,7 +17,7 @@ import contextlib
 import logging
 from typing import Any
 
-from relay_server.cluster import Cluster, ClusterUnavailable, shown_url, stop
+from relay_server.cluster import Cluster, ClusterUnavailable, Outage, stop
 
 log = logging.getLogger("relay_server.cluster")
 
@@ -46,7 +46,9 @@ class Directory:
         self._gone: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._healthy = True
+        self.outage = Outage(
+            cluster, "directory", "calls go on here, the directory catches up when it is back"
+        )
         self._delete: Any = None
 
     @staticmethod
@@ -121,18 +123,9 @@ class Directory:
             self._wake.clear()
             try:
                 await self._write()
-                if not self._healthy:
-                    log.warning("cluster: Redis at %s answers again", shown_url(self.cluster.url))
-                    self._healthy = True
+                self.outage.answered()
             except Exception as exc:
-                if self._healthy:
-                    log.warning(
-                        "cluster: Redis at %s failed (%s); calls go on here, the directory "
-                        "catches up when it is back",
-                        shown_url(self.cluster.url),
-                        str(exc) or type(exc).__name__,
-                    )
-                    self._healthy = False
+                self.outage.failed(exc)
             now = loop.time()
             if now >= next_beat:
                 next_beat = now + self.beat

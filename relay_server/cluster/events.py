@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from relay_server import events as ev
-from relay_server.cluster import Cluster, ClusterUnavailable, shown_url, stop
+from relay_server.cluster import Cluster, ClusterUnavailable, Outage, stop
 from relay_server.cluster.callrows import CallRows
 from relay_server.store.tracking import bounded
 
@@ -89,7 +89,9 @@ class SharedEvents:
         self._dropped = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._healthy = True
+        self.outage = Outage(
+            cluster, "events", f"calls go on, their events wait here (at most {PENDING_MAX})"
+        )
         self._trimmed_at = 0.0
 
     # ------------------------------------------------------------------ writing
@@ -158,23 +160,12 @@ class SharedEvents:
 
     def _report(self, exc: BaseException | None) -> None:
         """Log a fault once per outage, and the recovery with what was lost meanwhile."""
-        url = shown_url(self.cluster.url)
-        if exc is None and not self._healthy:
-            self._healthy = True
-            lost = (
-                f"; {self._dropped} events did not fit the queue meanwhile" if self._dropped else ""
-            )
-            log.warning("cluster: events: Redis at %s answers again%s", url, lost)
+        if exc is not None:
+            self.outage.failed(exc)
+            return
+        lost = f"; {self._dropped} events did not fit the queue meanwhile" if self._dropped else ""
+        if self.outage.answered(lost):
             self._dropped = 0
-        elif exc is not None and self._healthy:
-            self._healthy = False
-            log.warning(
-                "cluster: events: Redis at %s failed (%s); calls go on, their events wait here "
-                "(at most %d)",
-                url,
-                str(exc) or type(exc).__name__,
-                PENDING_MAX,
-            )
 
     # ------------------------------------------------------------------ reading
     async def cursor(self, since: float | None, after: int | None) -> tuple[str, bool]:

@@ -22,7 +22,7 @@ import math
 import time
 from typing import Any
 
-from relay_server.cluster import Cluster, shown_url
+from relay_server.cluster import Cluster, Outage
 from relay_server.socket_tokens import Ticket
 
 log = logging.getLogger("relay_server.cluster")
@@ -71,7 +71,9 @@ class RedisLedger:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self._scripts: dict[str, Any] = {}
-        self._healthy = True
+        self.outage = Outage(
+            cluster, "socket URLs", "sockets are accepted on this replica's own replay check"
+        )
 
     def _script(self, source: str) -> Any:
         script = self._scripts.get(source)
@@ -104,16 +106,7 @@ class RedisLedger:
             async with asyncio.timeout(TIMEOUT):
                 result = await self._script(source)(keys=keys, args=args)
         except Exception as exc:  # redis' ConnectionError, TimeoutError, ResponseError…
-            if self._healthy:
-                log.warning(
-                    "cluster: Redis at %s failed (%s); sockets are accepted on this replica's "
-                    "own replay check until it is back",
-                    shown_url(self.cluster.url),
-                    str(exc) or type(exc).__name__,
-                )
-                self._healthy = False
+            self.outage.failed(exc)
             return None
-        if not self._healthy:
-            log.warning("cluster: the shared replay set answers again")
-            self._healthy = True
+        self.outage.answered()
         return result if result is not None else b""

@@ -25,7 +25,7 @@ import msgspec
 
 from relay_server import events as ev
 from relay_server.calls import CallRegistry
-from relay_server.cluster import Cluster, ClusterUnavailable, shown_url, stop
+from relay_server.cluster import Cluster, ClusterUnavailable, Outage, stop
 from relay_server.protocol import ProtocolError, decode_outbound
 
 log = logging.getLogger("relay_server.cluster")
@@ -69,7 +69,7 @@ class Pushes:
         self._waiting: dict[str, asyncio.Future[Answer]] = {}
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._healthy = True
+        self.outage = Outage(cluster, "pushes", "pushes from other replicas wait until it is back")
         self._refused = 0
         self._refusal_logged_at = -REFUSALS_LOGGED_EVERY
 
@@ -186,19 +186,10 @@ class Pushes:
             await asyncio.sleep(1.0)
 
     def _up(self) -> None:
-        if not self._healthy:
-            log.warning("cluster: pushes: Redis at %s answers again", shown_url(self.cluster.url))
-            self._healthy = True
+        self.outage.answered()
 
     def _down(self, exc: BaseException) -> None:
-        if self._healthy:
-            log.warning(
-                "cluster: pushes: Redis at %s failed (%s); pushes from other replicas wait "
-                "until it is back",
-                shown_url(self.cluster.url),
-                str(exc) or type(exc).__name__,
-            )
-            self._healthy = False
+        self.outage.failed(exc)
 
     def _handle(self, data: bytes) -> None:
         message = self._open(data)

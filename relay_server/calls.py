@@ -89,7 +89,7 @@ class CallRegistry:
                 self.directory.remove(session.call_sid)
         state = session.resume_state()
         if self.conversations is not None:
-            self.conversations.save(session.call_sid, state)
+            self.conversations.save(session.call_sid, state, now=True)  # a reconnect may follow
         if state is not None:
             previous = self._parked.get(session.call_sid)
             self._parked[session.call_sid] = _Parked(

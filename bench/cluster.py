@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,19 +30,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/cluster.py`
     sys.path.insert(0, str(REPO))
 
-from bench.loadgen import Caller, bench_tag, now, percentile  # noqa: E402
 from bench.procs import (  # noqa: E402
-    AUTH_TOKEN,
-    PUBLIC_URL,
     FakeProc,
-    RelayProc,
     free_port,
     pin_preexec,
     pin_prefix,
@@ -55,17 +48,13 @@ from bench.run import (  # noqa: E402
     LOAD_CORE,
     RELAY_CORE,
     RESULTS,
-    connect_all,
     git_state,
     machine,
     versions,
 )
-from bench.together import one_round  # noqa: E402
-from crctl.caller.webhook import sign  # noqa: E402
+from bench.side_by_side import run_pair  # noqa: E402
 
 WATCHDOG_S = 900
-#: The second relay's callers are numbered from here: call SIDs and prompt tags stay unique.
-SECOND_START = 50000
 
 
 class RedisProc:
@@ -97,6 +86,11 @@ class RedisProc:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
 
+    @property
+    def pid(self) -> int:
+        """The server's process."""
+        return self.proc.pid
+
     def commands(self) -> int:
         """Commands served so far (the relays' and this bench's few)."""
         stats = self.client.info("commandstats")
@@ -110,153 +104,12 @@ class RedisProc:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children (``--workers``)."""
-    total = 0.0
-    parent = psutil.Process(pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def added_ms(results: list[Any], records: dict[str, dict[str, Any]]) -> list[float]:
-    """Per turn: first token at the caller minus the fake LLM's own time to first token, ms."""
-    out = []
-    for r in results:
-        rec = records.get(r.tag)
-        if r.error or r.first_at is None or rec is None or rec["first_chunk_at"] is None:
-            continue
-        fake_ttft = rec["first_chunk_at"] - rec["received_at"]
-        out.append(1000 * ((r.first_at - r.sent_at) - fake_ttft))
-    return out
-
-
 def serves_workers() -> bool:
     """Whether ``crctl serve`` has ``--workers`` on this checkout."""
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "crctl", "serve", "--help"], env=env,
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     return "--workers" in out.stdout
-
-
-async def run_pair(
-    label: str, specs: dict[str, dict[str, Any]], fake: FakeProc, store: RedisProc,
-    args: argparse.Namespace,
-) -> dict[str, Any]:  # fmt: skip
-    """Two relays side by side, ``args.rounds`` rounds; per round each one's CPU and latency.
-
-    ``specs``: baseline first, candidate second (the ratio is candidate / baseline). With
-    ``--swap`` the candidate is started, connected and driven first.
-    """
-    a, b = list(specs)
-    if args.swap:
-        specs = {b: specs[b], a: specs[a]}
-    log_dir = RESULTS / "logs"
-    relays: dict[str, RelayProc] = {}
-    callers: dict[str, list[Caller]] = {}
-    rounds: list[dict[str, Any]] = []
-    pooled: dict[str, list[float]] = {name: [] for name in specs}
-    try:
-        for name, spec in specs.items():
-            relays[name] = RelayProc(
-                fake.base_url, RELAY_CORE, log_dir / f"cluster-{label}-{name}.log", **spec
-            )
-        sig = sign(AUTH_TOKEN, PUBLIC_URL.replace("https://", "wss://") + "/ws", {})
-        for i, (name, relay) in enumerate(relays.items()):
-            start = i * SECOND_START
-            callers[name] = await connect_all(relay, args.calls, 1.0, sig, False, start=start)
-        warm = random.Random(f"{args.seed}-warm")
-        await asyncio.gather(
-            *(
-                c.turn(90000, bench_tag(c.index, 90000, 5, warm, (0.02, 0.02), (0.005, 0.005)))
-                for cs in callers.values()
-                for c in cs
-            )
-        )
-        fake.dump()
-        for rnd in range(args.rounds):
-            rng = random.Random(f"{args.seed}-{rnd}")
-            cpu0 = {name: tree_cpu(r.pid) for name, r in relays.items()}
-            redis_cpu0, commands0 = tree_cpu(store.proc.pid), store.commands()
-            t0 = now()
-            results = await asyncio.wait_for(
-                asyncio.gather(
-                    *(
-                        one_round(cs, rnd, args, random.Random(rng.random()))
-                        for cs in callers.values()
-                    )
-                ),
-                timeout=120,
-            )
-            wall = now() - t0
-            cpu = {name: tree_cpu(r.pid) - cpu0[name] for name, r in relays.items()}
-            redis_cpu = tree_cpu(store.proc.pid) - redis_cpu0
-            commands = store.commands() - commands0 - 1  # the INFO above
-            await asyncio.sleep(0.3)
-            records = {r["tag"]: r for r in fake.dump()}
-            row: dict[str, Any] = {"wall_s": round(wall, 2)}
-            for name, res in zip(relays, results, strict=True):
-                tokens = sum(r.tokens for r in res)
-                added = added_ms(res, records)
-                pooled[name].extend(added)
-                row[name] = {
-                    "turns": len(res),
-                    "errors": sum(1 for r in res if r.error),
-                    "cross_talk_tokens": sum(r.wrong for r in res),
-                    "tokens": tokens,
-                    "cpu_s": round(cpu[name], 3),
-                    "cpu_us_per_token": round(1e6 * cpu[name] / max(1, tokens), 1),
-                    "added_p50_ms": round(percentile(added, 50) or 0, 2),
-                    "added_p99_ms": round(percentile(added, 99) or 0, 2),
-                }
-            row["ratio"] = round(row[b]["cpu_us_per_token"] / row[a]["cpu_us_per_token"], 3)
-            turns = sum(row[n]["turns"] for n in specs)
-            row["store"] = {
-                "cpu_s": round(redis_cpu, 3),
-                "commands": commands,
-                "commands_per_turn": round(commands / max(1, turns), 2),
-            }
-            rounds.append(row)
-            print(
-                f"-- {label} round {rnd + 1}: {a} {row[a]['cpu_us_per_token']} µs, {b} "
-                f"{row[b]['cpu_us_per_token']} µs per token: {row['ratio']}x; added p99 "
-                f"{row[a]['added_p99_ms']} / {row[b]['added_p99_ms']} ms; redis {commands} "
-                "commands",
-                flush=True,
-            )
-    finally:
-        await asyncio.gather(*(c.close() for cs in callers.values() for c in cs))
-        for relay in relays.values():
-            relay.stop()
-    ratios = [r["ratio"] for r in rounds]
-    return {
-        "relays": {name: {k: v for k, v in spec.items()} for name, spec in specs.items()},
-        "baseline": a,
-        "candidate": b,
-        "started_first": next(iter(specs)),
-        "rounds": rounds,
-        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "ratio_range": [min(ratios), max(ratios)] if ratios else None,
-        "added_ms": {
-            name: {
-                "n": len(v),
-                "p50": round(percentile(v, 50) or 0, 2),
-                "p99": round(percentile(v, 99) or 0, 2),
-            }
-            for name, v in pooled.items()
-        },
-        "errors": sum(r[n]["errors"] for r in rounds for n in specs),
-        "cross_talk_tokens": sum(r[n]["cross_talk_tokens"] for r in rounds for n in specs),
-        "redis_commands_per_token": round(
-            sum(r["store"]["commands"] for r in rounds)
-            / max(1, sum(r[b]["tokens"] for r in rounds)),
-            4,
-        ),
-    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

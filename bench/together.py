@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import signal
 import socket
-import statistics
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -31,13 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/together.py`
     sys.path.insert(0, str(REPO))
 
-from bench.loadgen import Caller, bench_tag, now  # noqa: E402
 from bench.procs import (  # noqa: E402
-    AUTH_TOKEN,
-    PUBLIC_URL,
     FakeProc,
-    RelayProc,
-    cpu_seconds,
     wait_quiet,
 )
 from bench.report import write_report  # noqa: E402
@@ -46,125 +39,37 @@ from bench.run import (  # noqa: E402
     RELAY_CORE,
     RESULTS,
     TARGET_CPU_RATIO,
-    connect_all,
     fmt,
     git_state,
     machine,
     versions,
 )
-from crctl.caller.webhook import sign  # noqa: E402
+from bench.side_by_side import run_pair  # noqa: E402
 
 WATCHDOG_S = 420
-#: Call indices of the floor's callers (crctl's start at 0): every prompt tag is unique.
-FLOOR_START = 50000
-
-
-async def one_round(
-    callers: list[Caller], rnd: int, args: argparse.Namespace, rng: random.Random
-) -> list[Any]:
-    """Every call runs ``args.turns`` burst turns, starts spread over ``args.stagger`` s."""
-
-    async def call_turns(c: Caller) -> list[Any]:
-        crng = random.Random(rng.random())
-        await asyncio.sleep(crng.uniform(0, args.stagger))
-        results = []
-        for t in range(args.turns):
-            turn = rnd * args.turns + t
-            tick = args.delay
-            tag = bench_tag(
-                c.index, turn, args.tokens, crng, (args.ttft, args.ttft), (tick, tick), tick
-            )
-            res = await c.turn(turn, tag)
-            results.append(res)
-            if res.error:
-                break
-            await asyncio.sleep(crng.uniform(0.5, 1.5))
-        return results
-
-    per_call = await asyncio.gather(*(call_turns(c) for c in callers))
-    return [r for rs in per_call for r in rs]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    log_dir = RESULTS / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     quiet = await wait_quiet()
     fake = FakeProc(LOAD_CORE)
-    relays: dict[str, RelayProc] = {}
-    callers: dict[str, list[Caller]] = {}
-    rounds: list[dict[str, Any]] = []
+    specs = {"floor": {"module": "bench.floor"}, "crctl": {"module": args.relay_module}}
+    args.swap = True  # crctl (the candidate) is started, connected and driven first
     try:
-        for name, module in (("crctl", args.relay_module), ("floor", "bench.floor")):
-            relays[name] = RelayProc(
-                fake.base_url, RELAY_CORE, log_dir / f"together-{name}.log", module=module
-            )
-        sig = sign(AUTH_TOKEN, PUBLIC_URL.replace("https://", "wss://") + "/ws", {})
-        for name, relay in relays.items():
-            start = 0 if name == "crctl" else FLOOR_START
-            callers[name] = await connect_all(relay, args.calls, 1.0, sig, False, start=start)
-        # warm-up: every call one short turn on both relays, then the measured rounds
-        warm = random.Random(f"{args.seed}-warm")
-        await asyncio.gather(
-            *(
-                c.turn(90000, bench_tag(c.index, 90000, 5, warm, (0.02, 0.02), (0.005, 0.005)))
-                for cs in callers.values()
-                for c in cs
-            )
-        )
-        fake.dump()
-        for rnd in range(args.rounds):
-            rng = random.Random(f"{args.seed}-{rnd}")
-            cpu0 = {name: cpu_seconds(r.pid) for name, r in relays.items()}
-            t0 = now()
-            results = await asyncio.wait_for(
-                asyncio.gather(
-                    *(
-                        one_round(cs, rnd, args, random.Random(rng.random()))
-                        for cs in callers.values()
-                    )
-                ),
-                timeout=120,
-            )
-            wall = now() - t0
-            cpu = {name: cpu_seconds(r.pid) - cpu0[name] for name, r in relays.items()}
-            fake.dump()  # the fake keeps records until dumped: none are needed here
-            row: dict[str, Any] = {"wall_s": round(wall, 2)}
-            for name, res in zip(relays, results, strict=True):
-                tokens = sum(r.tokens for r in res)
-                row[name] = {
-                    "turns": len(res),
-                    "errors": sum(1 for r in res if r.error),
-                    "cross_talk_tokens": sum(r.wrong for r in res),
-                    "tokens": tokens,
-                    "cpu_s": round(cpu[name], 3),
-                    "cpu_us_per_token": round(1e6 * cpu[name] / max(1, tokens), 1),
-                }
-            row["ratio"] = round(
-                row["crctl"]["cpu_us_per_token"] / row["floor"]["cpu_us_per_token"], 3
-            )
-            rounds.append(row)
-            print(
-                f"-- round {rnd + 1}: crctl {row['crctl']['cpu_us_per_token']} µs, floor "
-                f"{row['floor']['cpu_us_per_token']} µs per token: {row['ratio']}x",
-                flush=True,
-            )
+        pair = await run_pair("together", specs, fake, None, args)
     finally:
-        await asyncio.gather(*(c.close() for cs in callers.values() for c in cs))
-        for relay in relays.values():
-            relay.stop()
         fake.stop()
-    ratios = [r["ratio"] for r in rounds]
     return {
         "started": datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "machine_before": quiet,
         "git": git_state(),
         "versions": versions(),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "rounds": rounds,
-        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "errors": sum(r[n]["errors"] for r in rounds for n in ("crctl", "floor")),
-        "cross_talk_tokens": sum(r["crctl"]["cross_talk_tokens"] for r in rounds),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "swap")},
+        "rounds": pair["rounds"],
+        "median_ratio": pair["median_ratio"],
+        "errors": pair["errors"],
+        "cross_talk_tokens": pair["cross_talk_tokens"],
     }
 
 

@@ -123,8 +123,10 @@ class CallSession:
     ) -> None:
         """Send one token of the current talk cycle; ``last=True`` closes the cycle."""
         if token:
-            task = asyncio.current_task()
-            if task is self._turn_task and task is not None and task.cancelling():
+            turn = self._turn_task
+            # The cheap test first: on CPython 3.11 current_task() costs a getpid() system
+            # call (the running loop's fork check), once per token.
+            if turn is not None and turn.cancelling() and turn is asyncio.current_task():
                 return  # a cancelled turn may close its cycle, never add words to it
         if lang is None and interruptible is None and preemptible is None:
             frame = text_frame(token, last)

@@ -192,6 +192,17 @@ def markdown(result: dict[str, Any]) -> str:
             "redis cmds / turn | redis CPU s | tokens each |",
             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
+        split = p.get("split")
+        if split:
+            out[-2:-2] = [
+                f"Split by reply length (short rounds {c['tokens']} tokens, long rounds "
+                f"{c['tokens_long']}; a long round against the short one before it): per-token "
+                f"CPU {b} / {a} median {split['per_token_ratio']}x (pairs "
+                f"{split['per_token_ratio_range'][0]}-{split['per_token_ratio_range'][1]}); "
+                f"per-turn CPU {b} minus {a} median {split['per_turn_extra_us']} µs (pairs "
+                f"{split['per_turn_extra_us_range'][0]} to {split['per_turn_extra_us_range'][1]}).",
+                "",
+            ]
         for i, r in enumerate(p["rounds"], 1):
             out.append(
                 f"| {i} | {r[a]['cpu_us_per_token']} | {r[b]['cpu_us_per_token']} | "
@@ -213,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--turns", type=int, default=3, help="turns per call per round")
     parser.add_argument("--tokens", type=int, default=30, help="tokens per reply")
+    parser.add_argument(
+        "--tokens-long",
+        type=int,
+        default=None,
+        help="odd rounds' tokens per reply: splits per-token from per-turn CPU",
+    )
     parser.add_argument("--ttft", type=float, default=0.3)
     parser.add_argument("--delay", type=float, default=0.020, help="the fake's tick, s")
     parser.add_argument("--stagger", type=float, default=2.0)

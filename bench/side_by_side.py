@@ -40,10 +40,18 @@ class Store(Protocol):
         ...
 
 
+def round_tokens(args: argparse.Namespace, rnd: int) -> int:
+    """Tokens per reply in round ``rnd``: with ``args.tokens_long``, odd rounds use it."""
+    long: int | None = getattr(args, "tokens_long", None)
+    tokens: int = args.tokens
+    return long if long and rnd % 2 == 1 else tokens
+
+
 async def one_round(
     callers: list[Caller], rnd: int, args: argparse.Namespace, rng: random.Random
 ) -> list[Any]:
     """Every call runs ``args.turns`` burst turns, starts spread over ``args.stagger`` s."""
+    tokens = round_tokens(args, rnd)
 
     async def call_turns(c: Caller) -> list[Any]:
         crng = random.Random(rng.random())
@@ -52,9 +60,7 @@ async def one_round(
         for t in range(args.turns):
             turn = rnd * args.turns + t
             tick = args.delay
-            tag = bench_tag(
-                c.index, turn, args.tokens, crng, (args.ttft, args.ttft), (tick, tick), tick
-            )
+            tag = bench_tag(c.index, turn, tokens, crng, (args.ttft, args.ttft), (tick, tick), tick)
             res = await c.turn(turn, tag)
             results.append(res)
             if res.error:
@@ -182,7 +188,9 @@ async def run_pair(
         for relay in relays.values():
             relay.stop()
     ratios = [r["ratio"] for r in rounds]
+    split = split_costs(rounds, a, b) if getattr(args, "tokens_long", None) else None
     return {
+        "split": split,
         "relays": {name: {k: v for k, v in spec.items()} for name, spec in specs.items()},
         "baseline": a,
         "candidate": b,
@@ -207,4 +215,42 @@ async def run_pair(
         )
         if store is not None
         else None,
+    }
+
+
+def split_costs(rounds: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """Per-token and per-turn CPU of each relay, from rounds of short and long replies.
+
+    Rounds alternate short and long replies (``--tokens-long``) on the same processes and the
+    same turns. For each relay, a short round and the long one after it give ``cpu = turns *
+    per_turn + tokens * per_token``: the marginal CPU of a token is the difference of their CPU
+    over the difference of their tokens, and the rest of the short round is per turn. Costs
+    that go with time (timers, heartbeats) land in the per-token figure, as a long round lasts
+    longer. Both relays share each round's window, so ``b``'s per-token cost over ``a``'s
+    keeps only their own work; the median over the pairs is reported.
+    """
+    pairs = []
+    for short, long in zip(rounds[0::2], rounds[1::2], strict=False):
+        pair: dict[str, Any] = {}
+        for name in (a, b):
+            s_, l_ = short[name], long[name]
+            extra_tokens = l_["tokens"] - s_["tokens"]
+            if extra_tokens <= 0 or s_["turns"] != l_["turns"] or not s_["turns"]:
+                return None
+            per_token = 1e6 * (l_["cpu_s"] - s_["cpu_s"]) / extra_tokens
+            per_turn = (1e6 * s_["cpu_s"] - per_token * s_["tokens"]) / s_["turns"]
+            pair[name] = {"per_token_us": round(per_token, 1), "per_turn_us": round(per_turn)}
+        pair["per_token_ratio"] = round(pair[b]["per_token_us"] / pair[a]["per_token_us"], 3)
+        pair["per_turn_extra_us"] = pair[b]["per_turn_us"] - pair[a]["per_turn_us"]
+        pairs.append(pair)
+    if not pairs:
+        return None
+    ratios = [p["per_token_ratio"] for p in pairs]
+    extra = [p["per_turn_extra_us"] for p in pairs]
+    return {
+        "pairs": pairs,
+        "per_token_ratio": round(statistics.median(ratios), 3),
+        "per_token_ratio_range": [min(ratios), max(ratios)],
+        "per_turn_extra_us": round(statistics.median(extra)),
+        "per_turn_extra_us_range": [min(extra), max(extra)],
     }

@@ -38,3 +38,52 @@ async def test_the_inbox_hands_items_out_in_order_to_a_waiting_reader() -> None:
     assert await reader == "first"
     assert await inbox.get() == "second"
     assert inbox.empty()
+
+
+async def test_an_accepted_socket_keeps_no_upgrade_headers() -> None:
+    """After the 101, neither uvicorn nor websockets' parser keeps the upgrade's headers.
+
+    The parser generator of websockets holds the upgrade request in its frame for the socket's
+    whole life; the lean protocol empties its headers (about 2 KiB per idle call, bench/).
+    """
+    import asyncio
+    import socket
+
+    import websockets
+
+    accepted = asyncio.Event()
+    done = asyncio.Event()
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "websocket":
+            return
+        await receive()  # type: ignore[operator]
+        await send({"type": "websocket.accept"})  # type: ignore[operator]
+        accepted.set()
+        await done.wait()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.listen(8)  # a connection waits in the backlog until the server accepts it
+    config = uvicorn.Config(
+        app=app, ws=_lean_websockets_sansio(), log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/ws", additional_headers={"X-Twilio-Signature": "s" * 28}
+        ):
+            await accepted.wait()
+            await asyncio.sleep(0.05)  # the 101 is out
+            (protocol,) = list(server.server_state.connections)
+            assert protocol.request is None and protocol.response is None  # type: ignore[attr-defined]
+            kept = protocol.conn.parser.gi_frame.f_locals["request"]  # type: ignore[attr-defined]
+            assert kept.path == "/ws"
+            assert list(kept.headers.raw_items()) == []
+            done.set()
+    finally:
+        done.set()
+        server.should_exit = True
+        await serving

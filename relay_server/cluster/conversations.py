@@ -26,11 +26,15 @@ log = logging.getLogger("relay_server.cluster")
 
 _encode = msgspec.json.Encoder().encode
 
-#: SET each KEYS[i] to ARGV[i + 1], expiring after ARGV[1] seconds.
+#: SET each key to its value, expiring after ARGV[1] seconds; ARGV[2]: a MessagePack array of
+#: [key, value] (one argument encoded in C: the client packs each argument in Python).
 _SET_ALL = """
-for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
-return #KEYS
+local pairs_ = cmsgpack.unpack(ARGV[2])
+for _, kv in ipairs(pairs_) do redis.call('SET', kv[1], kv[2], 'EX', ARGV[1]) end
+return #pairs_
 """
+
+_pack = msgspec.msgpack.Encoder().encode
 
 #: Seconds between write attempts while Redis fails.
 RETRY = 1.0
@@ -212,25 +216,23 @@ class Conversations:
         if not batch:
             return
         try:
-            keys: list[str] = []
-            values: list[Any] = [max(1, round(self.ttl))]
+            kept: list[tuple[str, str]] = []
             gone: list[str] = []
             for call_sid, state in batch.items():
                 if state is None:
                     gone += self.keys(call_sid)
                     continue
                 try:
-                    values.append(_encode(state))
+                    # As text: Redis' cmsgpack reads no MessagePack bin values.
+                    kept.append((Cluster.key("conv", call_sid), _encode(state).decode()))
                 except (TypeError, msgspec.EncodeError) as exc:
                     log.warning("call %s: conversation not kept in Redis (%s)", call_sid, exc)
-                    continue
-                keys.append(self.keys(call_sid)[0])
-            if keys:
+            if kept:
                 # One script call for the batch: a SET per call through the client cost the
                 # relay more than the rest of the cluster's work together (bench/cluster.py).
                 if self._set_all is None:
                     self._set_all = self.cluster.redis.register_script(_SET_ALL)
-                await self._set_all(keys=keys, args=values)
+                await self._set_all(args=[max(1, round(self.ttl)), _pack(kept)])
             if gone:
                 await self.cluster.redis.delete(*gone)
             self.written += len(batch)

@@ -17,6 +17,8 @@ import contextlib
 import logging
 from typing import Any
 
+import msgspec
+
 from relay_server.cluster import Cluster, ClusterUnavailable, Outage, stop
 
 log = logging.getLogger("relay_server.cluster")
@@ -26,12 +28,31 @@ TTL = 15.0
 #: Seconds between heartbeats.
 BEAT = 5.0
 
-#: Deletes a call's entry only while it still names this replica (a socket of the same call
-#: may already be open on another one).
-_DELETE_IF_MINE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+#: Writes this replica's part of the directory in one call. ARGV: this replica's id, the TTL,
+#: its replica key, the call key prefix, the calls whose socket closed here and the calls whose
+#: socket is open here (each a MessagePack array of callSids), and '1' when the replica stops.
+#: A closed call's entry is deleted only while it still names this replica (a socket of the
+#: same call may already be open on another one). The calls go as one argument each: a SET per
+#: call through the client cost the relay more than Redis' own work (bench/cluster.py).
+_WRITE = """
+local me, ttl, replica, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local live, final = cmsgpack.unpack(ARGV[6]), ARGV[7] == '1'
+local function delete_if_mine(sid)
+  local key = prefix .. sid
+  if redis.call('GET', key) == me then redis.call('DEL', key) end
+end
+for _, sid in ipairs(cmsgpack.unpack(ARGV[5])) do delete_if_mine(sid) end
+if final then
+  redis.call('DEL', replica)
+  for _, sid in ipairs(live) do delete_if_mine(sid) end
+else
+  redis.call('SET', replica, '1', 'EX', ttl)
+  for _, sid in ipairs(live) do redis.call('SET', prefix .. sid, me, 'EX', ttl) end
+end
+return #live
 """
+
+_pack = msgspec.msgpack.Encoder().encode
 
 
 class Directory:
@@ -49,7 +70,7 @@ class Directory:
         self.outage = Outage(
             cluster, "directory", "calls go on here, the directory catches up when it is back"
         )
-        self._delete: Any = None
+        self._script: Any = None
 
     @staticmethod
     def call_key(call_sid: str) -> str:
@@ -134,24 +155,21 @@ class Directory:
 
     async def _write(self, *, final: bool = False) -> None:
         redis = self.cluster.redis
-        me = self.cluster.replica.encode()
-        if self._delete is None:
-            self._delete = redis.register_script(_DELETE_IF_MINE)
+        if self._script is None:
+            self._script = redis.register_script(_WRITE)
         gone, self._gone = self._gone, set()
         try:
-            for call_sid in gone:
-                await self._delete(keys=[self.call_key(call_sid)], args=[me])
-            pipe = redis.pipeline(transaction=False)
-            ttl = max(1, round(self.ttl))
-            if final:
-                pipe.delete(self.replica_key())
-                for call_sid in self.calls:
-                    pipe.delete(self.call_key(call_sid))
-            else:
-                pipe.set(self.replica_key(), b"1", ex=ttl)
-                for call_sid in self.calls:
-                    pipe.set(self.call_key(call_sid), me, ex=ttl)
-            await pipe.execute()
+            await self._script(
+                args=[
+                    self.cluster.replica,
+                    max(1, round(self.ttl)),
+                    self.replica_key(),
+                    self.call_key(""),
+                    _pack(sorted(gone)),
+                    _pack(sorted(self.calls)),
+                    "1" if final else "0",
+                ]
+            )
         except BaseException:
             self._gone |= gone  # written at the next beat
             raise

@@ -140,7 +140,7 @@ class CallRegistry:
 
         A reply ended (or was cut: ``agent.reply``), a barge-in trimmed it (``barge_in``).
         """
-        if self.conversations is not None and event.kind in (ev.AGENT_REPLY, ev.BARGE_IN):
+        if self.conversations is not None and isinstance(event, ev.AgentReply | ev.BargeIn):
             session = self.sessions.get(event.call_sid)
             if session is not None:
                 self.conversations.save(event.call_sid, session.resume_state())

@@ -42,6 +42,16 @@ from older relays (and hand-published ones) readable.
                         Twilio's applicationReconnect to reopen it on another replica;
                         ``end``: the call was ended politely), ``code``, ``replica``: a call
                         still open when a stopping relay's drain timeout ran out
+``turn.timeline``       ``turn`` (1-based on the socket), ``end`` (``completed``,
+                        ``interrupted`` or ``closed``), ``barge_in``, and each stage in ms,
+                        ``None`` when a frame it needs never came (unknown, never guessed):
+                        ``transcription_ms`` (caller stopped speaking, ``clientSpeaking off``,
+                        to the final prompt), ``relay_ms`` (the relay's own time: final prompt
+                        to LLM request, plus LLM first token to first ``text`` sent),
+                        ``llm_first_token_ms`` (LLM request to its first token),
+                        ``speech_start_ms`` (first ``text`` sent to ``agentSpeaking on``),
+                        ``speaking_ms`` (``agentSpeaking on`` to ``off``) and the headline
+                        ``caller_wait_ms`` (caller stopped speaking to the agent audible)
 ======================  =============================================================
 
 A kind this code does not know (from a newer relay) is an :class:`Other`, never an error.
@@ -70,6 +80,7 @@ SESSION_END = "session.end"
 CALL_STATUS = "call.status"
 CALL_LOST = "call.lost"
 CALL_DRAINED = "call.drained"
+TURN_TIMELINE = "turn.timeline"
 LLM_FAULT = "llm.fault"
 BAD_FRAME = "frame.bad"
 SOCKET_CLOSED = "socket.closed"
@@ -235,6 +246,20 @@ class CallDrained(CallEvent, tag=CALL_DRAINED, frozen=True):
     replica: str = ""
 
 
+class TurnTimeline(CallEvent, tag=TURN_TIMELINE, frozen=True):
+    """One turn's timeline as the caller lived it (module docstring); ms, ``None``: unknown."""
+
+    turn: int = 0
+    end: str = "completed"
+    barge_in: bool = False
+    transcription_ms: float | None = None
+    relay_ms: float | None = None
+    llm_first_token_ms: float | None = None
+    speech_start_ms: float | None = None
+    speaking_ms: float | None = None
+    caller_wait_ms: float | None = None
+
+
 class Other(CallEvent, tag="other", frozen=True):
     """An event of a kind this code does not know (``name``), its data as it came."""
 
@@ -265,6 +290,7 @@ AnyEvent = Union[
     CallStatus,
     CallLost,
     CallDrained,
+    TurnTimeline,
 ]
 
 #: The Struct of each kind.

@@ -353,6 +353,12 @@ def calls_show(
     url: Optional[str] = typer.Option(None, "--url", metavar="URL", help=_URL_HELP),
     token: Optional[str] = _TOKEN_OPTION,
     json_out: bool = typer.Option(False, "--json", help="The call and its events as JSON."),
+    insights: bool = typer.Option(
+        False,
+        "--insights",
+        help="Also Twilio's Voice Insights events for the call (Twilio credentials; Advanced "
+        "Features on; about 90 s after the call), under 'insights' with --json.",
+    ),
 ) -> None:
     """Show one stored call's transcript and events."""
     if url:
@@ -365,7 +371,12 @@ def calls_show(
             store.close()
         if call is None:
             raise TailError(f"no stored call {sid} in {_db_path(db)}")
+    from crctl.insights import load_insights  # Twilio's view beside the relay's
+
+    twilio_view = load_insights(call) if insights else None  # adds call["insights"]
     if json_out:
         typer.echo(json.dumps(_with_call_sid(call)))
-        return
-    print_call(Console(highlight=False), call)
+    else:
+        print_call(Console(highlight=False), call)
+    if twilio_view is not None:
+        twilio_view.finish(json_out)

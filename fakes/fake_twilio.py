@@ -11,6 +11,11 @@ instead, as crctl does with ``CRCTL_TWILIO_API_URL``)::
     GET, POST         .../Accounts/{AC}/Applications.json
     GET, POST, DELETE .../Accounts/{AC}/Applications/{AP}.json
 
+and, under ``https://insights.twilio.com`` (Voice Insights; the same fake answers both hosts, so
+a client redirects both to :attr:`FakeTwilio.base_url`)::
+
+    GET               /v1/Voice/{CA}/Events     (the call's Insights events, paged by ``meta``)
+
 Resources carry the fields of the OpenAPI schemas in Twilio's twilio-oai contract (defaults as in
 the spec's examples: e.g. a new number's ``voice_url`` is null, its ``sms_url`` ""). Lists page
 like Twilio (``PageSize``/``Page``, ``first_page_uri``/``next_page_uri``/... ; the SDK follows
@@ -51,8 +56,15 @@ filter only when "true". Codes are Twilio's; the wording of the 21402/21403/2142
 messages is the fake's own. Credentials valid for the fake's account used on another
 account's path get 20003 (a choice: Twilio does not document it).
 
+Voice Insights events are seeded per CallSid with :meth:`add_insights_events`; a call never
+seeded answers 404 20404, as Twilio does when Voice Insights Advanced Features are off or the
+call is unknown; a call seeded with no events answers an empty list (the ~90 s before Twilio
+has processed a call). Events are served in the order seeded (Twilio's order is not
+documented: crctl sorts them).
+
 Test controls (thread-safe): :meth:`add_number`, :meth:`add_application`,
-:meth:`add_available`, :attr:`available`, :attr:`numbers`, :attr:`applications`,
+:meth:`add_available`, :meth:`add_insights_events`, :attr:`available`, :attr:`numbers`,
+:attr:`applications`, :attr:`insights_events`,
 :attr:`trial`, :attr:`requests` (every request, as :class:`RecordedRequest`),
 :meth:`fail_next` (inject a Twilio error) and :meth:`down`/:meth:`up` (connections refused).
 """
@@ -79,6 +91,7 @@ from fakes.background import BackgroundServer
 
 API_VERSION = "2010-04-01"
 TWILIO_API_BASE = "https://api.twilio.com"
+INSIGHTS_API_BASE = "https://insights.twilio.com"
 ERROR_DOCS = "https://www.twilio.com/docs/errors/{code}"
 
 AUTHENTICATE = 20003
@@ -376,6 +389,8 @@ class FakeTwilio(BackgroundServer):
         self.available: dict[tuple[str, str], list[dict[str, Any]]] = default_available()
         self.numbers: dict[str, dict[str, Any]] = {}
         self.applications: dict[str, dict[str, Any]] = {}
+        #: Voice Insights events by CallSid (:meth:`add_insights_events`).
+        self.insights_events: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[RecordedRequest] = []
         self.base_url = ""
         self.date_created = _now()
@@ -417,6 +432,7 @@ class FakeTwilio(BackgroundServer):
                     "DELETE": self._delete_application,
                 },
             ),
+            (re.compile(r"/v1/Voice/(?P<call_sid>[^/]+)/Events"), {"GET": self._list_events}),
         ]
 
     # ---- test controls -------------------------------------------------------
@@ -462,6 +478,36 @@ class FakeTwilio(BackgroundServer):
         with self._lock:
             self.available.setdefault((country, kind), []).append(entry)
         return entry
+
+    def add_insights_events(self, call_sid: str, *events: dict[str, Any]) -> list[dict[str, Any]]:
+        """Make ``call_sid`` known to Voice Insights, with these events (none: not processed yet).
+
+        Each event needs ``name`` and ``timestamp`` (ISO 8601, as Twilio writes it:
+        ``2025-06-01T10:00:01.250Z``); any other field of the Call Insights Event resource
+        (``group``, ``level``, ``edge``, ``carrier_edge``…, ``conversation_relay_data``)
+        overrides the defaults. Adding to a call appends. Returns the call's stored events.
+        """
+        with self._lock:
+            stored = self.insights_events.setdefault(call_sid, [])
+            for fields in events:
+                if "name" not in fields or "timestamp" not in fields:
+                    raise ValueError("an Insights event needs a name and a timestamp")
+                event: dict[str, Any] = {
+                    "timestamp": None,
+                    "call_sid": call_sid,
+                    "account_sid": self.account_sid,
+                    "edge": "unknown_edge",
+                    "group": None,
+                    "level": "INFO",
+                    "name": None,
+                    "carrier_edge": None,
+                    "sip_edge": None,
+                    "sdk_edge": None,
+                    "client_edge": None,
+                }
+                event.update(fields)
+                stored.append(event)
+            return [dict(e) for e in stored]
 
     def number_by_phone(self, phone_number: str) -> dict[str, Any] | None:
         with self._lock:
@@ -584,7 +630,7 @@ class FakeTwilio(BackgroundServer):
                 if handler is None:
                     raise TwilioError(405, METHOD_NOT_ALLOWED, "Method not allowed")
                 params = m.groupdict()
-                if params.pop("account") != account:
+                if params.pop("account", account) != account:  # Insights paths name no account
                     raise TwilioError(401, AUTHENTICATE, "Authenticate")
                 return handler(rec, **params)
             raise self._not_found(rec)
@@ -679,6 +725,39 @@ class FakeTwilio(BackgroundServer):
             "previous_page_uri": uri(page - 1) if page > 0 else None,
             "start": start,
             "uri": uri(page),
+        }
+
+    # Voice Insights
+    def _list_events(self, rec: RecordedRequest, call_sid: str) -> tuple[int, dict[str, Any]]:
+        events = self.insights_events.get(call_sid)
+        if events is None:
+            raise self._not_found(rec)
+        edge = _one(rec.query, "Edge")
+        items = [dict(e) for e in events if not edge or e.get("edge") == edge]
+        page_size = _int(_one(rec.query, "PageSize"), 50, 1, 1000)
+        page = _int(_one(rec.query, "Page"), 0, 0, 1 << 31)
+        base = INSIGHTS_API_BASE + rec.path
+        extra = [("Edge", edge)] if edge else []
+
+        def url(number: int) -> str:
+            params = [*extra, ("PageSize", str(page_size)), ("Page", str(number))]
+            if number:
+                params.append(("PageToken", f"PT{number}"))
+            return f"{base}?{urlencode(params)}"
+
+        start = page * page_size
+        more = start + page_size < len(items)
+        return 200, {
+            "events": items[start : start + page_size],
+            "meta": {
+                "first_page_url": url(0),
+                "key": "events",
+                "next_page_url": url(page + 1) if more else None,
+                "page": page,
+                "page_size": page_size,
+                "previous_page_url": url(page - 1) if page > 0 else None,
+                "url": url(page),
+            },
         }
 
     # IncomingPhoneNumbers

@@ -75,6 +75,9 @@ SPEC = (
     / "twilio_api_v2010.json"
 )
 
+#: Voice Insights' contract (insights.twilio.com), from the same package: ``Prism(INSIGHTS_SPEC)``.
+INSIGHTS_SPEC = SPEC.with_name("twilio_insights_v1.json")
+
 PRISM_BIN = NODE_MODULES / ".bin" / "prism"
 FORM = "application/x-www-form-urlencoded"
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -125,7 +128,10 @@ def _free_port() -> int:
 
 
 class Prism:
-    """``prism mock`` of Twilio's 2010-04-01 API on 127.0.0.1, as a subprocess."""
+    """``prism mock`` of a Twilio API on 127.0.0.1, as a subprocess.
+
+    The 2010-04-01 API by default; ``Prism(INSIGHTS_SPEC)`` serves Voice Insights v1.
+    """
 
     def __init__(
         self,
@@ -158,7 +164,7 @@ class Prism:
                 "`npm ci --prefix tests/node` (scripts/test.sh does)"
             )
         self._tmp = Path(tempfile.mkdtemp(prefix="crctl-prism-"))
-        patched = self._tmp / "twilio_api_v2010.json"
+        patched = self._tmp / self.spec_path.name
         patched.write_text(json.dumps(patch_spec(self.spec)))
         self.log_path = self._tmp / "prism.log"
         try:

@@ -293,7 +293,7 @@ class Speaker:
             return
         speech.on_at = self.clock()
         self.agent("on")
-        if speech.said_at is not None:
+        if speech.said_at is not None and "speaker-events" in self.events:
             self.waits[reply] = (speech.on_at - speech.said_at) * 1000
         await self.pump()
         while True:

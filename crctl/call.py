@@ -32,6 +32,12 @@ from crctl.caller import (
     Unreachable,
 )
 from crctl.caller.outcome import CallEvent, Closed
+from crctl.caller.speaker import (
+    DEFAULT_AGENT_SPEAKING_DELAY_MS,
+    DEFAULT_SPEAKING_RATE,
+    DEFAULT_TIME_SCALE,
+    Timing,
+)
 from crctl.console import crctl_command, err
 from crctl.hosts import is_this_machine
 from relay_server.protocol.replies import (
@@ -205,8 +211,10 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
             go_on, reply = await _command(caller, line)
             if not go_on:
                 break
-            if reply is not None:
-                await caller.finished(reply, caller.timeout)
+            if reply is not None and await caller.finished(reply, caller.timeout):
+                wait = caller.caller_wait_ms(reply)
+                if wait is not None:
+                    out.print(f"[dim]  caller wait {wait:.0f} ms[/]")
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -305,7 +313,12 @@ def _defaults(
     return auth_token, public_url
 
 
-async def _run(caller: SimulatedCaller, script: Any, printer: LivePrinter | None) -> int:
+async def _run(
+    caller: SimulatedCaller,
+    script: Any,
+    printer: LivePrinter | None,
+    max_caller_wait_ms: float | None = None,
+) -> int:
     from crctl.call_script import play_script
 
     plan = await caller.fetch()
@@ -321,7 +334,9 @@ async def _run(caller: SimulatedCaller, script: Any, printer: LivePrinter | None
         return await _interactive(caller, printer)
     if plan.welcome_greeting:
         out.print(f"[dim]welcome greeting: {escape(plan.welcome_greeting)}[/]")
-    return await play_script(caller, script, Console(highlight=False))
+    return await play_script(
+        caller, script, Console(highlight=False), max_caller_wait_ms=max_caller_wait_ms
+    )
 
 
 def call(
@@ -354,6 +369,34 @@ def call(
     timeout: float = typer.Option(
         15.0, "--timeout", min=0.1, help="Seconds to wait for the relay and for each reply."
     ),
+    agent_speaking_delay_ms: float = typer.Option(
+        DEFAULT_AGENT_SPEAKING_DELAY_MS,
+        "--agent-speaking-delay-ms",
+        min=0,
+        help="From a reply's first text to agentSpeaking on, as captured on real calls "
+        '(with events="speaker-events" in the TwiML).',
+    ),
+    speaking_rate: float = typer.Option(
+        DEFAULT_SPEAKING_RATE,
+        "--speaking-rate",
+        min=0.1,
+        help="How fast the agent speaks, in characters a second (15: about 150 words a "
+        "minute); tokensPlayed is sent per clause at that pace.",
+    ),
+    time_scale: float = typer.Option(
+        DEFAULT_TIME_SCALE,
+        "--time-scale",
+        min=0,
+        help="Multiply every simulated delay (speaking, agentSpeaking on, the greeting, "
+        "partials, keys): 0 waits for nothing, the frames still in Twilio's order.",
+    ),
+    max_caller_wait_ms: Optional[float] = typer.Option(
+        None,
+        "--max-caller-wait-ms",
+        min=0,
+        help="With --script: fail any turn whose caller wait (clientSpeaking off to "
+        "agentSpeaking on) is longer; a turn's expect: max_caller_wait_ms wins.",
+    ),
     example: bool = typer.Option(
         False,
         "--example",
@@ -383,9 +426,14 @@ def call(
         partials=partials,
         timeout=timeout,
         on_event=printer,
+        timing=Timing(
+            agent_speaking_delay_ms=agent_speaking_delay_ms,
+            speaking_rate=speaking_rate,
+            time_scale=time_scale,
+        ),
     )
     try:
-        code = asyncio.run(_run(caller, turns, printer))
+        code = asyncio.run(_run(caller, turns, printer, max_caller_wait_ms))
     except Unreachable as exc:  # the same error, with how to start a relay here
         raise Unreachable(f"{exc}{_start_hint(url)}") from None
     except KeyboardInterrupt:

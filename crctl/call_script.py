@@ -10,6 +10,7 @@ A script is a YAML list of turns::
         contains: [open, monday]        # each, case-insensitive
         matches: "\\d+ ?(am|pm)"        # a Python regex searched in the reply
         max_first_token_ms: 1500
+        max_caller_wait_ms: 2500        # clientSpeaking off → agentSpeaking on (caller's clock)
     - dtmf: "12"                         # keys 0-9 * #, one frame per key
       expect: {reply: none}             # the agent must stay silent (settle_ms: 1000)
     - say: Tell me everything about your prices.
@@ -78,11 +79,13 @@ ALLOWED = {
     "say": "non-empty text (what the caller says)",
     "dtmf": 'keys 0-9, * and # (quote them: dtmf: "1#")',
     "interrupt_after_words": "a whole number of at least 1 (barge in after that many words)",
-    "expect": "a mapping of contains, matches, max_first_token_ms, ends_call, handoff, reply, "
-    "settle_ms",
+    "expect": "a mapping of contains, matches, max_first_token_ms, max_caller_wait_ms, ends_call, "
+    "handoff, reply, settle_ms",
     "expect.contains": "text or a non-empty list of texts (each must be in the reply)",
     "expect.matches": "a Python regular expression, as text",
     "expect.max_first_token_ms": "a positive number of milliseconds",
+    "expect.max_caller_wait_ms": "a positive number of milliseconds (the caller's wait, from "
+    "clientSpeaking off to agentSpeaking on)",
     "expect.ends_call": "true or false",
     "expect.handoff": "true, false, text in handoffData, or a mapping of handoffData keys",
     "expect.reply": "none (the agent must not answer this turn)",
@@ -123,6 +126,9 @@ class Expect(_Strict):
     max_first_token_ms: Optional[float] = Field(
         None, gt=0, description=ALLOWED["expect.max_first_token_ms"]
     )
+    max_caller_wait_ms: Optional[float] = Field(
+        None, gt=0, description=ALLOWED["expect.max_caller_wait_ms"]
+    )
     ends_call: Optional[bool] = Field(None, description=ALLOWED["expect.ends_call"])
     handoff: Optional[Union[bool, str, dict[str, Any]]] = Field(
         None, description=ALLOWED["expect.handoff"]
@@ -154,7 +160,8 @@ class Expect(_Strict):
     @model_validator(mode="after")
     def _reply_none_alone(self) -> Expect:
         if self.reply == "none":
-            clash = [k for k in ("contains", "matches", "max_first_token_ms") if _given(self, k)]
+            checks = ("contains", "matches", "max_first_token_ms", "max_caller_wait_ms")
+            clash = [k for k in checks if _given(self, k)]
             if clash:
                 raise _KeyError(
                     "reply",
@@ -417,10 +424,17 @@ async def run_script(
     caller: SimulatedCaller,
     turns: list[Turn],
     timeout: float,  # noqa: ASYNC109 (each reply's own wait, --timeout; not a deadline for the run)
+    max_caller_wait_ms: float | None = None,
 ) -> list[TurnResult]:
-    """Play ``turns`` on a connected caller, waiting for each reply; returns the results."""
+    """Play ``turns`` on a connected caller, waiting for each reply; returns the results.
+
+    ``max_caller_wait_ms`` bounds every turn's caller wait (a turn's own ``expect`` wins).
+    """
     results: list[TurnResult] = []
     for turn in turns:
+        # the caller waits for the agent to finish speaking (the greeting, an unsolicited
+        # reply): talking over it is a barge-in, which only interrupt_after_words asks for
+        await caller.quiet(timeout)
         if caller.closed.is_set() or caller.end_frame is not None:
             last = results[-1].turn.number if results else 0
             results.append(
@@ -460,7 +474,9 @@ async def run_script(
         elif turn.expect.ends_call is False or turn.expect.handoff is False:
             async with _at_most(_END_GRACE):
                 await caller.closed.wait()
-        results.append(TurnResult(turn, reply, reasons + check(turn.expect, reply, caller)))
+        reasons += check(turn.expect, reply, caller)
+        reasons += _check_wait(turn.expect, reply, caller, max_caller_wait_ms)
+        results.append(TurnResult(turn, reply, reasons))
     return results
 
 
@@ -508,6 +524,28 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
     if expect.handoff is not None:
         reasons += _check_handoff(expect.handoff, end)
     return reasons
+
+
+def _check_wait(
+    expect: Expect, reply: Reply, caller: SimulatedCaller, script_max: float | None
+) -> list[str]:
+    """``max_caller_wait_ms`` (the turn's, else the script's): the caller's wait, measured."""
+    limit = expect.max_caller_wait_ms if expect.max_caller_wait_ms is not None else script_max
+    if limit is None or expect.silent:
+        return []
+    ms = caller.caller_wait_ms(reply)
+    if ms is None:
+        if reply.interrupted and reply.tokens == 0:
+            return []
+        why = (
+            "the TwiML asks for no speaker-events"
+            if "speaker-events" not in (caller.plan.events if caller.plan else ())
+            else "the agent never started speaking"
+        )
+        return [f"caller wait: expected at most {limit:g} ms, got none ({why})"]
+    if ms > limit:
+        return [f"caller wait: expected at most {limit:g} ms (max_caller_wait_ms), got {ms:.0f} ms"]
+    return []
 
 
 def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
@@ -578,9 +616,10 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
     The results are a table on a terminal, one line per turn in a log.
     """
     if out.is_terminal:
-        table = Table("#", "caller", "agent", "first token", "result")
+        table = Table("#", "caller", "agent", "first token", "caller wait", "result")
         for result in results:
             ms = result.reply.first_token_ms if result.reply else None
+            wait = caller.caller_wait_ms(result.reply) if result.reply else None
             verdict = (
                 "[green]pass[/]"
                 if result.passed
@@ -591,13 +630,16 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
                 escape(result.turn.label),
                 _shown(result.reply),
                 "" if ms is None else f"{ms:.0f} ms",
+                "" if wait is None else f"{wait:.0f} ms",
                 verdict,
             )
         out.print(table)
     else:
         for result in results:
             ms = result.reply.first_token_ms if result.reply else None
+            wait = caller.caller_wait_ms(result.reply) if result.reply else None
             timing = "" if ms is None else f"  [dim]first token {ms:.0f} ms[/]"
+            timing += "" if wait is None else f"  [dim]caller wait {wait:.0f} ms[/]"
             verdict = "[green]pass[/]" if result.passed else "[red]FAIL[/]"
             why = "" if result.passed else ": " + escape("; ".join(result.reasons))
             out.print(
@@ -616,14 +658,20 @@ def report(out: Console, results: list[TurnResult], caller: SimulatedCaller) -> 
     return ok
 
 
-async def play_script(caller: SimulatedCaller, turns: list[Turn], out: Console) -> int:
+async def play_script(
+    caller: SimulatedCaller,
+    turns: list[Turn],
+    out: Console,
+    *,
+    max_caller_wait_ms: float | None = None,
+) -> int:
     """Run the script on a dialled caller, hang up and print the report.
 
     The caller hangs up unless the agent ended the call. Returns the exit code: 0 when every
     turn passed, else 1.
     """
     try:
-        results = await run_script(caller, turns, caller.timeout)
+        results = await run_script(caller, turns, caller.timeout, max_caller_wait_ms)
     finally:
         await caller.hangup()
     return 0 if report(out, results, caller) else 1

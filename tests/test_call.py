@@ -64,8 +64,12 @@ _CLEAN_ENV = {"TWILIO_AUTH_TOKEN": None, "CRCTL_PUBLIC_URL": None}
 
 
 def run(*args: str, input: str | None = None) -> Result:
-    """``crctl call ARGS`` through the real CLI (its root group says errors, once)."""
-    return CliRunner().invoke(cli, ["call", *args], input=input, env=_CLEAN_ENV)
+    """``crctl call ARGS`` through the real CLI (its root group says errors, once).
+
+    ``--time-scale 0``: Twilio's speaker frames in order, without the real-time waits.
+    """
+    argv = ["call", *args, "--time-scale", "0"]
+    return CliRunner().invoke(cli, argv, input=input, env=_CLEAN_ENV)
 
 
 def signed(relay: RelayServer) -> list[str]:
@@ -94,7 +98,9 @@ def test_the_sample_script_passes_against_the_echo_agent(relay_factory):
     assert "4 of 4 turns passed" in result.output
     assert "turn 3 pass" in result.output and "[barged in]" in result.output
     # the latency of a turn has one name: first token
-    assert re.search(r"turn 1 pass .*You said: Hello.*  first token \d+ ms\n", result.output)
+    assert re.search(
+        r"turn 1 pass .*You said: Hello.*  first token \d+ ms  caller wait \d+ ms\n", result.output
+    )
     started = events(relay, "call.started")[0]
     assert (started["from"], started["to"], started["direction"]) == (
         "+15550100001",
@@ -289,7 +295,8 @@ def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
 ONE_OF = "expected exactly one of say: (what the caller says) or dtmf: (keys to press)"
 TURN_KEYS = "a turn takes say, dtmf, interrupt_after_words, expect"
 EXPECT_KEYS = (
-    "expect takes contains, matches, max_first_token_ms, ends_call, handoff, reply, settle_ms"
+    "expect takes contains, matches, max_first_token_ms, max_caller_wait_ms, ends_call, handoff, "
+    "reply, settle_ms"
 )
 
 
@@ -384,7 +391,7 @@ EXPECT_KEYS = (
         (
             "- say: hi\n  expect: [contains]\n",
             "turn 1: expect: got ['contains']; expected a mapping of contains, matches, "
-            "max_first_token_ms, ends_call, handoff, reply, settle_ms",
+            "max_first_token_ms, max_caller_wait_ms, ends_call, handoff, reply, settle_ms",
         ),
         (
             "say: hi\n",
@@ -772,7 +779,8 @@ def test_reply_none_fails_naming_what_the_agent_said(relay_factory, tmp_path):
     assert result.exit_code == 1, result.output
     assert re.search(
         r"turn 1 FAIL  dtmf 1 → You said: \[The caller pressed 1 on the keypad\]  first token "
-        r"\d+ ms: expected no reply within 1000 ms \(reply: none\), but the agent said "
+        r"\d+ ms  caller wait \d+ ms: expected no reply within 1000 ms \(reply: none\), "
+        r"but the agent said "
         r"'You said: \[The caller pressed 1 on the keypad\]'\n",
         result.output,
     ), result.output

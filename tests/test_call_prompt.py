@@ -155,7 +155,9 @@ async def test_the_prompt_keeps_the_typed_line_while_a_reply_streams_above_it(
     env = subprocess_env(state, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     env.pop("NO_COLOR", None)
     args = [sys.executable, "-m", "crctl", "call", relay.base_url]
-    term = Terminal([*args, "--auth-token", AUTH_TOKEN, "--public-url", PUBLIC_URL], env)
+    term = Terminal(
+        [*args, "--auth-token", AUTH_TOKEN, "--public-url", PUBLIC_URL, "--time-scale", "0"], env
+    )
     try:
         await term.until(prompt_is(""), "no empty prompt")
         lines, row, _ = term.snapshot()

@@ -12,6 +12,10 @@ What it mirrors (Twilio's ConversationRelay docs, and frames seen on real calls)
 - Partial prompts every ~250 ms, one ``dtmf`` frame per key a little apart: the pacing is here;
   what goes on the wire and when Twilio would drop or interrupt is the I/O-free
   :class:`~relay_server.protocol.twilio_side.TwilioSide` this loop drives.
+- Speaker timing (:mod:`~crctl.caller.speaker`), with a :class:`~crctl.caller.speaker.Timing`:
+  ``clientSpeaking``/``agentSpeaking``/``tokensPlayed`` played on a clock as Twilio sends them
+  when the TwiML's ``events`` asks, the welcome greeting included, and each turn's caller wait.
+  Without one (``timing=None``) those frames go at once, as the Twilio side queues them.
 - The end: hang-up closes with 1000 "Closing websocket session"; after ``end`` the
   socket closes the same way; then the ``<Connect action>`` callback is posted (signed) with
   ``SessionStatus`` completed / ended (+ ``HandoffData``) / failed (64105).
@@ -29,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome
 from crctl.caller.socket import open_socket
+from crctl.caller.speaker import SPEAKER_EVENTS, Speaker, Timing
 from crctl.caller.twiml import CallPlan, parse_twiml
 from crctl.caller.webhook import (
     API_VERSION,
@@ -40,7 +45,7 @@ from crctl.caller.webhook import (
 )
 from relay_server.protocol import End, SentSetup
 from relay_server.protocol.replies import Dropped, Reply
-from relay_server.protocol.twilio_side import TwilioSide
+from relay_server.protocol.twilio_side import CallerModes, TwilioSide
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_FROM = "+15550100001"
@@ -72,6 +77,7 @@ class SimulatedCaller:
         on_event: EventHandler | None = None,
         partial_gap: float = 0.25,
         key_gap: float = 0.15,
+        timing: Timing | None = None,
     ) -> None:
         self.url = url
         self.auth_token = auth_token
@@ -80,7 +86,11 @@ class SimulatedCaller:
         self.partials = partials
         self.timeout = timeout
         self.on_event = on_event
-        self.partial_gap, self.key_gap = partial_gap, key_gap
+        self.timing = timing
+        scale = timing.time_scale if timing is not None else 1.0
+        self.partial_gap, self.key_gap = partial_gap * scale, key_gap * scale
+        #: Plays the agent's speech on a clock (with ``timing``; None: frames at once).
+        self.speaker: Speaker | None = None
         self.call_sid, self.account_sid = new_sid("CA"), new_sid("AC")
         self.session_id = new_sid("VX")
         self.plan: CallPlan | None = None
@@ -144,7 +154,16 @@ class SimulatedCaller:
     async def connect(self, plan: CallPlan) -> None:
         """Open the ConversationRelay socket, send ``setup`` and play the welcome greeting."""
         self.plan = plan
-        self.side = TwilioSide(plan.modes())
+        modes = plan.modes()
+        if self.timing is not None:
+            # the speaker sends the speaker frames on its clock: the Twilio side sends none
+            side_modes = CallerModes(**{**vars(modes), "events": modes.events - SPEAKER_EVENTS})
+            self.side = TwilioSide(side_modes)
+            self.speaker = Speaker(
+                self.side, modes.events, self.timing, self._pump, self._emit_step
+            )
+        else:
+            self.side = TwilioSide(modes)
         self._ws = await open_socket(plan, self.auth_token, self.timeout, self._why_403)
         self._started = time.monotonic()
         self.side.send_setup(
@@ -161,6 +180,8 @@ class SimulatedCaller:
         self._receiver = asyncio.create_task(self._receive())
         if plan.welcome_greeting:
             self.side.greet(plan.welcome_greeting)
+            if self.speaker is not None:
+                self.speaker.greet(plan.welcome_greeting)
             await self._pump()
 
     # ------------------------------------------------------------------------- the caller
@@ -171,6 +192,8 @@ class SimulatedCaller:
         """
         plan = self._live()
         partials = self.partials or plan.partial_prompts
+        if self.speaker is not None:
+            return await self._say_timed(plan, text, partials, interrupt_after_words)
         barged = self.side.begin_speech(partials=partials)
         await self._pump()
         if barged is None:
@@ -186,6 +209,47 @@ class SimulatedCaller:
         await self._pump()
         return reply
 
+    async def _say_timed(
+        self, plan: CallPlan, text: str, partials: bool, barge_after: int | None
+    ) -> Reply | None:
+        """:meth:`say` with speaker timing: Twilio's barge-in order, the caller's wait."""
+        speaker = self.speaker
+        assert speaker is not None
+        speech = speaker.speaking()
+        if speech is not None:
+            if "speech" in plan.interruptible:
+                speaker.barge_in(speech, defer_off=partials)
+            elif "speech" not in plan.report_input:
+                self._emit(Dropped(self._not_reported("the caller's speech")))
+                return None
+        self.side.supersede_silent()
+        speaker.wake()
+        speaker.client("on")
+        await self._pump()
+        if partials:
+            words = text.split()
+            for i in range(1, len(words) + 1):
+                self.side.partial(" ".join(words[:i]))
+                if i == 1:
+                    speaker.first_partial_sent()
+                await self._pump()
+                await asyncio.sleep(self.partial_gap)
+            text = " ".join(words)
+        speaker.first_partial_sent()  # none sent: agentSpeaking off may not wait for one
+        speaker.client("off")
+        reply = self.side.end_speech(text, None)
+        speaker.expect(reply, time.monotonic(), barge_after)
+        await self._pump()
+        return reply
+
+    def _not_reported(self, what: str) -> str:
+        plan = self.plan
+        said = plan.attributes.get("reportInputDuringAgentSpeech", "none") if plan else "none"
+        return (
+            f"the agent is speaking, and with reportInputDuringAgentSpeech={said!r} Twilio "
+            f"does not report {what}"
+        )
+
     async def dtmf(self, digits: str, *, interrupt_after_words: int | None = None) -> Reply | None:
         """Press ``digits`` one key at a time; returns the reply to the last key.
 
@@ -200,11 +264,23 @@ class SimulatedCaller:
         if not began:
             return None
         reply: Reply | None = None
+        speaker = self.speaker
         for i, digit in enumerate(digits):
             if i:
                 await asyncio.sleep(self.key_gap)
             last = i == len(digits) - 1
-            pressed = self.side.press(digit, interrupt_after_words if last else None)
+            barge = interrupt_after_words if last else None
+            if speaker is not None:
+                speech = speaker.speaking()
+                if speech is not None and "dtmf" in self._live().interruptible:
+                    speaker.barge_in(speech, keys=True)
+                elif speech is not None and "dtmf" not in self._live().report_input:
+                    self._emit(Dropped(self._not_reported(f"key {digit}")))
+                    return reply
+            pressed = self.side.press(digit, None if speaker is not None else barge)
+            if speaker is not None and pressed is not None:
+                speaker.wake()
+                speaker.expect(pressed, time.monotonic(), barge)
             await self._pump()
             if pressed is None:
                 return reply
@@ -216,7 +292,14 @@ class SimulatedCaller:
 
         False when nothing is being said or the TwiML does not let speech interrupt.
         """
-        self._live()
+        plan = self._live()
+        if self.speaker is not None:
+            speech = self.speaker.speaking()
+            if speech is None or "speech" not in plan.interruptible:
+                return False
+            self.speaker.barge_in(speech)
+            await self._pump()
+            return True
         barged = self.side.interrupt()
         await self._pump()
         return barged
@@ -224,16 +307,47 @@ class SimulatedCaller:
     # ``timeout`` in finished and wait_closed is the caller's API (scripts, tests, bench): "is it
     # over within t?" is an answer (False), not an error, and None waits for ever.
     async def finished(self, reply: Reply, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        """Wait until ``reply`` is over (at most ``timeout`` s); False if it is not by then."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: reply.done), timeout)
-            except TimeoutError:
-                return False
+        """Wait until ``reply`` is over (at most ``timeout`` s); False if it is not by then.
+
+        With speaker timing, over means spoken to its end (``agentSpeaking off``) or cut.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: reply.done)
+                if self.speaker is not None:
+                    await self.speaker.played(reply)
+        except TimeoutError:
+            return False
         return True
+
+    async def quiet(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until the agent has nothing left to say (at most ``timeout`` s).
+
+        A scripted caller waits for this before it speaks: talking over the agent is a
+        barge-in, which only the script asks for. Without speaker timing: at once.
+        """
+        if self.speaker is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self.speaker.quiet()
+        except TimeoutError:
+            return False
+        return True
+
+    def caller_wait_ms(self, reply: Reply) -> float | None:
+        """The caller's wait for ``reply`` in ms, on the caller's own clock.
+
+        From its last word (``clientSpeaking off``, or its last key) to ``agentSpeaking on``;
+        None without speaker timing or before the agent spoke.
+        """
+        return self.speaker.waits.get(reply) if self.speaker is not None else None
 
     async def hangup(self) -> Outcome:
         """Hang up (close 1000 "Closing websocket session") and post the action callback."""
+        if self.speaker is not None:
+            self.speaker.close()
         if self._ws is not None and not self.closed.is_set():
             self._hanging_up = True
             self.side.hang_up()
@@ -256,7 +370,13 @@ class SimulatedCaller:
             raise CallError("the call is over")
         return self.plan
 
+    def _emit_step(self, event: CallEvent) -> None:
+        """A step the speaker took (a barge-in it played)."""
+        self._emit(event)
+
     def _emit(self, event: CallEvent) -> None:
+        if self.speaker is not None and not isinstance(event, Closed):
+            self.speaker.observe(event)
         if isinstance(event, Dropped):
             self.last_drop = event.reason
         if self.on_event is not None:
@@ -272,6 +392,8 @@ class SimulatedCaller:
                 await self._ws.send(frame)
             for event in self.side.events_received():
                 self._emit(event)
+            for frame in self.side.data_to_send():  # queued by a step (tokensPlayed of digits)
+                await self._ws.send(frame)
         async with self._changed:
             self._changed.notify_all()
         if self.side.close_to_send is not None:
@@ -310,6 +432,8 @@ class SimulatedCaller:
         else:
             outcome.error_code, outcome.error_message = "64105", "Websocket ended"
         self.side.connection_closed()
+        if self.speaker is not None:
+            self.speaker.close()
         async with self._changed:
             self._changed.notify_all()
         try:

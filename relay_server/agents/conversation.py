@@ -149,7 +149,6 @@ class ConversationAgent(CallSession):
         """Barge-in: cancel the turn and keep only what the caller heard of the reply."""
         cut = asyncio.get_running_loop().time()
         await self.cancel_turn()
-        self.timeline.barge_in(cut)
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
         self.conversation.keep_heard(heard)
@@ -160,6 +159,7 @@ class ConversationAgent(CallSession):
                 duration_ms=interrupt.duration_until_interrupt_ms,
             )
         )
+        self.timeline.barge_in(cut)  # after the barge-in it ends, in the call log too
 
     async def on_info(self, info: Info) -> None:
         """Speaker events drive the silence reminder and mark the turn's timeline.

@@ -22,6 +22,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from crctl.turns import summary, timelines
 from relay_server import events as ev
 
 #: Where every crctl command writes its one-line errors and warnings.
@@ -182,6 +183,8 @@ class CallLog:
                 pass
             case ev.AgentReply():
                 line(event, "agent", _reply(event), "bold blue")
+            case ev.TurnTimeline():
+                line(event, "timing", Text(timeline_line(event), style="cyan"), "dim cyan")
             case ev.AgentPushed(frame_type=frame_type, text=text):
                 body = Text(f"{frame_type or '?'}: ", style="dim")
                 body.append(shorten(text or "", 100))
@@ -323,6 +326,33 @@ def _reply(event: ev.AgentReply) -> Text:
     return body
 
 
+def _s(ms: float | None, digits: int = 2) -> str:
+    """Milliseconds as seconds (``0.21``), ``?`` when unknown."""
+    return "?" if ms is None else f"{ms / 1000:.{digits}f}"
+
+
+def timeline_line(event: ev.TurnTimeline) -> str:
+    """One turn's timeline as the caller heard it, ``?`` for a stage never known.
+
+    ``turn 2  caller wait 1.42 s = transcription 0.21 + relay 0.01 + LLM 0.83 + speech start
+    0.37 · spoke 3.1 s``. An agent with no LLM (a relay stage known, no LLM stage) has no
+    ``LLM`` term.
+    """
+    parts = [f"transcription {_s(event.transcription_ms)}", f"relay {_s(event.relay_ms)}"]
+    if not (event.llm_first_token_ms is None and event.relay_ms is not None):
+        parts.append(f"LLM {_s(event.llm_first_token_ms)}")
+    parts.append(f"speech start {_s(event.speech_start_ms)}")
+    text = f"turn {event.turn}  caller wait {_s(event.caller_wait_ms)} s = " + " + ".join(parts)
+    text += f" · spoke {_s(event.speaking_ms, 1)} s"
+    if event.barge_in:
+        text += " · caller cut in"
+    elif event.end == "interrupted":
+        text += " · cut by the next turn"
+    elif event.end == "closed":
+        text += " · call closed"
+    return text
+
+
 # ------------------------------------------------------------------------ stored calls
 def calls_table(calls: Iterable[Mapping[str, Any]]) -> Table:
     """``crctl calls list``: one row per stored call, newest first."""
@@ -383,4 +413,11 @@ def print_call(console: Console, call: Mapping[str, Any]) -> None:
         )
     log.add_all(events)
     status = Text(f"status {call.get('status')}, {call.get('turns', 0)} turns", style="dim")
+    timed = timelines(events)
+    if timed:
+        found = summary(timed)
+        cut, wait = found["barge_ins"], found["caller_wait_ms"]
+        status.append(f", {cut} barge-in{'' if cut == 1 else 's'}")
+        if wait["p50"] is not None:
+            status.append(f", caller wait p50 {_s(wait['p50'])} s, p95 {_s(wait['p95'])} s")
     console.print(status)

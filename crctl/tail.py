@@ -375,8 +375,132 @@ def calls_show(
 
     twilio_view = load_insights(call) if insights else None  # adds call["insights"]
     if json_out:
-        typer.echo(json.dumps(_with_call_sid(call)))
+        from crctl.turns import with_turns
+
+        typer.echo(json.dumps(with_turns(_with_call_sid(call))))
     else:
         print_call(Console(highlight=False), call)
     if twilio_view is not None:
         twilio_view.finish(json_out)
+
+
+# ---------------------------------------------------------------------------- stats
+#: ``calls stats``: this long without a byte from ``/events`` means its backlog was all sent.
+QUIET = 1.5
+
+
+def stored_timelines(
+    url: str,
+    token: str | None,
+    since: str,
+    *,
+    quiet: float = QUIET,
+    transport: httpx.BaseTransport | None = None,
+) -> list[ev.TurnTimeline]:
+    """The ``turn.timeline`` events stored since ``since``, read from the relay's ``/events``.
+
+    ``/events`` serves the stored backlog, then live events for ever, from SQLite and from the
+    Redis cluster alike; the backlog is over at the first event newer than this request, at the
+    id-only message a relay on SQLite sends after its backlog, or after ``quiet`` seconds
+    without a byte.
+    """
+    import httpx
+    from httpx_sse import SSEError, connect_sse
+
+    url = _checked_url(url)
+    asked = time.time()
+    found: list[ev.TurnTimeline] = []
+    seen_data = False
+    try:
+        with (
+            _client(quiet, transport) as client,
+            connect_sse(
+                client,
+                "GET",
+                url + "/events?" + urlencode({"since": since}),
+                headers=_headers(token),
+            ) as source,
+        ):
+            _check(url, source.response, token)
+            try:
+                for message in source.iter_sse():
+                    if not message.data:
+                        if message.id and seen_data:
+                            break  # SQLite: the backlog is over
+                        continue
+                    seen_data = True
+                    event = ev.decode(message.data)
+                    if event is None:
+                        continue
+                    if event.ts > asked:
+                        break  # live now: the window is read
+                    if isinstance(event, ev.TurnTimeline):
+                        found.append(event)
+            except (httpx.ReadTimeout, SSEError):
+                pass  # quiet: the backlog is over
+    except (httpx.HTTPError, _Unavailable) as exc:
+        raise TailError(f"cannot reach the relay at {url}: {exc}") from None
+    return found
+
+
+@calls_app.command("stats")
+def calls_stats(
+    since: str = typer.Option(
+        "1h",
+        "--since",
+        metavar="AGO",
+        help="The window: 30s, 10m, 2h, 1d or an ISO time.",
+    ),
+    url: Optional[str] = typer.Option(
+        None,
+        "--url",
+        metavar="URL",
+        help=f"The relay's address. (env CRCTL_URL; default {DEFAULT_URL})",
+        show_default=False,
+    ),
+    token: Optional[str] = _TOKEN_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="The counts and percentiles as JSON."),
+) -> None:
+    """Caller wait and its stages, p50/p95/p99 across the calls of a window (from the relay)."""
+    from crctl.environment import current  # flags > environment > .env.local > .env
+    from crctl.turns import STAGES, stats
+    from relay_server.store import parse_since
+
+    try:
+        parse_since(since)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+    address = url or current().url or DEFAULT_URL
+    found = stats(stored_timelines(address, _token(token, address), since))
+    if json_out:
+        typer.echo(json.dumps({"since": since, **found}))
+        return
+    console = Console(highlight=False)
+    if not found["turns"]:
+        console.print(f"no turn timelines in the last {since} (the relay records them per turn)")
+        return
+    from rich.table import Table
+
+    ends = ", ".join(f"{n} {end}" for end, n in sorted(found["ends"].items()))
+    table = Table(
+        title=f"{found['calls']} calls, {found['turns']} turns ({ends}), "
+        f"{found['barge_ins']} barge-ins, since {since}",
+        title_justify="left",
+        header_style="bold",
+        box=None,
+        pad_edge=False,
+    )
+    for column in ("stage", "turns", "p50", "p95", "p99"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage in STAGES:
+        row = found["stages"][stage]
+        table.add_row(
+            stage.removesuffix("_ms").replace("_", " "),
+            str(row["count"]),
+            *(_seconds(row[p]) for p in ("p50", "p95", "p99")),
+        )
+    console.print(table)
+
+
+def _seconds(ms: float | None) -> str:
+    return "?" if ms is None else f"{ms / 1000:.2f} s"

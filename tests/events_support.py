@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 PART1 = ["call.started", "caller.speech", "caller.speech", "language", "tool.call", "agent.reply"]
 PART2 = [
     "barge_in",
+    "turn.timeline",
     "dtmf",
     "agent.reply",
     "error",
+    "turn.timeline",
     "socket.closed",
     "session.end",
     "call.status",

@@ -338,14 +338,15 @@ async def test_tail_json_zero_config_and_reconnect_after_a_relay_restart(tmp_pat
         tail.stderr.close()  # type: ignore[union-attr]
 
     events = [json.loads(line) for line in lines]  # every line is one JSON object
-    assert [e["call_sid"] for e in events] == [CA1] * 4 + [CA2] * 4
-    assert [e["kind"] for e in events[4:]] == [
+    assert [e["call_sid"] for e in events] == [CA1] * 5 + [CA2] * 5
+    assert [e["kind"] for e in events[5:]] == [
         "call.started",
         "caller.speech",
         "agent.reply",
+        "turn.timeline",
         "socket.closed",
     ]
-    assert events[6]["data"]["text"] == "You said: second call"
+    assert events[7]["data"]["text"] == "You said: second call"
     ids = [e["id"] for e in events]
     assert ids == sorted(set(ids))  # resumed after the last id: no gap, no repeat
     assert errors.count("relay went away, reconnecting…") == 1, errors

@@ -20,6 +20,7 @@ from relay_server.agents.history import Conversation
 from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
 from relay_server.services import Timer
 from relay_server.session import CallSession, SessionLink
+from relay_server.timeline import Timeline
 
 
 class Responder(Protocol):
@@ -57,6 +58,21 @@ class ConversationAgent(CallSession):
         #: Loop time the caller's turn ended (its final prompt or key reached the relay); the
         #: next reply's ``first_token_ms`` counts from it.
         self._turn_end: float | None = None
+        self._timeline: Timeline | None = None
+
+    @property
+    def timeline(self) -> Timeline:
+        """This call's per-turn timeline (:mod:`relay_server.timeline`), made at first use.
+
+        Marks go in only from code that runs once per turn or per speaker event, never per
+        token.
+        """
+        timeline = self._timeline
+        if timeline is None:
+            timeline = self._timeline = Timeline(
+                self.call_sid, self.link.events.emit, asyncio.get_running_loop().time
+            )
+        return timeline
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -114,6 +130,7 @@ class ConversationAgent(CallSession):
     async def on_dtmf(self, dtmf: Dtmf) -> None:
         """A key: a turn of its own, or buffered until ``#`` or a pause (``dtmf_buffer``)."""
         self._caller_active()
+        self.timeline.key()  # a keyed turn's caller "stops" at the last key
         self.link.events.emit(ev.Dtmf(call_sid=self.call_sid, digit=dtmf.digit))
         if not self.settings.dtmf_buffer:
             await self.user_turn(f"[The caller pressed {dtmf.digit} on the keypad]")
@@ -130,6 +147,7 @@ class ConversationAgent(CallSession):
 
     async def on_interrupt(self, interrupt: Interrupt) -> None:
         """Barge-in: cancel the turn and keep only what the caller heard of the reply."""
+        cut = asyncio.get_running_loop().time()
         await self.cancel_turn()
         self._caller_active()
         heard = interrupt.utterance_until_interrupt
@@ -141,22 +159,31 @@ class ConversationAgent(CallSession):
                 duration_ms=interrupt.duration_until_interrupt_ms,
             )
         )
+        self.timeline.barge_in(cut)  # after the barge-in it ends, in the call log too
 
     async def on_info(self, info: Info) -> None:
-        """Speaker events drive the silence reminder: on when the agent stops, off as it talks."""
-        if info.name == "clientSpeaking" and info.value == "on":
-            self._caller_active()
+        """Speaker events drive the silence reminder and mark the turn's timeline.
+
+        The reminder is armed when the agent stops talking and cancelled as it talks.
+        """
+        if info.name == "clientSpeaking":
+            if info.value == "on":
+                self._caller_active()
+            self.timeline.caller_speaking(info.value == "on")
         elif info.name == "agentSpeaking":
+            self.timeline.agent_speaking(info.value == "on")
             if info.value == "on":
                 self._cancel_silence()
             else:
                 self._arm_silence()
 
     async def on_close(self) -> None:
-        """Stop the silence reminder and the DTMF timer."""
+        """Stop the silence reminder and the DTMF timer; a turn still open ends ``closed``."""
         self._cancel_silence()
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
+        if self._timeline is not None:
+            self._timeline.close()
 
     def resume_state(self) -> Any:
         """The conversation's messages, for a reconnecting socket of the same call."""
@@ -183,6 +210,8 @@ class ConversationAgent(CallSession):
         def record() -> None:
             self.conversation.add_user(user_text, self.settings.max_history_turns)
             self._turn_end = turn_end
+            # Here, once the old turn has cleaned up: its last marks are its own.
+            self.timeline.start(turn_end)
 
         await self.start_turn(self._respond(user_text), before=record)
 
@@ -224,6 +253,8 @@ class ConversationAgent(CallSession):
                     await send(token)
                     if first is None:
                         first = loop.time()  # the first token is sent
+                        if turn_end is not None:  # a caller's turn (not a reminder)
+                            self.timeline.first_text(first)
         finally:
             conversation.close_message()
             cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
@@ -232,6 +263,8 @@ class ConversationAgent(CallSession):
                 # messages); a cancelled turn that said nothing has no cycle to close.
                 await self.send_text("", last=True)
             text = "".join(spoken)
+            if turn_end is not None:
+                self.timeline.reply_done(cancelled)
             self.link.events.emit(
                 ev.AgentReply(
                     call_sid=self.call_sid,

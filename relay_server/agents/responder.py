@@ -40,6 +40,8 @@ class LLMResponder:
             for round_no in range(settings.max_tool_rounds + 1):
                 offer_tools = round_no < settings.max_tool_rounds and not agent.end_requested
                 said = []
+                if round_no == 0:
+                    agent.timeline.llm_request()  # once per turn, before the first request
                 async with self.chat.stream(
                     model=settings.model,
                     messages=agent.history,
@@ -47,7 +49,8 @@ class LLMResponder:
                     temperature=settings.temperature,
                 ) as answer:
                     async for token in answer:
-                        if filler is not None:
+                        if filler is not None:  # the turn's first token: once per turn
+                            agent.timeline.llm_first_token()
                             await filler.stop()
                             filler = None
                         said.append(token)

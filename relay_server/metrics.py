@@ -70,6 +70,8 @@ END_STATUSES = frozenset(
 _NEVER_CONNECTED = frozenset({"busy", "no-answer", "canceled", "failed"})
 #: A label value taken from an event: a short identifier, never free text.
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z")
+#: A Twilio SID (``CA…`` a call, ``AC…`` an account…): an identifier, yet one per call.
+_SID = re.compile(r"[A-Z]{2}[0-9a-fA-F]{32}\Z")
 #: Distinct values one label may take in this process before the rest are ``other``.
 MAX_VALUES = 64
 #: The start of a tool result saying the model asked for a tool that does not exist.
@@ -127,7 +129,7 @@ class _Bounded:
         self._lock = threading.Lock()
 
     def __call__(self, value: object) -> str:
-        if not isinstance(value, str) or not _LABEL.match(value):
+        if not isinstance(value, str) or not _LABEL.match(value) or _SID.match(value):
             return "other"
         if value in self._seen:
             return value

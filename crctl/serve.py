@@ -68,7 +68,7 @@ def serve(
     workers: opts.Workers = None,
     metrics_port: opts.MetricsPort = None,
 ) -> None:
-    """Run the relay: /twiml, /ws, /action, /status, /healthz, /readyz, /metrics."""
+    """Run the relay: /twiml, /ws, /action, /status, /healthz, /readyz."""
     flags = opts.settings_flags(locals())  # every parameter is the setting of its name
     # a SettingsError or the relay's ConfigError ends here: the CLI prints it, exit code 2
     settings = load_settings(**flags)

@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from relay_server import events as ev
+from relay_server.errors import ConfigError
 
 __all__ = [
     "CONTENT_TYPE",
@@ -227,10 +228,19 @@ class MetricsRecorder:
         tool_names: the relay's own tools, always reported by name.
         multiprocess: read and write the values of every worker (default: when
             ``PROMETHEUS_MULTIPROC_DIR`` is set).
+
+    Raises:
+        ConfigError: multiprocess mode, and ``PROMETHEUS_MULTIPROC_DIR`` is not a folder.
     """
 
     def __init__(self, tool_names: Iterable[str] = (), *, multiprocess: bool | None = None) -> None:
-        self.multiprocess = multiprocess_dir() is not None if multiprocess is None else multiprocess
+        folder = multiprocess_dir()
+        self.multiprocess = folder is not None if multiprocess is None else multiprocess
+        if self.multiprocess and not (folder and os.path.isdir(folder)):
+            raise ConfigError(
+                f"{MULTIPROC_ENV} ({folder or 'not set'}) is not a folder: create it, or unset "
+                "it to keep the metrics in this process"
+            )
         if self.multiprocess:
             self.registry = exposition_registry()
             self._m = _multiprocess_metrics()
@@ -284,7 +294,7 @@ class MetricsRecorder:
                 m.llm_faults.labels(self._fault(event.fault)).inc()
             case ev.ToolCall():
                 result = event.result
-                failed = isinstance(result, str) and result.startswith("error")
+                failed = isinstance(result, str) and result.startswith("error:")
                 if isinstance(result, str) and result.startswith(_NO_SUCH_TOOL):
                     name = "unknown"  # the model made the name up: not a label value
                 else:

@@ -242,6 +242,21 @@ async def test_metrics_port_serves_without_token(tmp_path: Path) -> None:
         assert relay.terminate() == 0
 
 
+def test_a_multiprocess_folder_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    env = {**_env(), MULTIPROC_ENV: str(tmp_path / "missing")}
+    done = subprocess.run(
+        [sys.executable, "-m", "crctl", "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and MULTIPROC_ENV in lines[0], done.stderr
+
+
 @pytest.mark.parametrize("clash", ["busy", "same"])
 def test_metrics_port_that_cannot_be_used_is_one_line(tmp_path: Path, clash: str) -> None:
     port = free_port()

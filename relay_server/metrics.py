@@ -123,10 +123,12 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> MetricsS
 class _Bounded:
     """A label's values, bounded: identifiers only, at most :data:`MAX_VALUES`, else ``other``."""
 
-    __slots__ = ("_lock", "_seen")
+    __slots__ = ("_closed", "_lock", "_seen")
 
-    def __init__(self, known: Iterable[str] = ()) -> None:
+    def __init__(self, known: Iterable[str] = (), *, closed: bool = False) -> None:
         self._seen = set(known)
+        #: Only the known values: any other is ``other``.
+        self._closed = closed
         self._lock = threading.Lock()
 
     def __call__(self, value: object) -> str:
@@ -134,6 +136,8 @@ class _Bounded:
             return "other"
         if value in self._seen:
             return value
+        if self._closed:
+            return "other"
         with self._lock:
             if len(self._seen) >= MAX_VALUES:
                 return "other"
@@ -249,7 +253,7 @@ class MetricsRecorder:
             self._m = _Metrics(self.registry)
         #: Open sockets per live call (a reconnect may overlap the old socket's close).
         self._open: dict[str, int] = {}
-        self._status = _Bounded(END_STATUSES)
+        self._status = _Bounded(END_STATUSES, closed=True)
         self._fault = _Bounded()
         self._tool = _Bounded(tool_names)
 

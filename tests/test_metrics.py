@@ -186,6 +186,7 @@ def test_timeline_histograms_tools_and_label_hygiene(metered: RelayServer) -> No
     bus.emit(ev.LlmFault(call_sid=sid(4), fault="+15551234567", detail="?"))
     bus.emit(ev.LlmFault(call_sid=sid(4), fault="the model said no", detail="?"))
     bus.emit(ev.SessionEnd(call_sid=sid(4), status="+15551234567"))
+    bus.emit(ev.SessionEnd(call_sid=sid(4), status="in-progress"))  # not an end: a closed set
 
     samples = scrape(metered.base_url + "/metrics")
     assert value(samples, "crctl_caller_wait_seconds_count") == 1
@@ -204,7 +205,7 @@ def test_timeline_histograms_tools_and_label_hygiene(metered: RelayServer) -> No
     assert value(samples, "crctl_tool_calls_total", name="unknown", outcome="error") == 1
     assert value(samples, "crctl_tool_calls_total", name="other", outcome="ok") == 1
     assert value(samples, "crctl_llm_faults_total", kind="other") == 2
-    assert value(samples, "crctl_calls_ended_total", status="other") == 1
+    assert value(samples, "crctl_calls_ended_total", status="other") == 2
     assert_clean_labels(samples)
 
 

@@ -193,6 +193,15 @@ Workers = Annotated[
         "Relay processes sharing the port (SO_REUSEPORT); more than 1 needs --redis-url.",
     ),
 ]
+MetricsPort = Annotated[
+    Optional[int],
+    setting_option(
+        "metrics_port",
+        "PORT",
+        "Also serve GET /metrics (Prometheus) on this port of the same address, plain HTTP and "
+        "without the API token: keep it private (on the relay's port it needs the token).",
+    ),
+]
 EventsKeepDays = Annotated[
     Optional[float],
     setting_option("events_keep_days", "DAYS", "Delete call events older than this."),

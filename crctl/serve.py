@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from quart import Quart
 
     from relay_server.llm import LLMCheck
+    from relay_server.metrics import MetricsServer
 
 
 def serve(
@@ -65,6 +66,7 @@ def serve(
     redis_url: opts.RedisUrl = None,
     drain_timeout: opts.DrainTimeout = None,
     workers: opts.Workers = None,
+    metrics_port: opts.MetricsPort = None,
 ) -> None:
     """Run the relay: /twiml, /ws, /action, /status, /healthz, /readyz."""
     flags = opts.settings_flags(locals())  # every parameter is the setting of its name
@@ -94,8 +96,37 @@ def serve(
         f"  call log: {crctl_command()} tail --url {local}   (events in {escape(stored)}; "
         f"API token from {escape(relay.token_from)})"
     )
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(run_relay(app, settings, sock=sock))
+    if relay.metrics_server is not None:
+        err.print(f"  metrics: {metrics_url(settings)} (no token: keep this port private)")
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(run_relay(app, settings, sock=sock))
+    finally:
+        relay.close()
+
+
+def metrics_url(settings: Settings) -> str:
+    """Where ``--metrics-port`` serves the metrics."""
+    return f"http://{_url_host(settings.host)}:{settings.metrics_port}/metrics"
+
+
+def open_metrics_port(settings: Settings, registry: Any) -> MetricsServer:
+    """Serve ``registry`` on ``--metrics-port`` (plain HTTP, no token), in a thread.
+
+    Raises:
+        SettingsError: the port cannot be listened on (one line).
+    """
+    from relay_server.metrics import serve_metrics
+
+    assert settings.metrics_port is not None
+    try:
+        return serve_metrics(settings.host, settings.metrics_port, registry)
+    except OSError as exc:
+        raise SettingsError(
+            f"setting metrics_port (CRCTL_METRICS_PORT): cannot listen on "
+            f"{settings.host}:{settings.metrics_port}: {exc.strerror or exc}; pick another with "
+            "--metrics-port"
+        ) from None
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -122,6 +153,15 @@ class Relay:
     token_from: str
     #: What the start-up check of the LLM found (``None``: the agent uses no LLM).
     llm: LLMCheck | None = None
+    #: The ``--metrics-port`` server of this process, if it has one.
+    metrics_server: MetricsServer | None = None
+
+    def close(self) -> None:
+        """Stop what the relay opened besides the app (the ``--metrics-port`` server)."""
+        server, self.metrics_server = self.metrics_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     @property
     def llm_text(self) -> str:
@@ -160,7 +200,9 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
     """The app for ``settings`` (``crctl serve`` and ``crctl up`` alike).
 
     Without ``CRCTL_API_TOKEN`` the relay is still authenticated: it uses the token file crctl
-    makes once, where ``crctl tail`` finds it.
+    makes once, where ``crctl tail`` finds it. With ``--metrics-port`` (and not a worker of
+    ``--workers``, whose supervisor serves that port) the metrics port is opened here; close it
+    with :meth:`Relay.close`.
     """
     from relay_server.agents import LLMAgent
     from relay_server.app import create_app, resolve_agent
@@ -191,7 +233,12 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
         llm = check_llm(config.llm, settings.model, config.agent_config.model)
         config = replace(config, agent_config=replace(config.agent_config, model=llm.model))
     app = create_app(config, events=events, agent=agent_cls)
-    return Relay(app, config, agent_cls, token_from, llm)
+    relay = Relay(app, config, agent_cls, token_from, llm)
+    if settings.metrics_port is not None and not is_worker():
+        from relay_server.metrics import EXTENSION
+
+        relay.metrics_server = open_metrics_port(settings, app.extensions[EXTENSION].registry)
+    return relay
 
 
 def bind(settings: Settings) -> socket.socket:

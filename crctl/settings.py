@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(300.0, ge=0)
     #: Processes serving one port (SO_REUSEPORT), each a full relay; more than 1 needs redis_url.
     workers: int = Field(1, ge=1, le=64)
+    #: A plain HTTP port on ``host`` serving only ``/metrics``, without the API token (keep it
+    #: private); ``None``: ``/metrics`` only on the relay's port, behind the token.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: str = "INFO"
 
     @field_validator("redis_url")
@@ -213,6 +216,11 @@ class Settings(BaseSettings):
                     "no TWILIO_AUTH_TOKEN: requests are not signature-checked (fine on "
                     "127.0.0.1; set it before exposing the relay)"
                 )
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            errors.append(
+                f"setting metrics_port (CRCTL_METRICS_PORT): {self.metrics_port} is the relay's "
+                "own port; pick another"
+            )
         if self.workers > 1 and not self.redis_url:
             errors.append(
                 f"setting workers (CRCTL_WORKERS): {self.workers} workers share calls through "

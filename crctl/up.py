@@ -159,6 +159,7 @@ def up(
     events_keep_days: opts.EventsKeepDays = None,
     events_max_rows: opts.EventsMaxRows = None,
     redis_url: opts.RedisUrl = None,
+    metrics_port: opts.MetricsPort = None,
     log_level: Annotated[
         str,
         typer.Option(

@@ -7,16 +7,25 @@ marked as workers (:data:`WORKER_ENV`). Each child is a full relay that binds th
 a second signal is forwarded as well, and stops the workers at once. A worker that exits on
 its own stops the others (drained) and the supervisor exits with its code, so the process
 manager above (systemd, Kubernetes) restarts the whole.
+
+Metrics: the supervisor gives the workers a fresh private folder for prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``), so any worker's ``/metrics`` shows them all;
+it marks a worker that exits as dead there (its live-call gauge leaves the sum) and deletes the
+folder when it stops. With ``--metrics-port`` the supervisor serves that port itself, from the
+same folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from rich.markup import escape
@@ -70,7 +79,23 @@ def run_workers(settings: Settings, argv: list[str] | None = None) -> int:
         check_redis(settings.redis_url)  # one line and exit 2 when Redis does not answer
     _check_port(settings)
     args = [sys.executable, "-m", "crctl", *(sys.argv[1:] if argv is None else argv)]
-    env = {**os.environ, WORKER_ENV: str(os.getpid())}
+    # Fresh and private (0700) for each start: no values of an earlier run are summed in.
+    metrics_dir = tempfile.mkdtemp(prefix="crctl-metrics-")
+    try:
+        return _run(settings, args, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run(settings: Settings, args: list[str], metrics_dir: str) -> int:
+    from crctl.serve import metrics_url, open_metrics_port
+    from relay_server.metrics import MULTIPROC_ENV, exposition_registry, mark_process_dead
+
+    env = {**os.environ, WORKER_ENV: str(os.getpid()), MULTIPROC_ENV: metrics_dir}
+    server = None
+    if settings.metrics_port is not None:
+        # One line, exit 2, before any worker starts (SettingsError).
+        server = open_metrics_port(settings, exposition_registry(metrics_dir))
     signals: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -86,21 +111,43 @@ def run_workers(settings: Settings, argv: list[str] | None = None) -> int:
         f"[bold green]crctl serve[/]: {settings.workers} workers on "
         f"{escape(settings.host)}:{settings.port} (pids {pids}); SIGTERM drains them all"
     )
+    if server is not None:
+        err.print(f"  metrics: {metrics_url(settings)} (no token: keep this port private)")
+
+    def exited(pid: int) -> None:
+        mark_process_dead(pid, metrics_dir)
+
     try:
-        return _supervise(workers, signals)
+        return _supervise(workers, signals, exited)
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
+                worker.wait()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _supervise(workers: list[subprocess.Popen[bytes]], signals: list[int]) -> int:
-    """Forward signals to the workers until all have exited; the exit code."""
+def _supervise(
+    workers: list[subprocess.Popen[bytes]],
+    signals: list[int],
+    exited: Callable[[int], None] = lambda _pid: None,
+) -> int:
+    """Forward signals to the workers until all have exited; the exit code.
+
+    ``exited(pid)`` is called once for each worker that has exited.
+    """
     stopping = False
     failed = 0
+    seen: set[int] = set()
     while any(w.poll() is None for w in workers):
+        for worker in workers:
+            if worker.returncode is not None and worker.pid not in seen:
+                seen.add(worker.pid)
+                exited(worker.pid)
         while signals:
             signum = signals.pop(0)
             stopping = True
@@ -116,6 +163,9 @@ def _supervise(workers: list[subprocess.Popen[bytes]], signals: list[int]) -> in
                 stopping = True
                 _send(workers, signal.SIGTERM)
         time.sleep(POLL)
+    for worker in workers:
+        if worker.pid not in seen:
+            exited(worker.pid)
     codes = [_code(w.returncode) for w in workers]
     return _code(failed) or next((c for c in codes if c), 0)
 

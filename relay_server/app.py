@@ -1,7 +1,8 @@
 """The Quart app, wired: its state, its routes and the call socket.
 
 Routes: ``/twiml``, ``/ws``, ``/action``, ``/status``, ``/healthz``, ``/readyz``, the messages
-API and the call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``).
+API, the call log (``/events`` as Server-Sent Events, ``/calls``, ``/calls/{sid}``) and
+``/metrics`` (Prometheus).
 
 :func:`create_app` only wires: it builds the app's :class:`~relay_server.state.RelayState` and
 mounts the routes over it (``routes_twilio``, ``routes_api``) and the call socket (``socket``).
@@ -29,6 +30,8 @@ from relay_server.cluster.push import Pushes
 from relay_server.config import RelayConfig
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
+from relay_server.metrics import EXTENSION as METRICS
+from relay_server.metrics import MetricsRecorder
 from relay_server.routes_api import api
 from relay_server.routes_health import health
 from relay_server.routes_twilio import twilio
@@ -130,6 +133,9 @@ def create_app(
     tokens = socket_tokens(config)
     store = open_store(config)
     bus.subscribe(store.append)
+    metrics = MetricsRecorder(tool.name for tool in services.tools)
+    bus.subscribe(metrics)  # per turn and per call, like the store
+    app.extensions[METRICS] = metrics
     cluster = open_cluster(config)  # ConfigError: no shared secret to sign with
     shared = None
     if cluster is not None:

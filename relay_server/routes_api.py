@@ -7,6 +7,9 @@ or ``Last-Event-ID``).
 With ``--redis-url`` a push reaches the call on whichever replica holds its socket
 (:mod:`relay_server.cluster.push`), and the call log is every replica's, from Redis
 (:mod:`relay_server.cluster.events`).
+
+``GET /metrics``: the Prometheus metrics (:mod:`relay_server.metrics`), behind the same token
+(``crctl serve --metrics-port`` also serves them on a port of their own, without it).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, current_app, request
 
 from relay_server.cluster import ClusterUnavailable
 from relay_server.cluster.push import deliver
+from relay_server.metrics import CONTENT_TYPE
+from relay_server.metrics import EXTENSION as METRICS
 from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import bearer_ok
 from relay_server.state import current_state
@@ -152,3 +157,12 @@ async def call(call_sid: str) -> Any:
     if found is None:
         return {"error": f"no stored call {call_sid}"}, 404
     return found
+
+
+@api.get("/metrics")
+@bearer_required
+async def metrics() -> Any:
+    """The relay's metrics in Prometheus' text format (every worker's, with ``--workers``)."""
+    recorder = current_app.extensions[METRICS]
+    body = await asyncio.to_thread(recorder.render)  # reads files with --workers
+    return Response(body, content_type=CONTENT_TYPE, headers={"Cache-Control": "no-cache"})

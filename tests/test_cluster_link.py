@@ -105,3 +105,32 @@ async def test_the_directory_names_the_replica_of_each_call(redis_server: RedisS
     finally:
         await b.aclose()
         await a.redis.aclose()
+
+
+async def test_stop_ends_a_task_that_lost_its_cancellation(monkeypatch) -> None:
+    """A cancellation lost inside a client call must not hang the replica's shutdown."""
+    import asyncio
+
+    import relay_server.cluster as cluster
+
+    monkeypatch.setattr(cluster, "STOP_PATIENCE", 0.05)
+    wake = asyncio.Event()
+    swallowed = 0
+
+    async def writer() -> None:  # the shape of the cluster's writer tasks
+        nonlocal swallowed
+        while True:
+            await wake.wait()
+            try:
+                await asyncio.sleep(3600)  # a Redis call that swallows the first cancel
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed > 1:
+                    raise
+            wake.clear()
+
+    task = asyncio.create_task(writer())
+    wake.set()
+    await asyncio.sleep(0.01)  # the writer is inside its "Redis call"
+    await asyncio.wait_for(cluster.stop(task), 30)  # a guard against a hang, not a timing
+    assert task.cancelled() and swallowed == 1  # the second cancel found it at its wait

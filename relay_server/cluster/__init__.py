@@ -205,10 +205,22 @@ def open_cluster(config: RelayConfig) -> Cluster | None:
     return Cluster(config.redis_url, replica_secret(config))
 
 
+#: Seconds :func:`stop` waits for a cancelled task before cancelling it again.
+STOP_PATIENCE = 1.0
+
+
 async def stop(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a background task of the cluster and wait for it."""
+    """Cancel a background task of the cluster and wait until it has ended.
+
+    A cancellation can be lost inside the Redis client (the task then loops back to its wait:
+    a worker hung at shutdown under load, found by tests/test_metrics.py): the task is
+    cancelled again every :data:`STOP_PATIENCE` seconds until it ends.
+    """
     if task is None or task.done():
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_PATIENCE)
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()  # retrieved: no "exception was never retrieved" at exit

@@ -52,6 +52,13 @@ from older relays (and hand-published ones) readable.
                         ``speech_start_ms`` (first ``text`` sent to ``agentSpeaking on``),
                         ``speaking_ms`` (``agentSpeaking on`` to ``off``) and the headline
                         ``caller_wait_ms`` (caller stopped speaking to the agent audible)
+``llm.request``         one chat request, published when its stream ends: ``model``,
+                        ``round`` (0, then 1… after tool calls), ``started`` (Unix time it was
+                        sent), ``duration_ms`` (to the stream's end or cut), ``first_token_ms``
+                        (to its first content token; ``None``: none), ``input_tokens`` and
+                        ``output_tokens`` (the stream's usage report; ``None``: not reported,
+                        or the stream was cut), ``outcome`` (``completed``, ``tool_calls``,
+                        ``cancelled`` or ``fault``)
 ======================  =============================================================
 
 A kind this code does not know (from a newer relay) is an :class:`Other`, never an error.
@@ -81,6 +88,7 @@ CALL_STATUS = "call.status"
 CALL_LOST = "call.lost"
 CALL_DRAINED = "call.drained"
 TURN_TIMELINE = "turn.timeline"
+LLM_REQUEST = "llm.request"
 LLM_FAULT = "llm.fault"
 BAD_FRAME = "frame.bad"
 SOCKET_CLOSED = "socket.closed"
@@ -260,6 +268,19 @@ class TurnTimeline(CallEvent, tag=TURN_TIMELINE, frozen=True):
     caller_wait_ms: float | None = None
 
 
+class LlmRequest(CallEvent, tag=LLM_REQUEST, frozen=True):
+    """One chat request of a turn, when its stream ended (module docstring)."""
+
+    model: str = ""
+    round: int = 0
+    started: float | None = None
+    duration_ms: float | None = None
+    first_token_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    outcome: str = "completed"
+
+
 class Other(CallEvent, tag="other", frozen=True):
     """An event of a kind this code does not know (``name``), its data as it came."""
 
@@ -291,6 +312,7 @@ AnyEvent = Union[
     CallLost,
     CallDrained,
     TurnTimeline,
+    LlmRequest,
 ]
 
 #: The Struct of each kind.

@@ -126,8 +126,13 @@ class RelayProc:
         module: str = "crctl",
         redis_url: str | None = None,
         extra_args: tuple[str, ...] = (),
+        tree: Path | None = None,
     ) -> None:
-        """``redis_url``: ``--redis-url`` (a replica of a cluster); ``extra_args``: more flags."""
+        """``crctl serve`` started, pinned, with the load generator's settings.
+
+        ``redis_url``: ``--redis-url`` (a replica of a cluster); ``extra_args``: more flags;
+        ``tree``: a folder with another commit's packages, first on ``PYTHONPATH``.
+        """
         self.port = free_port()
         self.probe = probe
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -136,7 +141,9 @@ class RelayProc:
             "OPENAI_API_KEY": "x",
             "OPENAI_BASE_URL": fake_url,
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(tree) if tree else "", str(REPO), os.environ.get("PYTHONPATH")])
+            ),
         }
         for var in list(env):
             if var.startswith("CRCTL_") or var.lower() in (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 from typing import Any, Protocol
@@ -191,7 +192,10 @@ async def run_pair(
     split = split_costs(rounds, a, b) if getattr(args, "tokens_long", None) else None
     return {
         "split": split,
-        "relays": {name: {k: v for k, v in spec.items()} for name, spec in specs.items()},
+        "relays": {
+            name: {k: str(v) if isinstance(v, os.PathLike) else v for k, v in spec.items()}
+            for name, spec in specs.items()
+        },
         "baseline": a,
         "candidate": b,
         "started_first": next(iter(specs)),

@@ -47,6 +47,8 @@ from relay_server.state import (
     socket_tokens,
 )
 from relay_server.tools import import_user_module, module_file
+from relay_server.tracing import EXTENSION as TRACING
+from relay_server.tracing import agent_name, open_tracing
 from relay_server.webhooks import bound_bodies
 
 __all__ = ["agent_services", "create_app", "end_streams", "resolve_agent"]
@@ -136,6 +138,16 @@ def create_app(
     metrics = MetricsRecorder(tool.name for tool in services.tools)
     bus.subscribe(metrics)  # per turn and per call, like the store
     app.extensions[METRICS] = metrics
+    tracing = open_tracing(agent_name(config.agent, factory))  # None: OTEL_* not set
+    if tracing is not None:
+        bus.subscribe(tracing.recorder)  # records spans only; the SDK exports in its thread
+        app.extensions[TRACING] = tracing
+
+        @app.after_serving
+        async def _close_tracing() -> None:
+            tracing.recorder.end_calls()  # on the loop, where the bus calls it
+            await asyncio.to_thread(tracing.shutdown)  # exports what is left
+
     cluster = open_cluster(config)  # ConfigError: no shared secret to sign with
     shared = None
     if cluster is not None:

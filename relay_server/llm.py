@@ -305,7 +305,7 @@ class LLMClient:
             messages=[],
             stream=True,
             temperature=temperature if temperature is not None else openai.omit,
-            stream_options=_USAGE if self.config.stream_usage else openai.omit,
+            stream_options={"include_usage": True} if self.config.stream_usage else openai.omit,
             extra_body=body,
         )
         return ChatStream(

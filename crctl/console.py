@@ -332,13 +332,13 @@ def _reply(event: ev.AgentReply) -> Text:
 def request_line(event: ev.LlmRequest) -> str:
     """One chat request as ``tail`` shows it.
 
-    ``gpt-4o-mini #0 completed · first token 0.41 s · 1.20 s · 412 in + 57 out tokens``.
+    ``gpt-4o-mini #0 completed · first token 412 ms · took 1.20 s · 412 in + 57 out tokens``.
     """
     parts = [f"{event.model or '?'} #{event.round} {event.outcome.replace('_', ' ')}"]
     if event.first_token_ms is not None:
-        parts.append(f"first token {_s(event.first_token_ms)} s")
+        parts.append(f"first token {_ms(event.first_token_ms)}")
     if event.duration_ms is not None:
-        parts.append(f"{_s(event.duration_ms)} s")
+        parts.append(f"took {_ms(event.duration_ms)}")
     if event.input_tokens is not None or event.output_tokens is not None:
         parts.append(f"{event.input_tokens or 0} in + {event.output_tokens or 0} out tokens")
     return " · ".join(parts)

@@ -4,6 +4,11 @@ The token path is two async generators long: the model's reply (for the relay's 
 :class:`relay_server.llm.ChatStream` reading the socket) and :meth:`LLMResponder.reply`, which
 :meth:`ConversationAgent.speak` consumes. Leaving a reply's ``async with``, also when the turn
 is cancelled, closes it without draining it.
+
+Each chat request is one ``llm.request`` event when its stream ends (completed, tool calls,
+cancelled or fault), timed from stamps taken once per request and once at its first token, with
+the stream's usage report when it has one (``ChatStream.usage``); each tool run is timed into
+its ``tool.call`` event.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -22,7 +23,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from crctl.turns import summary, timelines
+from crctl.turns import Price, call_usage, summary, timelines
 from relay_server import events as ev
 
 #: Where every crctl command writes its one-line errors and warnings.
@@ -185,6 +186,8 @@ class CallLog:
                 line(event, "agent", _reply(event), "bold blue")
             case ev.TurnTimeline():
                 line(event, "timing", Text(timeline_line(event), style="cyan"), "dim cyan")
+            case ev.LlmRequest():
+                line(event, "LLM", Text(request_line(event), style="dim"), "dim")
             case ev.AgentPushed(frame_type=frame_type, text=text):
                 body = Text(f"{frame_type or '?'}: ", style="dim")
                 body.append(shorten(text or "", 100))
@@ -326,6 +329,21 @@ def _reply(event: ev.AgentReply) -> Text:
     return body
 
 
+def request_line(event: ev.LlmRequest) -> str:
+    """One chat request as ``tail`` shows it.
+
+    ``gpt-4o-mini #0 completed · first token 412 ms · took 1.20 s · 412 in + 57 out tokens``.
+    """
+    parts = [f"{event.model or '?'} #{event.round} {event.outcome.replace('_', ' ')}"]
+    if event.first_token_ms is not None:
+        parts.append(f"first token {_ms(event.first_token_ms)}")
+    if event.duration_ms is not None:
+        parts.append(f"took {_ms(event.duration_ms)}")
+    if event.input_tokens is not None or event.output_tokens is not None:
+        parts.append(f"{event.input_tokens or 0} in + {event.output_tokens or 0} out tokens")
+    return " · ".join(parts)
+
+
 def _s(ms: float | None, digits: int = 2) -> str:
     """Milliseconds as seconds (``0.21``), ``?`` when unknown."""
     return "?" if ms is None else f"{ms / 1000:.{digits}f}"
@@ -397,8 +415,49 @@ def _sid(call: Mapping[str, Any]) -> str:
     return str(call.get("call_sid") or call.get("sid") or "?")
 
 
-def print_call(console: Console, call: Mapping[str, Any]) -> None:
-    """``crctl calls show``: a stored call's whole transcript."""
+def usage_line(used: Mapping[str, Any], *, priced: bool = False) -> str:
+    """What calls used, in one line (``usage`` of :func:`crctl.turns.Usage.as_json`).
+
+    ``usage  3 LLM requests · 412 in + 57 out tokens · 1 tool call · 32.0 s · cost 0.000096``;
+    ``priced``: a price table was given (the cost is said, ``?`` when unknown).
+    """
+    n, tools = used.get("llm_requests", 0), used.get("tool_calls", 0)
+    parts = [f"{n} LLM request{'' if n == 1 else 's'}"]
+    tokens_in, tokens_out = used.get("input_tokens"), used.get("output_tokens")
+    if tokens_in is None and tokens_out is None:
+        parts.append("tokens ?")
+    else:
+        parts.append(f"{tokens_in or 0} in + {tokens_out or 0} out tokens")
+    parts.append(f"{tools} tool call{'' if tools == 1 else 's'}")
+    duration = used.get("duration_s")
+    parts.append("? s" if duration is None else f"{float(duration):.1f} s")
+    if priced:
+        cost = used.get("cost")
+        parts.append("cost ?" if cost is None else f"cost {_money(float(cost))}")
+    return "usage  " + " · ".join(parts)
+
+
+def _money(amount: float) -> str:
+    """``0.000096``, ``1.25``: up to 6 decimals, no trailing zeros."""
+    return f"{amount:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def print_usage(
+    console: Console, used: Mapping[str, Any], notes: Iterable[str], *, priced: bool
+) -> None:
+    """The usage line, then what it leaves out (each said once, dimmed)."""
+    console.print(Text(usage_line(used, priced=priced), style="dim"))
+    for note in notes:
+        console.print(Text(f"  {note}", style="dim yellow"))
+
+
+def print_call(
+    console: Console,
+    call: Mapping[str, Any],
+    prices: Mapping[str, Price] | None = None,
+    prices_file: Path | None = None,
+) -> None:
+    """``crctl calls show``: a stored call's whole transcript, then its usage."""
     log = CallLog(console)
     events = [ev.from_wire(event) for event in call.get("events") or []]
     if not events or not isinstance(events[0], ev.CallStarted):
@@ -421,3 +480,5 @@ def print_call(console: Console, call: Mapping[str, Any]) -> None:
         if wait["p50"] is not None:
             status.append(f", caller wait p50 {_s(wait['p50'])} s, p95 {_s(wait['p95'])} s")
     console.print(status)
+    usage, used = call_usage(call, prices)
+    print_usage(console, used, usage.notes(prices_file), priced=prices is not None)

@@ -60,6 +60,8 @@ class Environment(BaseSettings):
     url: str | None = _var("CRCTL_URL")
     #: The relay's API token for ``tail`` and ``calls --url`` when ``--token`` is not given.
     api_token: SecretStr | None = _var("CRCTL_API_TOKEN")
+    #: The price table ``calls show`` and ``calls stats`` cost tokens with (``--prices``).
+    prices: Path | None = _var("CRCTL_PRICES")
 
     @field_validator(
         "state_dir",
@@ -75,6 +77,7 @@ class Environment(BaseSettings):
         "number",
         "url",
         "api_token",
+        "prices",
         mode="before",
     )
     @classmethod

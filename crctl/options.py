@@ -139,6 +139,16 @@ LlmTimeout = Annotated[
         "llm_timeout", "SECONDS", "Wait this long for the LLM to connect and for each token."
     ),
 ]
+LlmUsage = Annotated[
+    Optional[bool],
+    setting_option(
+        "llm_usage",
+        "",
+        "Ask the LLM for each reply's token usage (stream_options.include_usage); turn it off "
+        "for an OpenAI-compatible server that refuses the parameter.",
+        "--llm-usage/--no-llm-usage",
+    ),
+]
 Apology = Annotated[Optional[str], setting_option("apology", "TEXT", "Spoken when the LLM fails.")]
 FillerAfterMs = Annotated[
     Optional[int],

@@ -55,6 +55,7 @@ def serve(
     handoff_number: opts.HandoffNumber = None,
     verify_signatures: opts.VerifySignatures = None,
     llm_timeout: opts.LlmTimeout = None,
+    llm_usage: opts.LlmUsage = None,
     apology: opts.Apology = None,
     filler_after_ms: opts.FillerAfterMs = None,
     silence_timeout: opts.SilenceTimeout = None,

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     handoff_number: str | None = None
     llm_timeout: float = Field(LLMConfig.timeout, gt=0)
     llm_retries: int = Field(LLMConfig.max_retries, ge=0, le=5)
+    #: Ask the LLM for each stream's token usage (off for servers refusing ``stream_options``).
+    llm_usage: bool = LLMConfig.stream_usage
     apology: str = AgentConfig.apology
     filler: str = AgentConfig.filler
     filler_after_ms: int = Field(AgentConfig.filler_after_ms, ge=0)
@@ -180,6 +182,7 @@ class Settings(BaseSettings):
                 base_url=self.openai_base_url,
                 timeout=self.llm_timeout,
                 max_retries=self.llm_retries,
+                stream_usage=self.llm_usage,
             ),
         )
 

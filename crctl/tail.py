@@ -27,10 +27,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from crctl.console import CallLog, calls_table, err, print_call
+from crctl.console import CallLog, calls_table, err, print_call, print_usage
 from crctl.errors import ConfigurationError, CrctlError, UsageError
 from crctl.hosts import is_this_machine
 from crctl.paths import api_token_path, default_events_db, read_api_token
+from crctl.turns import USAGE_KINDS, Price, Usage, load_prices
 from relay_server import events as ev
 
 if TYPE_CHECKING:  # httpx is imported when a command talks to a relay: `--help` stays fast
@@ -286,6 +287,27 @@ _TOKEN_OPTION = typer.Option(
 )
 
 
+_PRICES_OPTION = typer.Option(
+    None,
+    "--prices",
+    metavar="FILE",
+    help='A price table (TOML: [models."gpt-4o-mini"] input_per_million = 0.15, '
+    "output_per_million = 0.60) to cost the tokens with. (env CRCTL_PRICES)",
+)
+
+
+def _prices(given: Path | None) -> tuple[dict[str, Price] | None, Path | None]:
+    """The price table of ``--prices`` or ``CRCTL_PRICES`` (``None``: none given), and its file."""
+    path = given
+    if path is None:
+        from crctl.environment import current
+
+        path = current().prices
+    if path is None:
+        return None, None
+    return load_prices(path), path
+
+
 def _db_path(db: Path | None) -> Path:
     if db is not None:
         return db.expanduser()
@@ -359,8 +381,10 @@ def calls_show(
         help="Also Twilio's Voice Insights events for the call (Twilio credentials; Advanced "
         "Features on; about 90 s after the call), under 'insights' with --json.",
     ),
+    prices: Optional[Path] = _PRICES_OPTION,
 ) -> None:
-    """Show one stored call's transcript and events."""
+    """Show one stored call's transcript and events, and what it used (tokens, tools, cost)."""
+    price_table, prices_file = _prices(prices)  # a bad file stops here, before any request
     if url:
         call = _get_json(url.rstrip("/"), f"/calls/{quote(sid, safe='')}", _token(token, url))
     else:
@@ -377,9 +401,9 @@ def calls_show(
     if json_out:
         from crctl.turns import with_turns
 
-        typer.echo(json.dumps(with_turns(_with_call_sid(call))))
+        typer.echo(json.dumps(with_turns(_with_call_sid(call), price_table)))
     else:
-        print_call(Console(highlight=False), call)
+        print_call(Console(highlight=False), call, price_table, prices_file)
     if twilio_view is not None:
         twilio_view.finish(json_out)
 
@@ -397,7 +421,25 @@ def stored_timelines(
     quiet: float = QUIET,
     transport: httpx.BaseTransport | None = None,
 ) -> list[ev.TurnTimeline]:
-    """The ``turn.timeline`` events stored since ``since``, read from the relay's ``/events``.
+    """The ``turn.timeline`` events stored since ``since`` (:func:`stored_events`)."""
+    found = stored_events(url, token, since, quiet=quiet, transport=transport)
+    return [event for event in found if isinstance(event, ev.TurnTimeline)]
+
+
+#: The kinds ``calls stats`` reads: the turns' timelines and what the calls used.
+STATS_KINDS = frozenset({ev.TURN_TIMELINE, *USAGE_KINDS})
+
+
+def stored_events(
+    url: str,
+    token: str | None,
+    since: str,
+    *,
+    kinds: frozenset[str] = STATS_KINDS,
+    quiet: float = QUIET,
+    transport: httpx.BaseTransport | None = None,
+) -> list[ev.CallEvent]:
+    """The events of ``kinds`` stored since ``since``, read from the relay's ``/events``.
 
     ``/events`` serves the stored backlog, then live events for ever, from SQLite and from the
     Redis cluster alike; the backlog is over at the first event newer than this request, at the
@@ -409,7 +451,7 @@ def stored_timelines(
 
     url = _checked_url(url)
     asked = time.time()
-    found: list[ev.TurnTimeline] = []
+    found: list[ev.CallEvent] = []
     seen_data = False
     try:
         with (
@@ -434,7 +476,7 @@ def stored_timelines(
                         continue
                     if event.ts > asked:
                         break  # live now: the window is read
-                    if isinstance(event, ev.TurnTimeline):
+                    if event.kind in kinds:
                         found.append(event)
             except (httpx.ReadTimeout, SSEError):
                 pass  # quiet: the backlog is over
@@ -460,8 +502,9 @@ def calls_stats(
     ),
     token: Optional[str] = _TOKEN_OPTION,
     json_out: bool = typer.Option(False, "--json", help="The counts and percentiles as JSON."),
+    prices: Optional[Path] = _PRICES_OPTION,
 ) -> None:
-    """Caller wait and its stages, p50/p95/p99 across the calls of a window (from the relay)."""
+    """Caller wait and its stages (p50/p95/p99), and what the calls used, over a window."""
     from crctl.environment import current  # flags > environment > .env.local > .env
     from crctl.turns import STAGES, stats
     from relay_server.store import parse_since
@@ -470,14 +513,22 @@ def calls_stats(
         parse_since(since)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
+    price_table, prices_file = _prices(prices)
     address = url or current().url or DEFAULT_URL
-    found = stats(stored_timelines(address, _token(token, address), since))
+    events = stored_events(address, _token(token, address), since)
+    found = stats([event for event in events if isinstance(event, ev.TurnTimeline)])
+    used = Usage(price_table)
+    for event in events:
+        used.add(event)
+    priced = price_table is not None
     if json_out:
-        typer.echo(json.dumps({"since": since, **found}))
+        typer.echo(json.dumps({"since": since, **found, "usage": used.as_json()}))
         return
     console = Console(highlight=False)
     if not found["turns"]:
         console.print(f"no turn timelines in the last {since} (the relay records them per turn)")
+        if used.llm_requests or used.tool_calls:
+            print_usage(console, used.as_json(), used.notes(prices_file), priced=priced)
         return
     from rich.table import Table
 
@@ -500,6 +551,7 @@ def calls_stats(
             *(_seconds(row[p]) for p in ("p50", "p95", "p99")),
         )
     console.print(table)
+    print_usage(console, used.as_json(), used.notes(prices_file), priced=priced)
 
 
 def _seconds(ms: float | None) -> str:

@@ -1,7 +1,9 @@
 """The caller-wait timeline of stored calls: per-turn stages, a call's summary, percentiles.
 
 Built from the relay's ``turn.timeline`` events (:class:`relay_server.events.TurnTimeline`),
-for ``crctl calls show --json`` and ``crctl calls stats``. Percentiles are nearest-rank: every
+for ``crctl calls show --json`` and ``crctl calls stats``; and what calls used (LLM requests,
+tokens, tool calls, time, money with a price table) from ``llm.request``, ``tool.call``,
+``session.end`` and ``call.status``. Percentiles are nearest-rank: every
 one is a value that was measured, never interpolated.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from relay_server import events as ev
@@ -63,10 +67,18 @@ def summary(turns: Sequence[ev.TurnTimeline]) -> dict[str, Any]:
     }
 
 
-def with_turns(call: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored call (``/calls/{sid}``) with its ``turns`` list and their ``summary``."""
+def with_turns(
+    call: Mapping[str, Any], prices: Mapping[str, Price] | None = None
+) -> dict[str, Any]:
+    """A stored call (``/calls/{sid}``) with its turns, their summary and its usage."""
     turns = timelines(call.get("events") or [])
-    return {**call, "turns": [turn_row(t) for t in turns], "summary": summary(turns)}
+    _, used = call_usage(call, prices)
+    return {
+        **call,
+        "turns": [turn_row(t) for t in turns],
+        "summary": summary(turns),
+        "usage": used,
+    }
 
 
 def stats(turns: Sequence[ev.TurnTimeline]) -> dict[str, Any]:
@@ -90,3 +102,198 @@ def stats(turns: Sequence[ev.TurnTimeline]) -> dict[str, Any]:
         "ends": ends,
         "stages": stages,
     }
+
+
+# ------------------------------------------------------------------------ usage and cost
+#: The kinds a call's usage is counted from.
+USAGE_KINDS = frozenset({ev.LLM_REQUEST, ev.TOOL_CALL, ev.SESSION_END, ev.CALL_STATUS})
+
+
+@dataclass(frozen=True)
+class Price:
+    """A model's price, in money per million tokens."""
+
+    input_per_million: float
+    output_per_million: float
+
+
+#: What a price table's file may say for a model.
+_PRICE_KEYS = ("input_per_million", "output_per_million")
+
+
+def load_prices(path: Path) -> dict[str, Price]:
+    """A price table from TOML (money per million tokens, ≥ 0).
+
+    ``[models."gpt-4o-mini"]`` with ``input_per_million`` and ``output_per_million``.
+
+    Raises:
+        UsageError: one line naming the file, the key, its value and what is allowed.
+    """
+    import tomllib
+
+    from crctl.errors import UsageError
+
+    where = f"--prices {path}"
+    try:
+        table = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where}: not TOML ({exc})") from None
+    models = table.get("models")
+    if not isinstance(models, dict) or not models:
+        raise UsageError(
+            f'{where}: key models: got {models!r}; expected tables like [models."gpt-4o-mini"] '
+            "with input_per_million and output_per_million"
+        )
+    prices: dict[str, Price] = {}
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise UsageError(
+                f"{where}: key models.{name}: got {entry!r}; expected a table with "
+                "input_per_million and output_per_million"
+            )
+        values: dict[str, float] = {}
+        for key in _PRICE_KEYS:
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UsageError(
+                    f"{where}: key models.{name}.{key}: got {value!r}; expected a number ≥ 0 "
+                    "(money per million tokens)"
+                )
+            values[key] = float(value)
+        if extra := sorted(set(entry) - set(_PRICE_KEYS)):
+            raise UsageError(
+                f"{where}: key models.{name}.{extra[0]}: got {entry[extra[0]]!r}; allowed keys "
+                "are input_per_million and output_per_million"
+            )
+        prices[str(name)] = Price(**values)
+    return prices
+
+
+@dataclass
+class Usage:
+    """What calls used: LLM requests and their tokens, tool calls, time, and money.
+
+    Fed events one by one (:meth:`add`); tokens are summed over the requests whose stream
+    reported them (a request cut by a barge-in never does: :attr:`unreported`).
+    """
+
+    prices: Mapping[str, Price] | None = None
+    llm_requests: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    tool_calls: int = 0
+    #: Requests without a usage report (cut, failed, or a server that does not report it).
+    unreported: int = 0
+    #: Models used that the price table does not list: the cost is then unknown.
+    unpriced: set[str] = field(default_factory=set)
+    _cost: float = 0.0
+    #: Per call: the session's duration (``session.end``), else the call's (``call.status``).
+    _durations: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, event: ev.CallEvent | Mapping[str, Any]) -> None:
+        """Count one event (typed, or as ``/events`` serves it); other kinds are ignored."""
+        if isinstance(event, Mapping):
+            if event.get("kind") not in USAGE_KINDS:
+                return
+            event = ev.from_wire(event)
+        match event:
+            case ev.LlmRequest():
+                self._request(event)
+            case ev.ToolCall():
+                self.tool_calls += 1
+            case ev.SessionEnd(duration=duration) | ev.CallStatus(duration=duration):
+                seconds = _number(duration)
+                if seconds is not None:
+                    self._durations.setdefault(event.call_sid, {})[event.kind] = seconds
+
+    def _request(self, event: ev.LlmRequest) -> None:
+        self.llm_requests += 1
+        if event.input_tokens is None and event.output_tokens is None:
+            self.unreported += 1
+            return
+        tokens_in, tokens_out = event.input_tokens or 0, event.output_tokens or 0
+        self.input_tokens = (self.input_tokens or 0) + tokens_in
+        self.output_tokens = (self.output_tokens or 0) + tokens_out
+        if self.prices is None:
+            return
+        price = self.prices.get(event.model)
+        if price is None:
+            self.unpriced.add(event.model)
+            return
+        self._cost += (
+            tokens_in * price.input_per_million + tokens_out * price.output_per_million
+        ) / 1_000_000
+
+    @property
+    def duration_s(self) -> float | None:
+        """The calls' time summed, in s (``None``: no call's duration is known)."""
+        known = [
+            found.get(ev.SESSION_END, found.get(ev.CALL_STATUS))
+            for found in self._durations.values()
+        ]
+        seconds = [s for s in known if s is not None]
+        return round(sum(seconds), 1) if seconds else None
+
+    @property
+    def cost(self) -> float | None:
+        """The money the reported tokens cost; ``None``: no price table, or a model not in it."""
+        if self.prices is None or self.unpriced:
+            return None
+        return round(self._cost, 6)
+
+    def as_json(self, duration_s: float | None = None) -> dict[str, Any]:
+        """``usage`` of ``calls show --json`` / ``calls stats --json``.
+
+        ``duration_s``: used when no event said the call's duration.
+        """
+        return {
+            "llm_requests": self.llm_requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "tool_calls": self.tool_calls,
+            "duration_s": self.duration_s if self.duration_s is not None else duration_s,
+            "cost": self.cost,
+        }
+
+    def notes(self, prices_file: Path | str | None = None) -> list[str]:
+        """What the numbers leave out, each said once."""
+        said = []
+        if self.unpriced:
+            where = f" in {prices_file}" if prices_file else ""
+            models = ", ".join(sorted(self.unpriced))
+            said.append(f"cost unknown: no price{where} for model {models}")
+        if self.unreported:
+            n = self.unreported
+            said.append(
+                f"{n} LLM request{'' if n == 1 else 's'} without a usage report (cut by the "
+                "caller, failed, or a server that does not report usage)"
+            )
+        return said
+
+
+def call_usage(
+    call: Mapping[str, Any], prices: Mapping[str, Price] | None = None
+) -> tuple[Usage, dict[str, Any]]:
+    """A stored call's usage, and its ``usage`` JSON.
+
+    The duration is the call's start to end when no callback said it.
+    """
+    found = Usage(prices)
+    for event in call.get("events") or []:
+        found.add(event)
+    started, ended = _number(call.get("started")), _number(call.get("ended"))
+    fallback = round(ended - started, 1) if started is not None and ended is not None else None
+    return found, found.as_json(fallback)
+
+
+def _number(value: Any) -> float | None:
+    """A duration as Twilio sends it (a string of seconds), or ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None

@@ -151,6 +151,7 @@ def up(
     welcome_greeting: opts.WelcomeGreeting = None,
     handoff_number: opts.HandoffNumber = None,
     llm_timeout: opts.LlmTimeout = None,
+    llm_usage: opts.LlmUsage = None,
     apology: opts.Apology = None,
     filler_after_ms: opts.FillerAfterMs = None,
     silence_timeout: opts.SilenceTimeout = None,

@@ -153,9 +153,23 @@ def _split(text: str, parts: int) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def _usage(completion_tokens: int) -> dict[str, int]:
+def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage object, counted simply: the words of the messages in, the tokens out."""
+    prompt = prompt_tokens(body)
     n = completion_tokens
-    return {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The fake's input token count of a request: the words of its messages' text content."""
+    words = 0
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):  # content parts
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, str):
+            words += len(content.split())
+    return words
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -206,6 +220,9 @@ class FakeLLM(BackgroundServer):
         self.models_status = 200
         #: How many times ``GET /v1/models`` was asked.
         self.models_requests = 0
+        #: Request parameters refused with HTTP 400, as some OpenAI-compatible servers refuse
+        #: what they do not know (``{"stream_options"}``).
+        self.refused_params: set[str] = set()
         self.base_url = ""
         self._port = port
         self._keep_records = keep_records
@@ -281,6 +298,11 @@ class FakeLLM(BackgroundServer):
             body = await request.json()
         except ValueError:
             return _error_response(400)
+        refused = sorted(self.refused_params & set(body)) if isinstance(body, dict) else []
+        if refused:
+            message = f"Unrecognized request argument supplied: {refused[0]}"
+            error = {"message": message, "type": "invalid_request_error", "param": None}
+            return web.json_response({"error": error}, status=400)
         script = self._next_script(body)
         rec = StreamRecord(body, received, None, 0, False, False, None, script)
         rec.headers = dict(request.headers)
@@ -401,7 +423,7 @@ class FakeLLM(BackgroundServer):
                     rec.first_chunk_at = time.monotonic()
             await resp.write(event({}, "tool_calls" if script.tool_calls else "stop"))
             if usage:
-                tail = {**base, "choices": [], "usage": _usage(rec.tokens_sent)}
+                tail = {**base, "choices": [], "usage": _usage(body, rec.tokens_sent)}
                 await resp.write(_sse(tail))
             if script.done:
                 await resp.write(b"data: [DONE]\n\n")
@@ -446,7 +468,7 @@ class FakeLLM(BackgroundServer):
                 "created": int(time.time()),
                 "model": body.get("model") or MODEL,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                "usage": _usage(n),
+                "usage": _usage(body, n),
             }
         )
 

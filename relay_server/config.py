@@ -54,6 +54,9 @@ class LLMConfig:
     #: The longest line of the SSE stream the relay reads, in bytes; a longer one is a fault
     #: (``bad_chunk``) and the stream is closed at once, without reading the rest.
     max_line_bytes: int = 1 << 20
+    #: Ask for the token usage at the end of each stream (``stream_options: {"include_usage":
+    #: true}``); off for OpenAI-compatible servers that refuse the parameter.
+    stream_usage: bool = True
 
 
 @dataclass(frozen=True)

@@ -171,8 +171,24 @@ async def _status_error(response: aiohttp.ClientResponse) -> LLMError:
         return LLMError("rate_limit", "the LLM rate-limited us (HTTP 429)", status=429)
     if status >= 500:
         return LLMError("server", f"the LLM failed (HTTP {status})", status=status)
+    return _refused(status, message)
+
+
+#: The next step when a server refuses ``stream_options`` (it does not report usage).
+USAGE_FIX = (
+    "this LLM server does not take stream_options: turn the usage report off with "
+    "--no-llm-usage (CRCTL_LLM_USAGE=false)"
+)
+
+
+def _refused(status: int, message: str) -> LLMError:
+    """The LLMError for a 4xx answer; one that names ``stream_options`` gets its fix."""
+    fix = USAGE_FIX if status == 400 and "stream_options" in message else None
     return LLMError(
-        "status", f"the LLM refused the request (HTTP {status}): {message}", status=status
+        "status",
+        f"the LLM refused the request (HTTP {status}): {message}",
+        fix=fix,
+        status=status,
     )
 
 
@@ -195,11 +211,7 @@ def _map_error(exc: openai.APIError) -> LLMError:
             "server", f"the LLM failed (HTTP {exc.status_code})", status=exc.status_code
         )
     if isinstance(exc, openai.APIStatusError):
-        return LLMError(
-            "status",
-            f"the LLM refused the request (HTTP {exc.status_code}): {exc.message}",
-            status=exc.status_code,
-        )
+        return _refused(exc.status_code, exc.message)
     return LLMError("connection", str(exc))
 
 
@@ -270,6 +282,8 @@ class LLMClient:
         direct = self._direct
         if direct is not None:
             request: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+            if self.config.stream_usage:
+                request["stream_options"] = _USAGE
             if tools:
                 request["tools"] = tools
             if temperature is not None:
@@ -291,6 +305,7 @@ class LLMClient:
             messages=[],
             stream=True,
             temperature=temperature if temperature is not None else openai.omit,
+            stream_options={"include_usage": True} if self.config.stream_usage else openai.omit,
             extra_body=body,
         )
         return ChatStream(
@@ -307,6 +322,8 @@ class LLMClient:
 
 
 _encode = msgspec.json.Encoder().encode
+#: The stream's last chunk then carries the token counts (OpenAI API: chat streaming).
+_USAGE: dict[str, Any] = {"include_usage": True}
 
 
 # ------------------------------------------------------------------------ at start-up

@@ -69,9 +69,19 @@ class _ErrorBody(msgspec.Struct):
     message: str = ""
 
 
+class Usage(msgspec.Struct):
+    """The stream's usage report (asked with ``stream_options: {"include_usage": true}``)."""
+
+    prompt_tokens: Union[int, None] = None
+    completion_tokens: Union[int, None] = None
+
+
 class _Chunk(msgspec.Struct):
     choices: list[_Choice] = msgspec.field(default_factory=list)
     error: Union[_ErrorBody, None] = None
+    #: ``null`` on every chunk but the last (``"choices": []``) when usage is asked for;
+    #: absent otherwise. Some servers put it on their last content chunk instead.
+    usage: Union[Usage, None] = None
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
@@ -91,8 +101,9 @@ _RECHECK = 0.05
 class ChatStream:
     """One streaming completion (a :class:`relay_server.chat.ChatReply`).
 
-    Iterate for content tokens (strings, never trimmed); after the loop, :attr:`tool_calls`
-    and :attr:`finish_reason` hold the rest. Use as ``async with``: entering sends the request
+    Iterate for content tokens (strings, never trimmed); after the loop, :attr:`tool_calls`,
+    :attr:`finish_reason` and :attr:`usage` (the token counts, when the server reported them)
+    hold the rest. Use as ``async with``: entering sends the request
     (``open`` returns its :class:`Body`), leaving closes the response without draining it.
 
     ``timeout``: seconds without a token (from the request on) before the stream is a
@@ -102,7 +113,7 @@ class ChatStream:
 
     __slots__ = (
         "_body", "_fed", "_iterator", "_last", "_max_line", "_open", "_pending", "_reader",
-        "_stalled", "_timeout", "_watch", "finish_reason", "tool_calls",
+        "_stalled", "_timeout", "_watch", "finish_reason", "tool_calls", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -116,6 +127,8 @@ class ChatStream:
         self._body: Body | None = None
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
+        #: The server's usage report (``None``: none came, or not yet).
+        self.usage: Usage | None = None
         self._pending: dict[int, _Pending] = {}
         self._timeout = timeout
         self._max_line = max_line
@@ -277,6 +290,8 @@ class ChatStream:
             raise LLMError("bad_chunk", f"unreadable chunk: {payload[:80]!r}") from exc
         if chunk.error is not None:
             raise LLMError("server", chunk.error.message or "error event in the stream")
+        if chunk.usage is not None:  # once per stream: ``null`` decodes to None
+            self.usage = chunk.usage
         for choice in chunk.choices:
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason

@@ -25,11 +25,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPO = Path(__file__).resolve().parent.parent
 
 #: The kinds the scripted call produces, in order (``call_part1`` then ``call_part2``).
-PART1 = ["call.started", "caller.speech", "caller.speech", "language", "tool.call", "agent.reply"]
+PART1 = [
+    "call.started",
+    "caller.speech",
+    "caller.speech",
+    "llm.request",  # the tool round
+    "language",
+    "tool.call",
+    "llm.request",  # the answer
+    "agent.reply",
+]
 PART2 = [
     "barge_in",
     "turn.timeline",
     "dtmf",
+    "llm.request",
     "agent.reply",
     "error",
     "turn.timeline",

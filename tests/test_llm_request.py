@@ -67,6 +67,7 @@ async def test_the_request_is_the_sdks_on_the_wire(fake_llm: FakeLLM, path: str)
         "stream": True,
         "tools": TOOLS,
         "temperature": 0.2,
+        "stream_options": {"include_usage": True},
     }
     headers = {k.lower(): v for k, v in record.headers.items()}
     assert headers["authorization"] == "Bearer sk-test"

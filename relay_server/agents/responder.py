@@ -4,11 +4,19 @@ The token path is two async generators long: the model's reply (for the relay's 
 :class:`relay_server.llm.ChatStream` reading the socket) and :meth:`LLMResponder.reply`, which
 :meth:`ConversationAgent.speak` consumes. Leaving a reply's ``async with``, also when the turn
 is cancelled, closes it without draining it.
+
+Each chat request is one ``llm.request`` event when its stream ends (completed, tool calls,
+cancelled or fault), timed from stamps taken once per request and once at its first token, with
+the stream's usage report when it has one (``ChatStream.usage``); each tool run is timed into
+its ``tool.call`` event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import msgspec
 
@@ -36,26 +44,42 @@ class LLMResponder:
             agent, agent.link.services.clock, settings.filler_after_ms / 1000, settings.filler
         )
         said: list[str] = []
+        now = asyncio.get_running_loop().time
         try:
             for round_no in range(settings.max_tool_rounds + 1):
                 offer_tools = round_no < settings.max_tool_rounds and not agent.end_requested
                 said = []
                 if round_no == 0:
                     agent.timeline.llm_request()  # once per turn, before the first request
-                async with self.chat.stream(
-                    model=settings.model,
-                    messages=agent.history,
-                    tools=self.toolbox.specs() if offer_tools else None,
-                    temperature=settings.temperature,
-                ) as answer:
-                    async for token in answer:
-                        if filler is not None:  # the turn's first token: once per turn
-                            agent.timeline.llm_first_token()
-                            await filler.stop()
-                            filler = None
-                        said.append(token)
-                        yield token
-                    calls = answer.tool_calls
+                # The round's stamps: taken once per request, never per token.
+                started, sent = time.time(), now()
+                first: float | None = None
+                usage: Any = None
+                outcome = "cancelled"  # unless the stream ends or fails
+                try:
+                    async with self.chat.stream(
+                        model=settings.model,
+                        messages=agent.history,
+                        tools=self.toolbox.specs() if offer_tools else None,
+                        temperature=settings.temperature,
+                    ) as answer:
+                        async for token in answer:
+                            if first is None:  # the round's first token: once per round
+                                first = now()
+                                if filler is not None:  # the turn's first token
+                                    agent.timeline.llm_first_token()
+                                    await filler.stop()
+                                    filler = None
+                            said.append(token)
+                            yield token
+                        calls = answer.tool_calls
+                        usage = getattr(answer, "usage", None)  # ChatStream's usage report
+                    outcome = "tool_calls" if calls else "completed"
+                except LLMError:
+                    outcome = "fault"
+                    raise
+                finally:
+                    _request_done(agent, round_no, started, sent, first, usage, outcome)
                 if filler is not None:
                     await filler.stop()  # only the first round may need a filler
                     filler = None
@@ -79,7 +103,9 @@ class LLMResponder:
         agent.conversation.add_tool_calls(calls)
         results: dict[str, str] = {}
         try:
+            now = asyncio.get_running_loop().time
             for call in calls:
+                began = now()
                 results[call.id] = await self.toolbox.call(call.name, call.arguments, agent)
                 agent.link.events.emit(
                     ev.ToolCall(
@@ -87,11 +113,48 @@ class LLMResponder:
                         name=call.name,
                         arguments=call.arguments,
                         result=results[call.id],
+                        duration_ms=_ms(began, now()),
                     )
                 )
         finally:
             # Every tool call gets its answer, also when the caller cut in while a tool ran.
             agent.conversation.add_tool_results(calls, results)
+
+
+def _ms(start: float, end: float) -> float:
+    """``end - start`` in ms, to 0.1 ms."""
+    return round(max(0.0, end - start) * 1000, 1)
+
+
+def _request_done(
+    agent: ConversationAgent,
+    round_no: int,
+    started: float,
+    sent: float,
+    first: float | None,
+    usage: Any,
+    outcome: str,
+) -> None:
+    """Publish the ``llm.request`` event of one chat request, once its stream ended.
+
+    ``usage`` is the reply's usage report (``prompt_tokens``, ``completion_tokens``), if the
+    model gave one; a cut stream never has one.
+    """
+    end = asyncio.get_running_loop().time()
+    reported = outcome in ("completed", "tool_calls") and usage is not None
+    agent.link.events.emit(
+        ev.LlmRequest(
+            call_sid=agent.call_sid,
+            model=agent.settings.model,
+            round=round_no,
+            started=started,
+            duration_ms=_ms(sent, end),
+            first_token_ms=None if first is None else _ms(sent, first),
+            input_tokens=getattr(usage, "prompt_tokens", None) if reported else None,
+            output_tokens=getattr(usage, "completion_tokens", None) if reported else None,
+            outcome=outcome,
+        )
+    )
 
 
 def _report(agent: ConversationAgent, exc: LLMError) -> None:

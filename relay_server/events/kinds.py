@@ -23,7 +23,8 @@ from older relays (and hand-published ones) readable.
                         call through ``POST /calls/{callSid}/messages``
 ``barge_in``            ``heard`` (the agent's words the caller heard), ``duration_ms``
 ``dtmf``                ``digit``
-``tool.call``           ``name``, ``arguments`` (JSON text), ``result``
+``tool.call``           ``name``, ``arguments`` (JSON text), ``result``, ``duration_ms`` (the
+                        tool's run)
 ``language``            ``tts``, ``transcription``
 ``error``               ``source`` (``twilio`` or ``agent``), ``message``, ``code``, and for a
                         64xxx code ``title``, ``explanation`` and ``fix`` (:func:`explain`)
@@ -176,6 +177,8 @@ class ToolCall(CallEvent, tag=TOOL_CALL, frozen=True):
     name: str = ""
     arguments: str | None = ""
     result: Any = None
+    #: How long the tool ran, in ms (events from older relays have none).
+    duration_ms: float | UnsetType = UNSET
 
 
 class LanguageSwitched(CallEvent, tag=LANGUAGE, frozen=True):

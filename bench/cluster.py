@@ -52,7 +52,7 @@ from bench.run import (  # noqa: E402
     machine,
     versions,
 )
-from bench.side_by_side import run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
 
 WATCHDOG_S = 900
 
@@ -220,25 +220,11 @@ def _watchdog(*_: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=100, help="calls per relay")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--turns", type=int, default=3, help="turns per call per round")
-    parser.add_argument("--tokens", type=int, default=30, help="tokens per reply")
-    parser.add_argument(
-        "--tokens-long",
-        type=int,
-        default=None,
-        help="odd rounds' tokens per reply: splits per-token from per-turn CPU",
-    )
-    parser.add_argument("--ttft", type=float, default=0.3)
-    parser.add_argument("--delay", type=float, default=0.020, help="the fake's tick, s")
-    parser.add_argument("--stagger", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=1)
+    add_load_arguments(parser, rounds=5)
     parser.add_argument("--pairs", default="redis,workers", help="redis, workers or both")
     parser.add_argument(
         "--swap", action="store_true", help="start and drive the candidate first (order check)"
     )
-    parser.add_argument("--out", default=None, help="results file stem")
     args = parser.parse_args(argv)
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     if not set(args.pairs) <= {"redis", "workers"}:

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # `python bench/compare.py`
 from bench.procs import FakeProc, wait_quiet  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.run import LOAD_CORE, RELAY_CORE, RESULTS, git_state, machine, versions  # noqa: E402
-from bench.side_by_side import run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
 from bench.startup import tree_at  # noqa: E402
 
 WATCHDOG_S = 900
@@ -116,19 +116,8 @@ def _watchdog(*_: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="the commit to compare with (before)")
-    parser.add_argument("--calls", type=int, default=100, help="calls per relay")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--turns", type=int, default=3, help="turns per call per round")
-    parser.add_argument("--tokens", type=int, default=30, help="tokens per reply")
-    parser.add_argument(
-        "--tokens-long", type=int, default=None, help="odd rounds' tokens per reply (split)"
-    )
-    parser.add_argument("--ttft", type=float, default=0.3)
-    parser.add_argument("--delay", type=float, default=0.020, help="the fake's tick, s")
-    parser.add_argument("--stagger", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=1)
+    add_load_arguments(parser, rounds=10)
     parser.add_argument("--swap", action="store_true", help="start and drive 'after' first")
-    parser.add_argument("--out", default=None, help="results file stem")
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         parser.error("needs 2 CPUs: the relays on one, the load on the other")

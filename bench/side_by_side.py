@@ -41,6 +41,25 @@ class Store(Protocol):
         ...
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The burst load's options every side-by-side bench takes (``rounds``: its default)."""
+    parser.add_argument("--calls", type=int, default=100, help="calls per relay")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--turns", type=int, default=3, help="turns per call per round")
+    parser.add_argument("--tokens", type=int, default=30, help="tokens per reply")
+    parser.add_argument(
+        "--tokens-long",
+        type=int,
+        default=None,
+        help="odd rounds' tokens per reply: splits per-token from per-turn CPU",
+    )
+    parser.add_argument("--ttft", type=float, default=0.3)
+    parser.add_argument("--delay", type=float, default=0.020, help="the fake's tick, s")
+    parser.add_argument("--stagger", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="results file stem")
+
+
 def round_tokens(args: argparse.Namespace, rnd: int) -> int:
     """Tokens per reply in round ``rnd``: with ``args.tokens_long``, odd rounds use it."""
     long: int | None = getattr(args, "tokens_long", None)

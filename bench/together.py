@@ -44,7 +44,7 @@ from bench.run import (  # noqa: E402
     machine,
     versions,
 )
-from bench.side_by_side import run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
 
 WATCHDOG_S = 420
 
@@ -113,18 +113,10 @@ def _watchdog(*_: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.together", description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=100, help="calls per relay")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--turns", type=int, default=3, help="turns per call per round")
-    parser.add_argument("--tokens", type=int, default=30, help="tokens per reply")
-    parser.add_argument("--ttft", type=float, default=0.3)
-    parser.add_argument("--delay", type=float, default=0.020, help="the fake's tick, s")
-    parser.add_argument("--stagger", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=1)
+    add_load_arguments(parser, rounds=5)
     parser.add_argument(
         "--relay-module", default="crctl", help="python -m MODULE serve ... (what-if runs)"
     )
-    parser.add_argument("--out", default=None, help="results file stem")
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         parser.error("needs 2 CPUs: the relays on one, the load on the other")

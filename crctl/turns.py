@@ -18,14 +18,7 @@ from typing import Any
 from relay_server import events as ev
 
 #: The stages of a turn, in the order the caller lives them, then the headline.
-STAGES = (
-    "transcription_ms",
-    "relay_ms",
-    "llm_first_token_ms",
-    "speech_start_ms",
-    "speaking_ms",
-    "caller_wait_ms",
-)
+STAGES = ev.TIMELINE_STAGES
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:

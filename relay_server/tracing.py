@@ -68,14 +68,7 @@ MAX_CALLS = 10_000
 #: Items (requests, tool calls, content) held per call before they are written as they are.
 MAX_ITEMS = 1_000
 #: Stages of ``turn.timeline``, recorded as ``crctl.<stage>`` when known.
-STAGES = (
-    "transcription_ms",
-    "relay_ms",
-    "llm_first_token_ms",
-    "speech_start_ms",
-    "speaking_ms",
-    "caller_wait_ms",
-)
+STAGES = ev.TIMELINE_STAGES
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _EXPORTERS = frozenset({"otlp", "console"})
 

@@ -14,17 +14,11 @@ from crctl.call_script import Turn, run_script
 from crctl.caller import SimulatedCaller
 from crctl.caller.speaker import Timing
 from fakes.fake_llm import FakeLLM, Script
+from relay_server import events as ev
 from tests.events_support import wait_kind
 from tests.support import AUTH_TOKEN, PUBLIC_URL
 
-STAGES = (
-    "transcription_ms",
-    "relay_ms",
-    "llm_first_token_ms",
-    "speech_start_ms",
-    "speaking_ms",
-    "caller_wait_ms",
-)
+STAGES = ev.TIMELINE_STAGES
 DELAY_MS = 150
 
 

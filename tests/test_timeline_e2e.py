@@ -18,20 +18,14 @@ from typer.testing import CliRunner
 from crctl.cli import app as cli
 from crctl.console import CallLog
 from fakes.fake_llm import FakeLLM, Script
+from relay_server import events as ev
 from tests.cluster_support import API_TOKEN, replicas
 from tests.events_support import TOKEN, client, wait_kind
 from tests.redis_support import RedisServer
 from tests.support import TwilioCaller
 
 CA = "CA" + "7" * 32
-STAGES = (
-    "transcription_ms",
-    "relay_ms",
-    "llm_first_token_ms",
-    "speech_start_ms",
-    "speaking_ms",
-    "caller_wait_ms",
-)
+STAGES = ev.TIMELINE_STAGES
 
 
 async def two_turns(caller: TwilioCaller, fake_llm: FakeLLM, relay: Any = None) -> None:

@@ -257,6 +257,17 @@ class CallDrained(CallEvent, tag=CALL_DRAINED, frozen=True):
     replica: str = ""
 
 
+#: The stages of ``turn.timeline``, in the order the caller lives them, then the headline.
+TIMELINE_STAGES = (
+    "transcription_ms",
+    "relay_ms",
+    "llm_first_token_ms",
+    "speech_start_ms",
+    "speaking_ms",
+    "caller_wait_ms",
+)
+
+
 class TurnTimeline(CallEvent, tag=TURN_TIMELINE, frozen=True):
     """One turn's timeline as the caller lived it (module docstring); ms, ``None``: unknown."""
 

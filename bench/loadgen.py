@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import re
 import time
@@ -21,6 +20,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
+from crctl import turns
 from relay_server.protocol import Outbound, SentSetup, Text, encode
 from relay_server.protocol.twilio_side import CLOSE_REASON, TwilioSide
 
@@ -30,13 +30,7 @@ TOKEN_RE = re.compile(r"c(\d+)t(\d+)w(\d+)@(\d+)")
 now = time.monotonic
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (the smallest sample >= p% of the samples)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+percentile = turns.percentile  # nearest rank, as crctl calls stats reports
 
 
 def summary(values: list[float], scale: float = 1000.0, digits: int = 3) -> dict[str, Any]:

@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,6 @@ from bench.procs import (  # noqa: E402
     pin_prefix,
     wait_quiet,
 )
-from bench.report import write_report  # noqa: E402
 from bench.run import (  # noqa: E402
     LOAD_CORE,
     RELAY_CORE,
@@ -52,7 +49,7 @@ from bench.run import (  # noqa: E402
     machine,
     versions,
 )
-from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_bench, run_pair  # noqa: E402
 
 WATCHDOG_S = 900
 
@@ -214,10 +211,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _watchdog(*_: Any) -> None:
-    raise TimeoutError(f"bench.cluster: watchdog, still running after {WATCHDOG_S} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.cluster", description=__doc__.split("\n")[0])
     add_load_arguments(parser, rounds=5)
@@ -231,16 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs: redis, workers or both")
     if (os.cpu_count() or 1) < 2:
         parser.error("needs 2 CPUs: the relays on one, the load on the other")
-    os.sched_setaffinity(0, {LOAD_CORE})
-    signal.signal(signal.SIGALRM, _watchdog)
-    signal.alarm(WATCHDOG_S)
-    try:
-        result = asyncio.run(main_async(args))
-    finally:
-        signal.alarm(0)
-    stem = args.out or f"cluster-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
-    write_report(stem, result, markdown(result))
-    return 0
+    return run_bench("cluster", WATCHDOG_S, args, lambda: asyncio.run(main_async(args)), markdown)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -29,9 +27,8 @@ if str(REPO) not in sys.path:  # `python bench/compare.py`
     sys.path.insert(0, str(REPO))
 
 from bench.procs import FakeProc, wait_quiet  # noqa: E402
-from bench.report import write_report  # noqa: E402
 from bench.run import LOAD_CORE, RELAY_CORE, RESULTS, git_state, machine, versions  # noqa: E402
-from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_bench, run_pair  # noqa: E402
 from bench.startup import tree_at  # noqa: E402
 
 WATCHDOG_S = 900
@@ -109,10 +106,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _watchdog(*_: Any) -> None:
-    raise TimeoutError(f"bench.compare: watchdog, still running after {WATCHDOG_S} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="the commit to compare with (before)")
@@ -126,17 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     if found.returncode != 0:
         parser.error(f"--base: no commit {args.base!r} in this repository")
     args.base_commit = found.stdout.strip()
-    os.sched_setaffinity(0, {LOAD_CORE})
-    signal.signal(signal.SIGALRM, _watchdog)
-    signal.alarm(WATCHDOG_S)
-    try:
+
+    def work() -> dict[str, Any]:
         with tree_at(args.base_commit) as base_tree:
-            result = asyncio.run(main_async(args, base_tree))
-    finally:
-        signal.alarm(0)
-    stem = args.out or f"compare-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
-    write_report(stem, result, markdown(result))
-    return 0
+            return asyncio.run(main_async(args, base_tree))
+
+    return run_bench("compare", WATCHDOG_S, args, work, markdown)
 
 
 if __name__ == "__main__":

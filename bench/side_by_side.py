@@ -14,14 +14,19 @@ import argparse
 import asyncio
 import os
 import random
+import signal
+import socket
 import statistics
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 import psutil
 
 from bench.loadgen import Caller, bench_tag, now, percentile
 from bench.procs import AUTH_TOKEN, PUBLIC_URL, FakeProc, RelayProc
-from bench.run import RELAY_CORE, RESULTS, connect_all
+from bench.report import write_report
+from bench.run import LOAD_CORE, RELAY_CORE, RESULTS, connect_all
 from crctl.caller.webhook import sign
 
 #: The second relay's callers are numbered from here: call SIDs and prompt tags stay unique.
@@ -58,6 +63,34 @@ def add_load_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument("--stagger", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="results file stem")
+
+
+def run_bench(
+    name: str,
+    watchdog_s: int,
+    args: argparse.Namespace,
+    work: Callable[[], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run a side-by-side bench: ``work`` under a watchdog, then its report.
+
+    This process goes on the load core; the report is written as ``args.out`` or
+    ``<name>-<date>-<host>``.
+    """
+    os.sched_setaffinity(0, {LOAD_CORE})
+
+    def watchdog(*_: Any) -> None:
+        raise TimeoutError(f"bench.{name}: watchdog, still running after {watchdog_s} s")
+
+    signal.signal(signal.SIGALRM, watchdog)
+    signal.alarm(watchdog_s)
+    try:
+        result = work()
+    finally:
+        signal.alarm(0)
+    stem = args.out or f"{name}-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
+    write_report(stem, result, markdown(result))
+    return 0
 
 
 def round_tokens(args: argparse.Namespace, rnd: int) -> int:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +31,6 @@ from bench.procs import (  # noqa: E402
     FakeProc,
     wait_quiet,
 )
-from bench.report import write_report  # noqa: E402
 from bench.run import (  # noqa: E402
     LOAD_CORE,
     RELAY_CORE,
@@ -44,7 +41,7 @@ from bench.run import (  # noqa: E402
     machine,
     versions,
 )
-from bench.side_by_side import add_load_arguments, run_pair  # noqa: E402
+from bench.side_by_side import add_load_arguments, run_bench, run_pair  # noqa: E402
 
 WATCHDOG_S = 420
 
@@ -107,10 +104,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _watchdog(*_: Any) -> None:
-    raise TimeoutError(f"bench.together: watchdog, still running after {WATCHDOG_S} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.together", description=__doc__.split("\n")[0])
     add_load_arguments(parser, rounds=5)
@@ -120,16 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         parser.error("needs 2 CPUs: the relays on one, the load on the other")
-    os.sched_setaffinity(0, {LOAD_CORE})
-    signal.signal(signal.SIGALRM, _watchdog)
-    signal.alarm(WATCHDOG_S)
-    try:
-        result = asyncio.run(main_async(args))
-    finally:
-        signal.alarm(0)
-    stem = args.out or f"together-{datetime.now():%Y-%m-%d}-{socket.gethostname()}"
-    write_report(stem, result, markdown(result))
-    return 0
+    return run_bench("together", WATCHDOG_S, args, lambda: asyncio.run(main_async(args)), markdown)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ if TYPE_CHECKING:  # httpx is imported when a command talks to a relay: `--help`
     import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+#: ``--url`` of the commands that only talk to a relay (tail, calls stats).
+_RELAY_URL_OPTION = typer.Option(
+    None,
+    "--url",
+    metavar="URL",
+    help=f"The relay's address. (env CRCTL_URL; default {DEFAULT_URL})",
+    show_default=False,
+)
 #: The relay sends a comment every 15 s; this long without a byte means it is gone.
 READ_TIMEOUT = 45.0
 MAX_BACKOFF = 2.0
@@ -212,13 +220,7 @@ class Follower:
 
 
 def tail(
-    url: Optional[str] = typer.Option(
-        None,
-        "--url",
-        metavar="URL",
-        help=f"The relay's address. (env CRCTL_URL; default {DEFAULT_URL})",
-        show_default=False,
-    ),
+    url: Optional[str] = _RELAY_URL_OPTION,
     call: Optional[str] = typer.Option(None, "--call", metavar="CA…", help="Only this call."),
     since: Optional[str] = typer.Option(
         None,
@@ -413,19 +415,6 @@ def calls_show(
 QUIET = 1.5
 
 
-def stored_timelines(
-    url: str,
-    token: str | None,
-    since: str,
-    *,
-    quiet: float = QUIET,
-    transport: httpx.BaseTransport | None = None,
-) -> list[ev.TurnTimeline]:
-    """The ``turn.timeline`` events stored since ``since`` (:func:`stored_events`)."""
-    found = stored_events(url, token, since, quiet=quiet, transport=transport)
-    return [event for event in found if isinstance(event, ev.TurnTimeline)]
-
-
 #: The kinds ``calls stats`` reads: the turns' timelines and what the calls used.
 STATS_KINDS = frozenset({ev.TURN_TIMELINE, *USAGE_KINDS})
 
@@ -493,13 +482,7 @@ def calls_stats(
         metavar="AGO",
         help="The window: 30s, 10m, 2h, 1d or an ISO time.",
     ),
-    url: Optional[str] = typer.Option(
-        None,
-        "--url",
-        metavar="URL",
-        help=f"The relay's address. (env CRCTL_URL; default {DEFAULT_URL})",
-        show_default=False,
-    ),
+    url: Optional[str] = _RELAY_URL_OPTION,
     token: Optional[str] = _TOKEN_OPTION,
     json_out: bool = typer.Option(False, "--json", help="The counts and percentiles as JSON."),
     prices: Optional[Path] = _PRICES_OPTION,

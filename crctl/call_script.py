@@ -675,3 +675,74 @@ async def play_script(
     finally:
         await caller.hangup()
     return 0 if report(out, results, caller) else 1
+
+
+# -------------------------------------------------------------------------- scenarios
+# A scenario is what `crctl test` runs: a script (the list form above) or a mapping with a
+# name, scenario-level expectations and, later, a simulated caller. These are the seams the
+# suite runner uses; the scenario keys beyond `turns` are added with the expectations.
+
+
+@dataclass
+class RunContext:
+    """What a scenario run may need besides the caller: the judge, the relay's API."""
+
+    #: the relay's base URL and API token, to read the call's stored events (tool calls…)
+    relay_url: str | None = None
+    api_token: str | None = None
+    #: OpenAI-compatible endpoint and model for `judge:` and simulated callers (None: unset)
+    judge_base_url: str | None = None
+    judge_api_key: str | None = None
+    judge_model: str | None = None
+    caller_model: str | None = None
+    #: folder for the judge's verdict cache (None: no cache)
+    cache_dir: Path | None = None
+
+
+@dataclass
+class Scenario:
+    """One scenario file: its name (the file's stem unless given) and its turns."""
+
+    name: str
+    path: Path
+    turns: list[Turn]
+
+
+@dataclass
+class ScenarioResult:
+    """A scenario's outcome: every turn's result and the scenario-level reasons."""
+
+    scenario: Scenario
+    turns: list[TurnResult]
+    #: scenario-level failures (the call failed, a scenario-level expectation…)
+    reasons: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every turn and every scenario-level check held."""
+        return not self.reasons and all(t.passed for t in self.turns)
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and check a scenario file; raises :class:`ScriptError` (one line)."""
+    turns = load_script(path)
+    return Scenario(name=path.stem, path=path, turns=turns)
+
+
+async def run_scenario(
+    caller: SimulatedCaller,
+    scenario: Scenario,
+    *,
+    timeout: float,  # noqa: ASYNC109 (each reply's own wait)
+    context: RunContext | None = None,
+    max_caller_wait_ms: float | None = None,
+) -> ScenarioResult:
+    """Play ``scenario`` on a connected caller and hang up; never raises for a failed check."""
+    try:
+        results = await run_script(caller, scenario.turns, timeout, max_caller_wait_ms)
+    finally:
+        await caller.hangup()
+    reasons: list[str] = []
+    if caller.outcome is not None and caller.outcome.status == "failed":
+        reasons.append(f"call: {caller.outcome.describe()}")
+    return ScenarioResult(scenario, results, reasons)

@@ -29,6 +29,7 @@ from crctl import options as opts
 from crctl import up_sessions
 from crctl.call_script import load_script, play_script
 from crctl.caller import SimulatedCaller
+from crctl.caller.speaker import DEFAULT_TIME_SCALE, Timing
 from crctl.console import crctl_command, runnable
 from crctl.credentials import resolve
 from crctl.environment import current
@@ -140,6 +141,15 @@ def up(
             "then stop; the exit code is the script's.",
         ),
     ] = None,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            "--time-scale",
+            min=0,
+            help="With --call: multiply the simulated caller's delays (speaking, agentSpeaking "
+            "on, the greeting), as in `crctl call`; 0 waits for nothing.",
+        ),
+    ] = DEFAULT_TIME_SCALE,
     agent: opts.Agent = None,
     app_dir: opts.AppDir = None,
     model: opts.Model = None,
@@ -191,7 +201,8 @@ def up(
         from crctl.serve import event_loop_factory
 
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            code = runner.run(_serve(relay.app, settings, sock, turns, early))
+            timing = Timing(time_scale=time_scale)
+            code = runner.run(_serve(relay.app, settings, sock, turns, early, timing))
     except KeyboardInterrupt:
         code = 130
     finally:
@@ -245,9 +256,18 @@ def _prepare(
 
 
 async def _serve(
-    app: Any, settings: Settings, sock: Any, turns: list[Any] | None, early: threading.Event
+    app: Any,
+    settings: Settings,
+    sock: Any,
+    turns: list[Any] | None,
+    early: threading.Event,
+    timing: Timing | None = None,
 ) -> int:
-    """Run the relay until a signal; with ``turns``, call it once it is up, then stop."""
+    """Run the relay until a signal; with ``turns``, call it once it is up, then stop.
+
+    The caller plays Twilio's timing (``timing``: speaker events, tokensPlayed at a speaking
+    rate), so the call log shows each turn's caller wait as a phone call would.
+    """
     stop = asyncio.Event()
     relay = asyncio.create_task(run_relay(app, settings, stop=stop, sock=sock))
 
@@ -274,6 +294,7 @@ async def _serve(
             auth_token=token.get_secret_value() if token is not None else None,
             public_url=settings.public_url,
             timeout=15.0,
+            timing=timing,
         )
         await caller.connect(await caller.fetch())
         return await play_script(caller, turns, console)

@@ -179,6 +179,9 @@ def test_up_with_a_call_script_runs_the_whole_stack_and_stops(
     assert up.proc.wait(60) == 0, up.output
     assert "4 of 4 turns passed" in up.output
     assert "barge-in" in up.output and "caller" in up.output  # the live call log
+    # the caller plays Twilio's clock: agentSpeaking on 300 ms after the first text
+    waits = [int(ms) for ms in re.findall(r"caller wait (\d+) ms", up.output)]
+    assert len(waits) == 4 and all(ms >= 300 for ms in waits), up.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("- say: hello\n  expect:\n    contains: something the echo never says\n")
     failing = Up(tmp_path, env, "--no-tunnel", "--call", str(bad))

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     system_prompt_file: Path | None = None
     welcome_greeting: str | None = None
     twiml_template: str = RelayConfig.twiml_template
+    #: TOML file of routes (``relay_server.routing``): numbers mapped to their own agents.
+    routes: Path | None = None
     handoff_number: str | None = None
     llm_timeout: float = Field(LLMConfig.timeout, gt=0)
     llm_retries: int = Field(LLMConfig.max_retries, ge=0, le=5)
@@ -170,6 +172,7 @@ class Settings(BaseSettings):
             app_dir=str(self.app_dir.expanduser().resolve()),
             welcome_greeting=self.welcome_greeting or None,
             twiml_template=self.twiml_template,
+            routes_file=str(self.routes.expanduser()) if self.routes else None,
             handoff_number=self.handoff_number,
             max_frame_bytes=self.max_frame_bytes,
             events_db=self.events_db_path(),

@@ -148,6 +148,7 @@ def up(
     system_prompt_file: opts.SystemPromptFile = None,
     tools: opts.Tools = None,
     twiml_template: opts.TwimlTemplate = None,
+    routes: opts.Routes = None,
     welcome_greeting: opts.WelcomeGreeting = None,
     handoff_number: opts.HandoffNumber = None,
     llm_timeout: opts.LlmTimeout = None,

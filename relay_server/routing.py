@@ -285,12 +285,6 @@ class Target:
     factory: SessionFactory
     services: Services
 
-    def action_query(self, params: Mapping[str, str]) -> str:
-        """The query a relative ``<Connect action>`` carries for this route and ``params``."""
-        pairs = [(ROUTE_QUERY, self.name)] if self.name else []
-        pairs += [(PARAM_PREFIX + k, v) for k, v in params.items()]
-        return urlencode(pairs)
-
 
 class Router:
     """The relay's routes, by name and by number, and the session factory that honours them."""
@@ -333,6 +327,13 @@ class Router:
             services.clock = self.default.services.clock
         routed = SessionLink(link.send, link.events, target.config, services)
         return target.factory(routed, setup)
+
+
+def action_query(route: str, params: Mapping[str, str]) -> str:
+    """The query a relative ``<Connect action>`` carries for ``route`` (``""``: the default)."""
+    pairs = [(ROUTE_QUERY, route)] if route else []
+    pairs += [(PARAM_PREFIX + k, v) for k, v in params.items()]
+    return urlencode(pairs)
 
 
 def extra_parameters(query: Mapping[str, str], call_sid: str = "") -> dict[str, str]:
@@ -414,6 +415,7 @@ __all__ = [
     "Router",
     "RoutesError",
     "Target",
+    "action_query",
     "build_router",
     "extra_parameters",
     "load_routes",

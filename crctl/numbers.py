@@ -58,7 +58,6 @@ ROUTES = typer.Option(
     None,
     "--routes",
     metavar="FILE",
-    envvar="CRCTL_ROUTES",
     help="The routes file the relay serves (env CRCTL_ROUTES).",
     show_default=False,
 )
@@ -232,8 +231,11 @@ def routed(name: str, routes: Path | None) -> RouteChoice:
         UsageError: no routes file was given, or it has no such route.
         RoutesError: the file is not valid (one line, exit 2).
     """
+    from crctl.settings import load_settings
     from relay_server.routing import load_routes
 
+    if routes is None:
+        routes = load_settings().routes  # CRCTL_ROUTES: environment, .env.local, .env
     if routes is None:
         raise UsageError(
             f"--route {name}: which routes file? pass --routes FILE or set CRCTL_ROUTES (the "

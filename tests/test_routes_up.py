@@ -34,11 +34,12 @@ def test_up_points_every_routed_number_and_restores_them(
     )
     up = Up(tmp_path, up_env, "--routes", "routes.toml")
     try:
-        for owned in (support, sales):
-            assert wait_until(
-                lambda owned=owned: voice_url(fake_twilio, owned["sid"]) == TUNNEL + "/twiml",
-                PATIENCE,
-            ), up.output
+
+        def pointed() -> bool:
+            sids = (support["sid"], sales["sid"])
+            return all(voice_url(fake_twilio, sid) == TUNNEL + "/twiml" for sid in sids)
+
+        assert wait_until(pointed, PATIENCE), up.output
         assert wait_until(up.healthy, PATIENCE), up.output
         assert wait_until(lambda: "Ctrl-C" in up.output, PATIENCE), up.output
         # a number of the file that the account does not own: said, the others still pointed

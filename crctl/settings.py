@@ -123,6 +123,11 @@ class Settings(BaseSettings):
             value = urlunsplit((parts.scheme, host, parts.path, "", ""))
         return value.rstrip("/")
 
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _no_routes(cls, value: Any) -> Any:
+        return None if value == "" else value  # CRCTL_ROUTES= (empty): none
+
     @field_validator("tools", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:

@@ -269,3 +269,18 @@ def test_a_missing_or_empty_routes_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.toml").write_text("[[rout]]\nname = 'a'\n")
     with pytest.raises(RoutesError, match=r"key 'rout': unknown top-level key, did you mean"):
         load_routes(tmp_path / "empty.toml")
+
+
+def test_crctl_call_to_a_routed_number_gets_that_route(
+    routed: RelayServer, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    from tests.test_call import run, signed
+
+    script = tmp_path / "turns.yaml"
+    script.write_text("- say: where is my order\n  expect:\n    contains: where is my order\n")
+    result = run(*signed(routed), "--to", SUPPORT, "--script", str(script))
+    assert result.exit_code == 0, result.output
+    assert "Support here, how can I help?" in result.output  # the route's greeting
+    body = fake_llm.records[-1].body
+    assert body["messages"][0]["content"] == "You are the support line of Example Shop."
+    assert "order_status" in _tool_names(body)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +20,9 @@ from crctl.console import runnable
 from crctl.credentials import Credentials, redact, resolve
 from crctl.errors import CrctlError, UsageError
 from crctl.provisioning import DEFAULT_APP_NAME, NUMBER_TYPES, Twilio, check_public_url
+
+if TYPE_CHECKING:
+    from relay_server.routing import Route
 
 out = Console(highlight=False, soft_wrap=True)
 
@@ -41,6 +47,20 @@ PROFILE = typer.Option(
     None, "--profile", metavar="NAME", help="twilio-cli profile (~/.twilio-cli/config.json)."
 )
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+ROUTE = typer.Option(
+    None,
+    "--route",
+    metavar="NAME",
+    help="A route of the routes file: the number must be one of its numbers (the relay's "
+    "/twiml picks the route by the number called).",
+)
+ROUTES = typer.Option(
+    None,
+    "--routes",
+    metavar="FILE",
+    help="The routes file the relay serves (env CRCTL_ROUTES).",
+    show_default=False,
+)
 
 
 def _table(*columns: tuple[str, int]) -> Table:
@@ -136,6 +156,8 @@ def provision_number(
     app_name: str = typer.Option(
         DEFAULT_APP_NAME, metavar="NAME", help="TwiML App to create or reuse."
     ),
+    route: Optional[str] = ROUTE,
+    routes: Optional[Path] = ROUTES,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
     yes: bool = YES,
     twilio: Any = None,
@@ -145,10 +167,23 @@ def provision_number(
     nothing.
     """  # noqa: D205 (the first paragraph is the command's line in `crctl --help`: cli.COMMANDS)
     check_public_url(public_url, path="")
+    chosen = routed(route, routes) if route is not None else None
     plan = twilio.plan(public_url, number=number, app_name=app_name)
+    if chosen is not None and number is not None and plan.phone_number is not None:
+        check_in_route(plan.phone_number, chosen)  # before anything changes
     if plan.phone_number is None:
         choice = _choose(twilio, country, type_, area_code, contains, yes or dry_run)
         plan = twilio.plan(public_url, buy=choice, app_name=app_name)
+    _provision(twilio, plan, app_name, yes=yes, dry_run=dry_run)
+    if chosen is not None and plan.phone_number not in chosen.spec.numbers:
+        # a number just bought cannot be in the file yet: the relay needs it there
+        out.print(
+            f"[yellow]next:[/] add {plan.phone_number} to numbers of route {chosen.name!r} in "
+            f"{escape(str(chosen.file))}: until then the relay answers it with its default agent"
+        )
+
+
+def _provision(twilio: Twilio, plan: Any, app_name: str, *, yes: bool, dry_run: bool) -> None:
     if not plan.steps:
         out.print(
             f"nothing to change: {plan.phone_number} already rings the relay through "
@@ -169,6 +204,65 @@ def provision_number(
         f"[green]done:[/] {plan.phone_number} → TwiML App {app_name!r} ({plan.app_sid}) → "
         f"{plan.voice_url}"
     )
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """A route picked by ``--route``, and the routes file it is in."""
+
+    route: Route
+    file: Path
+
+    @property
+    def name(self) -> str:
+        """The route's name."""
+        return self.route.name
+
+    @property
+    def spec(self) -> Any:
+        """The route as written in the file."""
+        return self.route.spec
+
+
+def routed(name: str, routes: Path | None) -> RouteChoice:
+    """The route ``--route NAME`` names in the routes file (``--routes`` / ``CRCTL_ROUTES``).
+
+    Raises:
+        UsageError: no routes file was given, or it has no such route.
+        RoutesError: the file is not valid (one line, exit 2).
+    """
+    from crctl.settings import load_settings
+    from relay_server.routing import load_routes
+
+    if routes is None:
+        routes = load_settings().routes  # CRCTL_ROUTES: environment, .env.local, .env
+    if routes is None:
+        raise UsageError(
+            f"--route {name}: which routes file? pass --routes FILE or set CRCTL_ROUTES (the "
+            "file crctl serve --routes reads)"
+        )
+    found = {route.name: route for route in load_routes(routes)}
+    if name not in found:
+        close = difflib.get_close_matches(name, list(found), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(
+            f"--route {name}: {routes} has no route {name!r}{hint} (routes: {', '.join(found)})"
+        )
+    return RouteChoice(found[name], routes)
+
+
+def check_in_route(number: str, chosen: RouteChoice) -> None:
+    """Refuse to point ``number`` for a route whose numbers do not hold it.
+
+    The relay picks a call's route by the number called: pointed but not in the route, the
+    number would get the default agent.
+    """
+    if number not in chosen.spec.numbers:
+        held = ", ".join(chosen.spec.numbers) or "none"
+        raise UsageError(
+            f"--route {chosen.name}: {number} is not one of its numbers in {chosen.file} "
+            f"({held}); add it there first, or the relay answers it with its default agent"
+        )
 
 
 def _choose(
@@ -236,24 +330,52 @@ def numbers_list(
 def numbers_point(
     number: str = typer.Argument(..., metavar="NUMBER", help="+E164 or PN…"),
     url: Optional[str] = typer.Option(
-        None, metavar="URL", help="Voice webhook URL (https, public)."
+        None,
+        metavar="URL",
+        help="Voice webhook URL (https, public); with --route, the relay's base URL or its "
+        "/twiml (default: CRCTL_PUBLIC_URL).",
     ),
     app: Optional[str] = typer.Option(None, metavar="AP…", help="TwiML App SID (AP…)."),
+    route: Optional[str] = ROUTE,
+    routes: Optional[Path] = ROUTES,
     twilio: Any = None,
 ) -> None:
     """Send a number's calls to a URL or an application (the old setting is recorded)."""
-    if (url is None) == (app is None):
+    chosen = None
+    if route is not None:
+        if app is not None:
+            raise UsageError("--route points the number at the relay's /twiml: drop --app")
+        chosen = routed(route, routes)
+        url = _relay_twiml(url)
+    elif (url is None) == (app is None):
         raise UsageError("give exactly one of --url URL or --app AP…")
     checked = check_public_url(url) if url is not None else None
     owned = twilio.number(number)
+    if chosen is not None:
+        check_in_route(owned.phone_number, chosen)
     app_sid = twilio.application(app).sid if app is not None else None
     twilio.point(owned, url=checked, app_sid=app_sid, why="crctl numbers point")
+    on_route = f" (route {chosen.name})" if chosen is not None else ""
     out.print(
         runnable(
-            f"{owned.phone_number} → {checked or app_sid}  (`crctl numbers restore "
+            f"{owned.phone_number} → {checked or app_sid}{on_route}  (`crctl numbers restore "
             f"{owned.phone_number}` puts the old setting back)"
         )
     )
+
+
+def _relay_twiml(url: str | None) -> str:
+    """The relay's ``/twiml`` from ``--url`` (a base URL or the endpoint) or CRCTL_PUBLIC_URL."""
+    if url is None:
+        from crctl.settings import load_settings
+
+        url = load_settings().public_url
+        if url is None:
+            raise UsageError(
+                "--route: where is the relay? pass --url https://host (its public URL) or set "
+                "CRCTL_PUBLIC_URL"
+            )
+    return check_public_url(url, path="/twiml")
 
 
 @numbers_app.command("restore")

@@ -121,6 +121,15 @@ TwimlTemplate = Annotated[
         "twiml_template", "TEMPLATE", "TwiML template /twiml serves (crctl twiml list)."
     ),
 ]
+Routes = Annotated[
+    Optional[Path],
+    setting_option(
+        "routes",
+        "FILE",
+        "TOML file of [[route]]s: numbers mapped to their own agent, tools, prompt, model and "
+        "template (a call matching none gets the settings above).",
+    ),
+]
 WelcomeGreeting = Annotated[
     Optional[str],
     setting_option(

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from relay_server.llm import LLMCheck
     from relay_server.metrics import MetricsServer
+    from relay_server.routing import Route
 
 
 def serve(
@@ -51,6 +52,7 @@ def serve(
     system_prompt_file: opts.SystemPromptFile = None,
     tools: opts.Tools = None,
     twiml_template: opts.TwimlTemplate = None,
+    routes: opts.Routes = None,
     welcome_greeting: opts.WelcomeGreeting = None,
     handoff_number: opts.HandoffNumber = None,
     verify_signatures: opts.VerifySignatures = None,
@@ -90,6 +92,11 @@ def serve(
     err.print(f"[bold green]crctl relay[/] listening on {local}")
     err.print(f"  TwiML (voice webhook): {base}/twiml   WebSocket: {config.websocket_url(local)}")
     err.print(f"  agent: {escape(relay.agent_text)}")
+    if relay.routes:
+        err.print(
+            f"  routes: {escape(relay.routes_text)} from {escape(str(config.routes_file))}; "
+            "other calls get the agent above"
+        )
     if relay.llm is not None:
         err.print(f"  LLM: {escape(relay.llm_text)}   model: {escape(relay.model_text)}")
     stored = config.events_db or "memory only"
@@ -156,6 +163,16 @@ class Relay:
     llm: LLMCheck | None = None
     #: The ``--metrics-port`` server of this process, if it has one.
     metrics_server: MetricsServer | None = None
+    #: The routes of ``--routes`` (none: every call gets the settings above).
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def routes_text(self) -> str:
+        """The routes in words: each name with its numbers."""
+        return ", ".join(
+            f"{route.name} ({' '.join(route.spec.numbers) or 'by name only'})"
+            for route in self.routes
+        )
 
     def close(self) -> None:
         """Stop what the relay opened besides the app (the ``--metrics-port`` server)."""
@@ -217,7 +234,19 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
         from relay_server.cluster import check_redis
 
         check_redis(config.redis_url)  # one line and exit 2 when Redis does not answer
+    routes: tuple[Route, ...] = ()
+    if config.routes_file:
+        from relay_server.routing import load_routes
+
+        routes = load_routes(config.routes_file)  # one line and exit 2, before the LLM is asked
     agent_cls = resolve_agent(config)
+    for route in routes:
+        if route.spec.agent == "llm" and not (config.llm.api_key or config.llm.base_url):
+            raise SettingsError(
+                f"{config.routes_file}: route {route.name}: key agent: value 'llm' talks to an "
+                "LLM and none is configured: set OPENAI_API_KEY, or OPENAI_BASE_URL for a "
+                "local model"
+            )
     llm = None
     if issubclass(agent_cls, LLMAgent):
         if not (config.llm.api_key or config.llm.base_url):
@@ -234,7 +263,7 @@ def build_relay(settings: Settings, events: EventBus | None = None) -> Relay:
         llm = check_llm(config.llm, settings.model, config.agent_config.model)
         config = replace(config, agent_config=replace(config.agent_config, model=llm.model))
     app = create_app(config, events=events, agent=agent_cls)
-    relay = Relay(app, config, agent_cls, token_from, llm)
+    relay = Relay(app, config, agent_cls, token_from, llm, routes=routes)
     if settings.metrics_port is not None and not is_worker():
         from relay_server.metrics import EXTENSION
 

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     system_prompt_file: Path | None = None
     welcome_greeting: str | None = None
     twiml_template: str = RelayConfig.twiml_template
+    #: TOML file of routes (``relay_server.routing``): numbers mapped to their own agents.
+    routes: Path | None = None
     handoff_number: str | None = None
     llm_timeout: float = Field(LLMConfig.timeout, gt=0)
     llm_retries: int = Field(LLMConfig.max_retries, ge=0, le=5)
@@ -121,6 +123,11 @@ class Settings(BaseSettings):
             value = urlunsplit((parts.scheme, host, parts.path, "", ""))
         return value.rstrip("/")
 
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _no_routes(cls, value: Any) -> Any:
+        return None if value == "" else value  # CRCTL_ROUTES= (empty): none
+
     @field_validator("tools", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -170,6 +177,7 @@ class Settings(BaseSettings):
             app_dir=str(self.app_dir.expanduser().resolve()),
             welcome_greeting=self.welcome_greeting or None,
             twiml_template=self.twiml_template,
+            routes_file=str(self.routes.expanduser()) if self.routes else None,
             handoff_number=self.handoff_number,
             max_frame_bytes=self.max_frame_bytes,
             events_db=self.events_db_path(),

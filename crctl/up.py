@@ -51,8 +51,14 @@ class Session:
 
     tunnel: Tunnel | None = None
     twilio: Twilio | None = None
-    number: Any = None
+    #: The numbers pointed at the tunnel: ``--number``'s, then the routes' (``--routes``).
+    numbers: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def number(self) -> Any:
+        """The first number pointed (``None``: none)."""
+        return self.numbers[0] if self.numbers else None
 
 
 def restore(session: Session, state: State) -> None:
@@ -60,20 +66,21 @@ def restore(session: Session, state: State) -> None:
 
     Each step is guarded, so the tunnel closes even if Twilio cannot be reached.
     """
-    if session.twilio is not None and session.number is not None:
+    twilio = session.twilio
+    for number in session.numbers:
+        if twilio is None:
+            break
         try:
-            result = up_sessions.put_back(
-                session.twilio, state, session.number.sid, dead_only=False
-            )
+            result = up_sessions.put_back(twilio, state, number.sid, dead_only=False)
             if result is not None:
                 console.print(f"[green]✓[/] restored: {escape(result)}")
         except CrctlError as exc:
             text = (
                 f"{exc} — the next `crctl up` or `crctl numbers restore "
-                f"{session.number.phone_number}` will put it back"
+                f"{number.phone_number}` will put it back"
             )
             console.print(f"[bold red]error:[/] {escape(runnable(text))}")
-        session.number = None
+    session.numbers.clear()
     if session.tunnel is not None:
         try:
             session.tunnel.close()
@@ -158,6 +165,7 @@ def up(
     system_prompt_file: opts.SystemPromptFile = None,
     tools: opts.Tools = None,
     twiml_template: opts.TwimlTemplate = None,
+    routes: opts.Routes = None,
     welcome_greeting: opts.WelcomeGreeting = None,
     handoff_number: opts.HandoffNumber = None,
     llm_timeout: opts.LlmTimeout = None,
@@ -248,10 +256,14 @@ def _prepare(
         raise SettingsError(problems[0])
     bus = EventBus()
     relay = build_relay(settings, events=bus)
+    routed = [n for route in relay.routes for n in route.spec.numbers]
     if twilio is not None and public is not None:
-        _point(twilio, state, number, public + "/twiml", session)
-    elif number and (twilio is not None or no_tunnel):
-        session.notes.append(f"{number} was not pointed: local-only (no tunnel)")
+        _point(twilio, state, number, public + "/twiml", session, required=not routed)
+        for extra in routed:  # inbound calls are routed by the number called: same /twiml
+            _point_routed(twilio, state, extra, public + "/twiml", session)
+    elif (number or routed) and (twilio is not None or no_tunnel):
+        for unpointed in [*([number] if number else []), *routed]:
+            session.notes.append(f"{unpointed} was not pointed: local-only (no tunnel)")
     return relay, settings, sock, turns, warnings, bus
 
 
@@ -347,20 +359,39 @@ def _tunnel(port: int, session: Session) -> str | None:
     return session.tunnel.public_url
 
 
-def _point(twilio: Twilio, state: State, number: str | None, url: str, session: Session) -> None:
+def _point(
+    twilio: Twilio,
+    state: State,
+    number: str | None,
+    url: str,
+    session: Session,
+    *,
+    required: bool = True,
+) -> None:
     if not number:
-        session.notes.append(
-            "no number given (--number or CRCTL_NUMBER): none is pointed; "
-            "`crctl provision-number` gets one"
-        )
+        if required:
+            session.notes.append(
+                "no number given (--number or CRCTL_NUMBER): none is pointed; "
+                "`crctl provision-number` gets one"
+            )
         return
     with console.status(f"pointing {number} at {url}…"):
         found = twilio.number(number)
+        if any(pointed.sid == found.sid for pointed in session.numbers):
+            return  # --number is also a route's
         # saved before the change: a crash right after it is still repairable
         up_sessions.claim(twilio, state, found, url)
-        session.number = found
+        session.numbers.append(found)
         twilio.set_voice_url(found, url)
-    console.print(f"[green]✓[/] {session.number.phone_number} → {url} (previous webhook saved)")
+    console.print(f"[green]✓[/] {found.phone_number} → {url} (previous webhook saved)")
+
+
+def _point_routed(twilio: Twilio, state: State, number: str, url: str, session: Session) -> None:
+    """Point a number of the routes file; one that cannot be pointed is a note, not a stop."""
+    try:
+        _point(twilio, state, number, url, session)
+    except CrctlError as exc:
+        session.notes.append(f"route number {number} was not pointed: {exc}")
 
 
 def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[str]) -> None:
@@ -368,12 +399,15 @@ def _panel(settings: Settings, relay: Relay, session: Session, warnings: list[st
     table = Table(show_header=False, box=None, title="crctl up", title_justify="left")
     table.add_row("relay", local)
     table.add_row("public URL", settings.public_url or "[yellow]none (local only)[/]")
-    table.add_row("number", session.number.phone_number if session.number is not None else "-")
+    pointed = ", ".join(number.phone_number for number in session.numbers)
+    table.add_row("numbers" if len(session.numbers) > 1 else "number", pointed or "-")
     if session.twilio is not None:
         table.add_row(
             "account", f"{session.twilio.account_sid} ({session.twilio.credentials.source})"
         )
     table.add_row("agent", escape(relay.agent_text))
+    if relay.routes:
+        table.add_row("routes", escape(relay.routes_text))
     if relay.llm is not None:
         table.add_row("LLM", escape(relay.llm_text))
         table.add_row("model", escape(relay.model_text))

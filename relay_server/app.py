@@ -35,6 +35,7 @@ from relay_server.metrics import MetricsRecorder
 from relay_server.routes_api import api
 from relay_server.routes_health import health
 from relay_server.routes_twilio import twilio
+from relay_server.routing import Router, Target, build_router
 from relay_server.services import Services, build_services
 from relay_server.session import CallSession
 from relay_server.socket import RelaySocket
@@ -131,11 +132,20 @@ def create_app(
         # The greeting the caller hears is the template's: the agent keeps it in history.
         config = replace(config, welcome_greeting=template.relay.get("welcomeGreeting"))
     services = agent_services(app, config, chat)
+    router: Router | None = None
+    if config.routes_file:
+        # RoutesError (a ConfigError): the file, a route's template, agent or tools
+        default = Target("", template, config, factory, services)
+        router = build_router(config, default, resolve=resolve_agent, build_services=build_services)
+        factory = router.session
     checker = signature_checker(config)
     tokens = socket_tokens(config)
     store = open_store(config)
     bus.subscribe(store.append)
-    metrics = MetricsRecorder(tool.name for tool in services.tools)
+    tool_names = dict.fromkeys(tool.name for tool in services.tools)
+    for target in router.by_name.values() if router is not None else ():
+        tool_names.update(dict.fromkeys(tool.name for tool in target.services.tools))
+    metrics = MetricsRecorder(tool_names)
     bus.subscribe(metrics)  # per turn and per call, like the store
     app.extensions[METRICS] = metrics
     tracing = open_tracing(agent_name(config.agent, factory))  # None: OTEL_* not set
@@ -177,6 +187,7 @@ def create_app(
         cluster=cluster,
         pushes=Pushes(cluster, registry, bus) if cluster is not None else None,
         shared=shared,
+        router=router,
     )
     app.extensions[EXTENSION] = state
 

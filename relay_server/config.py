@@ -86,6 +86,9 @@ class RelayConfig:
     app_dir: str | None = None
     #: The ``twiml_templates`` template ``/twiml`` serves (a preset, ./twiml/ name or .toml path).
     twiml_template: str = "basic"
+    #: TOML file of routes: numbers mapped to their own agent, tools, prompt and template
+    #: (:mod:`relay_server.routing`); ``None``: every call gets the settings above.
+    routes_file: str | None = None
     #: Overrides the template's welcomeGreeting (``None``: the template's).
     welcome_greeting: str | None = None
     #: Spoken when a dropped socket is reconnected through ``/action``.

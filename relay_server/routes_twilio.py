@@ -10,12 +10,20 @@ call events and pick a TwiML document, which ``twiml_templates.responses`` build
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from relay_server import events as ev
 from relay_server.protocol.handoff import wants_person
+from relay_server.routing import (
+    ROUTE_PARAMETER,
+    ROUTE_QUERY,
+    Target,
+    action_query,
+    extra_parameters,
+)
 from relay_server.state import RelayState, current_state
 from relay_server.webhooks import Fields, public_base, twilio_webhook
 from twiml_templates import responses
@@ -31,30 +39,74 @@ def _twiml(document: str) -> Response:
     return Response(document, content_type=_TWIML)
 
 
-def connect_document(state: RelayState, greeting: str | None, call_sid: str) -> str:
+def connect_document(
+    state: RelayState,
+    greeting: str | None,
+    call_sid: str,
+    target: Target | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
     """The configured template pointed at this relay's ``/ws``.
 
     The same document ``crctl twiml render/export --url`` gives (a ``/action`` in the template
     lands on this relay), with the call's one-time socket URL (``socket_tokens``); without a
     CallSid (not a call: a person looking) the plain ``/ws``, which opens nothing. Without a
     public URL (local only) the socket URL is ``ws://``.
+
+    ``target``: the call's route (``None`` or the default: the relay's template); ``params``:
+    the ``<Parameter>``s of the query (``param_<name>``). Both go in the TwiML as
+    :mod:`relay_server.routing` says.
     """
     config = state.config
     url = config.websocket_url(public_base(state))
     if call_sid:
         url = state.tokens.url(url, call_sid)
+    template = state.template if target is None else target.template
+    extra = dict(params or {})
+    action = None
+    if target is not None and target.name:
+        extra[ROUTE_PARAMETER] = target.name
+    if target is not None or params:
+        own = template.connect.get("action", "")
+        query = action_query(target.name if target is not None else "", params or {})
+        if own.startswith("/") and query:
+            action = own + ("&" if "?" in own else "?") + query
     return responses.connect_relay(
-        state.template, url=url, greeting=greeting, local=config.public_url is None
+        template,
+        url=url,
+        greeting=greeting,
+        local=config.public_url is None,
+        params=extra or None,
+        action=action,
     )
+
+
+def call_route(state: RelayState, fields: Fields) -> tuple[Target | None, dict[str, str]]:
+    """The route of a webhook (``None``: no routes) and its extra parameters."""
+    query = request.args
+    call_sid = fields.get("CallSid", "")
+    params = extra_parameters(query, call_sid)
+    if state.router is None:
+        if query.get(ROUTE_QUERY):
+            log.warning(
+                "call %s: route %r asked but the relay has no routes (--routes); it gets the "
+                "default",
+                call_sid or "?",
+                query[ROUTE_QUERY][:64],
+            )
+        return None, params
+    return state.router.select(fields, query), params
 
 
 @twilio.route("/twiml", methods=["GET", "POST"])
 @twilio_webhook
 async def twiml(fields: Fields) -> Response:
-    """The call's TwiML: connect it to this relay."""
+    """The call's TwiML: connect it to this relay (on the call's route, if any)."""
     state = current_state()
     call_sid = fields.get("CallSid", "")
-    return _twiml(connect_document(state, state.config.welcome_greeting, call_sid))
+    target, params = call_route(state, fields)
+    config = state.config if target is None else target.config
+    return _twiml(connect_document(state, config.welcome_greeting, call_sid, target, params))
 
 
 @twilio.post("/action")
@@ -93,7 +145,9 @@ async def action(form: Fields) -> Response:
     dropped = status == "failed" and error_code == "64105"
     if dropped and sid and await state.registry.claim(sid):
         log.info("call %s: socket failed (%s), reconnecting", sid, error_code)
-        return _twiml(connect_document(state, state.config.reconnect_greeting, sid))
+        target, params = call_route(state, form)
+        document = connect_document(state, state.config.reconnect_greeting, sid, target, params)
+        return _twiml(document)
     state.registry.forget(sid)
     if status == "ended" and wants_person(handoff):
         if state.config.handoff_number:

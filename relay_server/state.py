@@ -22,6 +22,7 @@ from relay_server.config import RelayConfig
 from relay_server.drain import Drain
 from relay_server.errors import ConfigError
 from relay_server.events import EventBus
+from relay_server.routing import Router
 from relay_server.security import SignatureChecker
 from relay_server.services import Services
 from relay_server.socket_tokens import SocketTokens, secret_from_auth_token
@@ -58,6 +59,8 @@ class RelayState:
     pushes: Pushes | None = None
     #: Every replica's call events and calls in Redis (with ``cluster``): ``/events``, ``/calls``.
     shared: SharedEvents | None = None
+    #: The routes of ``--routes`` (``None``: every call gets the settings above).
+    router: Router | None = None
     #: The live sockets, and whether the relay is draining (stopping on SIGTERM).
     drain: Drain = field(default_factory=Drain)
 

@@ -9,6 +9,8 @@ URL returns").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from twilio.twiml.voice_response import Dial, Hangup, Say, VoiceResponse
 
 from twiml_templates.render import render
@@ -21,15 +23,23 @@ CALL_AGAIN = "Sorry, something went wrong. Please call again."
 
 
 def connect_relay(
-    template: Template, *, url: str, greeting: str | None = None, local: bool = False
+    template: Template,
+    *,
+    url: str,
+    greeting: str | None = None,
+    local: bool = False,
+    params: Mapping[str, str] | None = None,
+    action: str | None = None,
 ) -> str:
     """``template`` pointed at the relay's socket ``url``.
 
     ``greeting``, when given, is its ``welcomeGreeting`` (else the template's). ``local``: the
-    relay has no public URL, so a ``ws://`` socket URL is accepted.
+    relay has no public URL, so a ``ws://`` socket URL is accepted. ``params``: more
+    ``<Parameter>``s (over the template's); ``action``: the ``<Connect action>`` instead of the
+    template's.
     """
     sets = {"welcomeGreeting": greeting} if greeting else None
-    return render(template, url=url, sets=sets, local=local)
+    return render(template, url=url, sets=sets, local=local, params=params, action=action)
 
 
 def dial(target: str) -> str:

@@ -21,6 +21,7 @@ Twilio's refusals of a Call become one line with the fix (:data:`REFUSALS`).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,11 +214,12 @@ async def create_call(account: TwilioAccount, request: CallRequest) -> dict[str,
 
     url = f"{account.api_url.rstrip('/')}/2010-04-01/Accounts/{account.account_sid}/Calls.json"
     action = f"calling {request.to}"
-    auth = aiohttp.BasicAuth(account.username, account.password)
+    credentials = f"{account.username}:{account.password}".encode()
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http,
-            http.post(url, data=request.form(), auth=auth) as response,
+            http.post(url, data=request.form(), headers=headers) as response,
         ):
             try:
                 body = await response.json(content_type=None)

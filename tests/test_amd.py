@@ -137,3 +137,13 @@ def test_the_live_log_says_who_answered() -> None:
     text = buffer.getvalue()
     assert "answered by machine_end_beep (detected in 2400 ms)" in text
     assert "answered by a person" in text
+
+
+def test_the_event_round_trips_through_the_wire() -> None:
+    import json
+
+    data = {"answered_by": "machine_end_beep", "detection_ms": "2400"}
+    event = ev.build(ev.CALL_ANSWERED, CA, data, 12.5)
+    assert isinstance(event, ev.CallAnswered) and event.data == data
+    message = {"id": 1, "ts": 12.5, "call_sid": CA, "kind": ev.CALL_ANSWERED, "data": data}
+    assert ev.decode(json.dumps(message)) == event

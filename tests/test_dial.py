@@ -38,7 +38,7 @@ def crctl(*args: str) -> Any:
 
 
 def created(fake: Any) -> list[Any]:
-    return fake.requests_to("POST", r"/Calls\.json$")
+    return list(fake.requests_to("POST", r"/Calls\.json$"))
 
 
 def test_detach_creates_the_call_twilio_expects_and_prints_its_sid(fake_twilio: Any) -> None:

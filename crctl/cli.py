@@ -80,6 +80,11 @@ COMMANDS: dict[str, LazyCommand] = {
         "Call the relay as Twilio would, without a phone: type what the caller says, or play\n"
         "and check a --script.",
     ),
+    "dial": LazyCommand(
+        "crctl.dial",
+        "dial",
+        "Call a number and connect it to the relay; show the call live until it ends.",
+    ),
     "tail": LazyCommand(
         "crctl.tail",
         "tail",

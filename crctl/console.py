@@ -241,6 +241,12 @@ class CallLog:
                 if duration:
                     body.append(f" ({duration} s)", style="dim")
                 line(event, "status", body, "dim")
+            case ev.CallAnswered(answered_by=answered_by, detection_ms=detection_ms):
+                who = "a person" if answered_by == "human" else answered_by or "?"
+                body = Text(f"answered by {who}")
+                if detection_ms:
+                    body.append(f" (detected in {detection_ms} ms)", style="dim")
+                line(event, "answered", body, "bold cyan")
             case _:  # a kind this crctl does not know (a newer relay)
                 line(event, event.kind, Text(shorten(event.data, 100), style="dim"))
 

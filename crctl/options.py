@@ -158,6 +158,14 @@ LlmUsage = Annotated[
         "--llm-usage/--no-llm-usage",
     ),
 ]
+MachineMessage = Annotated[
+    Optional[str],
+    setting_option(
+        "machine_message",
+        "TEXT",
+        "Left on an answering machine (outbound calls with machine detection), then hang up.",
+    ),
+]
 Apology = Annotated[Optional[str], setting_option("apology", "TEXT", "Spoken when the LLM fails.")]
 FillerAfterMs = Annotated[
     Optional[int],

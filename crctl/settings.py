@@ -26,7 +26,7 @@ from crctl.paths import api_token_path as api_token_path
 from crctl.paths import default_events_db as default_events_db
 from crctl.paths import read_api_token as read_api_token
 from crctl.paths import state_dir as state_dir
-from relay_server.config import AgentConfig, LLMConfig, RelayConfig
+from relay_server.config import AgentConfig, LLMConfig, RelayConfig, TwilioAccount
 
 
 def _env(*names: str) -> AliasChoices:
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
     twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
+    #: The account ``POST /calls`` calls with: the SID with the auth token, or an API key.
+    twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))
+    twilio_api_key: str | None = Field(None, validation_alias=_env("TWILIO_API_KEY"))
+    twilio_api_secret: SecretStr | None = Field(None, validation_alias=_env("TWILIO_API_SECRET"))
+    #: A testing aid: Twilio's REST API elsewhere (a mock), for ``POST /calls``.
+    twilio_api_url: str | None = None
     api_token: SecretStr | None = None
     #: Key of the per-call socket URLs; the same one in a Serverless export's environment.
     socket_secret: SecretStr | None = None
@@ -74,6 +80,8 @@ class Settings(BaseSettings):
     #: Ask the LLM for each stream's token usage (off for servers refusing ``stream_options``).
     llm_usage: bool = LLMConfig.stream_usage
     apology: str = AgentConfig.apology
+    #: Left on an answering machine by an outbound call with machine detection, then hang up.
+    machine_message: str | None = None
     filler: str = AgentConfig.filler
     filler_after_ms: int = Field(AgentConfig.filler_after_ms, ge=0)
     silence_timeout: float = Field(AgentConfig.silence_timeout, ge=0)
@@ -106,7 +114,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://host:port/db (or rediss://, unix://) URL")
         return value
 
-    @field_validator("public_url", "openai_base_url")
+    @field_validator("public_url", "openai_base_url", "twilio_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
@@ -163,6 +171,7 @@ class Settings(BaseSettings):
             "silence_max_reminders": self.silence_reminders,
             "dtmf_buffer": self.dtmf_buffer,
             "dtmf_pause": self.dtmf_pause,
+            "machine_message": self.machine_message or None,
         }
         if prompt:
             agent_kwargs["system_prompt"] = prompt
@@ -184,6 +193,7 @@ class Settings(BaseSettings):
             events_keep_days=self.events_keep_days,
             events_max_rows=self.events_max_rows,
             redis_url=self.redis_url or None,
+            twilio_account=self.twilio_account(),
             agent_config=AgentConfig(**agent_kwargs),
             llm=LLMConfig(
                 api_key=secret(self.openai_api_key),
@@ -193,6 +203,18 @@ class Settings(BaseSettings):
                 stream_usage=self.llm_usage,
             ),
         )
+
+    def twilio_account(self) -> TwilioAccount | None:
+        """The account ``POST /calls`` creates calls with, if credentials are configured."""
+        sid = self.twilio_account_sid
+        if not sid:
+            return None
+        api_url = self.twilio_api_url or TwilioAccount.api_url
+        key, secret = self.twilio_api_key, _reveal(self.twilio_api_secret)
+        if key and secret:
+            return TwilioAccount(sid, key, secret, api_url)
+        token = _reveal(self.twilio_auth_token)
+        return TwilioAccount(sid, sid, token, api_url) if token else None
 
     def events_db_path(self) -> str | None:
         """Where call events are stored (``None``: in memory only)."""
@@ -265,11 +287,20 @@ def load_settings(**flags: Any) -> Settings:
         raise SettingsError(f"setting {name} ({env}): {error['msg']}{shown}", setting=name) from exc
 
 
-_SECRET_FIELDS = {"openai_api_key", "twilio_auth_token", "api_token", "socket_secret"}
+_SECRET_FIELDS = {
+    "openai_api_key",
+    "twilio_auth_token",
+    "twilio_api_secret",
+    "api_token",
+    "socket_secret",
+}
 _ENV_NAMES = {
     "openai_api_key": "OPENAI_API_KEY",
     "openai_base_url": "OPENAI_BASE_URL",
     "twilio_auth_token": "TWILIO_AUTH_TOKEN",
+    "twilio_account_sid": "TWILIO_ACCOUNT_SID",
+    "twilio_api_key": "TWILIO_API_KEY",
+    "twilio_api_secret": "TWILIO_API_SECRET",
 }
 _FIELD_OF_ENV = {env: name for name, env in _ENV_NAMES.items()}
 

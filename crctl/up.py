@@ -171,6 +171,7 @@ def up(
     llm_timeout: opts.LlmTimeout = None,
     llm_usage: opts.LlmUsage = None,
     apology: opts.Apology = None,
+    machine_message: opts.MachineMessage = None,
     filler_after_ms: opts.FillerAfterMs = None,
     silence_timeout: opts.SilenceTimeout = None,
     dtmf_buffer: opts.DtmfBuffer = None,

@@ -10,6 +10,8 @@ instead, as crctl does with ``CRCTL_TWILIO_API_URL``)::
     GET, POST, DELETE .../Accounts/{AC}/IncomingPhoneNumbers/{PN}.json
     GET, POST         .../Accounts/{AC}/Applications.json
     GET, POST, DELETE .../Accounts/{AC}/Applications/{AP}.json
+    GET, POST         .../Accounts/{AC}/Calls.json
+    GET, POST         .../Accounts/{AC}/Calls/{CA}.json
 
 and, under ``https://insights.twilio.com`` (Voice Insights; the same fake answers both hosts, so
 a client redirects both to :attr:`FakeTwilio.base_url`)::
@@ -44,7 +46,20 @@ HTTP   code   when
 400    21420  creating a number with a ``VoiceApplicationSid``/``SmsApplicationSid`` not owned
 400    22108  updating a number with such an application sid
 400    21421  buying with neither ``PhoneNumber`` nor ``AreaCode``
+400    21211  creating a call to a ``To`` that is not E.164 (nor ``client:``/``sip:``)
+400    21210  creating a call ``From`` a number the account neither owns nor has verified
+              (:attr:`FakeTwilio.verified_caller_ids`)
+400    21215  creating a call to a country not in :attr:`FakeTwilio.geo_permissions` (calling
+              code prefixes; ``{"+1"}`` by default, as a new account allows the US and Canada)
+400    21219  a trial account calling a ``To`` that is not a verified caller ID
+400    21205  creating a call with neither ``Url`` nor ``Twiml`` nor ``ApplicationSid``
 =====  =====  ==============================================================================
+
+Calls are stateful: a created call is ``queued``, direction ``outbound-api``; it keeps the
+parameters it was created with (:attr:`FakeTwilio.calls`; :meth:`call_request` gives them back)
+and a test moves it on with :meth:`set_call_status` (the fake never calls the webhooks: the
+test does, as Twilio would). ``POST .../Calls/{CA}.json`` with ``Status=completed`` or
+``canceled`` ends it. The 212xx texts are Twilio's own as reported by its API and docs.
 
 Behaviour worth knowing: buying a number the account already owns answers 201 and applies
 the given fields (Twilio does that); ``VoiceApplicationSid=""`` detaches the application;
@@ -104,6 +119,33 @@ APP_NOT_ACCESSIBLE = 21420
 INVALID_PHONE_NUMBER = 21421
 NUMBER_UNAVAILABLE = 21452
 INVALID_APP_SID = 22108
+CALL_INVALID_TO = 21211
+CALL_CALLER_ID = 21210
+CALL_GEO_PERMISSION = 21215
+CALL_TRIAL_UNVERIFIED = 21219
+CALL_NO_URL = 21205
+
+#: Form parameters Twilio takes on Calls create (a subset of the spec's: the ones crctl may send
+#: and a few common others).
+CALL_PARAMS = frozenset(
+    {
+        "To",
+        "From",
+        "Url",
+        "Method",
+        "Twiml",
+        "ApplicationSid",
+        "StatusCallback",
+        "StatusCallbackMethod",
+        "StatusCallbackEvent",
+        "MachineDetection",
+        "AsyncAmd",
+        "AsyncAmdStatusCallback",
+        "AsyncAmdStatusCallbackMethod",
+        "Timeout",
+    }
+)
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
 
 TRIAL_LIMIT_MESSAGE = (
     "Trial accounts are allowed only one Twilio number. "
@@ -389,6 +431,14 @@ class FakeTwilio(BackgroundServer):
         self.available: dict[tuple[str, str], list[dict[str, Any]]] = default_available()
         self.numbers: dict[str, dict[str, Any]] = {}
         self.applications: dict[str, dict[str, Any]] = {}
+        #: Calls created, by sid (the Call resource as served).
+        self.calls: dict[str, dict[str, Any]] = {}
+        #: What each call was created with (form parameters, multi-valued ones as lists).
+        self.call_forms: dict[str, dict[str, FormValue]] = {}
+        #: Numbers the account may call from besides its own, and a trial account may call.
+        self.verified_caller_ids: set[str] = set()
+        #: Calling-code prefixes the account may call (Voice geographic permissions).
+        self.geo_permissions: set[str] = {"+1"}
         #: Voice Insights events by CallSid (:meth:`add_insights_events`).
         self.insights_events: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[RecordedRequest] = []
@@ -431,6 +481,14 @@ class FakeTwilio(BackgroundServer):
                     "POST": self._update_application,
                     "DELETE": self._delete_application,
                 },
+            ),
+            (
+                re.compile(acc + r"/Calls\.json"),
+                {"GET": self._list_calls, "POST": self._create_call},
+            ),
+            (
+                re.compile(acc + r"/Calls/(?P<sid>[^/]+)\.json"),
+                {"GET": self._fetch_call, "POST": self._update_call},
             ),
             (re.compile(r"/v1/Voice/(?P<call_sid>[^/]+)/Events"), {"GET": self._list_events}),
         ]
@@ -508,6 +566,18 @@ class FakeTwilio(BackgroundServer):
                 event.update(fields)
                 stored.append(event)
             return [dict(e) for e in stored]
+
+    def set_call_status(self, sid: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Move a call on (``ringing``, ``in-progress``, ``completed``…); returns it."""
+        with self._lock:
+            call = self.calls[sid]
+            call.update(status=status, date_updated=_now(), **fields)
+            return dict(call)
+
+    def call_request(self, sid: str) -> dict[str, FormValue]:
+        """The form parameters call ``sid`` was created with."""
+        with self._lock:
+            return dict(self.call_forms[sid])
 
     def number_by_phone(self, phone_number: str) -> dict[str, Any] | None:
         with self._lock:
@@ -939,6 +1009,106 @@ class FakeTwilio(BackgroundServer):
                 if number[key] == sid:
                     number[key] = ""
         return 204, None
+
+    # Calls
+    def _create_call(self, rec: RecordedRequest) -> tuple[int, dict[str, Any]]:
+        form = rec.form
+        to, from_ = _one(form, "To") or "", _one(form, "From") or ""
+        if not (_E164.fullmatch(to) or to.startswith(("client:", "sip:"))):
+            raise TwilioError(400, CALL_INVALID_TO, f"Invalid 'To' Phone Number: {to}")
+        owned = self.number_by_phone(from_) is not None
+        if not owned and from_ not in self.verified_caller_ids:
+            raise TwilioError(
+                400,
+                CALL_CALLER_ID,
+                f"The source phone number provided, {from_}, is not yet verified for your "
+                "account. You may only make calls from phone numbers that you've verified or "
+                "purchased from Twilio.",
+            )
+        if to.startswith("+") and not any(to.startswith(p) for p in self.geo_permissions):
+            raise TwilioError(
+                400,
+                CALL_GEO_PERMISSION,
+                f"Account not authorized to call {to}. Perhaps you need to enable some "
+                "international permissions: "
+                "https://www.twilio.com/console/voice/calls/geo-permissions/low-risk",
+            )
+        if self.trial and to not in self.verified_caller_ids:
+            raise TwilioError(
+                400,
+                CALL_TRIAL_UNVERIFIED,
+                f"The number {to} is unverified. Trial accounts cannot call unverified numbers; "
+                "verify it at twilio.com/user/account/phone-numbers/verified, or purchase a "
+                "Twilio number to call this number.",
+            )
+        if not any(_one(form, p) for p in ("Url", "Twiml", "ApplicationSid")):
+            raise TwilioError(400, CALL_NO_URL, "Url parameter is required.")
+        for param in form:
+            value = _one(form, param) or ""
+            if param.endswith("Method") and value.upper() not in ("GET", "POST"):
+                raise TwilioError(400, INVALID_METHOD, f"{param} must be GET or POST")
+            if param in ("Url", "StatusCallback", "AsyncAmdStatusCallback"):
+                self._check_url(param, value)
+        sid = "CA" + uuid.uuid4().hex
+        now = _now()
+        call: dict[str, Any] = {
+            "account_sid": self.account_sid,
+            "annotation": None,
+            "answered_by": None,
+            "api_version": API_VERSION,
+            "caller_name": None,
+            "date_created": now,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "duration": None,
+            "end_time": None,
+            "forwarded_from": None,
+            "from": from_,
+            "from_formatted": pretty_number(from_),
+            "group_sid": None,
+            "parent_call_sid": None,
+            "phone_number_sid": (self.number_by_phone(from_) or {}).get("sid"),
+            "price": None,
+            "price_unit": "USD",
+            "queue_time": "0",
+            "sid": sid,
+            "start_time": None,
+            "status": "queued",
+            "subresource_uris": {
+                name: f"{self.account_path}/Calls/{sid}/{name.title().replace('_', '')}.json"
+                for name in ("notifications", "recordings", "payments", "events")
+            },
+            "to": to,
+            "to_formatted": pretty_number(to),
+            "trunk_sid": None,
+            "uri": f"{self.account_path}/Calls/{sid}.json",
+        }
+        self.calls[sid] = call
+        self.call_forms[sid] = {k: v for k, v in form.items() if k in CALL_PARAMS}
+        return 201, dict(call)
+
+    def _call_resource(self, rec: RecordedRequest, sid: str) -> dict[str, Any]:
+        call = self.calls.get(sid)
+        if call is None:
+            raise self._not_found(rec)
+        return call
+
+    def _list_calls(self, rec: RecordedRequest) -> tuple[int, dict[str, Any]]:
+        items = [dict(c) for c in self.calls.values()]
+        status = _one(rec.query, "Status")
+        if status:
+            items = [c for c in items if c["status"] == status]
+        return 200, self._page(rec, "calls", items)
+
+    def _fetch_call(self, rec: RecordedRequest, sid: str) -> tuple[int, dict[str, Any]]:
+        return 200, dict(self._call_resource(rec, sid))
+
+    def _update_call(self, rec: RecordedRequest, sid: str) -> tuple[int, dict[str, Any]]:
+        call = self._call_resource(rec, sid)
+        status = _one(rec.form, "Status")
+        if status in ("completed", "canceled"):
+            call.update(status=status, date_updated=_now())
+        return 200, dict(call)
 
     # ---- field handling --------------------------------------------------------------
     @staticmethod

@@ -59,6 +59,8 @@ class CallRegistry:
         #: The replicas' kept conversations (``--redis-url``): a reconnect resumes anywhere.
         self.conversations = conversations
         self._parked: dict[str, _Parked] = {}
+        #: Answering machine results (``/amd``) that came before their call's socket.
+        self.answered: dict[str, str] = {}
         self.ttl = ttl
         self.max_reconnects = max_reconnects
 
@@ -148,6 +150,7 @@ class CallRegistry:
     def forget(self, call_sid: str) -> None:
         """The call is over: drop its parked state."""
         self._parked.pop(call_sid, None)
+        self.answered.pop(call_sid, None)
         if self.conversations is not None:
             self.conversations.forget(call_sid)
 
@@ -238,6 +241,9 @@ class CallConnection:
             await session.on_setup(setup)
         except Exception:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
+        answered_by = self.registry.answered.pop(setup.call_sid, None)
+        if answered_by is not None:  # /amd came first
+            await session.answered(answered_by)
 
     def _guard_replay(self, state: Any) -> None:
         """Expect Twilio's replay of what the dropped socket was sent (``applicationReconnect``).

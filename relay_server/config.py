@@ -39,6 +39,9 @@ class AgentConfig:
     max_tool_rounds: int = 5
     #: Turns of history kept (user+assistant pairs); older ones go, the system prompt stays.
     max_history_turns: int = 50
+    #: Left on an answering machine (an outbound call with machine detection), then the call
+    #: ends; ``None``: the call ends without a word (:meth:`CallSession.on_answered_by`).
+    machine_message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,18 @@ class LLMConfig:
     #: Ask for the token usage at the end of each stream (``stream_options: {"include_usage":
     #: true}``); off for OpenAI-compatible servers that refuse the parameter.
     stream_usage: bool = True
+
+
+@dataclass(frozen=True)
+class TwilioAccount:
+    """The Twilio account ``POST /calls`` creates calls with (HTTP Basic auth)."""
+
+    account_sid: str
+    #: The account SID with its auth token, or an API key (SK…) with its secret.
+    username: str
+    password: str = field(repr=False)
+    #: Twilio's REST API (a mock's address in tests: CRCTL_TWILIO_API_URL).
+    api_url: str = "https://api.twilio.com"
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,8 @@ class RelayConfig:
     #: ``redis://host:port/db``: replicas of the relay share live calls, conversations, pushes
     #: and call events through it (``relay_server.cluster``); ``None``: this process alone.
     redis_url: str | None = field(default=None, repr=False)
+    #: The account outbound calls are made with (``POST /calls``); ``None``: not configured.
+    twilio_account: TwilioAccount | None = None
     agent_config: AgentConfig = field(default_factory=AgentConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
 

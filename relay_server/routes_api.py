@@ -8,6 +8,12 @@ With ``--redis-url`` a push reaches the call on whichever replica holds its sock
 (:mod:`relay_server.cluster.push`), and the call log is every replica's, from Redis
 (:mod:`relay_server.cluster.events`).
 
+Outbound calls: ``POST /calls`` (the API token; JSON ``to``, ``from``, ``route``, ``params``,
+``machine_detection``) creates a call that connects to this relay (:mod:`relay_server.dialing`)
+and answers its SID; ``POST /amd`` is Twilio's asynchronous answering machine detection
+callback for such a call (signed, like every Twilio webhook): published as ``call.answered``
+and handed to the call's agent (:meth:`CallSession.on_answered_by`).
+
 ``GET /metrics``: the Prometheus metrics (:mod:`relay_server.metrics`), behind the same token
 (``crctl serve --metrics-port`` also serves them on a port of their own, without it).
 """
@@ -21,6 +27,8 @@ from typing import Any, ParamSpec
 
 from quart import Blueprint, Response, current_app, request
 
+from relay_server import dialing
+from relay_server import events as ev
 from relay_server.cluster import ClusterUnavailable
 from relay_server.cluster.push import deliver
 from relay_server.metrics import CONTENT_TYPE
@@ -29,6 +37,7 @@ from relay_server.protocol import ProtocolError, decode_outbound
 from relay_server.security import bearer_ok
 from relay_server.state import current_state
 from relay_server.store import parse_since
+from relay_server.webhooks import Fields, twilio_webhook
 
 api = Blueprint("api", __name__)
 
@@ -89,6 +98,79 @@ async def push(call_sid: str) -> Any:
         return await state.pushes.send(holder, call_sid, body)
     except ClusterUnavailable as exc:
         return {"error": f"cannot reach the other replicas: {exc}"}, 503
+
+
+#: The JSON keys ``POST /calls`` takes.
+CALL_KEYS = ("to", "from", "route", "params", "machine_detection")
+
+
+@api.post("/calls")
+@bearer_required
+async def create_call() -> Any:
+    """Create an outbound call connected to this relay; answers ``{"call_sid": "CA…"}``."""
+    config = current_state().config
+    body = await request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        return {"error": f"send a JSON object with {', '.join(CALL_KEYS)}"}, 400
+    unknown = sorted(set(body) - set(CALL_KEYS))
+    if unknown:
+        return {"error": f"unknown key {unknown[0]!r}: a call takes {', '.join(CALL_KEYS)}"}, 400
+    for key in ("to", "from"):
+        if not isinstance(body.get(key), str) or not body[key].strip():
+            return {"error": f"{key}: required, a phone number such as +15551234567"}, 400
+    route = body.get("route")
+    if route is not None and not isinstance(route, str):
+        return {"error": f"route: a route's name, got {route!r}"}, 400
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        return {"error": 'params: an object of names and values, e.g. {"order": "42"}'}, 400
+    if config.twilio_account is None:
+        why = (
+            "this relay has no Twilio credentials to call with: set TWILIO_ACCOUNT_SID with "
+            "TWILIO_AUTH_TOKEN (or TWILIO_API_KEY + TWILIO_API_SECRET)"
+        )
+        return {"error": why}, 503
+    if config.public_url is None:
+        why = "this relay has no public URL Twilio could connect the call to: set --public-url"
+        return {"error": why}, 503
+    try:
+        call = dialing.call_request(
+            config.public_url,
+            body["to"],
+            body["from"],
+            route=route,
+            params=params,
+            machine_detection=body.get("machine_detection"),
+        )
+    except ValueError as exc:
+        return {"error": str(exc)}, 400
+    try:
+        created = await dialing.create_call(config.twilio_account, call)
+    except dialing.DialError as exc:
+        answer: dict[str, Any] = {"error": str(exc), "code": exc.code, "fix": exc.fix}
+        return answer, (400 if exc.status is not None and exc.status < 500 else 502)
+    return {"call_sid": created["sid"], "status": created.get("status"), "to": call.to}, 201
+
+
+@api.post("/amd")
+@twilio_webhook
+async def amd(form: Fields) -> Any:
+    """Twilio's asynchronous answering machine detection result for an outbound call."""
+    state = current_state()
+    sid, answered_by = form.get("CallSid", ""), form.get("AnsweredBy", "") or "unknown"
+    state.bus.emit(
+        ev.CallAnswered(
+            call_sid=sid,
+            answered_by=answered_by,
+            detection_ms=form.get("MachineDetectionDuration"),
+        )
+    )
+    session = state.registry.get(sid)
+    if session is not None:
+        await session.answered(answered_by)
+    elif sid:
+        state.registry.answered[sid] = answered_by  # the socket is not open yet
+    return Response("", 204)
 
 
 @api.get("/events")

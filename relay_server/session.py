@@ -58,8 +58,20 @@ class SessionLink:
     services: Services
 
 
+#: Answering machine results after which a message can be left: the greeting is over (Twilio
+#: docs: Answering Machine Detection, ``MachineDetection=DetectMessageEnd``).
+MACHINE_ENDS = frozenset({"machine_end_beep", "machine_end_silence", "machine_end_other"})
+#: Results that are no person to talk to (``machine_start``: a machine still greeting, with
+#: ``MachineDetection=Enable``; a message would be spoken over its greeting and lost).
+NOBODY = frozenset({"machine_start", "fax"})
+
+
 class CallSession:
     """Base class of an agent: one instance per call (per ConversationRelay socket)."""
+
+    #: Who answered an outbound call with machine detection (``human``, ``machine_end_beep``…,
+    #: Twilio's ``AnsweredBy``); ``None``: not known (an inbound call, or no result yet).
+    answered_by: str | None = None
 
     def __init__(self, link: SessionLink, setup: Setup) -> None:
         self.link = link
@@ -110,6 +122,24 @@ class CallSession:
 
     async def on_close(self) -> None:
         """The socket closed; the session is about to be dropped."""
+
+    async def on_answered_by(self, answered_by: str) -> None:
+        """Twilio's answering machine detection decided (an outbound call, ``/amd``).
+
+        Default: a person (``human``, ``unknown``) goes on with the conversation; a machine
+        whose greeting is over (``machine_end_*``) gets the configured ``machine_message``
+        (``--machine-message``), then the call ends; a machine still greeting
+        (``machine_start``), a fax, or a machine with no message configured: the call ends.
+        """
+        if answered_by in MACHINE_ENDS or answered_by in NOBODY:
+            message = self.link.config.agent_config.machine_message
+            words = message if message and answered_by in MACHINE_ENDS else None
+            await self.start_turn(self._leave_message(words))
+
+    async def _leave_message(self, message: str | None) -> None:
+        if message:
+            await self.send_text(message, last=True)
+        await self.end()
 
     # ----------------------------------------------------------------------------- helpers
     async def send_text(
@@ -309,6 +339,14 @@ class CallSession:
                 await self.send_text("", last=True)
 
     # ------------------------------------------------------------------ called by the relay
+    async def answered(self, answered_by: str) -> None:
+        """Record who answered and run :meth:`on_answered_by` (a failure is logged, not raised)."""
+        self.answered_by = answered_by
+        try:
+            await self.on_answered_by(answered_by)
+        except Exception:
+            self.log.exception("on_answered_by failed on %s", self.call_sid)
+
     async def dispatch(self, message: Inbound) -> None:
         """Route one decoded frame to its handler."""
         if isinstance(message, Prompt):

@@ -36,6 +36,10 @@ from older relays (and hand-published ones) readable.
 ``session.end``         ``status``, ``handoff_data``, ``error_code``, ``error_message``,
                         ``duration`` (and ``title``/``explanation``/``fix`` for an error code)
 ``call.status``         ``status``, ``duration`` (Twilio's status callback)
+``call.answered``       ``answered_by`` (``human``, ``machine_start``, ``machine_end_beep``,
+                        ``machine_end_silence``, ``machine_end_other``, ``fax``, ``unknown``)
+                        and ``detection_ms``: Twilio's asynchronous answering machine
+                        detection of an outbound call (``/amd``)
 ``call.lost``           ``last_seen`` (Unix time), ``reason``: written by a relay at start for
                         a call left open by a relay that is gone (crashed, killed, stopped
                         with the call still open); the call's status becomes ``lost``
@@ -86,6 +90,7 @@ LANGUAGE = "language"
 ERROR = "error"
 SESSION_END = "session.end"
 CALL_STATUS = "call.status"
+CALL_ANSWERED = "call.answered"
 CALL_LOST = "call.lost"
 CALL_DRAINED = "call.drained"
 TURN_TIMELINE = "turn.timeline"
@@ -242,6 +247,13 @@ class CallStatus(CallEvent, tag=CALL_STATUS, frozen=True):
     duration: int | float | str | None = None
 
 
+class CallAnswered(CallEvent, tag=CALL_ANSWERED, frozen=True):
+    """Who answered an outbound call: Twilio's answering machine detection (``/amd``)."""
+
+    answered_by: str = ""
+    detection_ms: int | float | str | None = None
+
+
 class CallLost(CallEvent, tag=CALL_LOST, frozen=True):
     """A call left open by a relay that is gone (written by the next relay at its start)."""
 
@@ -323,6 +335,7 @@ AnyEvent = Union[
     SocketClosed,
     SessionEnd,
     CallStatus,
+    CallAnswered,
     CallLost,
     CallDrained,
     TurnTimeline,

@@ -1,0 +1,305 @@
+"""``crctl dial``: call someone and connect them to the relay, then show the call live.
+
+The call is created on Twilio's REST API with the twilio SDK (``calls.create``, through
+:func:`crctl.provisioning.make_client`: the credentials of ``whoami``, ``CRCTL_TWILIO_API_URL``
+honoured); the request is :func:`relay_server.dialing.call_request`'s, the same one the relay's
+``POST /calls`` sends: ``Url`` = the relay's ``/twiml`` with ``route=NAME`` and the ``--param``
+pairs as its query, status callbacks to ``/status``, and with ``--machine-detection``
+asynchronous answering machine detection reported to ``/amd``.
+
+Without ``--detach`` it follows the relay's ``/events`` for that call (as ``crctl tail
+--call``) and prints it as ``crctl up``'s live log does, until Twilio's status callback says
+the call is over; ``--detach`` prints the call SID and returns; ``--dry-run`` prints the request.
+
+``--agent`` and ``--twiml-template`` cannot change what a relay runs from afar: the relay never
+imports code, nor reads a template, that a URL names (whoever can place a call could otherwise
+choose them). They go to the relay as the parameters ``agent`` and ``template`` of ``/twiml``,
+which a relay uses to pick among its own routes; ``--route NAME`` names one directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from twilio.base.exceptions import TwilioRestException
+
+from crctl import up_sessions
+from crctl.credentials import CredentialsError, resolve
+from crctl.errors import CrctlError, ProvisioningError, UsageError
+from crctl.numbers import ACCOUNT, KEY, PROFILE, SECRET, TOKEN
+from crctl.provisioning import api_base, check_public_url, make_client, twilio_errors
+from crctl.state import State
+from relay_server import events as ev
+from relay_server.dialing import CallRequest, call_request, refusal
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: The twilio SDK's prefix on a refused create (removed: the line says what was done).
+_SDK_PREFIX = "Unable to create record: "
+
+
+class _CallOver(Exception):
+    """The status callback said the call is over (``status``)."""
+
+    def __init__(self, status: str, duration: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.duration = duration
+
+
+def running_up_url(state: State | None = None) -> str | None:
+    """The public URL of a ``crctl up`` running on this machine, if exactly one is known.
+
+    A running ``up`` records the URL it pointed its number at (``…/twiml``) in the state file
+    (:mod:`crctl.up_sessions`).
+    """
+    entries = (state or State()).reload().get(up_sessions.SESSIONS, {}).values()
+    urls = {
+        str(e["pointed_at"]).removesuffix("/twiml")
+        for e in entries
+        if e.get("pointed_at") and up_sessions.alive(e)
+    }
+    return urls.pop() if len(urls) == 1 else None
+
+
+def _public_url(given: str | None) -> str:
+    if given is None:
+        from crctl.settings import load_settings
+
+        given = load_settings().public_url or running_up_url()
+    if not given:
+        raise UsageError(
+            "crctl dial needs the relay's public URL, for Twilio to connect the call to: pass "
+            "--public-url https://your-host (or set CRCTL_PUBLIC_URL), or run `crctl up` with "
+            "a --number first (its tunnel is used)"
+        )
+    return check_public_url(given, path="")
+
+
+def _params(pairs: list[str]) -> list[tuple[str, str]]:
+    found = []
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--param {pair!r}: give it as NAME=VALUE, e.g. --param order=42")
+        found.append((name.strip(), value))
+    return found
+
+
+def build_request(
+    to: str,
+    from_: str | None,
+    public_url: str | None,
+    *,
+    route: str | None = None,
+    agent: str | None = None,
+    twiml_template: str | None = None,
+    params: list[str] | None = None,
+    machine_detection: str | None = None,
+) -> CallRequest:
+    """The Call ``crctl dial`` creates, from its options; bad ones are a :class:`UsageError`."""
+    from crctl.environment import current
+
+    if route and (agent or twiml_template):
+        raise UsageError(
+            "give --route NAME, or --agent/--twiml-template (to pick a route by them), not both"
+        )
+    caller_id = from_ or current().number
+    if not caller_id:
+        raise UsageError(
+            "--from NUMBER: the number to call from, one of this account's (`crctl numbers "
+            "list`) or a verified caller ID (env CRCTL_NUMBER)"
+        )
+    extra = [("agent", agent)] if agent else []
+    extra += [("template", twiml_template)] if twiml_template else []
+    base = _public_url(public_url)
+    try:
+        return call_request(
+            base,
+            to,
+            caller_id,
+            route=route,
+            params=extra + _params(params or []),
+            machine_detection=machine_detection,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("machine detection", "--machine-detection")) from None
+
+
+def create(request: CallRequest, credentials: Any) -> Any:
+    """Create the call; Twilio's refusal is one :class:`ProvisioningError` line with the fix."""
+    action = f"calling {request.to}"
+    client = make_client(credentials)
+    with twilio_errors(action):
+        try:
+            return client.api.v2010.accounts(credentials.account_sid).calls.create(
+                **request.sdk_arguments()
+            )
+        except TwilioRestException as exc:
+            message = str(exc.msg or "").removeprefix(_SDK_PREFIX)
+            failed = refusal(action, exc.code, message, exc.status)
+            if failed.fix is None:
+                raise  # twilio_errors says it, with its own next steps (20003…)
+            raise ProvisioningError(
+                str(failed), code=exc.code, status=exc.status, action=action
+            ) from None
+
+
+def _print_dry_run(request: CallRequest, credentials: Any) -> None:
+    account = credentials.account_sid if credentials is not None else "{AccountSid}"
+    out.print(f"POST {api_base()}/2010-04-01/Accounts/{account}/Calls.json")
+    for name, value in request.form():
+        out.print(f"  {name}={escape(value)}")
+    out.print("dry run: nothing was sent")
+
+
+def _follow(request: CallRequest, sid: str, url: str | None, token: str | None) -> int:
+    from crctl.console import CallLog
+    from crctl.environment import current
+    from crctl.tail import DEFAULT_URL, Follower
+
+    environment = current()
+    relay = url or environment.url or DEFAULT_URL
+    follower = Follower(relay, token=token or environment.api_token_value(), call=sid, since="10m")
+    log = CallLog(out)
+
+    def on_event(data: str) -> None:
+        event = ev.decode(data)
+        if event is None:
+            return
+        log.add(event)
+        if isinstance(event, ev.CallStatus) and (event.status or "") in ev.CALL_OVER:
+            raise _CallOver(event.status or "", event.duration)
+
+    def notice(text: str) -> None:
+        err.print(f"[dim]{escape(text)}[/]")
+
+    try:
+        follower.run(on_event, notice)
+    except _CallOver as over:
+        if over.status == "completed":
+            took = f" after {over.duration} s" if over.duration else ""
+            err.print(f"call {sid} completed{took}")
+            return 0
+        raise CrctlError(
+            f"the call to {request.to} ended {over.status}: "
+            + {
+                "busy": "the line was busy; try again later",
+                "no-answer": "nobody answered",
+                "canceled": "it was cancelled before it was answered",
+            }.get(
+                over.status,
+                "Twilio could not connect it; `crctl calls show "
+                f"{sid}` and the Console's call log say why",
+            )
+        ) from None
+    except KeyboardInterrupt:
+        err.print(f"stopped following; the call goes on: `crctl tail --call {sid}`")
+        return 130
+    return 0  # not reached: run() returns only by an exception
+
+
+def dial(
+    to: str = typer.Argument(..., metavar="TO", help="The number to call, +E164."),
+    from_: Optional[str] = typer.Option(
+        None,
+        "--from",
+        metavar="NUMBER",
+        help="The caller ID: a number of the account or a verified one. (env CRCTL_NUMBER)",
+    ),
+    public_url: Optional[str] = typer.Option(
+        None,
+        "--public-url",
+        metavar="URL",
+        help="The relay's public https:// base URL. (env CRCTL_PUBLIC_URL; default the "
+        "running crctl up's)",
+    ),
+    route: Optional[str] = typer.Option(
+        None, "--route", metavar="NAME", help="The relay's route for this call (/twiml?route=)."
+    ),
+    agent: Optional[str] = typer.Option(
+        None,
+        "--agent",
+        metavar="AGENT",
+        help="Pick the relay's route by its agent (sent as the parameter agent).",
+    ),
+    twiml_template: Optional[str] = typer.Option(
+        None,
+        "--twiml-template",
+        metavar="TEMPLATE",
+        help="Pick the relay's route by its template (sent as the parameter template).",
+    ),
+    param: list[str] = typer.Option(
+        [],
+        "--param",
+        metavar="K=V",
+        help="A parameter of the call, on /twiml's query (repeatable).",
+    ),
+    machine_detection: Optional[str] = typer.Option(
+        None,
+        "--machine-detection",
+        metavar="MODE",
+        help="Answering machine detection: Enable, or DetectMessageEnd to leave a message "
+        "after the beep (the relay's --machine-message).",
+    ),
+    detach: bool = typer.Option(False, "--detach", help="Print the call SID and return."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the request; send nothing."),
+    url: Optional[str] = typer.Option(
+        None,
+        "--url",
+        metavar="URL",
+        help="The relay to follow the call on. (env CRCTL_URL; default http://127.0.0.1:8080)",
+    ),
+    token: Optional[str] = typer.Option(
+        None,
+        "--token",
+        metavar="TOKEN",
+        help="The relay's API token. (env CRCTL_API_TOKEN; default ~/.crctl/api-token)",
+    ),
+    account_sid: Optional[str] = ACCOUNT,
+    auth_token: Optional[str] = TOKEN,
+    api_key: Optional[str] = KEY,
+    api_secret: Optional[str] = SECRET,
+    profile: Optional[str] = PROFILE,
+) -> None:
+    """Call a number and connect it to the relay; show the call live until it ends."""
+    request = build_request(
+        to,
+        from_,
+        public_url,
+        route=route,
+        agent=agent,
+        twiml_template=twiml_template,
+        params=param,
+        machine_detection=machine_detection,
+    )
+    given: dict[str, Any] = {
+        "account_sid": account_sid,
+        "auth_token": auth_token,
+        "api_key": api_key,
+        "api_secret": api_secret,
+        "profile": profile,
+    }
+    if dry_run:
+        try:
+            credentials = resolve(**given)
+        except CredentialsError:
+            credentials = None  # the request can be shown without them
+        _print_dry_run(request, credentials)
+        return
+    call = create(request, resolve(**given))
+    if detach:
+        sys.stdout.write(f"{call.sid}\n")
+        return
+    err.print(
+        f"calling {request.to} from {request.from_}: {call.sid} ({call.status}); "
+        "following it live (Ctrl-C stops following, not the call)"
+    )
+    code = _follow(request, call.sid, url, token)
+    if code:
+        raise typer.Exit(code)

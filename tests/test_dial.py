@@ -1,0 +1,277 @@
+"""``crctl dial`` against the stateful fake of Twilio's REST API, held to Twilio's contract.
+
+Every request a test makes to the fake is replayed against Prism on Twilio's OpenAPI contract
+(``contract``). The live mode runs ``crctl dial`` as a process following a real relay, while the
+test plays Twilio's status callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from crctl.cli import app
+from relay_server.dialing import STATUS_EVENTS
+from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, sign, wait_until
+
+runner = CliRunner()
+PUBLIC = "https://relay.example.com"
+TO, FROM = "+18089255327", "+18089255328"
+ROOT = Path(__file__).resolve().parents[1]
+CRCTL = (sys.executable, "-m", "crctl")
+pytestmark = pytest.mark.usefixtures("twilio_env", "contract")
+
+
+def crctl(*args: str) -> Any:
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def created(fake: Any) -> list[Any]:
+    return list(fake.requests_to("POST", r"/Calls\.json$"))
+
+
+def test_detach_creates_the_call_twilio_expects_and_prints_its_sid(fake_twilio: Any) -> None:
+    # the acceptance command line, as it is
+    fake_twilio.add_number(FROM)
+    result = crctl("dial", TO, "--from", FROM, "--public-url", PUBLIC, "--detach")
+    assert result.exit_code == 0, result.output
+    (sid,) = fake_twilio.calls
+    assert result.stdout == f"{sid}\n"
+    (request,) = created(fake_twilio)
+    assert request.status == 201
+    assert request.form == {
+        "To": TO,
+        "From": FROM,
+        "Url": PUBLIC + "/twiml",
+        "Method": "POST",
+        "StatusCallback": PUBLIC + "/status",
+        "StatusCallbackMethod": "POST",
+        "StatusCallbackEvent": list(STATUS_EVENTS),
+    }
+    call = fake_twilio.calls[sid]
+    assert (call["to"], call["from"], call["status"]) == (TO, FROM, "queued")
+    assert call["direction"] == "outbound-api"
+
+
+def test_the_acceptance_command_line_in_a_process(fake_twilio: Any, tmp_path: Path) -> None:
+    fake_twilio.add_number(FROM)
+    result = subprocess.run(
+        [*CRCTL, "dial", TO, "--from", FROM, "--public-url", PUBLIC, "--detach"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (sid,) = fake_twilio.calls
+    assert result.stdout.strip() == sid and sid.startswith("CA")
+
+
+def test_route_params_and_machine_detection_go_into_the_request(fake_twilio: Any) -> None:
+    fake_twilio.add_number(FROM)
+    result = crctl(
+        "dial",
+        TO,
+        "--from",
+        FROM,
+        "--public-url",
+        PUBLIC + "/",
+        "--route",
+        "sales",
+        "--param",
+        "order=42",
+        "--param",
+        "note=a b&c",
+        "--machine-detection",
+        "detectmessageend",
+        "--detach",
+    )
+    assert result.exit_code == 0, result.output
+    (request,) = created(fake_twilio)
+    url = urlsplit(str(request.form["Url"]))
+    assert f"{url.scheme}://{url.netloc}{url.path}" == PUBLIC + "/twiml"
+    assert parse_qsl(url.query) == [("route", "sales"), ("order", "42"), ("note", "a b&c")]
+    assert request.form["MachineDetection"] == "DetectMessageEnd"
+    assert request.form["AsyncAmd"] == "true"
+    assert request.form["AsyncAmdStatusCallback"] == PUBLIC + "/amd"
+    assert request.form["AsyncAmdStatusCallbackMethod"] == "POST"
+
+
+def test_agent_and_template_pick_a_route_by_parameters(fake_twilio: Any) -> None:
+    fake_twilio.add_number(FROM)
+    args = ["dial", TO, "--from", FROM, "--public-url", PUBLIC, "--detach"]
+    result = crctl(*args, "--agent", "echo", "--twiml-template", "handoff")
+    assert result.exit_code == 0, result.output
+    (request,) = created(fake_twilio)
+    query = parse_qsl(urlsplit(str(request.form["Url"])).query)
+    assert query == [("agent", "echo"), ("template", "handoff")]
+    both = crctl(*args, "--route", "sales", "--agent", "echo")
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_dry_run_prints_the_request_and_sends_nothing(fake_twilio: Any) -> None:
+    result = crctl(
+        "dial", TO, "--from", FROM, "--public-url", PUBLIC, "--param", "k=v", "--dry-run"
+    )
+    assert result.exit_code == 0, result.output
+    assert fake_twilio.requests == []
+    lines = result.stdout.splitlines()
+    path = f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Calls.json"
+    assert lines[0] == f"POST {fake_twilio.base_url}{path}"
+    assert f"  To={TO}" in lines and f"  From={FROM}" in lines
+    assert f"  Url={PUBLIC}/twiml?k=v" in lines
+    assert lines[-1] == "dry run: nothing was sent"
+
+
+@pytest.mark.parametrize(
+    ("to", "from_owned", "setup", "code", "fix"),
+    [
+        ("12345", True, None, 21211, "E.164"),
+        ("+447700900123", True, None, 21215, "Geo permissions"),
+        (TO, True, "trial", 21219, "Verified Caller IDs"),
+        (TO, False, None, 21210, "numbers list`) or one of its verified caller IDs"),
+    ],
+    ids=["21211-invalid-number", "21215-geo", "21219-trial", "21210-caller-id"],
+)
+def test_refusals_are_one_line_with_the_fix(
+    fake_twilio: Any, to: str, from_owned: bool, setup: str | None, code: int, fix: str
+) -> None:
+    if from_owned:
+        fake_twilio.add_number(FROM)
+    if setup == "trial":
+        fake_twilio.trial = True
+    result = crctl("dial", to, "--from", FROM, "--public-url", PUBLIC, "--detach")
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: calling {to} failed: Twilio error {code}: ")
+    assert fix in lines[0]
+    assert created(fake_twilio)[0].status == 400 and fake_twilio.calls == {}
+
+
+def test_bad_options_are_usage_errors() -> None:
+    base = ["dial", TO, "--from", FROM, "--public-url", PUBLIC, "--dry-run"]
+    bad_param = crctl(*base, "--param", "novalue")
+    assert bad_param.exit_code == 2 and "NAME=VALUE" in bad_param.output
+    bad_amd = crctl(*base, "--machine-detection", "maybe")
+    assert bad_amd.exit_code == 2 and "Enable or DetectMessageEnd" in bad_amd.output
+    local = crctl("dial", TO, "--from", FROM, "--public-url", "http://127.0.0.1:8080")
+    assert local.exit_code == 2 and "https://" in local.output
+
+
+def test_without_a_public_url_it_says_where_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRCTL_PUBLIC_URL", raising=False)
+    result = crctl("dial", TO, "--from", FROM, "--dry-run")
+    assert result.exit_code == 2
+    assert "--public-url" in result.output and "up` with a --number" in result.output
+
+
+def test_without_from_it_asks_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRCTL_NUMBER", raising=False)
+    result = crctl("dial", TO, "--public-url", PUBLIC, "--dry-run")
+    assert result.exit_code == 2 and "--from NUMBER" in result.output
+
+
+def test_a_running_up_lends_its_public_url(fake_twilio: Any) -> None:
+    from crctl import up_sessions
+    from crctl.state import State
+
+    with State().change() as data:
+        data.setdefault(up_sessions.SESSIONS, {})["PN1"] = {
+            "pid": os.getpid(),
+            "process_started": up_sessions.process_started(os.getpid()),
+            "phone": FROM,
+            "pointed_at": "https://tunnel.example.net/twiml",
+        }
+    result = crctl("dial", TO, "--from", FROM, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "  Url=https://tunnel.example.net/twiml" in result.stdout.splitlines()
+
+
+# ------------------------------------------------------------------------ live, on a relay
+def post_signed(relay: RelayServer, path_and_query: str, form: dict[str, str]) -> httpx.Response:
+    """POST a webhook as Twilio does: signed over the public URL (with its query)."""
+    headers = {"X-Twilio-Signature": sign(PUBLIC_URL + path_and_query, form, AUTH_TOKEN)}
+    return httpx.post(relay.base_url + path_and_query, data=form, headers=headers, timeout=10)
+
+
+def test_twiml_answers_the_url_twilio_is_given(fake_twilio: Any) -> None:
+    """The Url the call carries (route and parameters in its query) is one the relay answers."""
+    fake_twilio.add_number(FROM)
+    with RelayServer(config(events_db=None)) as relay:
+        args = ["dial", TO, "--from", FROM, "--public-url", PUBLIC_URL, "--detach"]
+        result = crctl(*args, "--route", "sales", "--param", "order=42")
+        assert result.exit_code == 0, result.output
+        (sid,) = fake_twilio.calls
+        url = urlsplit(str(fake_twilio.call_request(sid)["Url"]))
+        answer = post_signed(relay, f"{url.path}?{url.query}", {"CallSid": sid, "To": TO})
+    assert answer.status_code == 200, answer.text
+    assert "<ConversationRelay" in answer.text
+
+
+def live_dial(relay: RelayServer, cwd: Path) -> subprocess.Popen[str]:
+    """``crctl dial`` in live mode, following ``relay``."""
+    follow = ["--url", relay.base_url, "--token", "dial-test-token"]
+    return subprocess.Popen(
+        [*CRCTL, "dial", TO, "--from", FROM, "--public-url", PUBLIC_URL, *follow],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_live_mode_shows_the_call_until_it_completes(fake_twilio: Any, tmp_path: Path) -> None:
+    fake_twilio.add_number(FROM)
+    with RelayServer(config(events_db=None, api_token="dial-test-token")) as relay:
+        process = live_dial(relay, tmp_path)
+        try:
+            assert wait_until(lambda: bool(fake_twilio.calls), timeout=60)
+            (sid,) = fake_twilio.calls
+            for status in ("initiated", "ringing", "in-progress"):
+                form = {"CallSid": sid, "CallStatus": status}
+                assert post_signed(relay, "/status", form).status_code == 204
+            time.sleep(0.2)
+            assert process.poll() is None  # still following: the call is not over
+            form = {"CallSid": sid, "CallStatus": "completed", "CallDuration": "12"}
+            assert post_signed(relay, "/status", form).status_code == 204
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert process.returncode == 0, err
+    assert f"calling {TO} from {FROM}: {sid}" in err
+    assert "call ringing" in out and "call completed (12 s)" in out
+    assert f"call {sid} completed after 12 s" in err
+
+
+def test_live_mode_exits_1_when_nobody_answers(fake_twilio: Any, tmp_path: Path) -> None:
+    fake_twilio.add_number(FROM)
+    with RelayServer(config(events_db=None, api_token="dial-test-token")) as relay:
+        process = live_dial(relay, tmp_path)
+        try:
+            assert wait_until(lambda: bool(fake_twilio.calls), timeout=60)
+            (sid,) = fake_twilio.calls
+            form = {"CallSid": sid, "CallStatus": "no-answer"}
+            assert post_signed(relay, "/status", form).status_code == 204
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert process.returncode == 1
+    assert f"error: the call to {TO} ended no-answer: nobody answered" in err

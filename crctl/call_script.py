@@ -374,18 +374,22 @@ def load_script(path: Path) -> list[Turn]:
     Raises :class:`ScriptError` naming the file, the turn, the key and the value.
     """
     path = resolve_script(path)
+    return parse_turns(_read_yaml(path), path)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; raises :class:`ScriptError` (one line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptError(f"{path}: cannot read the script: {exc.strerror}{_hint(path)}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScriptError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_turns(data, path)
 
 
 def _hint(path: Path) -> str:
@@ -920,18 +924,8 @@ class ScenarioResult:
 
 def load_scenario(path: Path) -> Scenario:
     """Read and check a scenario file; raises :class:`ScriptError` (one line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ScriptError(f"{path}: cannot read the scenario: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScriptError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_scenario(data, path)
+    path = resolve_script(path)
+    return parse_scenario(_read_yaml(path), path)
 
 
 def parse_scenario(data: Any, path: Path) -> Scenario:
@@ -945,7 +939,7 @@ def parse_scenario(data: Any, path: Path) -> Scenario:
         )
     for key in data:
         if key not in _SCENARIO_KEYS:
-            raise ScriptError(f"{path}: {_unknown(str(key), data[key], '', _SCENARIO_KEYS)}")
+            raise ScriptError(f"{path}: {_unknown_scenario_key(str(key), data[key])}")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise ScriptError(_bad(path, "name", name))
@@ -954,13 +948,15 @@ def parse_scenario(data: Any, path: Path) -> Scenario:
         raise ScriptError(_bad(path, "description", description))
     turns: list[Turn] = []
     if "turns" in data:
+        if not isinstance(data["turns"], list) or not data["turns"]:
+            raise ScriptError(_bad(path, "turns", data["turns"]))
         turns = parse_turns(data["turns"], path)
     caller = _parse_caller(data["caller"], path) if "caller" in data else None
     expect = _parse_scenario_expect(data["expect"], path) if "expect" in data else None
     if not turns and caller is None:
         raise ScriptError(
-            f"{path}: the scenario has neither turns: nor caller:; expected turns: "
-            f"({SCENARIO_ALLOWED['turns']}), caller: ({SCENARIO_ALLOWED['caller']}) or both"
+            f"{path}: the scenario has neither turns: nor caller:; expected turns: (a list of "
+            "say:/dtmf: turns), caller: (persona, goal, max_turns) or both"
         )
     return Scenario(name.strip(), path, turns, description, caller, expect)
 
@@ -968,6 +964,22 @@ def parse_scenario(data: Any, path: Path) -> Scenario:
 def _bad(path: Path, key: str, value: Any, problem: str = "") -> str:
     detail = f" ({problem})" if problem else ""
     return f"{path}: {key}: got {_value(value)}{detail}; expected {SCENARIO_ALLOWED.get(key, '')}"
+
+
+def _unknown_scenario_key(key: str, value: Any) -> str:
+    """The line of an unknown top-level key, also one that belongs one level down."""
+    if key in _CALLER_KEYS:
+        place = f"under caller: (caller: {{{key}: …}})"
+    elif key in SCENARIO_EXPECT_KEYS:
+        place = f"under expect: (expect: {{{key}: …}})"
+    elif key in _TURN_KEYS:
+        place = f"in a turn under turns: (turns: [{{{key}: …}}])"
+    else:
+        return _unknown(key, value, "", _SCENARIO_KEYS)
+    return (
+        f"unknown key {key!r} (value {_value(value)}), did you mean {key!r} {place}? a scenario "
+        f"takes {', '.join(_SCENARIO_KEYS)}"
+    )
 
 
 def _unknown(key: str, value: Any, parent: str, keys: tuple[str, ...]) -> str:

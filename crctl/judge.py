@@ -41,6 +41,11 @@ _SYSTEM = (
     "Read the transcript and decide whether the agent's behaviour meets the rubric. Answer with "
     "passed (true or false) and a one-sentence reason that quotes what decided it."
 )
+#: What to do about an endpoint's refusal, by HTTP status.
+_FIXES = {
+    401: " (set CRCTL_JUDGE_API_KEY, or OPENAI_API_KEY)",
+    404: " (check the model's name: --judge-model / CRCTL_JUDGE_MODEL, and the base URL)",
+}
 #: How long one request may take, in seconds.
 TIMEOUT = 60.0
 
@@ -138,8 +143,9 @@ async def structured(
             },
         )
     except openai.APIStatusError as exc:
+        fix = _FIXES.get(exc.status_code, "")
         raise JudgeError(
-            f"{model} at {where} answered HTTP {exc.status_code}: {_message(exc)}"
+            f"{model} at {where} answered HTTP {exc.status_code}: {_message(exc)}{fix}"
         ) from None
     except openai.APIError as exc:
         raise JudgeError(f"cannot reach {model} at {where}: {_message(exc)}") from None
@@ -159,6 +165,9 @@ async def structured(
 
 
 def _message(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return _short(body["message"].strip().splitlines()[0])
     text = str(getattr(exc, "message", None) or exc).strip()
     return _short(text.splitlines()[0] if text else type(exc).__name__)
 

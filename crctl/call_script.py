@@ -19,6 +19,14 @@ A script is a YAML list of turns::
       expect:
         handoff: {reason: person}       # true/false, text in handoffData, or JSON subset
         ends_call: true
+        judge: offers a person politely # an LLM's verdict on the call so far (crctl.judge)
+        tool_called: transfer_to_human  # or {name, arguments: subset}; the relay's stored events
+    # also: language: es (a language switch), dtmf_sent: "12#" (the agent's sendDigits)
+
+A scenario (``crctl test``) is such a list or a mapping ``{name, description, caller: {persona,
+goal, max_turns}, expect: {…whole-call checks}, turns: […]}`` (:func:`load_scenario`); its
+simulated caller is :mod:`crctl.persona`. ``judge`` and ``tool_called`` are checked once the call
+is over (:func:`after_call`).
 
 The schema is :class:`Script` (pydantic); a bad script is one line naming the file, the turn,
 the key, the value and what is allowed. ``--script example`` plays the example shipped in
@@ -407,9 +415,12 @@ def _hint(path: Path) -> str:
 def parse_turns(data: Any, source: Path | str = "<script>") -> list[Turn]:
     """The turns of a parsed YAML document; raises :class:`ScriptError` (one line)."""
     if not isinstance(data, list) or not data:
+        scenario = isinstance(data, dict) and bool(set(data) & {"turns", "caller", "name"})
+        hint = "; a scenario mapping (name:, caller:, turns:…) runs with `crctl test`"
+        hint = hint if scenario else ""
         raise ScriptError(
             f"{source}: a script is a non-empty YAML list of turns (- say: … / - dtmf: …), "
-            f"got {_value(data)}"
+            f"got {_value(data)}{hint}"
         )
     try:
         return Script.model_validate(data).root
@@ -1071,7 +1082,12 @@ async def run_scenario(
             from crctl.persona import play_persona
 
             played, why = await play_persona(
-                caller, scenario.caller, context, timeout=timeout, first=len(results) + 1
+                caller,
+                scenario.caller,
+                context,
+                timeout=timeout,
+                first=len(results) + 1,
+                max_caller_wait_ms=max_caller_wait_ms,
             )
             results += played
             reasons += why

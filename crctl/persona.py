@@ -89,6 +89,7 @@ async def play_persona(
     *,
     timeout: float,  # noqa: ASYNC109 (each reply's own wait)
     first: int = 1,
+    max_caller_wait_ms: float | None = None,
 ) -> tuple[list[TurnResult], list[str]]:
     """Let the caller model play up to ``spec.max_turns`` turns (numbered from ``first``).
 
@@ -118,7 +119,7 @@ async def play_persona(
             turn = Turn.numbered(number, **keys)
         except ValidationError:
             return results, [f"caller: {model} answered a move that cannot be played: {keys}"]
-        played = await run_script(caller, [turn], timeout)
+        played = await run_script(caller, [turn], timeout, max_caller_wait_ms)
         results += played
         if played and played[0].reply is None:
             break  # not sent: the call is over, or Twilio would not report it

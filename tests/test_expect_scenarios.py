@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crctl.call_script import DEFAULT_MAX_TURNS, ScriptError, load_scenario
+from crctl.call_script import DEFAULT_MAX_TURNS, ScriptError, load_scenario, load_script
 
 JUDGE = "a rubric, as non-empty text (an LLM judges the conversation against it)"
 TOOL = (
@@ -217,3 +217,14 @@ def test_a_bad_scenario_is_one_line_naming_file_key_value_and_what_is_allowed(
     with pytest.raises(ScriptError) as raised:
         load_scenario(path)
     assert str(raised.value) == f"{path}: {line}"
+
+
+def test_crctl_call_script_says_a_scenario_mapping_runs_with_crctl_test(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nturns: [{say: hi}]\n")
+    with pytest.raises(ScriptError) as raised:
+        load_script(path)
+    assert str(raised.value) == (
+        f"{path}: a script is a non-empty YAML list of turns (- say: … / - dtmf: …), got "
+        "{'name': 'x', 'turns': [{'say': 'hi'}]}; a scenario mapping (name:, caller:, turns:…) "
+        "runs with `crctl test`"
+    )

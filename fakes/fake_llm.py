@@ -9,8 +9,9 @@ with its own event loop. Each request is answered by a :class:`Script` (queued w
 Structured output: a request with ``response_format: {type: json_schema, json_schema: {name,
 schema}}`` is answered, before any queued script, with a JSON object scripted for that schema's
 name (:meth:`FakeLLM.answer`: queued objects, then ``FakeLLM.structured[name](body)``), checked
-against the schema (its required keys, no others when ``additionalProperties`` is false). With
-nothing scripted for the name, the request is answered as any other.
+against the schema (its required keys, no others when ``additionalProperties`` is false; a misfit
+is answered HTTP 500 and noted in ``FakeLLM.misfits``). With nothing scripted for the name, the
+request is answered as any other.
 
 CLI for benchmarks::
 
@@ -252,6 +253,8 @@ class FakeLLM(BackgroundServer):
         self.refused_params: set[str] = set()
         #: Structured-output answers by schema name: ``fn(body) -> dict`` (after :meth:`answer`'s).
         self.structured: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        #: Scripted structured answers that did not fit the request's schema (answered HTTP 500).
+        self.misfits: list[str] = []
         self.base_url = ""
         self._answers: dict[str, deque[dict[str, Any]]] = {}
         self._port = port
@@ -297,7 +300,9 @@ class FakeLLM(BackgroundServer):
             return None
         schema = body["response_format"]["json_schema"].get("schema") or {}
         if problem := _schema_problem(answer, schema):
-            raise ValueError(f"the answer scripted for {name!r} does not fit its schema: {problem}")
+            with self._lock:
+                self.misfits.append(f"the answer scripted for {name!r} does not fit: {problem}")
+            return Script(fault="status", status=500)
         return Script(tokens=[json.dumps(answer)])
 
     def _starting(self) -> None:

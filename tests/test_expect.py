@@ -226,7 +226,7 @@ def test_reply_ends_call_handoff_and_the_latency_budgets_fail_each_with_its_line
         stored_relay,
         tmp_path,
         "- say: anyone there?\n  expect: {max_first_token_ms: 100, max_caller_wait_ms: 100}\n"
-        "- say: say nothing\n  expect: {reply: none, settle_ms: 500}\n"
+        "- say: say nothing\n  expect: {reply: none, settle_ms: 3000}\n"
         "- say: put me through\n  expect: {handoff: true, ends_call: true}\n",
         context(stored_relay),
     )
@@ -235,7 +235,7 @@ def test_reply_ends_call_handoff_and_the_latency_budgets_fail_each_with_its_line
     assert "over max_first_token_ms 100" in slow[0]
     assert "(max_caller_wait_ms)" in slow[1]
     assert silent == [
-        "expected no reply within 500 ms (reply: none), but the agent said 'A reply.'"
+        "expected no reply within 3000 ms (reply: none), but the agent said 'A reply.'"
     ]
     assert handoff == [
         "the agent did not end the call (no end message)",

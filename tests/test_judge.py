@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -153,3 +154,31 @@ def test_crctl_call_script_judges_with_the_model_set_in_the_environment(
     (asked,) = judge_llm.structured_records("verdict")
     assert asked.body["model"] == "judge-2"
     assert json.loads(json.dumps(asked.body["response_format"]))["type"] == "json_schema"
+
+
+def test_the_fake_answers_structured_output_by_schema_name_and_checks_the_schema(
+    judge_llm: FakeLLM,
+) -> None:
+    from crctl.judge import VERDICT_SCHEMA
+
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA},
+    }
+    body = {"model": "m", "messages": [{"role": "user", "content": "judge this"}]}
+    judge_llm.answer("verdict", PASS, {"passed": True})
+
+    def ask() -> httpx.Response:
+        url = judge_llm.base_url + "/chat/completions"
+        return httpx.post(url, json={**body, "response_format": fmt}, timeout=10)
+
+    def content(response: httpx.Response) -> str:
+        return str(response.json()["choices"][0]["message"]["content"])
+
+    assert json.loads(content(ask())) == PASS
+    assert ask().status_code == 500  # no reason: the scripted answer does not fit the schema
+    assert judge_llm.misfits == ["the answer scripted for 'verdict' does not fit: no reason"]
+    # nothing scripted for the name: answered as any request (the echo)
+    assert content(ask()) == "You said: judge this"
+    assert len(judge_llm.structured_records("verdict")) == 3
+    assert judge_llm.structured_records("caller_move") == []

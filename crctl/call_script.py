@@ -862,11 +862,15 @@ class RunContext:
 
     @classmethod
     def from_env(cls, relay_url: str | None = None, api_token: str | None = None) -> RunContext:
-        """A context from the environment (``crctl call --script``): ``CRCTL_JUDGE_MODEL``,
-        ``CRCTL_JUDGE_BASE_URL``, ``CRCTL_JUDGE_API_KEY``, ``CRCTL_CALLER_MODEL``, and the
+        """A context as ``crctl test`` builds one, from the environment (``crctl call --script``).
+
+        ``CRCTL_JUDGE_MODEL``, ``CRCTL_CALLER_MODEL``, ``CRCTL_JUDGE_BASE_URL`` (else
+        ``OPENAI_BASE_URL``), the key ``OPENAI_API_KEY`` (also from the dotenv files), and the
         relay's API token as ``crctl tail`` finds it.
-        """  # noqa: D205
+        """
         import os
+
+        from crctl.settings import SettingsError, load_settings
 
         if relay_url is not None:  # as SimulatedCaller takes it: "host:port", ".../twiml"
             relay_url = relay_url.rstrip("/").removesuffix("/twiml")
@@ -876,12 +880,17 @@ class RunContext:
             from crctl.tail import _token
 
             token = _token(None, relay_url)
+        try:
+            settings = load_settings()
+            key, base = settings.openai_api_key, settings.openai_base_url
+        except SettingsError:  # a bad unrelated setting: the SDK reads its own variables
+            key, base = None, None
         env = os.environ.get
         return cls(
             relay_url=relay_url,
             api_token=token,
-            judge_base_url=env("CRCTL_JUDGE_BASE_URL") or None,
-            judge_api_key=env("CRCTL_JUDGE_API_KEY") or None,
+            judge_base_url=env("CRCTL_JUDGE_BASE_URL") or base,
+            judge_api_key=key.get_secret_value() if key is not None else None,
             judge_model=env("CRCTL_JUDGE_MODEL") or None,
             caller_model=env("CRCTL_CALLER_MODEL") or None,
         )

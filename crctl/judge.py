@@ -43,7 +43,7 @@ _SYSTEM = (
 )
 #: What to do about an endpoint's refusal, by HTTP status.
 _FIXES = {
-    401: " (set CRCTL_JUDGE_API_KEY, or OPENAI_API_KEY)",
+    401: " (check OPENAI_API_KEY)",
     404: " (check the model's name: --judge-model / CRCTL_JUDGE_MODEL, and the base URL)",
 }
 #: How long one request may take, in seconds.

@@ -102,7 +102,7 @@ def test_a_judge_that_fails_or_answers_no_verdict_is_one_line(
     failed = play(relay, tmp_path, HOURS, context(relay, judge_llm))
     assert failed.turns[0].reasons == [
         f"judge: judge-1 at {judge_llm.base_url} answered HTTP 401: Incorrect API key provided. "
-        "(set CRCTL_JUDGE_API_KEY, or OPENAI_API_KEY)"
+        "(check OPENAI_API_KEY)"
     ]
     # nothing scripted for the schema: the fake echoes, which is no JSON
     echoed = play(relay, tmp_path, HOURS, context(relay, judge_llm))
@@ -141,7 +141,7 @@ def test_crctl_call_script_judges_with_the_model_set_in_the_environment(
     env = {
         "CRCTL_JUDGE_MODEL": "judge-2",
         "CRCTL_JUDGE_BASE_URL": judge_llm.base_url,
-        "CRCTL_JUDGE_API_KEY": "sk-test",
+        "OPENAI_API_KEY": "sk-judge",
         "TWILIO_AUTH_TOKEN": None,
         "CRCTL_PUBLIC_URL": None,
     }
@@ -153,6 +153,7 @@ def test_crctl_call_script_judges_with_the_model_set_in_the_environment(
     assert "0 of 1 turns passed" in result.output
     (asked,) = judge_llm.structured_records("verdict")
     assert asked.body["model"] == "judge-2"
+    assert asked.headers["Authorization"] == "Bearer sk-judge"
     assert json.loads(json.dumps(asked.body["response_format"]))["type"] == "json_schema"
 
 

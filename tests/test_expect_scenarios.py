@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crctl.call_script import DEFAULT_MAX_TURNS, ScriptError, load_scenario, load_script
+from crctl.call_script import DEFAULT_MAX_TURNS, ScriptError, Turn, load_scenario, load_script
 
 JUDGE = "a rubric, as non-empty text (an LLM judges the conversation against it)"
 TOOL = (
@@ -205,8 +205,8 @@ def test_a_caller_alone_is_a_scenario(tmp_path: Path) -> None:
         ),
         (
             "turns: [{sya: hi}]\n",
-            "turn 1: unknown key 'sya' (value 'hi'), did you mean 'say'? a turn takes say, dtmf, "
-            "interrupt_after_words, expect",
+            "turn 1: unknown key 'sya' (value 'hi'), did you mean 'say'? a turn takes "
+            + ", ".join(Turn.model_fields),
         ),
     ],
 )

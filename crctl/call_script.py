@@ -19,6 +19,14 @@ A script is a YAML list of turns::
       expect:
         handoff: {reason: person}       # true/false, text in handoffData, or JSON subset
         ends_call: true
+        judge: offers a person politely # an LLM's verdict on the call so far (crctl.judge)
+        tool_called: transfer_to_human  # or {name, arguments: subset}; the relay's stored events
+    # also: language: es (a language switch), dtmf_sent: "12#" (the agent's sendDigits)
+
+A scenario (``crctl test``) is such a list or a mapping ``{name, description, caller: {persona,
+goal, max_turns}, expect: {…whole-call checks}, turns: […]}`` (:func:`load_scenario`); its
+simulated caller is :mod:`crctl.persona`. ``judge`` and ``tool_called`` are checked once the call
+is over (:func:`after_call`).
 
 The schema is :class:`Script` (pydantic); a bad script is one line naming the file, the turn,
 the key, the value and what is allowed. ``--script example`` plays the example shipped in
@@ -30,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -80,7 +90,7 @@ ALLOWED = {
     "dtmf": 'keys 0-9, * and # (quote them: dtmf: "1#")',
     "interrupt_after_words": "a whole number of at least 1 (barge in after that many words)",
     "expect": "a mapping of contains, matches, max_first_token_ms, max_caller_wait_ms, ends_call, "
-    "handoff, reply, settle_ms",
+    "handoff, reply, settle_ms, judge, tool_called, language, dtmf_sent",
     "expect.contains": "text or a non-empty list of texts (each must be in the reply)",
     "expect.matches": "a Python regular expression, as text",
     "expect.max_first_token_ms": "a positive number of milliseconds",
@@ -91,7 +101,14 @@ ALLOWED = {
     "expect.reply": "none (the agent must not answer this turn)",
     "expect.settle_ms": f"a positive number of milliseconds (default {DEFAULT_SETTLE_MS:g}), "
     "only with reply: none",
+    "expect.judge": "a rubric, as non-empty text (an LLM judges the conversation against it)",
+    "expect.tool_called": "a tool's name, a mapping {name: …, arguments: {…}} (a subset of the "
+    "call's JSON arguments), or a list of them",
+    "expect.language": "a language code the agent switched to (es-ES, or es for any Spanish)",
+    "expect.dtmf_sent": 'true, false, or the keys the agent sent (quote them: dtmf_sent: "1#")',
 }
+#: A language code as ``language:`` takes it (BCP-47's shape: es, es-ES, zh-Hant-TW).
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 
 
 class _Strict(BaseModel):
@@ -135,6 +152,43 @@ class Expect(_Strict):
     )
     reply: Optional[Literal["none"]] = Field(None, description=ALLOWED["expect.reply"])
     settle_ms: Optional[float] = Field(None, gt=0, description=ALLOWED["expect.settle_ms"])
+    judge: Optional[str] = Field(None, description=ALLOWED["expect.judge"])
+    #: each wanted call: (name, argument subset)
+    tool_called: tuple[tuple[str, dict[str, Any]], ...] = Field(
+        (), description=ALLOWED["expect.tool_called"]
+    )
+    language: Optional[str] = Field(None, description=ALLOWED["expect.language"])
+    dtmf_sent: Optional[Union[bool, str]] = Field(None, description=ALLOWED["expect.dtmf_sent"])
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("")
+        return value.strip()
+
+    @field_validator("tool_called", mode="before")
+    @classmethod
+    def _tool_called(cls, value: Any) -> Any:
+        return parse_tool_called(value)
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not _LANGUAGE.fullmatch(value):
+            raise ValueError("")
+        return value
+
+    @field_validator("dtmf_sent", mode="before")
+    @classmethod
+    def _dtmf_sent(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)  # dtmf_sent: 12
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, str) or not value or set(value) - set("0123456789*#w"):
+            raise ValueError("")
+        return value
 
     @field_validator("contains", mode="before")
     @classmethod
@@ -187,6 +241,32 @@ class Expect(_Strict):
     def settle(self) -> float:
         """Seconds a ``reply: none`` turn listens before it is judged."""
         return (self.settle_ms or DEFAULT_SETTLE_MS) / 1000
+
+
+def parse_tool_called(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``tool_called:``'s value as (name, argument subset) pairs; ValueError says what is wrong."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("")
+    wanted: list[tuple[str, dict[str, Any]]] = []
+    for item in items:
+        if isinstance(item, str) and item.strip():
+            wanted.append((item.strip(), {}))
+            continue
+        if not isinstance(item, dict):
+            raise ValueError("")
+        extra = sorted(set(item) - {"name", "arguments"})
+        if extra:
+            hint = difflib.get_close_matches(str(extra[0]), ["name", "arguments"], n=1)
+            mean = f", did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"unknown key {extra[0]!r}{mean}")
+        name, arguments = item.get("name"), item.get("arguments", {})
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("no name")
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments is not a mapping")
+        wanted.append((name.strip(), arguments))
+    return tuple(wanted)
 
 
 def _given(model: BaseModel, key: str) -> bool:
@@ -302,18 +382,22 @@ def load_script(path: Path) -> list[Turn]:
     Raises :class:`ScriptError` naming the file, the turn, the key and the value.
     """
     path = resolve_script(path)
+    return parse_turns(_read_yaml(path), path)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; raises :class:`ScriptError` (one line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptError(f"{path}: cannot read the script: {exc.strerror}{_hint(path)}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScriptError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_turns(data, path)
 
 
 def _hint(path: Path) -> str:
@@ -331,9 +415,12 @@ def _hint(path: Path) -> str:
 def parse_turns(data: Any, source: Path | str = "<script>") -> list[Turn]:
     """The turns of a parsed YAML document; raises :class:`ScriptError` (one line)."""
     if not isinstance(data, list) or not data:
+        scenario = isinstance(data, dict) and bool(set(data) & {"turns", "caller", "name"})
+        hint = "; a scenario mapping (name:, caller:, turns:…) runs with `crctl test`"
+        hint = hint if scenario else ""
         raise ScriptError(
             f"{source}: a script is a non-empty YAML list of turns (- say: … / - dtmf: …), "
-            f"got {_value(data)}"
+            f"got {_value(data)}{hint}"
         )
     try:
         return Script.model_validate(data).root
@@ -523,7 +610,50 @@ def check(expect: Expect, reply: Reply, caller: SimulatedCaller) -> list[str]:
         reasons.append("the agent ended the call (end)")
     if expect.handoff is not None:
         reasons += _check_handoff(expect.handoff, end)
+    if expect.language is not None or expect.dtmf_sent is not None:
+        later = replies_since(caller, reply)
+        if expect.language is not None:
+            reasons += check_language(expect.language, later)
+        if expect.dtmf_sent is not None:
+            reasons += check_dtmf_sent(expect.dtmf_sent, later)
     return reasons
+
+
+def replies_since(caller: SimulatedCaller, reply: Reply) -> list[Reply]:
+    """``reply`` and every reply after it (a key's reply, an unsolicited one): the turn's."""
+    for index, seen in enumerate(caller.replies):
+        if seen is reply:
+            return caller.replies[index:]
+    return [reply]
+
+
+def check_language(wanted: str, replies: list[Reply]) -> list[str]:
+    """``language``: the agent sent a ``language`` frame switching to ``wanted``.
+
+    ``es`` matches any Spanish (``es-ES``, ``es-MX``); the TTS or the transcription language.
+    """
+    switched = [code for r in replies for switch in r.languages for code in switch.values()]
+    want = wanted.lower()
+    if any(code.lower() == want or code.lower().startswith(want + "-") for code in switched):
+        return []
+    if not switched:
+        return [
+            f"language: the agent did not switch language (no language message), expected {wanted}"
+        ]
+    return [f"language: the agent switched to {', '.join(switched)}, expected {wanted}"]
+
+
+def check_dtmf_sent(wanted: bool | str, replies: list[Reply]) -> list[str]:
+    """``dtmf_sent``: the agent's ``sendDigits`` (any, none, or these keys)."""
+    sent = "".join(digits for r in replies for digits in r.digits)
+    if wanted is True:
+        return [] if sent else ["dtmf_sent: the agent sent no keys (no sendDigits)"]
+    if wanted is False:
+        return [f"dtmf_sent: the agent sent keys {sent!r} (sendDigits)"] if sent else []
+    if wanted in sent:
+        return []
+    got = f"sent {sent!r}" if sent else "sent no keys (no sendDigits)"
+    return [f"dtmf_sent: expected keys {wanted!r}, the agent {got}"]
 
 
 def _check_wait(
@@ -664,23 +794,55 @@ async def play_script(
     out: Console,
     *,
     max_caller_wait_ms: float | None = None,
+    context: RunContext | None = None,
 ) -> int:
     """Run the script on a dialled caller, hang up and print the report.
 
     The caller hangs up unless the agent ended the call. Returns the exit code: 0 when every
-    turn passed, else 1.
+    turn passed, else 1. ``judge`` and ``tool_called`` are checked once the call is over, with
+    ``context`` (default: :meth:`RunContext.from_env`).
     """
     try:
         results = await run_script(caller, turns, caller.timeout, max_caller_wait_ms)
     finally:
         await caller.hangup()
+    if any(r.turn.expect.judge or r.turn.expect.tool_called for r in results):
+        await after_call(results, caller, context or RunContext.from_env(caller.url))
     return 0 if report(out, results, caller) else 1
 
 
 # -------------------------------------------------------------------------- scenarios
 # A scenario is what `crctl test` runs: a script (the list form above) or a mapping with a
-# name, scenario-level expectations and, later, a simulated caller. These are the seams the
-# suite runner uses; the scenario keys beyond `turns` are added with the expectations.
+# name, scenario-level expectations and a simulated caller. These are the seams the suite
+# runner uses.
+
+#: A simulated caller's turns when its ``max_turns`` is not given.
+DEFAULT_MAX_TURNS = 6
+#: What each key of a scenario mapping allows (the ``expected …`` of its error lines).
+SCENARIO_ALLOWED = {
+    "name": "non-empty text (the scenario's name in reports; default the file's name)",
+    "description": "text (what the scenario is about)",
+    "caller": "a mapping of persona, goal and max_turns (an LLM plays the caller)",
+    "caller.persona": "non-empty text (who calls, and how they speak)",
+    "caller.goal": "non-empty text (what the caller wants; a judge decides whether it was met)",
+    "caller.max_turns": f"a whole number of at least 1 (default {DEFAULT_MAX_TURNS})",
+    "expect": "a mapping of judge, tool_called, ends_call, handoff, language, dtmf_sent, "
+    "max_first_token_ms, max_caller_wait_ms (checked over the whole call)",
+    "turns": "a non-empty list of turns (- say: … / - dtmf: …)",
+}
+_SCENARIO_KEYS = ("name", "description", "caller", "expect", "turns")
+_CALLER_KEYS = ("persona", "goal", "max_turns")
+#: The expectations that make sense for a whole call.
+SCENARIO_EXPECT_KEYS = (
+    "judge",
+    "tool_called",
+    "ends_call",
+    "handoff",
+    "language",
+    "dtmf_sent",
+    "max_first_token_ms",
+    "max_caller_wait_ms",
+)
 
 
 @dataclass
@@ -698,6 +860,58 @@ class RunContext:
     #: folder for the judge's verdict cache (None: no cache)
     cache_dir: Path | None = None
 
+    @classmethod
+    def from_env(cls, relay_url: str | None = None, api_token: str | None = None) -> RunContext:
+        """A context as ``crctl test`` builds one, from the environment (``crctl call --script``).
+
+        ``CRCTL_JUDGE_MODEL``, ``CRCTL_CALLER_MODEL``, ``CRCTL_JUDGE_BASE_URL`` (else
+        ``OPENAI_BASE_URL``), the key ``OPENAI_API_KEY`` (also from the dotenv files), and the
+        relay's API token as ``crctl tail`` finds it.
+        """
+        import os
+
+        from crctl.settings import SettingsError, load_settings
+
+        if relay_url is not None:  # as SimulatedCaller takes it: "host:port", ".../twiml"
+            relay_url = relay_url.rstrip("/").removesuffix("/twiml")
+            relay_url = relay_url if "://" in relay_url else "http://" + relay_url
+        token = api_token
+        if token is None and relay_url is not None:
+            from crctl.tail import _token
+
+            token = _token(None, relay_url)
+        try:
+            settings = load_settings()
+            key, base = settings.openai_api_key, settings.openai_base_url
+        except SettingsError:  # a bad unrelated setting: the SDK reads its own variables
+            key, base = None, None
+        env = os.environ.get
+        return cls(
+            relay_url=relay_url,
+            api_token=token,
+            judge_base_url=env("CRCTL_JUDGE_BASE_URL") or base,
+            judge_api_key=key.get_secret_value() if key is not None else None,
+            judge_model=env("CRCTL_JUDGE_MODEL") or None,
+            caller_model=env("CRCTL_CALLER_MODEL") or None,
+        )
+
+
+class CallerSpec(_Strict):
+    """``caller:``: an LLM plays a caller with this persona until the goal or ``max_turns``."""
+
+    persona: str = Field(description=SCENARIO_ALLOWED["caller.persona"])
+    goal: str = Field(description=SCENARIO_ALLOWED["caller.goal"])
+    max_turns: int = Field(
+        DEFAULT_MAX_TURNS, ge=1, description=SCENARIO_ALLOWED["caller.max_turns"]
+    )
+
+    @field_validator("persona", "goal", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("")
+        return value.strip()
+
 
 @dataclass
 class Scenario:
@@ -706,6 +920,11 @@ class Scenario:
     name: str
     path: Path
     turns: list[Turn]
+    description: str = ""
+    #: the simulated caller, played after ``turns``
+    caller: CallerSpec | None = None
+    #: the scenario-level expectations (keys of :data:`SCENARIO_EXPECT_KEYS`)
+    expect: Expect | None = None
 
 
 @dataclass
@@ -725,8 +944,127 @@ class ScenarioResult:
 
 def load_scenario(path: Path) -> Scenario:
     """Read and check a scenario file; raises :class:`ScriptError` (one line)."""
-    turns = load_script(path)
-    return Scenario(name=path.stem, path=path, turns=turns)
+    path = resolve_script(path)
+    return parse_scenario(_read_yaml(path), path)
+
+
+def parse_scenario(data: Any, path: Path) -> Scenario:
+    """A scenario from a parsed YAML document: a list of turns, or a mapping (module docs)."""
+    if isinstance(data, list):
+        return Scenario(name=path.stem, path=path, turns=parse_turns(data, path))
+    if not isinstance(data, dict) or not data:
+        raise ScriptError(
+            f"{path}: a scenario is a YAML list of turns (- say: … / - dtmf: …) or a mapping of "
+            f"{', '.join(_SCENARIO_KEYS)}; got {_value(data)}"
+        )
+    for key in data:
+        if key not in _SCENARIO_KEYS:
+            raise ScriptError(f"{path}: {_unknown_scenario_key(str(key), data[key])}")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise ScriptError(_bad(path, "name", name))
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ScriptError(_bad(path, "description", description))
+    turns: list[Turn] = []
+    if "turns" in data:
+        if not isinstance(data["turns"], list) or not data["turns"]:
+            raise ScriptError(_bad(path, "turns", data["turns"]))
+        turns = parse_turns(data["turns"], path)
+    caller = _parse_caller(data["caller"], path) if "caller" in data else None
+    expect = _parse_scenario_expect(data["expect"], path) if "expect" in data else None
+    if not turns and caller is None:
+        raise ScriptError(
+            f"{path}: the scenario has neither turns: nor caller:; expected turns: (a list of "
+            "say:/dtmf: turns), caller: (persona, goal, max_turns) or both"
+        )
+    return Scenario(name.strip(), path, turns, description, caller, expect)
+
+
+def _bad(path: Path, key: str, value: Any, problem: str = "") -> str:
+    detail = f" ({problem})" if problem else ""
+    return f"{path}: {key}: got {_value(value)}{detail}; expected {SCENARIO_ALLOWED.get(key, '')}"
+
+
+def _unknown_scenario_key(key: str, value: Any) -> str:
+    """The line of an unknown top-level key, also one that belongs one level down."""
+    if key in _CALLER_KEYS:
+        place = f"under caller: (caller: {{{key}: …}})"
+    elif key in SCENARIO_EXPECT_KEYS:
+        place = f"under expect: (expect: {{{key}: …}})"
+    elif key in _TURN_KEYS:
+        place = f"in a turn under turns: (turns: [{{{key}: …}}])"
+    else:
+        return _unknown(key, value, "", _SCENARIO_KEYS)
+    return (
+        f"unknown key {key!r} (value {_value(value)}), did you mean {key!r} {place}? a scenario "
+        f"takes {', '.join(_SCENARIO_KEYS)}"
+    )
+
+
+def _unknown(key: str, value: Any, parent: str, keys: tuple[str, ...]) -> str:
+    """``unknown key …, did you mean …?; <parent> takes …`` for a mapping of ``keys``."""
+    match = difflib.get_close_matches(key.lower().replace("-", "_"), keys, n=1, cutoff=0.6)
+    hint = f", did you mean {match[0]!r}?" if match else ";"
+    owner = {"": "a scenario", "caller.": "caller", "expect.": "the scenario's expect"}[parent]
+    return (
+        f"unknown key {parent + key!r} (value {_value(value)}){hint} {owner} takes "
+        f"{', '.join(keys)}"
+    )
+
+
+def _parse_caller(data: Any, path: Path) -> CallerSpec:
+    if not isinstance(data, dict):
+        raise ScriptError(_bad(path, "caller", data))
+    for key in data:
+        if key not in _CALLER_KEYS:
+            raise ScriptError(f"{path}: {_unknown(str(key), data[key], 'caller.', _CALLER_KEYS)}")
+    for key in ("persona", "goal"):
+        if key not in data:
+            raise ScriptError(_bad(path, f"caller.{key}", None, "missing"))
+    try:
+        return CallerSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = "caller." + ".".join(str(p) for p in error["loc"])
+        problem = "too small" if error["type"] == "greater_than_equal" else ""
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyError):
+            problem = cause.problem
+        raise ScriptError(_bad(path, key, error["input"], problem)) from None
+
+
+def _parse_scenario_expect(data: Any, path: Path) -> Expect:
+    if not isinstance(data, dict):
+        raise ScriptError(_bad(path, "expect", data))
+    for key in data:
+        if key in _EXPECT_KEYS and key not in SCENARIO_EXPECT_KEYS:
+            raise ScriptError(
+                f"{path}: expect.{key}: checks one reply, not the whole call; put it under a "
+                f"turn's expect:, or use one of {', '.join(SCENARIO_EXPECT_KEYS)}"
+            )
+        if key not in SCENARIO_EXPECT_KEYS:
+            keys = SCENARIO_EXPECT_KEYS
+            raise ScriptError(f"{path}: {_unknown(str(key), data[key], 'expect.', keys)}")
+    try:
+        return Expect.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = "expect." + ".".join(str(p) for p in error["loc"][:1])
+        cause = (error.get("ctx") or {}).get("error")
+        problem = str(cause) if isinstance(cause, ValueError) else ""
+        if isinstance(cause, _KeyError):
+            key, problem = f"expect.{cause.key}", cause.problem
+        if error["type"] in ("greater_than", "greater_than_equal"):
+            problem = "too small"
+        value = error["input"]
+        if key == "expect" and isinstance(value, dict):
+            value = data
+        allowed = ALLOWED.get(key, "")
+        detail = f" ({problem})" if problem else ""
+        raise ScriptError(
+            f"{path}: {key}: got {_value(value)}{detail}; expected {allowed}"
+        ) from None
 
 
 async def run_scenario(
@@ -737,12 +1075,218 @@ async def run_scenario(
     context: RunContext | None = None,
     max_caller_wait_ms: float | None = None,
 ) -> ScenarioResult:
-    """Play ``scenario`` on a connected caller and hang up; never raises for a failed check."""
+    """Play ``scenario`` on a connected caller and hang up; never raises for a failed check.
+
+    The scripted turns first, then the simulated caller (``caller:``); once the call is over,
+    the checks that need it whole: ``judge``, ``tool_called`` and the scenario's ``expect``.
+    """
+    context = context or RunContext()
+    expect = scenario.expect
+    if max_caller_wait_ms is None and expect is not None:
+        max_caller_wait_ms = expect.max_caller_wait_ms
+    reasons: list[str] = []
     try:
         results = await run_script(caller, scenario.turns, timeout, max_caller_wait_ms)
+        if scenario.caller is not None:
+            from crctl.persona import play_persona
+
+            played, why = await play_persona(
+                caller,
+                scenario.caller,
+                context,
+                timeout=timeout,
+                first=len(results) + 1,
+                max_caller_wait_ms=max_caller_wait_ms,
+            )
+            results += played
+            reasons += why
     finally:
         await caller.hangup()
-    reasons: list[str] = []
     if caller.outcome is not None and caller.outcome.status == "failed":
-        reasons.append(f"call: {caller.outcome.describe()}")
+        reasons.insert(0, f"call: {caller.outcome.describe()}")
+    reasons += await after_call(results, caller, context, expect)
+    if scenario.caller is not None and context.caller_model:
+        from crctl.persona import judge_goal
+
+        reasons += await judge_goal(caller, scenario.caller, context)
     return ScenarioResult(scenario, results, reasons)
+
+
+# --------------------------------------------------------------- checks after the call
+
+
+def _spans(results: list[TurnResult], caller: SimulatedCaller) -> list[tuple[int, int] | None]:
+    """Each turn's replies as a slice of ``caller.replies`` (None: the turn got no reply)."""
+    index = {id(reply): i for i, reply in enumerate(caller.replies)}
+    starts = [index.get(id(r.reply)) if r.reply is not None else None for r in results]
+    spans: list[tuple[int, int] | None] = []
+    for n, start in enumerate(starts):
+        if start is None:
+            spans.append(None)
+            continue
+        later = [s for s in starts[n + 1 :] if s is not None]
+        spans.append((start, later[0] if later else len(caller.replies)))
+    return spans
+
+
+def call_transcript(caller: SimulatedCaller, upto: int | None = None) -> str:
+    """The call's transcript as the judge reads it, up to reply ``upto`` (None: all of it)."""
+    from crctl.judge import transcript
+
+    replies = caller.replies if upto is None else caller.replies[:upto]
+    end = caller.end_frame
+    ended = None
+    if end is not None and (upto is None or upto >= len(caller.replies)):
+        ended = "ends the call" + (f", handoffData {end.handoff_data}" if end.handoff_data else "")
+    greeting = caller.plan.welcome_greeting if caller.plan is not None else None
+    return transcript(replies, greeting=greeting, ended=ended)
+
+
+async def after_call(
+    results: list[TurnResult],
+    caller: SimulatedCaller,
+    context: RunContext,
+    expect: Expect | None = None,
+) -> list[str]:
+    """The checks that need the call over: each turn's ``judge`` and ``tool_called`` (added to
+    its reasons) and the scenario's ``expect``; returns the scenario-level reasons.
+    """  # noqa: D205
+    from crctl.judge import Judge
+
+    judge = Judge(context)
+    spans = _spans(results, caller)
+    wants_tools = bool(expect is not None and expect.tool_called) or any(
+        r.turn.expect.tool_called for r in results
+    )
+    tools: list[dict[str, Any]] | str = []
+    if wants_tools:
+        tools = await stored_tool_calls(context, caller.call_sid)
+    offset = time.time() - time.monotonic()  # the replies' clock → the relay's events' clock
+    for result, span in zip(results, spans, strict=True):
+        wanted = result.turn.expect
+        if span is None or not (wanted.judge or wanted.tool_called):
+            continue
+        start, stop = span
+        if wanted.tool_called:
+            begin = caller.replies[start].sent_at + offset
+            until = caller.replies[stop].sent_at + offset if stop < len(caller.replies) else None
+            window = tools if isinstance(tools, str) else _between(tools, begin, until)
+            result.reasons += check_tool_called(wanted.tool_called, window)
+        if wanted.judge:
+            result.reasons += await judge.check(wanted.judge, call_transcript(caller, stop))
+    if expect is None:
+        return []
+    reasons: list[str] = []
+    if expect.judge:
+        reasons += await judge.check(expect.judge, call_transcript(caller))
+    if expect.tool_called:
+        reasons += check_tool_called(expect.tool_called, tools)
+    end = caller.end_frame
+    if expect.ends_call is True and end is None:
+        reasons.append("the agent did not end the call (no end message)")
+    if expect.ends_call is False and end is not None:
+        reasons.append("the agent ended the call (end)")
+    if expect.handoff is not None:
+        reasons += _check_handoff(expect.handoff, end)
+    if expect.language is not None:
+        reasons += check_language(expect.language, caller.replies)
+    if expect.dtmf_sent is not None:
+        reasons += check_dtmf_sent(expect.dtmf_sent, caller.replies)
+    if expect.max_first_token_ms is not None:
+        limit = expect.max_first_token_ms
+        for result in results:
+            ms = result.reply.first_token_ms if result.reply is not None else None
+            if ms is not None and ms > limit:
+                reasons.append(
+                    f"turn {result.turn.number}: first token {ms:.0f} ms, over the scenario's "
+                    f"max_first_token_ms {limit:g}"
+                )
+    return reasons
+
+
+def _between(
+    tools: list[dict[str, Any]], begin: float, until: float | None
+) -> list[dict[str, Any]]:
+    return [t for t in tools if t["ts"] >= begin and (until is None or t["ts"] < until)]
+
+
+async def stored_tool_calls(context: RunContext, call_sid: str) -> list[dict[str, Any]] | str:
+    """The call's ``tool.call`` events from the relay's ``GET /calls/{sid}`` (``ts``, ``name``,
+    ``arguments``), or the one line saying why they cannot be read.
+    """  # noqa: D205
+    import httpx
+
+    from relay_server.events import TOOL_CALL
+
+    if not context.relay_url:
+        return "tool_called: no relay URL to read the call's tool calls from"
+    url = context.relay_url.rstrip("/") + f"/calls/{call_sid}"
+    headers = {"Authorization": f"Bearer {context.api_token}"} if context.api_token else {}
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            response = await client.get(url, headers=headers)
+    except httpx.HTTPError as exc:
+        return f"tool_called: cannot read the call's events at {url}: {exc}"
+    if response.status_code == 401:
+        fix = "pass --token or set CRCTL_API_TOKEN" if not context.api_token else "check it"
+        return f"tool_called: the relay refused the API token (HTTP 401) at {url}: {fix}"
+    if response.status_code == 404:
+        return f"tool_called: the relay has no stored events of call {call_sid} ({url})"
+    if response.status_code != 200:
+        return f"tool_called: {url} answered HTTP {response.status_code}"
+    try:
+        events = response.json()["events"]
+        return [
+            {
+                "ts": float(e["ts"]),
+                "name": e["data"].get("name", ""),
+                "arguments": e["data"].get("arguments"),
+            }
+            for e in events
+            if e["kind"] == TOOL_CALL
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"tool_called: {url} answered something other than a stored call"
+
+
+def check_tool_called(
+    wanted: tuple[tuple[str, dict[str, Any]], ...], calls: list[dict[str, Any]] | str
+) -> list[str]:
+    """``tool_called``: each wanted tool was called, with arguments holding the wanted subset."""
+    if isinstance(calls, str):
+        return [calls]
+    reasons = []
+    for name, subset in wanted:
+        named = [c for c in calls if c["name"] == name]
+        if not named:
+            made = ", ".join(sorted({c["name"] for c in calls})) or "none"
+            reasons.append(f"tool_called: {name} was not called (tools called: {made})")
+            continue
+        if not subset:
+            continue
+        if not any(_holds(subset, _arguments(c["arguments"])) for c in named):
+            shown = "; ".join(str(c["arguments"]) for c in named)
+            reasons.append(f"tool_called: {name} was called without arguments {subset}: {shown}")
+    return reasons
+
+
+def _arguments(text: Any) -> Any:
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _holds(subset: Any, value: Any) -> bool:
+    """``subset`` is within ``value``: mappings key by key, text case-insensitively contained."""
+    if isinstance(subset, dict):
+        return isinstance(value, dict) and all(
+            k in value and _holds(v, value[k]) for k, v in subset.items()
+        )
+    if isinstance(subset, str) and isinstance(value, str):
+        return subset.lower() in value.lower()
+    if isinstance(subset, (int, float)) and not isinstance(subset, bool):
+        return not isinstance(value, bool) and value == subset
+    return bool(subset == value)

@@ -6,6 +6,13 @@ with its own event loop. Each request is answered by a :class:`Script` (queued w
 :meth:`FakeLLM.enqueue`, else produced by ``FakeLLM.responder``) and logged as a
 :class:`StreamRecord`. Used by the test suite and by benchmarks, so it stays lean.
 
+Structured output: a request with ``response_format: {type: json_schema, json_schema: {name,
+schema}}`` is answered, before any queued script, with a JSON object scripted for that schema's
+name (:meth:`FakeLLM.answer`: queued objects, then ``FakeLLM.structured[name](body)``), checked
+against the schema (its required keys, no others when ``additionalProperties`` is false; a misfit
+is answered HTTP 500 and noted in ``FakeLLM.misfits``). With nothing scripted for the name, the
+request is answered as any other.
+
 CLI for benchmarks::
 
     python -m fakes.fake_llm --port 8099 --ttft 0.3 --delay 0.02 --tokens 40
@@ -172,6 +179,27 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return words
 
 
+def schema_name(body: dict[str, Any]) -> str | None:
+    """The json_schema name of a structured-output request (None: not one)."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    return str(spec.get("name")) if isinstance(spec, dict) and spec.get("name") else None
+
+
+def _schema_problem(answer: dict[str, Any], schema: dict[str, Any]) -> str | None:
+    """Why ``answer`` does not fit an object ``schema`` (required keys, extra keys), or None."""
+    missing = [key for key in schema.get("required", ()) if key not in answer]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if schema.get("additionalProperties") is False:
+        extra = sorted(set(answer) - set(schema.get("properties", {})))
+        if extra:
+            return f"keys not in the schema: {', '.join(extra)}"
+    return None
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     return b"data: " + text.encode() + b"\n\n"
@@ -223,7 +251,12 @@ class FakeLLM(BackgroundServer):
         #: Request parameters refused with HTTP 400, as some OpenAI-compatible servers refuse
         #: what they do not know (``{"stream_options"}``).
         self.refused_params: set[str] = set()
+        #: Structured-output answers by schema name: ``fn(body) -> dict`` (after :meth:`answer`'s).
+        self.structured: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        #: Scripted structured answers that did not fit the request's schema (answered HTTP 500).
+        self.misfits: list[str] = []
         self.base_url = ""
+        self._answers: dict[str, deque[dict[str, Any]]] = {}
         self._port = port
         self._keep_records = keep_records
         self._queue: deque[Script] = deque()
@@ -237,6 +270,40 @@ class FakeLLM(BackgroundServer):
         """Queue scripts, used FIFO (one per request) before ``responder``."""
         with self._lock:
             self._queue.extend(scripts)
+
+    def answer(self, name: str, *answers: dict[str, Any]) -> None:
+        """Queue answers to structured-output requests of the schema ``name``, used FIFO."""
+        with self._lock:
+            self._answers.setdefault(name, deque()).extend(answers)
+
+    def structured_records(self, name: str | None = None) -> list[StreamRecord]:
+        """The structured-output requests so far (of the schema ``name``, or all)."""
+        with self._lock:
+            return [
+                r
+                for r in self.records
+                if (schema_name(r.body) is not None and name is None)
+                or (name is not None and schema_name(r.body) == name)
+            ]
+
+    def _structured_script(self, body: dict[str, Any]) -> Script | None:
+        """The answer to a structured-output request, or None when nothing is scripted for it."""
+        name = schema_name(body)
+        if name is None:
+            return None
+        with self._lock:
+            queued = self._answers.get(name)
+            answer = queued.popleft() if queued else None
+        if answer is None and name in self.structured:
+            answer = self.structured[name](body)
+        if answer is None:
+            return None
+        schema = body["response_format"]["json_schema"].get("schema") or {}
+        if problem := _schema_problem(answer, schema):
+            with self._lock:
+                self.misfits.append(f"the answer scripted for {name!r} does not fit: {problem}")
+            return Script(fault="status", status=500)
+        return Script(tokens=[json.dumps(answer)])
 
     def _starting(self) -> None:
         self._stopping = False
@@ -283,6 +350,9 @@ class FakeLLM(BackgroundServer):
         return web.json_response({"object": "list", "data": data})
 
     def _next_script(self, body: dict[str, Any]) -> Script:
+        structured = self._structured_script(body)
+        if structured is not None:
+            return structured
         with self._lock:
             if self._queue:
                 return self._queue.popleft()

@@ -296,7 +296,7 @@ ONE_OF = "expected exactly one of say: (what the caller says) or dtmf: (keys to 
 TURN_KEYS = "a turn takes say, dtmf, interrupt_after_words, expect"
 EXPECT_KEYS = (
     "expect takes contains, matches, max_first_token_ms, max_caller_wait_ms, ends_call, handoff, "
-    "reply, settle_ms"
+    "reply, settle_ms, judge, tool_called, language, dtmf_sent"
 )
 
 
@@ -391,7 +391,8 @@ EXPECT_KEYS = (
         (
             "- say: hi\n  expect: [contains]\n",
             "turn 1: expect: got ['contains']; expected a mapping of contains, matches, "
-            "max_first_token_ms, max_caller_wait_ms, ends_call, handoff, reply, settle_ms",
+            "max_first_token_ms, max_caller_wait_ms, ends_call, handoff, reply, settle_ms, "
+            "judge, tool_called, language, dtmf_sent",
         ),
         (
             "say: hi\n",

@@ -377,6 +377,15 @@ class SimulatedCaller:
         """
         return self.speaker.waits.get(reply) if self.speaker is not None else None
 
+    async def started(self, reply: Reply, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until ``reply`` has its first text; False if it ended without (or time ran out)."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: reply.tokens > 0 or reply.done)
+        except TimeoutError:
+            return False
+        return reply.tokens > 0
+
     async def words(self, reply: Reply, count: int, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until ``count`` whole words of ``reply`` have arrived; False if it ended first.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -280,3 +281,20 @@ async def test_fault_steps_play_through_run_script_on_a_timed_caller(relay_facto
     assert [r.reasons for r in results] == [[]] * 6
     assert caller.outcome is not None and caller.outcome.status == "completed"
     assert [o.error_code for o in caller.earlier] == ["64105"]
+
+
+def test_the_readmes_fault_example_is_a_valid_script():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Fault steps", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    turns = parse_turns(yaml.safe_load(block), "README.md")
+    assert [t.fault for t in turns] == [
+        None,
+        "drop_socket",
+        None,
+        "silence",
+        "bad_frame",
+        "partials",
+        "hangup",
+    ]
+    assert turns[5].noise == Noise(0.3, True)

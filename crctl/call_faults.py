@@ -205,11 +205,7 @@ async def _hangup(
     reply: Reply | None = None
     reasons: list[str] = []
     if hangup.after_words is not None:
-        if turn.say is not None:
-            reply = await caller.say(turn.say)
-        else:
-            assert turn.dtmf is not None
-            reply = await caller.dtmf(turn.dtmf)
+        reply = await _utter(caller, turn)
         if reply is None:
             return TurnResult(turn, None, [caller.last_drop or "input not sent"])
         if not await caller.words(reply, hangup.after_words, timeout):
@@ -239,13 +235,7 @@ async def _speak(
     """A ``say`` with ``partials``/``noise``, or ``noise`` alone: said, then judged as usual."""
     from crctl.call_script import TurnResult
 
-    text = turn.say
-    if turn.noise is not None:
-        text = noisy(text, turn.noise, turn.number)
-    assert text is not None
-    reply = await caller.say(
-        text, interrupt_after_words=turn.interrupt_after_words, partials=turn.partials
-    )
+    reply = await _utter(caller, turn, turn.interrupt_after_words)
     if reply is None:
         return TurnResult(turn, None, [caller.last_drop or "input not sent"])
     before = caller.replies.index(reply)
@@ -256,6 +246,22 @@ async def _speak(
             await caller.closed.wait()
         return TurnResult(turn, reply, _check_silence(turn.expect, caller.replies[before:]))
     return TurnResult(turn, reply, await _judge(caller, turn, reply, timeout, max_caller_wait_ms))
+
+
+def transcript(turn: Turn) -> str | None:
+    """What Twilio sends of the turn's speech: its ``say``, or what ``noise`` made of it."""
+    if turn.noise is not None:
+        return noisy(turn.say, turn.noise, turn.number)
+    return turn.say
+
+
+async def _utter(caller: SimulatedCaller, turn: Turn, barge: int | None = None) -> Reply | None:
+    """Say the turn's words (``partials``, ``noise`` applied) or press its keys."""
+    text = transcript(turn)
+    if text is None:
+        assert turn.dtmf is not None
+        return await caller.dtmf(turn.dtmf, interrupt_after_words=barge)
+    return await caller.say(text, interrupt_after_words=barge, partials=turn.partials)
 
 
 async def _judge(

@@ -15,7 +15,8 @@ on that reply as soon as the agent speaks. A bad line is an ``error`` event and 
 on.
 
 Events (``"event"`` names each): ``connected``, ``greeting``, ``speaking`` (a reply's first
-text), ``reply`` (its text, ``first_token_ms``, ``caller_wait_ms``, ``interrupted``…),
+text), ``reply`` (its text, ``first_token_ms``, ``caller_wait_ms``, ``interrupted``, an
+``error`` when the call ended under it…),
 ``interrupted``, ``play``, ``dtmf`` (digits the agent sent), ``language``, ``handoff``,
 ``end``, ``reconnected``, ``closed`` (how the session ended), and ``error`` with a
 ``message``. The program exits once the call is over: 0, or 1 when the session failed.
@@ -170,6 +171,7 @@ class JsonEvents:
             caller_wait_ms=_ms(wait),
             plays=reply.plays,
             digits=reply.digits,
+            error=reply.error,
         )
 
     def __call__(self, event: CallEvent) -> None:

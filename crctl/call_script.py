@@ -52,7 +52,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crctl.call_faults import DEFAULT_BAD_FRAME, DEFAULT_CONFIDENCE, Hangup, Noise, play_fault
+from crctl.call_faults import (
+    DEFAULT_BAD_FRAME,
+    DEFAULT_CONFIDENCE,
+    Hangup,
+    Noise,
+    play_fault,
+    transcript,
+)
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import ConfigurationError
 from relay_server.protocol import End
@@ -314,6 +321,13 @@ class Turn(_Strict):
         for key in ("partials", "noise"):
             if _given(self, key) and self.say is None:
                 raise _KeyError(key, self.dtmf, "on a dtmf turn", ALLOWED[key])
+        if self.hangup is not None and self.interrupt_after_words is not None:
+            raise _KeyError(
+                "interrupt_after_words",
+                self.interrupt_after_words,
+                "with hangup, which ends the reply itself",
+                "one of interrupt_after_words (barge in) or hangup: {after_words: N}",
+            )
         if self.expect.silent and self.interrupt_after_words is not None:
             raise _KeyError(
                 "interrupt_after_words",
@@ -366,7 +380,8 @@ class Turn(_Strict):
         if self.drop_socket:
             return "drop_socket"
         if self.noise is not None:
-            said = "noise" if self.say is None else f"{said} (noise)"
+            heard = repr(transcript(self))
+            said = f"noise {heard}" if self.say is None else f"{said} heard as {heard}"
         if self.partials:
             said += " (partials)"
         if self.hangup is not None:

@@ -179,6 +179,7 @@ def test_a_noisy_transcript_reaches_the_agent_as_twilio_sends_it(relay, fake_llm
         "- say: table for two\n  noise: {confidence: 1}\n  expect: {contains: table for two}\n",
     )
     assert result.exit_code == 0, result.output
+    assert f"turn 1 pass  {said!r} heard as " in result.output  # the transcript sent
     heard = [e["text"] for e in events(relay, "caller.speech")]
     assert heard[0] == noisy(said, Noise(0.3, True), 1)
     assert heard[0] != said and len(heard[0].split()) == len(said.split())
@@ -274,7 +275,7 @@ async def test_fault_steps_play_through_run_script_on_a_timed_caller(relay_facto
             {"drop_socket": True},
             {"silence": 10, "expect": {"contains": "still there"}},
             {"say": "second", "noise": {"confidence": 1}, "expect": {"contains": "second"}},
-            {"say": "third", "hangup": {"after_words": 1}},
+            {"say": "third", "noise": {"confidence": 1}, "hangup": {"after_words": 1}},
         ]
     )
     results = await run_script(caller, turns, 5)
@@ -298,3 +299,72 @@ def test_the_readmes_fault_example_is_a_valid_script():
         "hangup",
     ]
     assert turns[5].noise == Noise(0.3, True)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (
+            "- drop_socket: false\n",
+            "turn 1: drop_socket: got False; expected true (the WebSocket drops, then Twilio's "
+            "/action 64105 reconnect)",
+        ),
+        (
+            "- silence: 0\n",
+            "turn 1: silence: got 0 (too small); expected a positive number of seconds (the "
+            "caller says nothing that long)",
+        ),
+        (
+            "- say: hi\n  drop_socket: true\n",
+            "turn 1: drop_socket: got True (together with say); expected drop_socket as a turn "
+            "of its own (- drop_socket: …)",
+        ),
+        (
+            "- dtmf: '1'\n  partials: true\n",
+            "turn 1: partials: got '1' (on a dtmf turn); expected true, on a say turn (interim "
+            "prompt frames before the final)",
+        ),
+        (
+            "- say: hi\n  noise: {confidense: 0.2}\n",
+            "turn 1: noise.confidense: got 0.2 (unknown key, did you mean 'confidence'?); "
+            "expected noise takes confidence, garble",
+        ),
+        (
+            "- say: hi\n  noise: {confidence: 2}\n",
+            "turn 1: noise.confidence: got 2 (out of range); expected a number from 0 to 1 (the "
+            "share of words heard right; default 0.5)",
+        ),
+        (
+            "- hangup: {after_words: 2}\n",
+            "turn 1: hangup: got {'after_words': 2} (without say or dtmf); expected true (hang "
+            "up now), or on a say or dtmf turn {after_words: N} (hang up mid-reply)",
+        ),
+        (
+            "- say: hi\n  hangup: {after_words: 0}\n",
+            "turn 1: hangup.after_words: got 0 (too small); expected a whole number of at least "
+            "1 (words of the reply before hanging up)",
+        ),
+        (
+            "- bad_frame: true\n  expect: {contains: x}\n",
+            "turn 1: expect: got ['contains'] (on a bad_frame step, which has no reply to "
+            "check); expected expect only on say, dtmf, silence and noise turns (check the next "
+            "turn)",
+        ),
+        (
+            "- drop_sockets: true\n",
+            "turn 1: unknown key 'drop_sockets' (value True), did you mean 'drop_socket'? a "
+            "turn takes say, dtmf, interrupt_after_words, expect, drop_socket, silence, "
+            "bad_frame, partials, noise, hangup",
+        ),
+    ],
+)
+def test_a_bad_fault_step_is_one_line(tmp_path, text, line):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    argv = ["call", "http://127.0.0.1:9", "--script", str(path)]
+    result = CliRunner().invoke(cli, argv, env=_CLEAN_ENV)
+    assert result.exit_code == 2
+    assert result.output == f"error: {path}: {line}\n"

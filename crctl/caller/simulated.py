@@ -433,14 +433,15 @@ class SimulatedCaller:
             )
         except CallError:
             return dropped  # hangs up, dials…: the call does not come back
-        dropped.action = summarize_twiml(dropped.action_twiml).replace(
-            " (a new session; not followed here)", " (a new session, followed)"
-        )
+        dropped.action = summarize_twiml(dropped.action_twiml, followed=True)
         self.session_id = new_sid("VX")
-        self.closed = asyncio.Event()
-        self.outcome = None
-        self._hanging_up = False
-        await self.connect(again, resumed=True)
+        self.closed, self.outcome, self._hanging_up = asyncio.Event(), None, False
+        try:
+            await self.connect(again, resumed=True)
+        except CallError:  # the new socket would not open: the call stays over
+            self.outcome = dropped
+            self.closed.set()
+            raise
         return dropped
 
     async def hangup(self) -> Outcome:

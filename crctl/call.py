@@ -1,9 +1,11 @@
 """``crctl call``: call the relay as Twilio would, without a phone.
 
-Interactive (type what the caller says and watch the reply stream in) or scripted
-(``--script conversation.yaml``: a pass/fail report, for CI). The protocol lives in
+Interactive (type what the caller says and watch the reply stream in), scripted
+(``--script conversation.yaml``: a pass/fail report, for CI) or driven by another program
+(``--json``: JSON commands on stdin, JSON events on stdout). The protocol lives in
 :mod:`crctl.caller` (:class:`~crctl.caller.SimulatedCaller`), the scripts in
-:mod:`crctl.call_script`; this module is the command and its printing.
+:mod:`crctl.call_script` (their fault steps in :mod:`crctl.call_faults`), the driver in
+:mod:`crctl.driver`; this module is the command and its printing.
 """
 
 from __future__ import annotations
@@ -435,7 +437,7 @@ def call(
     printer = None if turns is not None or json_mode else LivePrinter(out, live=_terminal())
     events = None
     if json_mode:
-        from crctl.call_json import JsonEvents
+        from crctl.driver import JsonEvents
 
         events = JsonEvents()
     caller = SimulatedCaller(
@@ -455,7 +457,7 @@ def call(
     )
     try:
         if events is not None:
-            from crctl.call_json import drive
+            from crctl.driver import drive
 
             code = asyncio.run(drive(caller, events, stdin_lines))
         else:

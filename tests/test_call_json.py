@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from crctl.call_json import CommandError, parse_command
+from crctl.driver import CommandError, parse_command
 from fakes.fake_llm import Script, ToolCallSpec
 from tests.events_support import REPO, subprocess_env
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer

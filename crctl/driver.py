@@ -20,6 +20,10 @@ text), ``reply`` (its text, ``first_token_ms``, ``caller_wait_ms``, ``interrupte
 ``interrupted``, ``play``, ``dtmf`` (digits the agent sent), ``language``, ``handoff``,
 ``end``, ``reconnected``, ``closed`` (how the session ended), and ``error`` with a
 ``message``. The program exits once the call is over: 0, or 1 when the session failed.
+
+The JSON here is the driver's own lines, never ConversationRelay frames (those go through
+:mod:`relay_server.protocol`, inside :mod:`crctl.caller`): so this is not a ``crctl.call_*``
+module, which tests/test_layering.py keeps free of JSON codecs.
 """
 
 from __future__ import annotations

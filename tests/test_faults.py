@@ -273,7 +273,7 @@ async def test_fault_steps_play_through_run_script_on_a_timed_caller(relay_facto
             {"say": "first", "partials": True, "expect": {"contains": "first"}},
             {"bad_frame": True},
             {"drop_socket": True},
-            {"silence": 10, "expect": {"contains": "still there"}},
+            {"silence": 20, "expect": {"contains": "still there"}},
             {"say": "second", "noise": {"confidence": 1}, "expect": {"contains": "second"}},
             {"say": "third", "noise": {"confidence": 1}, "hangup": {"after_words": 1}},
         ]

@@ -216,7 +216,12 @@ def _given(model: BaseModel, key: str) -> bool:
 
 
 class Turn(_Strict):
-    """One thing the caller does: ``say`` or ``dtmf``, and what to ``expect`` of the reply."""
+    """One thing the caller does: ``say`` or ``dtmf``, and what to ``expect`` of the reply.
+
+    Or a fault step (:mod:`crctl.call_faults`): ``drop_socket``, ``silence``, ``bad_frame``,
+    ``noise`` or ``hangup`` alone, or ``partials``, ``noise``, ``hangup: {after_words}`` on a
+    ``say``.
+    """
 
     say: Optional[str] = Field(None, description=ALLOWED["say"])
     dtmf: Optional[str] = Field(None, description=ALLOWED["dtmf"])
@@ -265,11 +270,12 @@ class Turn(_Strict):
             raise ValueError("")
         _known_keys("hangup", value, ("after_words",))
         words = value.get("after_words")
-        if isinstance(words, bool) or not isinstance(words, int) or words < 1:
-            problem = "missing" if "after_words" not in value else "too small"
-            if isinstance(words, bool) or not isinstance(words, int):
-                problem = "not a whole number" if "after_words" in value else "missing"
-            raise _KeyError("after_words", words, problem)
+        if "after_words" not in value:
+            raise _KeyError("after_words", None, "missing")
+        if isinstance(words, bool) or not isinstance(words, int):
+            raise _KeyError("after_words", words, "not a whole number")
+        if words < 1:
+            raise _KeyError("after_words", words, "too small")
         return Hangup(words)
 
     @field_validator("say", mode="before")
@@ -403,6 +409,7 @@ class Script(RootModel[list[Turn]]):
 
 
 _TURN_KEYS = tuple(Turn.model_fields)
+_EXPECT_KEYS = tuple(Expect.model_fields)
 
 
 def _known_keys(parent: str, value: dict[Any, Any], keys: tuple[str, ...]) -> None:
@@ -414,9 +421,6 @@ def _known_keys(parent: str, value: dict[Any, Any], keys: tuple[str, ...]) -> No
             raise _KeyError(
                 str(key), value[key], f"unknown key{hint}", f"{parent} takes {', '.join(keys)}"
             )
-
-
-_EXPECT_KEYS = tuple(Expect.model_fields)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """``crctl call``: call the relay as Twilio would, without a phone.
 
-Interactive (type what the caller says and watch the reply stream in) or scripted
-(``--script conversation.yaml``: a pass/fail report, for CI). The protocol lives in
+Interactive (type what the caller says and watch the reply stream in), scripted
+(``--script conversation.yaml``: a pass/fail report, for CI) or driven by another program
+(``--json``: JSON commands on stdin, JSON events on stdout). The protocol lives in
 :mod:`crctl.caller` (:class:`~crctl.caller.SimulatedCaller`), the scripts in
-:mod:`crctl.call_script`; this module is the command and its printing.
+:mod:`crctl.call_script` (their fault steps in :mod:`crctl.call_faults`), the driver in
+:mod:`crctl.driver`; this module is the command and its printing.
 """
 
 from __future__ import annotations
@@ -181,12 +183,8 @@ async def _command(caller: SimulatedCaller, line: str) -> tuple[bool, Reply | No
     return True, reply
 
 
-async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> int:
-    """Read what the caller says from stdin, a line at a time.
-
-    Each reply is awaited before the next line is sent (a pipe or a file: the replies come in
-    order).
-    """
+def stdin_lines() -> asyncio.Queue[str | None]:
+    """Stdin's lines as they come, read by a thread; ``None`` once it closes (or on ^C)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -201,6 +199,17 @@ async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> 
         put(None)
 
     threading.Thread(target=read, name="crctl-call-stdin", daemon=True).start()
+    return lines
+
+
+async def _interactive(caller: SimulatedCaller, printer: LivePrinter | None) -> int:
+    """Read what the caller says from stdin, a line at a time.
+
+    Each reply is awaited before the next line is sent (a pipe or a file: the replies come in
+    order).
+    """
+    loop = asyncio.get_running_loop()
+    lines = stdin_lines()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, lambda: lines.put_nowait(None))
     try:
@@ -397,6 +406,13 @@ def call(
         help="With --script: fail any turn whose caller wait (clientSpeaking off to "
         "agentSpeaking on) is longer; a turn's expect: max_caller_wait_ms wins.",
     ),
+    json_mode: bool = typer.Option(
+        False,
+        "--json",
+        help="Drive the call from another program: one JSON command a line on stdin "
+        '({"say": …}, {"dtmf": "12"}, {"interrupt": true}, {"wait": s}, {"hangup": true}), '
+        "one JSON event a line on stdout.",
+    ),
     example: bool = typer.Option(
         False,
         "--example",
@@ -412,11 +428,18 @@ def call(
     if example:
         _print_example()
         raise typer.Exit(0)
+    if json_mode and script is not None:
+        raise CallError("--json drives the call from stdin; --script plays a file: pick one")
     # a bad script or setting is configuration (exit 2), said once by the root group
     turns = load_script(script) if script is not None else None
     auth_token, public_url = _defaults(url, auth_token, public_url)
     # a terminal gets the prompt; a pipe or a file is read a line per reply
-    printer = None if turns is not None else LivePrinter(out, live=_terminal())
+    printer = None if turns is not None or json_mode else LivePrinter(out, live=_terminal())
+    events = None
+    if json_mode:
+        from crctl.driver import JsonEvents
+
+        events = JsonEvents()
     caller = SimulatedCaller(
         url,
         auth_token=auth_token,
@@ -425,7 +448,7 @@ def call(
         to=to,
         partials=partials,
         timeout=timeout,
-        on_event=printer,
+        on_event=events or printer,
         timing=Timing(
             agent_speaking_delay_ms=agent_speaking_delay_ms,
             speaking_rate=speaking_rate,
@@ -433,7 +456,12 @@ def call(
         ),
     )
     try:
-        code = asyncio.run(_run(caller, turns, printer, max_caller_wait_ms))
+        if events is not None:
+            from crctl.driver import drive
+
+            code = asyncio.run(drive(caller, events, stdin_lines))
+        else:
+            code = asyncio.run(_run(caller, turns, printer, max_caller_wait_ms))
     except Unreachable as exc:  # the same error, with how to start a relay here
         raise Unreachable(f"{exc}{_start_hint(url)}") from None
     except KeyboardInterrupt:

@@ -62,6 +62,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from crctl.call_faults import (
+    DEFAULT_BAD_FRAME,
+    DEFAULT_CONFIDENCE,
+    Hangup,
+    Noise,
+    play_fault,
+    transcript,
+)
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import ConfigurationError
 from relay_server.protocol import End
@@ -106,9 +114,23 @@ ALLOWED = {
     "call's JSON arguments), or a list of them",
     "expect.language": "a language code the agent switched to (es-ES, or es for any Spanish)",
     "expect.dtmf_sent": 'true, false, or the keys the agent sent (quote them: dtmf_sent: "1#")',
+    # fault steps (crctl.call_faults)
+    "drop_socket": "true (the WebSocket drops, then Twilio's /action 64105 reconnect)",
+    "silence": "a positive number of seconds (the caller says nothing that long)",
+    "bad_frame": "true or the raw text of a malformed frame",
+    "partials": "true, on a say turn (interim prompt frames before the final)",
+    "noise": "true, or a mapping of confidence and garble (a poor transcript)",
+    "noise.confidence": f"a number from 0 to 1 (the share of words heard right; default "
+    f"{DEFAULT_CONFIDENCE:g})",
+    "noise.garble": "true (the other words misheard, the default) or false (lost)",
+    "hangup": "true (hang up now), or on a say or dtmf turn {after_words: N} (hang up mid-reply)",
+    "hangup.after_words": "a whole number of at least 1 (words of the reply before hanging up)",
 }
 #: A language code as ``language:`` takes it (BCP-47's shape: es, es-ES, zh-Hant-TW).
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+#: The keys that make a turn a fault step, and those that stand alone (not beside say/dtmf).
+FAULT_KEYS = ("drop_socket", "silence", "bad_frame", "partials", "noise", "hangup")
+_STEP_KEYS = ("drop_socket", "silence", "bad_frame")
 
 
 class _Strict(BaseModel):
@@ -274,7 +296,12 @@ def _given(model: BaseModel, key: str) -> bool:
 
 
 class Turn(_Strict):
-    """One thing the caller does: ``say`` or ``dtmf``, and what to ``expect`` of the reply."""
+    """One thing the caller does: ``say`` or ``dtmf``, and what to ``expect`` of the reply.
+
+    Or a fault step (:mod:`crctl.call_faults`): ``drop_socket``, ``silence``, ``bad_frame``,
+    ``noise`` or ``hangup`` alone, or ``partials``, ``noise``, ``hangup: {after_words}`` on a
+    ``say``.
+    """
 
     say: Optional[str] = Field(None, description=ALLOWED["say"])
     dtmf: Optional[str] = Field(None, description=ALLOWED["dtmf"])
@@ -282,7 +309,54 @@ class Turn(_Strict):
         None, ge=1, description=ALLOWED["interrupt_after_words"]
     )
     expect: Expect = Field(Expect.model_validate({}), description=ALLOWED["expect"])
+    drop_socket: Optional[Literal[True]] = Field(None, description=ALLOWED["drop_socket"])
+    silence: Optional[float] = Field(None, gt=0, description=ALLOWED["silence"])
+    bad_frame: Optional[Union[Literal[True], str]] = Field(None, description=ALLOWED["bad_frame"])
+    partials: Optional[Literal[True]] = Field(None, description=ALLOWED["partials"])
+    noise: Optional[Noise] = Field(None, description=ALLOWED["noise"])
+    hangup: Optional[Hangup] = Field(None, description=ALLOWED["hangup"])
     _number: int = PrivateAttr(0)
+
+    @field_validator("bad_frame", mode="before")
+    @classmethod
+    def _bad_frame(cls, value: Any) -> Any:
+        if value is not True and (not isinstance(value, str) or not value):
+            raise ValueError("")
+        return value
+
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _noise(cls, value: Any) -> Any:
+        if value is True:
+            return Noise()
+        if not isinstance(value, dict):
+            raise ValueError("")
+        _known_keys("noise", value, ("confidence", "garble"))
+        confidence = value.get("confidence", DEFAULT_CONFIDENCE)
+        number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+        if not number or not 0 <= confidence <= 1:
+            raise _KeyError("confidence", confidence, "out of range" if number else "not a number")
+        garble = value.get("garble", True)
+        if not isinstance(garble, bool):
+            raise _KeyError("garble", garble, "not true or false")
+        return Noise(float(confidence), garble)
+
+    @field_validator("hangup", mode="before")
+    @classmethod
+    def _hangup(cls, value: Any) -> Any:
+        if value is True:
+            return Hangup()
+        if not isinstance(value, dict):
+            raise ValueError("")
+        _known_keys("hangup", value, ("after_words",))
+        words = value.get("after_words")
+        if "after_words" not in value:
+            raise _KeyError("after_words", None, "missing")
+        if isinstance(words, bool) or not isinstance(words, int):
+            raise _KeyError("after_words", words, "not a whole number")
+        if words < 1:
+            raise _KeyError("after_words", words, "too small")
+        return Hangup(words)
 
     @field_validator("say", mode="before")
     @classmethod
@@ -302,9 +376,44 @@ class Turn(_Strict):
 
     @model_validator(mode="after")
     def _one_input(self) -> Turn:
+        steps = [key for key in _STEP_KEYS if _given(self, key)]
+        if self.hangup is not None and self.hangup.after_words is None:
+            steps.append("hangup")
+        if self.noise is not None and self.say is None and self.dtmf is None:
+            steps.append("noise")
+        inputs = [key for key in ("say", "dtmf") if _given(self, key)]
+        if steps and (inputs or len(steps) > 1):
+            raise _KeyError(
+                steps[0],
+                getattr(self, steps[0]) if steps[0] != "hangup" else True,
+                f"together with {', '.join(k for k in [*inputs, *steps] if k != steps[0])}",
+                f"{steps[0]} as a turn of its own (- {steps[0]}: …)",
+            )
+        if steps:
+            self._fault_alone()
+            return self
+        for key in ("hangup", "partials"):
+            if _given(self, key) and not inputs:
+                value = {"after_words": self.hangup.after_words} if self.hangup else True
+                raise _KeyError(
+                    key,
+                    value,
+                    "without say" + (" or dtmf" if key == "hangup" else ""),
+                    ALLOWED[key],
+                )
         if (self.say is None) == (self.dtmf is None):
             got = (self.say, self.dtmf) if self.say is not None else None
             raise _KeyError("say/dtmf", got, "both" if got else "neither")
+        for key in ("partials", "noise"):
+            if _given(self, key) and self.say is None:
+                raise _KeyError(key, self.dtmf, "on a dtmf turn", ALLOWED[key])
+        if self.hangup is not None and self.interrupt_after_words is not None:
+            raise _KeyError(
+                "interrupt_after_words",
+                self.interrupt_after_words,
+                "with hangup, which ends the reply itself",
+                "one of interrupt_after_words (barge in) or hangup: {after_words: N}",
+            )
         if self.expect.silent and self.interrupt_after_words is not None:
             raise _KeyError(
                 "interrupt_after_words",
@@ -313,6 +422,25 @@ class Turn(_Strict):
                 "no interrupt_after_words with reply: none",
             )
         return self
+
+    def _fault_alone(self) -> None:
+        """A fault step of its own: what may go with it (``expect`` on silence and noise)."""
+        step = self.fault
+        for key in ("interrupt_after_words", "partials"):
+            if _given(self, key):
+                raise _KeyError(key, getattr(self, key), f"on a {step} step", ALLOWED[key])
+        if _given(self, "expect") and step not in ("silence", "noise"):
+            raise _KeyError(
+                "expect",
+                sorted(self.expect.model_fields_set),
+                f"on a {step} step, which has no reply to check",
+                "expect only on say, dtmf, silence and noise turns (check the next turn)",
+            )
+
+    @property
+    def fault(self) -> str | None:
+        """The turn's fault key (``drop_socket``, ``silence``…), None for plain speech or keys."""
+        return next((key for key in FAULT_KEYS if getattr(self, key) is not None), None)
 
     @classmethod
     def numbered(cls, number: int, **keys: Any) -> Turn:
@@ -328,8 +456,24 @@ class Turn(_Strict):
 
     @property
     def label(self) -> str:
-        """The turn as a report names it: what it says, quoted, or its DTMF keys."""
-        return repr(self.say) if self.say is not None else f"dtmf {self.dtmf}"
+        """The turn as a report names it: what it says, quoted, or its DTMF keys (and faults)."""
+        said = repr(self.say) if self.say is not None else f"dtmf {self.dtmf}"
+        if self.silence is not None:
+            return f"silence {self.silence:g} s"
+        if self.bad_frame is not None:
+            frame = DEFAULT_BAD_FRAME if self.bad_frame is True else self.bad_frame
+            return f"bad_frame {_value(frame, 40)}"
+        if self.drop_socket:
+            return "drop_socket"
+        if self.noise is not None:
+            heard = repr(transcript(self))
+            said = f"noise {heard}" if self.say is None else f"{said} heard as {heard}"
+        if self.partials:
+            said += " (partials)"
+        if self.hangup is not None:
+            after = self.hangup.after_words
+            said = "hangup" if after is None else f"{said} (hangup after {after} words)"
+        return said
 
 
 class Script(RootModel[list[Turn]]):
@@ -346,6 +490,17 @@ class Script(RootModel[list[Turn]]):
 
 _TURN_KEYS = tuple(Turn.model_fields)
 _EXPECT_KEYS = tuple(Expect.model_fields)
+
+
+def _known_keys(parent: str, value: dict[Any, Any], keys: tuple[str, ...]) -> None:
+    """A mapping under ``parent`` (``noise: {…}``) has only ``keys``, or says which it has."""
+    for key in value:
+        if key not in keys:
+            match = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
+            hint = f", did you mean {match[0]!r}?" if match else ""
+            raise _KeyError(
+                str(key), value[key], f"unknown key{hint}", f"{parent} takes {', '.join(keys)}"
+            )
 
 
 @dataclass
@@ -490,7 +645,8 @@ def _explain(exc: ValidationError, data: list[Any]) -> str:
                 got = f"both, say {_value(cause.value[0])} and dtmf {_value(cause.value[1])}"
             return (
                 f"{where}: say/dtmf: got {got}; expected exactly one of say: (what the caller "
-                "says) or dtmf: (keys to press)"
+                "says) or dtmf: (keys to press), or a fault step (drop_socket, silence, "
+                "bad_frame, noise, hangup)"
             )
         allowed = cause.allowed or ALLOWED.get(key, "")
         return f"{where}: {key}: got {_value(cause.value)} ({cause.problem}); expected {allowed}"
@@ -527,6 +683,9 @@ async def run_script(
             results.append(
                 TurnResult(turn, None, [f"not played: the call was over after turn {last}"])
             )
+            continue
+        if turn.fault is not None:  # drop_socket, silence, bad_frame, partials, noise, hangup
+            results.append(await play_fault(caller, turn, timeout, max_caller_wait_ms))
             continue
         words = turn.interrupt_after_words
         before = len(caller.replies)

@@ -292,8 +292,14 @@ def test_an_unreachable_relay_is_one_line(monkeypatch, tmp_path):
     assert "is the relay running" not in tls.output
 
 
-ONE_OF = "expected exactly one of say: (what the caller says) or dtmf: (keys to press)"
-TURN_KEYS = "a turn takes say, dtmf, interrupt_after_words, expect"
+ONE_OF = (
+    "expected exactly one of say: (what the caller says) or dtmf: (keys to press), or a fault "
+    "step (drop_socket, silence, bad_frame, noise, hangup)"
+)
+TURN_KEYS = (
+    "a turn takes say, dtmf, interrupt_after_words, expect, drop_socket, silence, bad_frame, "
+    "partials, noise, hangup"
+)
 EXPECT_KEYS = (
     "expect takes contains, matches, max_first_token_ms, max_caller_wait_ms, ends_call, handoff, "
     "reply, settle_ms, judge, tool_called, language, dtmf_sent"

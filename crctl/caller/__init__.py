@@ -10,7 +10,7 @@
   :class:`CallError`.
 """
 
-from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome, Unreachable
+from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome, Reconnected, Unreachable
 from crctl.caller.simulated import (
     DEFAULT_FROM,
     DEFAULT_TO,
@@ -32,6 +32,7 @@ __all__ = [
     "Closed",
     "EventHandler",
     "Outcome",
+    "Reconnected",
     "Reply",
     "SimulatedCaller",
     "Unreachable",

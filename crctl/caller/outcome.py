@@ -32,6 +32,8 @@ class Outcome:
     #: The action callback's answer in words, or why it failed.
     action: str | None = None
     action_error: str | None = None
+    #: The action callback's TwiML as answered (a reconnect is followed from it).
+    action_twiml: str | None = None
 
     def describe(self) -> str:
         """The outcome in one line, as the report prints it."""
@@ -63,6 +65,15 @@ class Closed:
     outcome: Outcome
 
 
+@dataclass(frozen=True)
+class Reconnected:
+    """A dropped socket came back: the ``/action`` TwiML connected a new session of the call."""
+
+    session_id: str
+    ws_url: str
+    welcome_greeting: str | None
+
+
 #: What a simulated call reports to its ``on_event`` handler: the Twilio side's steps, then
-#: :class:`Closed`.
-CallEvent = Union[CallerEvent, Closed]
+#: :class:`Closed` (and :class:`Reconnected` when a dropped socket is followed back).
+CallEvent = Union[CallerEvent, Closed, Reconnected]

@@ -19,6 +19,11 @@ What it mirrors (Twilio's ConversationRelay docs, and frames seen on real calls)
 - The end: hang-up closes with 1000 "Closing websocket session"; after ``end`` the
   socket closes the same way; then the ``<Connect action>`` callback is posted (signed) with
   ``SessionStatus`` completed / ended (+ ``HandoffData``) / failed (64105).
+- Faults (``crctl call --script`` fault steps): :meth:`~SimulatedCaller.drop_socket` drops the
+  socket as a network does (no close frame), posts the action callback with failed/64105 a
+  moment later as Twilio does, and follows a ``<Connect><ConversationRelay>`` answer to a new
+  session of the same call (Twilio docs: ``<Connect>`` action URL; the only way a dropped
+  session comes back); :meth:`~SimulatedCaller.send_raw` puts a frame on the wire as given.
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from collections.abc import Callable
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome
+from crctl.caller.outcome import CallError, CallEvent, Closed, Outcome, Reconnected
 from crctl.caller.socket import open_socket
 from crctl.caller.speaker import SPEAKER_EVENTS, Speaker, Timing
-from crctl.caller.twiml import CallPlan, parse_twiml
+from crctl.caller.twiml import CallPlan, parse_twiml, summarize_twiml
 from crctl.caller.webhook import (
     API_VERSION,
     new_sid,
@@ -44,13 +49,18 @@ from crctl.caller.webhook import (
     why_403,
 )
 from relay_server.protocol import End, SentSetup
-from relay_server.protocol.replies import Dropped, Reply
+from relay_server.protocol.replies import Dropped, Reply, complete_words
 from relay_server.protocol.twilio_side import CallerModes, TwilioSide
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_FROM = "+15550100001"
 DEFAULT_TO = "+15550100002"
 _KEYS = frozenset("0123456789*#")
+#: From an abrupt drop to the ``<Connect action>`` callback (failed/64105), as seen on real calls
+#: (about 1.2 s); scaled by the timing's ``time_scale``, never below :data:`_MIN_ACTION_DELAY`.
+ACTION_DELAY_MS = 1200.0
+#: Seconds the relay is given to see a drop before the callback, whatever the time scale.
+_MIN_ACTION_DELAY = 0.1
 
 EventHandler = Callable[[CallEvent], None]
 
@@ -105,6 +115,10 @@ class SimulatedCaller:
         self._receiver: asyncio.Task[None] | None = None
         self._started = 0.0
         self._hanging_up = False
+        #: Seconds to wait before the action callback (set by :meth:`drop_socket`).
+        self._action_delay = 0.0
+        #: The outcomes of earlier sessions of this call (dropped, then reconnected).
+        self.earlier: list[Outcome] = []
 
     @property
     def replies(self) -> list[Reply]:
@@ -151,10 +165,15 @@ class SimulatedCaller:
     def _why_403(self, signed: str) -> str:
         return why_403(signed, self.auth_token, self.public_url)
 
-    async def connect(self, plan: CallPlan) -> None:
-        """Open the ConversationRelay socket, send ``setup`` and play the welcome greeting."""
+    async def connect(self, plan: CallPlan, *, resumed: bool = False) -> None:
+        """Open the ConversationRelay socket, send ``setup`` and play the welcome greeting.
+
+        ``resumed``: a new session of this call (after a drop): a new ``sessionId``, the call
+        ``IN_PROGRESS``, and the replies so far kept.
+        """
         self.plan = plan
         modes = plan.modes()
+        replies, waits = self.side.replies, self.speaker.waits if self.speaker else {}
         if self.timing is not None:
             # the speaker sends the speaker frames on its clock: the Twilio side sends none
             side_modes = CallerModes(**{**vars(modes), "events": modes.events - SPEAKER_EVENTS})
@@ -164,6 +183,10 @@ class SimulatedCaller:
             )
         else:
             self.side = TwilioSide(modes)
+        if resumed:
+            self.side.replies = replies
+            if self.speaker is not None:
+                self.speaker.waits = waits
         self._ws = await open_socket(plan, self.auth_token, self.timeout, self._why_403)
         self._started = time.monotonic()
         self.side.send_setup(
@@ -174,10 +197,13 @@ class SimulatedCaller:
                 account_sid=self.account_sid,
                 session_id=self.session_id,
                 custom_parameters=plan.parameters,
+                call_status="IN_PROGRESS" if resumed else "RINGING",
             )
         )
         await self._pump()
         self._receiver = asyncio.create_task(self._receive())
+        if resumed:
+            self._emit(Reconnected(self.session_id, plan.ws_url, plan.welcome_greeting))
         if plan.welcome_greeting:
             self.side.greet(plan.welcome_greeting)
             if self.speaker is not None:
@@ -185,13 +211,20 @@ class SimulatedCaller:
             await self._pump()
 
     # ------------------------------------------------------------------------- the caller
-    async def say(self, text: str, *, interrupt_after_words: int | None = None) -> Reply | None:
+    async def say(
+        self,
+        text: str,
+        *,
+        interrupt_after_words: int | None = None,
+        partials: bool | None = None,
+    ) -> Reply | None:
         """Speak ``text`` (partials first when enabled); returns the reply to wait on.
 
+        ``partials=True`` sends them for this utterance whatever the call's setting.
         ``None`` when Twilio would not report the speech (see the ``dropped`` event).
         """
         plan = self._live()
-        partials = self.partials or plan.partial_prompts
+        partials = bool(partials) or self.partials or plan.partial_prompts
         if self.speaker is not None:
             return await self._say_timed(plan, text, partials, interrupt_after_words)
         barged = self.side.begin_speech(partials=partials)
@@ -344,6 +377,73 @@ class SimulatedCaller:
         """
         return self.speaker.waits.get(reply) if self.speaker is not None else None
 
+    async def started(self, reply: Reply, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until ``reply`` has its first text; False if it ended without (or time ran out)."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: reply.tokens > 0 or reply.done)
+        except TimeoutError:
+            return False
+        return reply.tokens > 0
+
+    async def words(self, reply: Reply, count: int, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until ``count`` whole words of ``reply`` have arrived; False if it ended first.
+
+        Also False when ``timeout`` s pass first.
+        """
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(
+                    lambda: complete_words(reply.received) >= count or reply.done
+                )
+        except TimeoutError:
+            return False
+        return complete_words(reply.received) >= count
+
+    async def send_raw(self, frame: str) -> None:
+        """Put ``frame`` on the socket exactly as given (a fault: a frame Twilio never sends)."""
+        self._live()
+        assert self._ws is not None
+        async with self._writing:
+            await self._ws.send(frame)
+
+    async def drop_socket(self) -> Outcome:
+        """The network drops the socket: no close frame, the relay sees it cut (1006).
+
+        Then, as Twilio does, the action callback reports failed/64105 a moment later; when it
+        answers with a new ``<Connect><ConversationRelay>`` the call goes on in a new session
+        (see :attr:`closed`, :attr:`outcome`). Returns the dropped session's outcome.
+        """
+        self._live()
+        assert self._ws is not None
+        scale = self.timing.time_scale if self.timing is not None else 1.0
+        self._action_delay = max(ACTION_DELAY_MS / 1000 * scale, _MIN_ACTION_DELAY)
+        if self.speaker is not None:
+            self.speaker.close()
+        self._ws.transport.abort()
+        dropped = await self.wait_closed(self.timeout + self._action_delay)
+        self._action_delay = 0.0
+        self.earlier.append(dropped)
+        plan = self.plan
+        if dropped.action_twiml is None or plan is None or plan.action_connect_url is None:
+            return dropped
+        try:
+            again = parse_twiml(
+                dropped.action_twiml, fetched=plan.action_connect_url, signed=plan.action_url or ""
+            )
+        except CallError:
+            return dropped  # hangs up, dials…: the call does not come back
+        dropped.action = summarize_twiml(dropped.action_twiml, followed=True)
+        self.session_id = new_sid("VX")
+        self.closed, self.outcome, self._hanging_up = asyncio.Event(), None, False
+        try:
+            await self.connect(again, resumed=True)
+        except CallError:  # the new socket would not open: the call stays over
+            self.outcome = dropped
+            self.closed.set()
+            raise
+        return dropped
+
     async def hangup(self) -> Outcome:
         """Hang up (close 1000 "Closing websocket session") and post the action callback."""
         if self.speaker is not None:
@@ -375,7 +475,7 @@ class SimulatedCaller:
         self._emit(event)
 
     def _emit(self, event: CallEvent) -> None:
-        if self.speaker is not None and not isinstance(event, Closed):
+        if self.speaker is not None and not isinstance(event, (Closed, Reconnected)):
             self.speaker.observe(event)
         if isinstance(event, Dropped):
             self.last_drop = event.reason
@@ -437,6 +537,8 @@ class SimulatedCaller:
         async with self._changed:
             self._changed.notify_all()
         try:
+            if self._action_delay:
+                await asyncio.sleep(self._action_delay)
             await self._post_action(outcome)
         finally:
             self.outcome = outcome

@@ -151,8 +151,11 @@ def parse_twiml(document: str, *, fetched: str, signed: str) -> CallPlan:
     )
 
 
-def summarize_twiml(document: str) -> str:
-    """What a TwiML answer makes Twilio do next, in words ("dials +1555…; hangs up")."""
+def summarize_twiml(document: str, *, followed: bool = False) -> str:
+    """What a TwiML answer makes Twilio do next, in words ("dials +1555…; hangs up").
+
+    ``followed``: the caller went on to a ``<Connect><ConversationRelay>`` it names.
+    """
     try:
         root = ET.fromstring(document)
     except ET.ParseError:
@@ -169,7 +172,8 @@ def summarize_twiml(document: str) -> str:
             steps.append("hangs up")
         elif verb.tag == "Connect" and relay is not None:
             url = relay.get("url")
-            steps.append(f"reconnects the call to {url} (a new session; not followed here)")
+            followed_here = "followed" if followed else "not followed here"
+            steps.append(f"reconnects the call to {url} (a new session; {followed_here})")
         else:
             steps.append(f"<{verb.tag}>")
     return "; ".join(steps) or "nothing (the call ends)"

@@ -113,6 +113,7 @@ async def post_action(
         return
     if status == 200:
         outcome.action = summarize_twiml(body)
+        outcome.action_twiml = body
     else:
         outcome.action_error = f"{method} {plan.action_url} answered HTTP {status}"
 

@@ -20,6 +20,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import signal
 import socket
 import time
 import traceback
@@ -37,7 +38,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl import options as opts
-from crctl.errors import UsageError
+from crctl.errors import CrctlError, UsageError
 
 if TYPE_CHECKING:
     from crctl.call_script import RunContext, Scenario, ScenarioResult
@@ -412,7 +413,7 @@ def report(console: Console, result: SuiteResult) -> None:
     runs = sum(len(s.runs) for s in result.scenarios)
     console.print(
         f"[bold {style}]{passed} of {total} scenarios passed[/] "
-        f"[dim]({runs} runs, -j {result.jobs}, {result.wall_s:.1f} s)[/]"
+        f"[dim]({runs} run{'' if runs == 1 else 's'}, -j {result.jobs}, {result.wall_s:.1f} s)[/]"
     )
 
 
@@ -548,7 +549,7 @@ def suite(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            metavar="PATH…",
+            metavar="PATH",
             help="Scenario files (crctl call's script format), or folders of them (*.yaml, "
             "*.yml, subfolders included, in name order).",
             show_default=False,
@@ -797,8 +798,16 @@ def _execute(
         stop = asyncio.Event()
         serving = asyncio.create_task(run_relay(relay.app, settings, stop=stop, sock=sock))
         try:
-            async with asyncio.timeout(_LISTEN_WAIT):
-                await _listening(settings.port)
+            try:
+                async with asyncio.timeout(_LISTEN_WAIT):
+                    await _listening(settings.port)
+            except TimeoutError:
+                raise CrctlError(f"the relay did not start on port {settings.port}") from None
+            # Ctrl-C stops the suite (exit 130), not only the relay that took SIGINT
+            task = asyncio.current_task()
+            if task is not None:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, task.cancel)
             return await run_suite(plan, scenarios, jobs, repeat)
         finally:
             stop.set()
@@ -810,6 +819,11 @@ def _execute(
             summaries = runner.run(main())
     except Unreachable as exc:
         raise Unreachable(f"{exc}{_start_hint(base)}") from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        from crctl.console import err
+
+        err.print("[yellow]interrupted: no report was written[/]")
+        raise typer.Exit(130) from None
     finally:
         if relay is not None:
             relay.close()

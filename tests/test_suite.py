@@ -6,15 +6,24 @@ Each scenario is played by its own simulated caller; the summary, the exit code,
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import xmlschema
 from click.testing import Result
+from rich.console import Console
 from typer.testing import CliRunner
 
+from crctl.call_script import RunContext
 from crctl.cli import app as cli
+from crctl.paths import read_api_token, state_dir
 from fakes.fake_llm import FakeLLM, Script
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer
 
@@ -317,3 +326,93 @@ def test_a_relay_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and f"127.0.0.1:{port}" in line
     assert "up --no-tunnel" in line
+
+
+def test_scenarios_run_concurrently_up_to_j(
+    relay: RelayServer, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """``-j 2``: two calls wait on the LLM at once, the third only once a slot is free."""
+    suite = folder(
+        tmp_path,
+        **{name: f"- say: {name}\n  expect: {{contains: {name}}}\n" for name in ("a", "b", "c")},
+    )
+    fake_llm.responder = lambda body: Script(tokens=["You said it"], ttft=1.0)
+    result = run(str(suite), *signed(relay), "-j", "2", "-k", "?")
+    assert result.exit_code == 1, result.output  # "You said it" contains none of the names
+    first, second, third = sorted(fake_llm.records, key=lambda r: r.received_at)
+    assert first.first_chunk_at is not None and second.first_chunk_at is not None
+    # the second request came while the first was still waiting for its first token…
+    assert second.received_at < first.first_chunk_at
+    # …and the third only after one of those calls was over
+    assert third.received_at > min(first.first_chunk_at, second.first_chunk_at)
+
+
+def test_j_1_runs_one_at_a_time(relay: RelayServer, fake_llm: FakeLLM, tmp_path: Path) -> None:
+    suite = folder(tmp_path, greeting=GREETING, farewell=FAREWELL)
+    fake_llm.responder = lambda body: Script(tokens=["hello goodbye"], ttft=0.2)
+    assert run(str(suite), *signed(relay), "-j", "1").exit_code == 1
+    records = sorted(fake_llm.records, key=lambda r: r.received_at)
+    for before, after in itertools.pairwise(records):
+        assert before.first_chunk_at is not None and after.received_at > before.first_chunk_at
+
+
+def test_runs_get_the_relay_api_and_the_judge_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context each run gets: the relay's URL and API token, the judge's settings.
+
+    The token opens the relay's API, where expectations read the call's stored events.
+    """
+    import crctl.call_script
+
+    real = crctl.call_script.run_scenario
+    seen: list[tuple[RunContext, int, dict[str, Any]]] = []
+
+    async def spy(caller: Any, scenario: Any, **kwargs: Any) -> Any:
+        result = await real(caller, scenario, **kwargs)
+        context = kwargs["context"]
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = await client.get(
+                f"{context.relay_url}/calls/{caller.call_sid}",
+                headers={"Authorization": f"Bearer {context.api_token}"},
+            )
+        seen.append((context, answer.status_code, answer.json()))
+        return result
+
+    monkeypatch.setattr(crctl.call_script, "run_scenario", spy)
+    suite = folder(tmp_path, greeting=GREETING)
+    out = tmp_path / "results.json"
+    result = run(
+        str(suite), "--agent", "echo", "--time-scale", "0", "--json", str(out),
+        "--judge-model", "judge-1", "--caller-model", "caller-1",
+        env={"OPENAI_API_KEY": "sk-judge", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ((context, status, stored),) = seen
+    assert context.relay_url == json.loads(out.read_text())["relay"]
+    assert context.api_token == read_api_token()  # the token file the relay made
+    assert status == 200 and "call.started" in {e["kind"] for e in stored["events"]}
+    assert (context.judge_model, context.caller_model) == ("judge-1", "caller-1")
+    assert (context.judge_base_url, context.judge_api_key) == ("http://127.0.0.1:9/v1", "sk-judge")
+    assert context.cache_dir == state_dir() / "judge-cache"
+
+
+def test_the_summary_is_a_table_on_a_terminal(
+    relay: RelayServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import crctl.suite
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=200, color_system=None)
+    monkeypatch.setattr(crctl.suite, "out", terminal)
+    suite = folder(tmp_path, greeting=GREETING, refund=FAILING)
+    assert run(str(suite), *signed(relay)).exit_code == 1
+    lines = [line for line in screen.getvalue().splitlines() if line[:1] in "│┃"]
+    cells = [[cell.strip() for cell in re.split("[│┃]", line)[1:-1]] for line in lines]
+    assert cells[0] == [
+        "scenario", "turns", "result", "caller wait p50", "max", "why it failed",
+    ]  # fmt: skip
+    assert cells[1][:3] == ["greeting", "2", "pass"] and cells[1][5] == ""
+    assert cells[2][:3] == ["refund", "1", "FAIL"]
+    assert cells[2][5] == "turn 1: reply does not contain 'refund approved'"
+    assert cells[1][3].endswith(" ms") and cells[2][4].endswith(" ms")

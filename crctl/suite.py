@@ -98,8 +98,14 @@ class ScenarioSummary:
 
     name: str
     path: Path
-    turns: int
+    #: the turns the file lists (a simulated caller's scenario may list none)
+    listed: int
     runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def turns(self) -> int:
+        """The turns played: the most of any run, else the turns the file lists."""
+        return max([len(r.turns) for r in self.runs] + [self.listed])
 
     @property
     def passed(self) -> bool:
@@ -169,13 +175,14 @@ def discover(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
 
 def load_all(files: Sequence[Path]) -> tuple[list[Scenario], list[str]]:
     """Every scenario that loads, and one line for each file that does not."""
-    from crctl.call_script import ScriptError, load_scenario
+    from crctl.call_script import load_scenario
+    from crctl.errors import ConfigurationError
 
     scenarios, problems = [], []
     for path in files:
         try:
             scenarios.append(load_scenario(path))
-        except ScriptError as exc:
+        except ConfigurationError as exc:  # ScriptError: one line naming the file
             problems.append(str(exc))
     return scenarios, problems
 
@@ -757,6 +764,7 @@ def _execute(
     from crctl.call import _defaults, _start_hint
     from crctl.call_script import RunContext
     from crctl.caller import Unreachable
+    from crctl.console import err
     from crctl.paths import read_api_token, state_dir
     from crctl.serve import _setup_logging, bind, build_relay, event_loop_factory, run_relay
     from crctl.settings import load_settings
@@ -767,6 +775,8 @@ def _execute(
         settings = _local_settings(flags)
         relay = build_relay(settings)
         sock = bind(settings)
+        for warning in relay.warnings:  # the LLM cannot be reached…: every scenario would fail
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}")
         _setup_logging("WARNING")
         base = f"http://127.0.0.1:{settings.port}"
         token = settings.twilio_auth_token
@@ -820,8 +830,6 @@ def _execute(
     except Unreachable as exc:
         raise Unreachable(f"{exc}{_start_hint(base)}") from None
     except (KeyboardInterrupt, asyncio.CancelledError):
-        from crctl.console import err
-
         err.print("[yellow]interrupted: no report was written[/]")
         raise typer.Exit(130) from None
     finally:

@@ -270,6 +270,31 @@ def test_without_url_a_relay_is_started_in_process(tmp_path: Path) -> None:
     ]
 
 
+def test_in_process_relay_checks_the_signatures_the_callers_make(tmp_path: Path) -> None:
+    """With --public-url and a Twilio auth token, the relay started here checks signatures."""
+    suite = folder(tmp_path, greeting=GREETING)
+    result = run(
+        str(suite), "--agent", "echo", "--time-scale", "0", "--public-url", PUBLIC_URL,
+        env={"TWILIO_AUTH_TOKEN": AUTH_TOKEN},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 scenarios passed" in result.output
+
+
+def test_in_process_relay_warns_when_its_llm_cannot_be_reached(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    suite = folder(tmp_path, greeting=GREETING)
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    result = run(
+        str(suite), "--agent", "llm", "--openai-base-url", down, "--model", "m",
+        "--llm-timeout", "0.5", "--time-scale", "0", env={"OPENAI_API_KEY": "sk-test"},
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("warning: ") and down in result.output.splitlines()[0]
+    assert "FAIL greeting" in result.output
+
+
 def test_in_process_relay_takes_the_agent_settings(tmp_path: Path, fake_llm: FakeLLM) -> None:
     """The LLM agent against the fake, and a welcome greeting, as ``serve`` would run them."""
     suite = folder(tmp_path, greeting=GREETING)

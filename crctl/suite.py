@@ -127,7 +127,8 @@ class ScenarioSummary:
         """Why it failed: the first failed run's reasons (empty when it passed)."""
         for run in self.runs:
             if not run.passed:
-                lines = run.reasons + ([run.error] if run.error else [])
+                # an error's first line (its traceback is in the JUnit and JSON reports)
+                lines = run.reasons + ([run.error.splitlines()[0]] if run.error else [])
                 return "; ".join(lines)
         return ""
 
@@ -828,7 +829,8 @@ def _execute(
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             summaries = runner.run(main())
     except Unreachable as exc:
-        raise Unreachable(f"{exc}{_start_hint(base)}") from None
+        hint = _start_hint(base) if url is not None else ""  # (its own relay stopped)
+        raise Unreachable(f"{exc}{hint}") from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("[yellow]interrupted: no report was written[/]")
         raise typer.Exit(130) from None

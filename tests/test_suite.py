@@ -441,3 +441,33 @@ def test_the_summary_is_a_table_on_a_terminal(
     assert cells[2][:3] == ["refund", "1", "FAIL"]
     assert cells[2][5] == "turn 1: reply does not contain 'refund approved'"
     assert cells[1][3].endswith(" ms") and cells[2][4].endswith(" ms")
+
+
+def test_a_run_that_breaks_is_an_error_and_the_others_go_on(
+    relay: RelayServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in a run (a bug) is JUnit's <error> with its traceback, not a crash."""
+    import crctl.call_script
+
+    real = crctl.call_script.run_scenario
+
+    async def breaks_on_refund(caller: Any, scenario: Any, **kwargs: Any) -> Any:
+        if scenario.name == "refund":
+            raise RuntimeError("expectation exploded")
+        return await real(caller, scenario, **kwargs)
+
+    monkeypatch.setattr(crctl.call_script, "run_scenario", breaks_on_refund)
+    suite = folder(tmp_path, greeting=GREETING, refund=FAILING)
+    out = tmp_path / "junit.xml"
+    result = run(str(suite), *signed(relay), "--junit", str(out))
+    assert result.exit_code == 1, result.output
+    assert "FAIL refund  1 turn: RuntimeError: expectation exploded\n" in result.output
+    assert "pass greeting" in result.output
+    SCHEMA.validate(str(out))
+    suite_el = ET.parse(out).getroot().find("testsuite")
+    assert suite_el is not None
+    assert (suite_el.get("failures"), suite_el.get("errors")) == ("0", "1")
+    error = suite_el.find("testcase[@name='refund']/error")
+    assert error is not None and error.get("message") == "RuntimeError: expectation exploded"
+    assert "Traceback (most recent call last)" in (error.text or "")
+    assert len(started(relay)) == 2  # its call was placed, then hung up

@@ -80,6 +80,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "Call the relay as Twilio would, without a phone: type what the caller says, or play\n"
         "and check a --script.",
     ),
+    "test": LazyCommand(
+        "crctl.suite",
+        "suite",
+        "Run scenario files against a relay, in parallel: a pass/fail table, JUnit XML and\n"
+        "JSON for CI.",
+    ),
     "dial": LazyCommand(
         "crctl.dial",
         "dial",

@@ -109,6 +109,7 @@ def imported_by(
         ["calls", "list"],
         ["tail", "--help"],
         ["serve", "--help"],
+        ["test", "--help"],
     ],
     ids=" ".join,
 )

@@ -3,18 +3,18 @@
 The call is created on Twilio's REST API with the twilio SDK (``calls.create``, through
 :func:`crctl.provisioning.make_client`: the credentials of ``whoami``, ``CRCTL_TWILIO_API_URL``
 honoured); the request is :func:`relay_server.dialing.call_request`'s, the same one the relay's
-``POST /calls`` sends: ``Url`` = the relay's ``/twiml`` with ``route=NAME`` and the ``--param``
-pairs as its query, status callbacks to ``/status``, and with ``--machine-detection``
-asynchronous answering machine detection reported to ``/amd``.
+``POST /calls`` sends: ``Url`` = the relay's ``/twiml`` with ``route=NAME`` and each ``--param
+k=v`` as ``param_k=v`` in its query (a ``<Parameter>`` of the call), status callbacks to
+``/status``, and with ``--machine-detection`` asynchronous answering machine detection reported
+to ``/amd``.
 
 Without ``--detach`` it follows the relay's ``/events`` for that call (as ``crctl tail
 --call``) and prints it as ``crctl up``'s live log does, until Twilio's status callback says
 the call is over; ``--detach`` prints the call SID and returns; ``--dry-run`` prints the request.
 
-``--agent`` and ``--twiml-template`` cannot change what a relay runs from afar: the relay never
-imports code, nor reads a template, that a URL names (whoever can place a call could otherwise
-choose them). They go to the relay as the parameters ``agent`` and ``template`` of ``/twiml``,
-which a relay uses to pick among its own routes; ``--route NAME`` names one directly.
+There is no ``--agent`` nor ``--twiml-template``: a relay never imports code, nor reads a
+template, that a URL names (whoever can place a call could otherwise choose them). The agent and
+template of an outbound call are its route's (``--route NAME``, the relay's ``--routes`` file).
 """
 
 from __future__ import annotations
@@ -97,26 +97,18 @@ def build_request(
     public_url: str | None,
     *,
     route: str | None = None,
-    agent: str | None = None,
-    twiml_template: str | None = None,
     params: list[str] | None = None,
     machine_detection: str | None = None,
 ) -> CallRequest:
     """The Call ``crctl dial`` creates, from its options; bad ones are a :class:`UsageError`."""
     from crctl.environment import current
 
-    if route and (agent or twiml_template):
-        raise UsageError(
-            "give --route NAME, or --agent/--twiml-template (to pick a route by them), not both"
-        )
     caller_id = from_ or current().number
     if not caller_id:
         raise UsageError(
             "--from NUMBER: the number to call from, one of this account's (`crctl numbers "
             "list`) or a verified caller ID (env CRCTL_NUMBER)"
         )
-    extra = [("agent", agent)] if agent else []
-    extra += [("template", twiml_template)] if twiml_template else []
     base = _public_url(public_url)
     try:
         return call_request(
@@ -124,7 +116,7 @@ def build_request(
             to,
             caller_id,
             route=route,
-            params=extra + _params(params or []),
+            params=_params(params or []),
             machine_detection=machine_detection,
         )
     except ValueError as exc:
@@ -220,25 +212,16 @@ def dial(
         "running crctl up's)",
     ),
     route: Optional[str] = typer.Option(
-        None, "--route", metavar="NAME", help="The relay's route for this call (/twiml?route=)."
-    ),
-    agent: Optional[str] = typer.Option(
         None,
-        "--agent",
-        metavar="AGENT",
-        help="Pick the relay's route by its agent (sent as the parameter agent).",
-    ),
-    twiml_template: Optional[str] = typer.Option(
-        None,
-        "--twiml-template",
-        metavar="TEMPLATE",
-        help="Pick the relay's route by its template (sent as the parameter template).",
+        "--route",
+        metavar="NAME",
+        help="The relay's route for this call, which names its agent and template (/twiml?route=).",
     ),
     param: list[str] = typer.Option(
         [],
         "--param",
         metavar="K=V",
-        help="A parameter of the call, on /twiml's query (repeatable).",
+        help="A <Parameter> of the call, sent as param_K=V on /twiml's query (repeatable).",
     ),
     machine_detection: Optional[str] = typer.Option(
         None,
@@ -273,8 +256,6 @@ def dial(
         from_,
         public_url,
         route=route,
-        agent=agent,
-        twiml_template=twiml_template,
         params=param,
         machine_detection=machine_detection,
     )

@@ -6,8 +6,9 @@ has no twilio REST client). So the two send the same form to Twilio's Calls reso
 (``POST /2010-04-01/Accounts/{AccountSid}/Calls.json``; Twilio docs: Call resource, "Create a
 Call"):
 
-- ``Url`` = ``{public}/twiml`` with ``route=NAME`` and the ``k=v`` parameters as its query
-  (``Method=POST``): the document ``/twiml`` serves, for the route;
+- ``Url`` = ``{public}/twiml`` with ``route=NAME`` and each parameter ``k=v`` as ``param_k=v``
+  in its query (``Method=POST``): the document ``/twiml`` serves for the route, with a
+  ``<Parameter name="k" value="v"/>`` per parameter (:mod:`relay_server.routing`'s contract);
 - ``StatusCallback`` = ``{public}/status`` for ``initiated``, ``ringing``, ``answered`` and
   ``completed`` (``StatusCallbackMethod=POST``): the call's progress in the call log;
 - with machine detection, ``MachineDetection`` (``Enable`` or ``DetectMessageEnd``) *and*
@@ -29,14 +30,12 @@ from urllib.parse import urlencode
 
 from relay_server.config import TwilioAccount
 from relay_server.errors import RelayError
+from relay_server.routing import PARAM_PREFIX, RESERVED_PREFIX, ROUTE_QUERY
 
 #: ``MachineDetection`` values Twilio takes (Twilio docs: Answering Machine Detection).
 MACHINE_DETECTION = ("Enable", "DetectMessageEnd")
 #: The status callback events asked for: every step of an outbound call.
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
-#: The query parameter of ``/twiml`` that names the route of an outbound call.
-ROUTE_PARAM = "route"
-
 #: What to do when Twilio refuses to create a call, by error code (Twilio docs: error
 #: dictionary).
 REFUSALS: dict[int, str] = {
@@ -129,8 +128,9 @@ class CallRequest:
 def twiml_url(
     public_url: str, route: str | None = None, params: Iterable[tuple[str, str]] = ()
 ) -> str:
-    """``{public}/twiml``, with ``route=NAME`` and the parameters as its query string."""
-    query = ([(ROUTE_PARAM, route)] if route else []) + list(params)
+    """``{public}/twiml``, with ``route=NAME`` and ``param_<name>=<value>`` as its query string."""
+    query = [(ROUTE_QUERY, route)] if route else []
+    query += [(PARAM_PREFIX + name, value) for name, value in params]
     base = public_url.rstrip("/") + "/twiml"
     return base + ("?" + urlencode(query) if query else "")
 
@@ -138,15 +138,20 @@ def twiml_url(
 def check_params(params: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
     """The call's parameters as ``(name, value)`` strings; a bad one is a :class:`ValueError`.
 
-    A name is non-empty and is not ``route`` (the route has its own option).
+    A name is non-empty, given once, and does not start with ``crctl_`` (the relay's own
+    parameters: ``/twiml`` would ignore it).
     """
     pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
     checked: list[tuple[str, str]] = []
     for name, value in pairs:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"parameter {name!r}: a parameter needs a name (k=v)")
-        if name == ROUTE_PARAM:
-            raise ValueError("parameter 'route': give the route as the route, not as a parameter")
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"parameter {name!r}: names starting with {RESERVED_PREFIX} are the relay's own"
+            )
+        if any(name == seen for seen, _ in checked):
+            raise ValueError(f"parameter {name!r}: given twice, give it once")
         if not isinstance(value, str | int | float | bool) or value is None:
             raise ValueError(f"parameter {name!r}: the value must be a string, got {value!r}")
         checked.append((name, str(value).lower() if isinstance(value, bool) else str(value)))

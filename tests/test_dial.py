@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from crctl.cli import app
 from relay_server.dialing import STATUS_EVENTS
+from relay_server.routing import ROUTE_PARAMETER
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, config, sign, wait_until
 
 runner = CliRunner()
@@ -102,23 +104,29 @@ def test_route_params_and_machine_detection_go_into_the_request(fake_twilio: Any
     (request,) = created(fake_twilio)
     url = urlsplit(str(request.form["Url"]))
     assert f"{url.scheme}://{url.netloc}{url.path}" == PUBLIC + "/twiml"
-    assert parse_qsl(url.query) == [("route", "sales"), ("order", "42"), ("note", "a b&c")]
+    assert parse_qsl(url.query) == [
+        ("route", "sales"),
+        ("param_order", "42"),
+        ("param_note", "a b&c"),
+    ]
     assert request.form["MachineDetection"] == "DetectMessageEnd"
     assert request.form["AsyncAmd"] == "true"
     assert request.form["AsyncAmdStatusCallback"] == PUBLIC + "/amd"
     assert request.form["AsyncAmdStatusCallbackMethod"] == "POST"
 
 
-def test_agent_and_template_pick_a_route_by_parameters(fake_twilio: Any) -> None:
+def test_the_agent_and_template_are_the_routes_not_options(fake_twilio: Any) -> None:
+    # a URL never names code or a template for the relay to load: --route names them
     fake_twilio.add_number(FROM)
     args = ["dial", TO, "--from", FROM, "--public-url", PUBLIC, "--detach"]
-    result = crctl(*args, "--agent", "echo", "--twiml-template", "handoff")
-    assert result.exit_code == 0, result.output
-    (request,) = created(fake_twilio)
-    query = parse_qsl(urlsplit(str(request.form["Url"])).query)
-    assert query == [("agent", "echo"), ("template", "handoff")]
-    both = crctl(*args, "--route", "sales", "--agent", "echo")
-    assert both.exit_code == 2 and "not both" in both.output
+    for option, value in (("--agent", "echo"), ("--twiml-template", "handoff")):
+        result = crctl(*args, option, value)
+        assert result.exit_code == 2 and "No such option" in result.output, result.output
+    reserved = crctl(*args, "--param", "crctl_route=support")
+    assert reserved.exit_code == 2 and "crctl_ are the relay's own" in reserved.output
+    twice = crctl(*args, "--param", "order=1", "--param", "order=2")
+    assert twice.exit_code == 2 and "given twice" in twice.output
+    assert created(fake_twilio) == []
 
 
 def test_dry_run_prints_the_request_and_sends_nothing(fake_twilio: Any) -> None:
@@ -131,7 +139,7 @@ def test_dry_run_prints_the_request_and_sends_nothing(fake_twilio: Any) -> None:
     path = f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Calls.json"
     assert lines[0] == f"POST {fake_twilio.base_url}{path}"
     assert f"  To={TO}" in lines and f"  From={FROM}" in lines
-    assert f"  Url={PUBLIC}/twiml?k=v" in lines
+    assert f"  Url={PUBLIC}/twiml?param_k=v" in lines
     assert lines[-1] == "dry run: nothing was sent"
 
 
@@ -207,18 +215,55 @@ def post_signed(relay: RelayServer, path_and_query: str, form: dict[str, str]) -
     return httpx.post(relay.base_url + path_and_query, data=form, headers=headers, timeout=10)
 
 
-def test_twiml_answers_the_url_twilio_is_given(fake_twilio: Any) -> None:
-    """The Url the call carries (route and parameters in its query) is one the relay answers."""
+ROUTES = f"""
+[[route]]
+name = "support"
+numbers = ["{FROM}"]
+welcome_greeting = "Support here."
+
+[[route]]
+name = "sales"
+template = "low-latency"
+welcome_greeting = "Sales here, what can I sell you?"
+"""
+
+
+def test_a_dialled_call_gets_its_routes_twiml_with_its_parameters(
+    fake_twilio: Any, tmp_path: Path
+) -> None:
+    """Twilio fetches the Url it was given, signed: the relay answers with the route's TwiML.
+
+    The number calling (``From``) is the support route's, so only ``route=sales`` in the Url can
+    pick sales; ``--param order=42`` is a ``<Parameter>`` of the call.
+    """
     fake_twilio.add_number(FROM)
-    with RelayServer(config(events_db=None)) as relay:
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)
+    cfg = config(events_db=None, routes_file=str(routes), app_dir=str(tmp_path))
+    with RelayServer(cfg) as relay:
         args = ["dial", TO, "--from", FROM, "--public-url", PUBLIC_URL, "--detach"]
         result = crctl(*args, "--route", "sales", "--param", "order=42")
         assert result.exit_code == 0, result.output
         (sid,) = fake_twilio.calls
         url = urlsplit(str(fake_twilio.call_request(sid)["Url"]))
-        answer = post_signed(relay, f"{url.path}?{url.query}", {"CallSid": sid, "To": TO})
-    assert answer.status_code == 200, answer.text
-    assert "<ConversationRelay" in answer.text
+        assert f"{url.scheme}://{url.netloc}{url.path}" == PUBLIC_URL + "/twiml"
+        form = {"CallSid": sid, "From": FROM, "To": TO, "Direction": "outbound-api"}
+        answer = post_signed(relay, f"{url.path}?{url.query}", form)
+        assert answer.status_code == 200, answer.text
+        root = ET.fromstring(answer.text)
+        # the same call without the route in its Url: the number calling picks support
+        plain = post_signed(relay, "/twiml", form)
+        assert plain.status_code == 200, plain.text
+    conversation = root.find("Connect/ConversationRelay")
+    assert conversation is not None
+    assert conversation.attrib["welcomeGreeting"] == "Sales here, what can I sell you?"
+    assert conversation.attrib["speechModel"] == "flux-general-en"  # the low-latency template
+    parameters = [(p.attrib["name"], p.attrib["value"]) for p in root.iter("Parameter")]
+    assert sorted(parameters) == [(ROUTE_PARAMETER, "sales"), ("order", "42")]
+    connect = root.find("Connect")
+    assert connect is not None
+    assert connect.attrib["action"] == f"{PUBLIC_URL}/action?route=sales&param_order=42"
+    assert 'welcomeGreeting="Support here."' in plain.text
 
 
 def live_dial(relay: RelayServer, cwd: Path) -> subprocess.Popen[str]:

@@ -59,7 +59,7 @@ def test_post_calls_creates_the_call_crctl_dial_would(relay: RelayServer, fake_t
         machine_detection="DetectMessageEnd",
     )
     assert list(request.form.items()) == list(_multi(same.form()).items())
-    assert request.form["Url"] == PUBLIC_URL + "/twiml?route=sales&order=42"
+    assert request.form["Url"] == PUBLIC_URL + "/twiml?route=sales&param_order=42"
     assert request.form["AsyncAmdStatusCallback"] == PUBLIC_URL + "/amd"
 
 
@@ -109,7 +109,8 @@ def test_a_trial_account_calling_an_unverified_number(relay: RelayServer, fake_t
         ({"to": TO}, 400, "from: required"),
         ({"to": TO, "from": FROM, "rout": "x"}, 400, "unknown key 'rout'"),
         ({"to": TO, "from": FROM, "params": ["a"]}, 400, "params:"),
-        ({"to": TO, "from": FROM, "params": {"route": "x"}}, 400, "parameter 'route'"),
+        ({"to": TO, "from": FROM, "params": {"crctl_route": "x"}}, 400, "are the relay's own"),
+        ({"to": TO, "from": FROM, "agent": "echo"}, 400, "unknown key 'agent'"),
         ({"to": TO, "from": FROM, "machine_detection": "yes"}, 400, "Enable or DetectMessageEnd"),
     ],
 )

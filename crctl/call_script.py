@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -1371,10 +1370,11 @@ def _between(
 
 async def stored_tool_calls(context: RunContext, call_sid: str) -> list[dict[str, Any]] | str:
     """The call's ``tool.call`` events from the relay's ``GET /calls/{sid}`` (``ts``, ``name``,
-    ``arguments``), or the one line saying why they cannot be read.
+    ``arguments`` as sent, ``values`` decoded), or the one line saying why they cannot be read.
     """  # noqa: D205
     import httpx
 
+    from crctl.turns import tool_arguments
     from relay_server.events import TOOL_CALL
 
     if not context.relay_url:
@@ -1400,6 +1400,7 @@ async def stored_tool_calls(context: RunContext, call_sid: str) -> list[dict[str
                 "ts": float(e["ts"]),
                 "name": e["data"].get("name", ""),
                 "arguments": e["data"].get("arguments"),
+                "values": tool_arguments(e["data"].get("arguments")),
             }
             for e in events
             if e["kind"] == TOOL_CALL
@@ -1423,19 +1424,10 @@ def check_tool_called(
             continue
         if not subset:
             continue
-        if not any(_holds(subset, _arguments(c["arguments"])) for c in named):
+        if not any(_holds(subset, c["values"]) for c in named):
             shown = "; ".join(str(c["arguments"]) for c in named)
             reasons.append(f"tool_called: {name} was called without arguments {subset}: {shown}")
     return reasons
-
-
-def _arguments(text: Any) -> Any:
-    if isinstance(text, str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return text
 
 
 def _holds(subset: Any, value: Any) -> bool:

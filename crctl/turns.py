@@ -9,6 +9,7 @@ one is a value that was measured, never interpolated.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,16 @@ from relay_server import events as ev
 
 #: The stages of a turn, in the order the caller lives them, then the headline.
 STAGES = ev.TIMELINE_STAGES
+
+
+def tool_arguments(text: Any) -> Any:
+    """A ``tool.call`` event's arguments (JSON text) as values; text that is not JSON as it is."""
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:

@@ -63,7 +63,8 @@ def test_the_graph_covers_the_house() -> None:
 @pytest.mark.parametrize(
     ("library", "allowed"),
     [
-        ("openai", {"relay_server.llm"}),
+        # the relay's chat model; crctl's judge of `judge:` expectations (and personas)
+        ("openai", {"relay_server.llm", "crctl.judge"}),
         ("twilio.rest", {"crctl.provisioning"}),
         ("pyngrok", {"crctl.tunnel"}),
     ],

@@ -194,6 +194,41 @@ def test_json_has_every_run_and_turn(relay: RelayServer, tmp_path: Path) -> None
     assert refund["runs"][0]["turns"][0]["reasons"] == ["reply does not contain 'refund approved'"]
 
 
+PERSONA_ONLY = """\
+name: order status
+caller:
+  persona: Dana, in a hurry
+  goal: learn the status of order 42
+  max_turns: 5
+"""
+
+
+def test_a_simulated_callers_turns_are_counted_as_played(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    """A scenario listing no turns, whose caller model plays three: "3 turns", not 0."""
+    suite = folder(tmp_path, order=PERSONA_ONLY)
+    out = tmp_path / "results.json"
+    moves = [{"say": s, "dtmf": None, "barge_in_after_words": None, "done": False} for s in "abc"]
+    with FakeLLM() as models:
+        models.answer("caller_move", *moves, {**moves[0], "say": None, "done": True})
+        models.answer("verdict", {"passed": True, "reason": "it did"})
+        result = run(
+            str(suite), *signed(relay), "--json", str(out), "--caller-model", "caller-1",
+            "--judge-model", "judge-1", "--judge-base-url", models.base_url,
+            env={"OPENAI_API_KEY": "sk-test"},
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("pass order status  3 turns")
+    (order,) = json.loads(out.read_text())["scenarios"]
+    assert order["turns"] == 3
+    assert [t["reply"] for t in order["runs"][0]["turns"]] == [
+        "You said: a",
+        "You said: b",
+        "You said: c",
+    ]
+
+
 def test_k_selects_by_substring_or_glob(relay: RelayServer, tmp_path: Path) -> None:
     suite = folder(tmp_path, greeting=GREETING, farewell=FAREWELL, refund=FAILING)
     result = run(str(suite), *signed(relay), "-k", "GREET")
@@ -324,7 +359,8 @@ def test_bad_files_are_all_named_before_anything_runs(relay: RelayServer, tmp_pa
     assert lines == [
         f"error: {tmp_path / 'missing'}: no such file or folder",
         f"error: {suite / 'typo.yaml'}: turn 1: unknown key 'sya' (value 'hi'), did you mean "
-        "'say'? a turn takes say, dtmf, interrupt_after_words, expect",
+        "'say'? a turn takes say, dtmf, interrupt_after_words, expect, drop_socket, silence, "
+        "bad_frame, partials, noise, hangup",
         f"error: {suite / 'unparsable.yaml'}: not valid YAML (line 2): expected ',' or ']', but "
         "got '<stream end>'",
     ]

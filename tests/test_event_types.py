@@ -167,6 +167,34 @@ async def test_a_reader_sees_everything_queued_before_it_without_waiting_for_the
         reopened.close()
 
 
+def test_a_busy_writer_gathers_for_longer_and_a_quiet_one_goes_back():
+    """At BUSY_EVENTS_PER_SECOND and more the next batch gathers for busy_interval; below, not."""
+    import threading
+
+    from relay_server.store.writer import BUSY_EVENTS_PER_SECOND, Writer
+
+    batches: list[int] = []
+    written = threading.Semaphore(0)
+
+    def write(batch: list[ev.CallEvent]) -> None:
+        batches.append(len(batch))
+        written.release()
+
+    writer = Writer(write, lambda: None, flush_interval=0.2, idle_every=60, busy_interval=1.0)
+    try:
+        assert writer.interval == 0.2
+        burst = int(BUSY_EVENTS_PER_SECOND * 0.2) + 1  # more than a quiet batch carries
+        for digit in range(burst):
+            writer.put(ev.Dtmf(call_sid=CA1, digit=str(digit % 10)))
+        assert written.acquire(timeout=10)
+        assert batches == [burst] and writer.interval == 1.0
+        writer.put(ev.Dtmf(call_sid=CA1, digit="1"))  # one event in a busy interval: quiet again
+        assert written.acquire(timeout=10)
+        assert batches == [burst, 1] and writer.interval == 0.2
+    finally:
+        writer.stop()
+
+
 def test_the_sse_message_carries_the_stored_bytes(tmp_path: Path):
     """Encoded once: the SSE ``data`` embeds the stored JSON text as it is."""
     from relay_server.store.live import sse

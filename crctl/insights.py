@@ -12,9 +12,11 @@ those to api.twilio.com, to ``CRCTL_TWILIO_API_URL`` when that is set (a fake, P
 
 They are shown in time order, each at its offset from the call's start as the relay recorded
 it (the first event's time when the relay has none), with its name and the fields worth
-reading: the ConversationRelay payload (``conversation_relay_data``: the docs name its
-properties, not where they sit in the event, so crctl also reads them at the event's top level
-and in its edge objects), and the level when it is a warning or an error.
+reading: the ConversationRelay payload (``conversation_relay_data``, a property of the event
+beside its edges, as Twilio's own SDK reads it: ``twilio.rest.insights.v1.call.event``, an
+object or its JSON text; the docs name the payload's properties but show no whole event, so
+crctl also reads them at the event's top level and in its edge objects), and the level when it
+is a warning or an error.
 
 Nothing here stops the relay's part from printing: a 404 (Advanced Features off, or a call
 Twilio does not know) and "no events yet" for a call that ended under two minutes ago are one

@@ -310,6 +310,13 @@ class Driver:
     async def _play(self, command: Command) -> None:
         caller = self.caller
         reply: Reply | None = None
+        if command.name != "interrupt":
+            # the reply before (the greeting, something the agent said on its own) is
+            # spoken to its end first: talking over it is a barge-in, which only
+            # ``interrupt`` asks for
+            await caller.quiet(caller.timeout)
+            if caller.closed.is_set():
+                return
         if command.name == "say":
             reply = await caller.say(command.value)
         elif command.name == "dtmf":
@@ -335,7 +342,9 @@ class Driver:
         getter: asyncio.Future[str | None] | None = None
         try:
             while not finished.done():
-                if getter is None and not self._eof:
+                # a command waiting its turn keeps the ones after it waiting too: an
+                # ``interrupt`` piped after the next ``say`` is for that say's reply
+                if getter is None and not self._eof and not self._held:
                     getter = asyncio.ensure_future(self.lines.get())
                 waits: set[asyncio.Future[Any]] = {finished}
                 if getter is not None:

@@ -254,6 +254,32 @@ def test_an_interrupt_piped_right_after_a_say_waits_for_the_agent_to_speak(
     assert only(events, "interrupted")[0]["heard"] == reply["text"]
 
 
+def test_piped_on_the_speaker_clock_each_command_waits_and_interrupt_keeps_its_place(
+    relay, fake_llm, tmp_path
+):
+    # the acceptance line has no --time-scale: the greeting and each reply take real time
+    long = [" word"] * 12 + ["."]
+    fake_llm.enqueue(
+        Script(tokens=["Short", "."]),
+        Script(tokens=["Also", " short", "."]),
+        Script(tokens=["Story", *long], delay=0.05),
+    )
+    commands = [{"say": "one"}, {"say": "two"}, {"say": "three"}, {"interrupt": True}]
+    result = drive(relay, tmp_path, commands, "--time-scale", "0.3")
+    assert result.returncode == 0, result.stderr
+    events = parsed(result.stdout)
+    # the greeting is heard to its end, not talked over; the interrupt is the last say's
+    assert [e["input"] for e in only(events, "interrupted")] == ["three"]
+    replies = [(r["input"], r["interrupted"]) for r in only(events, "reply")]
+    assert replies == [("one", False), ("two", False), ("three", True)]
+    assert only(events, "reply")[0]["text"] == "Short."
+    # a hang-up while the speaker plays leaves nothing on stderr (no task traceback)
+    assert result.stderr == ""
+    assert [e.data["heard"] for e in relay.events if e.kind == "barge_in"] == [
+        only(events, "interrupted")[0]["heard"]
+    ]
+
+
 def test_the_agent_ending_the_call_ends_the_driver_with_stdin_still_open(
     relay_factory, fake_llm, tmp_path
 ):

@@ -179,7 +179,7 @@ class SimulatedCaller:
             side_modes = CallerModes(**{**vars(modes), "events": modes.events - SPEAKER_EVENTS})
             self.side = TwilioSide(side_modes)
             self.speaker = Speaker(
-                self.side, modes.events, self.timing, self._pump, self._emit_step
+                self.side, modes.events, self.timing, self._speaker_pump, self._emit_step
             )
         else:
             self.side = TwilioSide(modes)
@@ -499,6 +499,14 @@ class SimulatedCaller:
         if self.side.close_to_send is not None:
             code, reason = self.side.close_to_send
             await self._ws.close(code, reason)
+
+    async def _speaker_pump(self) -> None:
+        """:meth:`_pump` for the speaker's clock: it stops quietly on a closed socket.
+
+        A hang-up under a reply being played leaves its frames nowhere to go.
+        """
+        with contextlib.suppress(ConnectionClosed):
+            await self._pump()
 
     async def _receive(self) -> None:
         assert self._ws is not None

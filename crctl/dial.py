@@ -15,11 +15,14 @@ the call is over; ``--detach`` prints the call SID and returns; ``--dry-run`` pr
 There is no ``--agent`` nor ``--twiml-template``: a relay never imports code, nor reads a
 template, that a URL names (whoever can place a call could otherwise choose them). The agent and
 template of an outbound call are its route's (``--route NAME``, the relay's ``--routes`` file).
+A route the routes file (``--routes`` / ``CRCTL_ROUTES``) does not have is refused before the
+call is placed, with "did you mean" and the routes there are.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -30,7 +33,7 @@ from twilio.base.exceptions import TwilioRestException
 from crctl import up_sessions
 from crctl.credentials import CredentialsError, resolve
 from crctl.errors import CrctlError, ProvisioningError, UsageError
-from crctl.numbers import ACCOUNT, KEY, PROFILE, SECRET, TOKEN
+from crctl.numbers import ACCOUNT, KEY, PROFILE, ROUTES, SECRET, TOKEN
 from crctl.provisioning import api_base, check_public_url, make_client, twilio_errors
 from crctl.state import State
 from relay_server import events as ev
@@ -91,12 +94,28 @@ def _params(pairs: list[str]) -> list[tuple[str, str]]:
     return found
 
 
+def _check_route(name: str, routes: Path | None) -> None:
+    """Refuse a route the routes file (``--routes`` / ``CRCTL_ROUTES``) does not have.
+
+    The relay would answer a call on an unknown route with its default agent: the call is not
+    placed instead. Without a routes file here (a relay elsewhere) the name cannot be checked;
+    that relay's ``POST /calls`` can.
+    """
+    from crctl.numbers import routed
+    from crctl.settings import load_settings
+
+    routes = routes or load_settings().routes
+    if routes is not None:
+        routed(name, routes)
+
+
 def build_request(
     to: str,
     from_: str | None,
     public_url: str | None,
     *,
     route: str | None = None,
+    routes: Path | None = None,
     params: list[str] | None = None,
     machine_detection: str | None = None,
 ) -> CallRequest:
@@ -110,6 +129,8 @@ def build_request(
             "list`) or a verified caller ID (env CRCTL_NUMBER)"
         )
     base = _public_url(public_url)
+    if route:
+        _check_route(route, routes)
     try:
         return call_request(
             base,
@@ -215,8 +236,10 @@ def dial(
         None,
         "--route",
         metavar="NAME",
-        help="The relay's route for this call, which names its agent and template (/twiml?route=).",
+        help="The relay's route for this call, which names its agent and template (/twiml?route=); "
+        "checked against --routes when given.",
     ),
+    routes: Optional[Path] = ROUTES,
     param: list[str] = typer.Option(
         [],
         "--param",
@@ -256,6 +279,7 @@ def dial(
         from_,
         public_url,
         route=route,
+        routes=routes,
         params=param,
         machine_detection=machine_detection,
     )

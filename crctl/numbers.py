@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from collections.abc import Callable
@@ -232,7 +231,7 @@ def routed(name: str, routes: Path | None) -> RouteChoice:
         RoutesError: the file is not valid (one line, exit 2).
     """
     from crctl.settings import load_settings
-    from relay_server.routing import load_routes
+    from relay_server.routing import load_routes, no_such_route
 
     if routes is None:
         routes = load_settings().routes  # CRCTL_ROUTES: environment, .env.local, .env
@@ -243,11 +242,7 @@ def routed(name: str, routes: Path | None) -> RouteChoice:
         )
     found = {route.name: route for route in load_routes(routes)}
     if name not in found:
-        close = difflib.get_close_matches(name, list(found), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UsageError(
-            f"--route {name}: {routes} has no route {name!r}{hint} (routes: {', '.join(found)})"
-        )
+        raise UsageError(f"--route {name}: {routes} has {no_such_route(name, found)}")
     return RouteChoice(found[name], routes)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from relay_server import events as ev
 from relay_server.protocol import Prompt, ProtocolError, Setup, Unknown, decode
+from relay_server.routing import ANSWERED_PARAMETER
 from relay_server.session import CallSession, SessionLink
 
 if TYPE_CHECKING:
@@ -241,8 +242,11 @@ class CallConnection:
             await session.on_setup(setup)
         except Exception:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
-        answered_by = self.registry.answered.pop(setup.call_sid, None)
-        if answered_by is not None:  # /amd came first
+        # /amd came first, or the TwiML carried a synchronous result (routing's contract)
+        answered_by = self.registry.answered.pop(
+            setup.call_sid, None
+        ) or setup.custom_parameters.get(ANSWERED_PARAMETER)
+        if answered_by:
             await session.answered(answered_by)
 
     def _guard_replay(self, state: Any) -> None:

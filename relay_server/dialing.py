@@ -23,6 +23,7 @@ Twilio's refusals of a Call become one line with the fix (:data:`REFUSALS`).
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,24 +106,23 @@ class CallRequest:
         return pairs
 
     def sdk_arguments(self) -> dict[str, Any]:
-        """The same request as keyword arguments of the twilio SDK's ``calls.create``."""
-        arguments: dict[str, Any] = {
-            "to": self.to,
-            "from_": self.from_,
-            "url": self.url,
-            "method": "POST",
-            "status_callback": self.status_callback,
-            "status_callback_method": "POST",
-            "status_callback_event": list(self.status_events),
-        }
-        if self.machine_detection is not None and self.amd_callback is not None:
-            arguments.update(
-                machine_detection=self.machine_detection,
-                async_amd="true",
-                async_amd_status_callback=self.amd_callback,
-                async_amd_status_callback_method="POST",
-            )
+        """The same form as keyword arguments of the twilio SDK's ``calls.create``.
+
+        Each form name in snake case (``From``: ``from_``), ``StatusCallbackEvent`` a list.
+        """
+        arguments: dict[str, Any] = {}
+        for name, value in self.form():
+            key = _SNAKE.sub("_", name).lower()
+            key = "from_" if key == "from" else key
+            if name == "StatusCallbackEvent":
+                arguments.setdefault(key, []).append(value)
+            else:
+                arguments[key] = value
         return arguments
+
+
+#: Where a form name's words meet (``StatusCallback``: ``status_callback``).
+_SNAKE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
 def twiml_url(

@@ -10,7 +10,8 @@ With ``--redis-url`` a push reaches the call on whichever replica holds its sock
 
 Outbound calls: ``POST /calls`` (the API token; JSON ``to``, ``from``, ``route``, ``params``,
 ``machine_detection``) creates a call that connects to this relay (:mod:`relay_server.dialing`)
-and answers its SID; ``POST /amd`` is Twilio's asynchronous answering machine detection
+and answers its SID (a ``route`` the relay does not serve is refused, with its routes, before
+Twilio is asked); ``POST /amd`` is Twilio's asynchronous answering machine detection
 callback for such a call (signed, like every Twilio webhook): published as ``call.answered``
 and handed to the call's agent (:meth:`CallSession.on_answered_by`).
 
@@ -27,7 +28,7 @@ from typing import Any, ParamSpec
 
 from quart import Blueprint, Response, current_app, request
 
-from relay_server import dialing
+from relay_server import dialing, routing
 from relay_server import events as ev
 from relay_server.cluster import ClusterUnavailable
 from relay_server.cluster.push import deliver
@@ -118,9 +119,15 @@ async def create_call() -> Any:
     for key in ("to", "from"):
         if not isinstance(body.get(key), str) or not body[key].strip():
             return {"error": f"{key}: required, a phone number such as +15551234567"}, 400
-    route = body.get("route")
+    route = body.get("route") or None
     if route is not None and not isinstance(route, str):
         return {"error": f"route: a route's name, got {route!r}"}, 400
+    router = current_state().router
+    if route is not None and router is None:
+        why = "this relay has no routes (crctl serve --routes FILE): leave route out"
+        return {"error": f"route {route!r}: {why}"}, 400
+    if route is not None and router is not None and route not in router.by_name:
+        return {"error": f"route: {routing.no_such_route(route, router.by_name)}"}, 400
     params = body.get("params") or {}
     if not isinstance(params, dict):
         return {"error": 'params: an object of names and values, e.g. {"order": "42"}'}, 400

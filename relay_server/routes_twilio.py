@@ -18,6 +18,7 @@ from quart import Blueprint, Response, request
 from relay_server import events as ev
 from relay_server.protocol.handoff import wants_person
 from relay_server.routing import (
+    ANSWERED_PARAMETER,
     ROUTE_PARAMETER,
     ROUTE_QUERY,
     Target,
@@ -45,6 +46,7 @@ def connect_document(
     call_sid: str,
     target: Target | None = None,
     params: Mapping[str, str] | None = None,
+    answered_by: str = "",
 ) -> str:
     """The configured template pointed at this relay's ``/ws``.
 
@@ -54,7 +56,8 @@ def connect_document(
     public URL (local only) the socket URL is ``ws://``.
 
     ``target``: the call's route (``None`` or the default: the relay's template); ``params``:
-    the ``<Parameter>``s of the query (``param_<name>``). Both go in the TwiML as
+    the ``<Parameter>``s of the query (``param_<name>``); ``answered_by``: the request's
+    ``AnsweredBy`` (synchronous machine detection). All go in the TwiML as
     :mod:`relay_server.routing` says.
     """
     config = state.config
@@ -66,6 +69,8 @@ def connect_document(
     action = None
     if target is not None and target.name:
         extra[ROUTE_PARAMETER] = target.name
+    if answered_by:
+        extra[ANSWERED_PARAMETER] = answered_by
     if target is not None or params:
         own = template.connect.get("action", "")
         query = action_query(target.name if target is not None else "", params or {})
@@ -106,7 +111,16 @@ async def twiml(fields: Fields) -> Response:
     call_sid = fields.get("CallSid", "")
     target, params = call_route(state, fields)
     config = state.config if target is None else target.config
-    return _twiml(connect_document(state, config.welcome_greeting, call_sid, target, params))
+    answered_by = fields.get("AnsweredBy", "")
+    if answered_by:  # synchronous machine detection: the result comes with the request
+        detection_ms = fields.get("MachineDetectionDuration")
+        state.bus.emit(
+            ev.CallAnswered(call_sid=call_sid, answered_by=answered_by, detection_ms=detection_ms)
+        )
+    document = connect_document(
+        state, config.welcome_greeting, call_sid, target, params, answered_by
+    )
+    return _twiml(document)
 
 
 @twilio.post("/action")

@@ -26,7 +26,8 @@ The contract of ``/twiml`` (what ``crctl dial`` and ``POST /calls`` rely on):
   Twilio's ``Direction`` is ``outbound-api``/``outbound-dial`` (the number calling), ``To``
   otherwise (the number called). A call matching no route gets the default: the relay's own
   settings, exactly as without a routes file. An unknown ``route=NAME`` is logged as a warning
-  and the call gets the default.
+  and the call gets the default (the call is already answered by then: ``crctl dial`` and
+  ``POST /calls`` refuse an unknown route before placing the call).
 * **Extra parameters.** Every ``param_<name>=<value>`` of the ``/twiml`` query becomes
   ``<Parameter name="<name>" value="<value>"/>`` in the ``<ConversationRelay>``, after the
   template's own (a query parameter wins over the template's of the same name); the session
@@ -36,6 +37,10 @@ The contract of ``/twiml`` (what ``crctl dial`` and ``POST /calls`` rely on):
   (:data:`ROUTE_PARAMETER`): the session of that call's socket is built from the route named in
   ``setup.customParameters["crctl_route"]`` (its agent, tools, system prompt, model and
   greeting). The default route adds no parameter: its TwiML is what it was without routes.
+* **Who answered.** A ``/twiml`` request with ``AnsweredBy`` (a call placed with synchronous
+  machine detection) adds ``<Parameter name="crctl_answered_by" value="…"/>``
+  (:data:`ANSWERED_PARAMETER`): the session gets it at setup (``CallSession.on_answered_by``),
+  as it gets an asynchronous result from ``/amd``.
 * **Session ends keep both.** When the template's ``<Connect action>`` is a path on the relay
   (``/action``), the route and the extra parameters are appended to its query
   (``/action?route=NAME&param_k=v``), so the TwiML ``/action`` answers with (a reconnect)
@@ -48,7 +53,7 @@ import difflib
 import logging
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +76,9 @@ log = logging.getLogger("relay_server.routing")
 
 #: The ``<Parameter>`` that tells the socket's session which route its call is on.
 ROUTE_PARAMETER = "crctl_route"
+#: The ``<Parameter>`` that carries ``AnsweredBy`` when Twilio's ``/twiml`` request has it
+#: (synchronous answering machine detection): the call's agent sees it at setup.
+ANSWERED_PARAMETER = "crctl_answered_by"
 #: The ``/twiml`` (and ``/action``) query parameter that selects a route by name.
 ROUTE_QUERY = "route"
 #: ``param_<name>=<value>`` in the ``/twiml`` query: a ``<Parameter>`` of the call.
@@ -302,10 +310,9 @@ class Router:
             if target is not None:
                 return target
             log.warning(
-                "call %s: no route %r (routes: %s); it gets the default",
+                "call %s: %s; it gets the default",
                 fields.get("CallSid", "?"),
-                name[:64],
-                ", ".join(self.by_name) or "none",
+                no_such_route(name[:64], self.by_name),
             )
             return self.default
         outbound = fields.get("Direction", "") in OUTBOUND
@@ -327,6 +334,14 @@ class Router:
             services.clock = self.default.services.clock
         routed = SessionLink(link.send, link.events, target.config, services)
         return target.factory(routed, setup)
+
+
+def no_such_route(name: str, names: Iterable[str]) -> str:
+    """``no route 'NAME'; did you mean 'NAME2'? (routes: a, b)``: an unknown route, in words."""
+    known = list(names)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"no route {name!r}{hint} (routes: {', '.join(known) or 'none'})"
 
 
 def action_query(route: str, params: Mapping[str, str]) -> str:
@@ -409,6 +424,7 @@ def build_router(
 
 
 __all__ = [
+    "ANSWERED_PARAMETER",
     "ROUTE_PARAMETER",
     "Route",
     "RouteSpec",
@@ -419,4 +435,5 @@ __all__ = [
     "build_router",
     "extra_parameters",
     "load_routes",
+    "no_such_route",
 ]

@@ -17,6 +17,7 @@ import pytest
 
 from relay_server import events as ev
 from relay_server.protocol import End, Text
+from relay_server.routing import ANSWERED_PARAMETER
 from tests.support import AUTH_TOKEN, PUBLIC_URL, RelayServer, TwilioCaller, sign, wait_until
 
 CA = "CA" + "a" * 32
@@ -147,3 +148,39 @@ def test_the_event_round_trips_through_the_wire() -> None:
     assert isinstance(event, ev.CallAnswered) and event.data == data
     message = {"id": 1, "ts": 12.5, "call_sid": CA, "kind": ev.CALL_ANSWERED, "data": data}
     assert ev.decode(json.dumps(message)) == event
+
+
+async def test_a_synchronous_result_reaches_the_agent_through_the_twiml(
+    amd_relay: RelayServer, fake_llm: Any
+) -> None:
+    # MachineDetection without AsyncAmd: Twilio fetches /twiml after deciding, with AnsweredBy
+    form = {"CallSid": CA, "AnsweredBy": "machine_end_beep", "MachineDetectionDuration": "3100"}
+    headers = {"X-Twilio-Signature": sign(PUBLIC_URL + "/twiml", form, AUTH_TOKEN)}
+    async with httpx.AsyncClient(trust_env=False) as client:
+        twiml = await client.post(amd_relay.base_url + "/twiml", data=form, headers=headers)
+    relay_noun = ET.fromstring(twiml.text).find("Connect/ConversationRelay")
+    assert relay_noun is not None
+    params = {p.attrib["name"]: p.attrib["value"] for p in relay_noun.iter("Parameter")}
+    assert params == {ANSWERED_PARAMETER: "machine_end_beep"}
+    (event,) = answered_events(amd_relay)
+    assert (event.answered_by, event.detection_ms) == ("machine_end_beep", "3100")
+    # the setup carries the TwiML's parameters, as Twilio sends them
+    caller = await TwilioCaller(amd_relay, call_sid=CA).connect(custom_parameters=params)
+    frames = await caller.recv_turn(timeout=5)
+    assert "".join(f.token for f in frames if isinstance(f, Text)) == MESSAGE
+    assert isinstance(await caller.recv(timeout=5), End)
+    assert fake_llm.records == []
+    await caller.hangup()
+
+
+async def test_a_person_answering_a_synchronous_detection_is_talked_to(
+    amd_relay: RelayServer, fake_llm: Any
+) -> None:
+    caller = await TwilioCaller(amd_relay, call_sid=CA).connect(
+        custom_parameters={ANSWERED_PARAMETER: "human"}
+    )
+    await caller.prompt("Hello?")
+    assert await caller.reply_text(timeout=10)
+    session = amd_relay.call_on_loop(lambda: amd_relay.registry.get(CA))
+    assert session.answered_by == "human"
+    await caller.hangup()

@@ -129,6 +129,30 @@ def test_the_agent_and_template_are_the_routes_not_options(fake_twilio: Any) -> 
     assert created(fake_twilio) == []
 
 
+def test_a_route_the_routes_file_lacks_is_refused_before_calling(
+    fake_twilio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the relay would answer it with its default agent: nobody would be called by the wrong one
+    fake_twilio.add_number(FROM)
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)
+    args = ["dial", TO, "--from", FROM, "--public-url", PUBLIC, "--detach"]
+    typo = crctl(*args, "--route", "sale", "--routes", str(routes))
+    assert typo.exit_code == 2, typo.output
+    assert typo.output.strip() == (
+        f"error: --route sale: {routes} has no route 'sale'; did you mean 'sales'? "
+        "(routes: support, sales)"
+    )
+    monkeypatch.setenv("CRCTL_ROUTES", str(routes))  # the file crctl serve/up read
+    unknown = crctl(*args, "--route", "night", "--dry-run")
+    assert unknown.exit_code == 2 and "has no route 'night'" in unknown.output, unknown.output
+    assert fake_twilio.requests == []
+    known = crctl(*args, "--route", "sales")
+    assert known.exit_code == 0, known.output
+    (request,) = created(fake_twilio)
+    assert request.form["Url"] == PUBLIC + "/twiml?route=sales"
+
+
 def test_dry_run_prints_the_request_and_sends_nothing(fake_twilio: Any) -> None:
     result = crctl(
         "dial", TO, "--from", FROM, "--public-url", PUBLIC, "--param", "k=v", "--dry-run"

@@ -6,6 +6,7 @@ Every request the relay makes to the fake is replayed against Prism on Twilio's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,9 +31,16 @@ def post_call(relay: RelayServer, body: Any, token: str | None = TOKEN) -> httpx
 
 
 @pytest.fixture
-def relay(fake_twilio: Any) -> Any:
+def relay(fake_twilio: Any, tmp_path: Path) -> Any:
     fake_twilio.add_number(FROM)
-    cfg = config(events_db=None, api_token=TOKEN, twilio_account=account(fake_twilio))
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[[route]]\nname = "sales"\n\n[[route]]\nname = "support"\n')
+    cfg = config(
+        events_db=None,
+        api_token=TOKEN,
+        twilio_account=account(fake_twilio),
+        routes_file=str(routes),
+    )
     with RelayServer(cfg) as server:
         yield server
 
@@ -112,6 +120,12 @@ def test_a_trial_account_calling_an_unverified_number(relay: RelayServer, fake_t
         ({"to": TO, "from": FROM, "params": {"crctl_route": "x"}}, 400, "are the relay's own"),
         ({"to": TO, "from": FROM, "agent": "echo"}, 400, "unknown key 'agent'"),
         ({"to": TO, "from": FROM, "machine_detection": "yes"}, 400, "Enable or DetectMessageEnd"),
+        (
+            {"to": TO, "from": FROM, "route": "sale"},
+            400,
+            "route: no route 'sale'; did you mean 'sales'? (routes: sales, support)",
+        ),
+        ({"to": TO, "from": FROM, "route": "night"}, 400, "(routes: sales, support)"),
     ],
 )
 def test_bad_requests_are_refused_before_twilio_sees_them(
@@ -121,6 +135,20 @@ def test_bad_requests_are_refused_before_twilio_sees_them(
     assert answer.status_code == status
     assert words in answer.json()["error"]
     assert fake_twilio.requests == []
+
+
+def test_a_route_on_a_relay_without_routes_is_refused(fake_twilio: Any) -> None:
+    # the call would otherwise ring and get the default agent, the route silently lost
+    fake_twilio.add_number(FROM)
+    cfg = config(events_db=None, api_token=TOKEN, twilio_account=account(fake_twilio))
+    with RelayServer(cfg) as relay:
+        answer = post_call(relay, {"to": TO, "from": FROM, "route": "sales"})
+        assert post_call(relay, {"to": TO, "from": FROM, "route": ""}).status_code == 201
+    assert answer.status_code == 400
+    assert answer.json()["error"] == (
+        "route 'sales': this relay has no routes (crctl serve --routes FILE): leave route out"
+    )
+    assert len(fake_twilio.calls) == 1  # the call without a route only
 
 
 def test_the_api_token_is_required(relay: RelayServer, fake_twilio: Any) -> None:

@@ -141,7 +141,8 @@ def build_request(
             machine_detection=machine_detection,
         )
     except ValueError as exc:
-        raise UsageError(str(exc).replace("machine detection", "--machine-detection")) from None
+        said = str(exc).replace("machine detection", "--machine-detection")
+        raise UsageError("--" + said if said.startswith("route ") else said) from None
 
 
 def create(request: CallRequest, credentials: Any) -> Any:

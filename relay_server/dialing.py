@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 
 from relay_server.config import TwilioAccount
 from relay_server.errors import RelayError
-from relay_server.routing import PARAM_PREFIX, RESERVED_PREFIX, ROUTE_QUERY
+from relay_server.routing import ALLOWED, PARAM_PREFIX, RESERVED_PREFIX, ROUTE_NAME, ROUTE_QUERY
 
 #: ``MachineDetection`` values Twilio takes (Twilio docs: Answering Machine Detection).
 MACHINE_DETECTION = ("Enable", "DetectMessageEnd")
@@ -182,9 +182,11 @@ def call_request(
     """The Call that rings ``to`` from ``from_`` and connects it to the relay at ``public_url``.
 
     Raises:
-        ValueError: a bad parameter or machine detection value (one line).
+        ValueError: a bad route name, parameter or machine detection value (one line).
     """
     base = public_url.rstrip("/")
+    if route and not ROUTE_NAME.match(route):
+        raise ValueError(f"route {route!r}: not a route's name: {ALLOWED['name']}")
     detection = check_machine_detection(machine_detection)
     return CallRequest(
         to=to.strip(),
@@ -240,9 +242,14 @@ async def create_call(account: TwilioAccount, request: CallRequest) -> dict[str,
         return body
     found = body if isinstance(body, dict) else {}
     code = found.get("code")
-    raise refusal(
-        action,
-        code if isinstance(code, int) else None,
-        str(found.get("message") or ""),
-        status,
+    failed = refusal(
+        action, code if isinstance(code, int) else None, str(found.get("message") or ""), status
     )
+    if status == 401:  # the relay's credentials, not the request: its operator's to fix
+        raise DialError(
+            f"{failed}; check the relay's {account.account_sid} credentials "
+            "(TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN, or TWILIO_API_KEY + TWILIO_API_SECRET)",
+            code=failed.code,
+            status=status,
+        )
+    raise failed

@@ -155,7 +155,8 @@ async def create_call() -> Any:
         created = await dialing.create_call(config.twilio_account, call)
     except dialing.DialError as exc:
         answer: dict[str, Any] = {"error": str(exc), "code": exc.code, "fix": exc.fix}
-        return answer, (400 if exc.status is not None and exc.status < 500 else 502)
+        refused = exc.status is not None and exc.status < 500 and exc.status != 401
+        return answer, (400 if refused else 502)  # 502: Twilio, or the relay's credentials
     return {"call_sid": created["sid"], "status": created.get("status"), "to": call.to}, 201
 
 

@@ -88,12 +88,13 @@ RESERVED_PREFIX = "crctl_"
 #: Twilio's Direction values of a call the account placed (the number is ``From``).
 OUTBOUND = ("outbound-api", "outbound-dial")
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: What a route's name may be (:data:`ALLOWED` ``name`` says it in words).
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
 
 #: What each key of a route takes, as the error lines say it.
 ALLOWED = {
-    "name": "letters, digits, - and _ (at most 64), unique in the file",
+    "name": "letters, digits, - and _ (at most 64), unique in the routes file",
     "numbers": 'a list of E.164 numbers, e.g. ["+15550100002"], each in one route only',
     "template": "a TwiML template: a preset, a ./twiml/ name or a .toml path (relative to the "
     "routes file)",
@@ -131,7 +132,7 @@ class RouteSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not ROUTE_NAME.match(value):
             raise ValueError("not a route name")
         return value
 

@@ -199,6 +199,9 @@ def test_bad_options_are_usage_errors() -> None:
     assert bad_param.exit_code == 2 and "NAME=VALUE" in bad_param.output
     bad_amd = crctl(*base, "--machine-detection", "maybe")
     assert bad_amd.exit_code == 2 and "Enable or DetectMessageEnd" in bad_amd.output
+    bad_route = crctl(*base, "--route", "sales line")  # no routes file here to check it in
+    assert bad_route.exit_code == 2, bad_route.output
+    assert "--route 'sales line': not a route's name: letters, digits" in bad_route.output
     local = crctl("dial", TO, "--from", FROM, "--public-url", "http://127.0.0.1:8080")
     assert local.exit_code == 2 and "https://" in local.output
 

@@ -165,6 +165,22 @@ def test_a_relay_without_credentials_says_what_to_set(fake_twilio: Any) -> None:
     assert fake_twilio.requests == []
 
 
+def test_the_relays_wrong_credentials_are_a_502_saying_what_to_check(
+    fake_twilio: Any, contract: Any
+) -> None:
+    wrong = TwilioAccount(
+        fake_twilio.account_sid, fake_twilio.account_sid, "x", fake_twilio.base_url
+    )
+    with RelayServer(config(events_db=None, api_token=TOKEN, twilio_account=wrong)) as relay:
+        answer = post_call(relay, {"to": TO, "from": FROM})
+    contract.exclude(*fake_twilio.requests)  # unauthenticated on purpose
+    assert answer.status_code == 502  # not the application's request: the relay's setting
+    error = answer.json()["error"]
+    assert error.startswith(f"calling {TO} failed: Twilio error 20003: ")
+    assert "check the relay's" in error and "TWILIO_AUTH_TOKEN" in error
+    assert fake_twilio.calls == {}
+
+
 def test_twilio_unreachable_is_a_502_with_one_line(fake_twilio: Any) -> None:
     cfg = config(events_db=None, api_token=TOKEN, twilio_account=account(fake_twilio))
     with RelayServer(cfg) as relay:

@@ -22,7 +22,9 @@ speech or keys:
   the caller hangs up once N words of the reply have arrived; the call must end as the
   caller's (``completed``) and the relay must take the action callback.
 
-:func:`play_fault` plays one such turn; ``run_script`` hands it every turn with a fault key.
+:func:`play_fault` plays the steps (:func:`is_step`: ``drop_socket``, ``silence``,
+``bad_frame``, ``hangup``); ``partials`` and ``noise`` change how :func:`utter` says a turn,
+which ``run_script`` plays and judges as any other (``crctl.call_script.judge_reply``).
 """
 
 from __future__ import annotations
@@ -106,7 +108,6 @@ async def play_fault(
     caller: SimulatedCaller,
     turn: Turn,
     timeout: float,  # noqa: ASYNC109 (each reply's own wait, as in run_script)
-    max_caller_wait_ms: float | None = None,
 ) -> TurnResult:
     """Play one fault turn on a connected caller and judge it; never raises for a failure."""
     from crctl.call_script import TurnResult
@@ -118,9 +119,8 @@ async def play_fault(
             return await _silence(caller, turn, timeout)
         if turn.bad_frame is not None:
             return await _bad_frame(caller, turn)
-        if turn.hangup is not None:
-            return await _hangup(caller, turn, turn.hangup, timeout)
-        return await _speak(caller, turn, timeout, max_caller_wait_ms)
+        assert turn.hangup is not None, "not a step: run_script plays it (is_step)"
+        return await _hangup(caller, turn, turn.hangup, timeout)
     except CallError as exc:  # the call ended while the step was played
         return TurnResult(turn, None, [str(exc)])
 
@@ -178,7 +178,10 @@ async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnR
         return TurnResult(
             turn, None, [f"the agent said nothing during {turn.silence:g} s of silence"]
         )
-    return TurnResult(turn, came[0], await _judge(caller, turn, came[0], timeout, None))
+    from crctl.call_script import judge_reply
+
+    reasons = await judge_reply(caller, turn, came[0], before, timeout, None)
+    return TurnResult(turn, came[0], reasons)
 
 
 async def _bad_frame(caller: SimulatedCaller, turn: Turn) -> TurnResult:
@@ -205,7 +208,7 @@ async def _hangup(
     reply: Reply | None = None
     reasons: list[str] = []
     if hangup.after_words is not None:
-        reply = await _utter(caller, turn)
+        reply = await utter(caller, turn)
         if reply is None:
             return TurnResult(turn, None, [caller.last_drop or "input not sent"])
         if not await caller.words(reply, hangup.after_words, timeout):
@@ -226,28 +229,6 @@ async def _hangup(
     return TurnResult(turn, reply, reasons)
 
 
-async def _speak(
-    caller: SimulatedCaller,
-    turn: Turn,
-    timeout: float,  # noqa: ASYNC109
-    max_caller_wait_ms: float | None,
-) -> TurnResult:
-    """A ``say`` with ``partials``/``noise``, or ``noise`` alone: said, then judged as usual."""
-    from crctl.call_script import TurnResult
-
-    reply = await _utter(caller, turn, turn.interrupt_after_words)
-    if reply is None:
-        return TurnResult(turn, None, [caller.last_drop or "input not sent"])
-    before = caller.replies.index(reply)
-    if turn.expect.silent:
-        from crctl.call_script import _at_most, _check_silence
-
-        async with _at_most(turn.expect.settle):
-            await caller.closed.wait()
-        return TurnResult(turn, reply, _check_silence(turn.expect, caller.replies[before:]))
-    return TurnResult(turn, reply, await _judge(caller, turn, reply, timeout, max_caller_wait_ms))
-
-
 def transcript(turn: Turn) -> str | None:
     """What Twilio sends of the turn's speech: its ``say``, or what ``noise`` made of it."""
     if turn.noise is not None:
@@ -255,46 +236,21 @@ def transcript(turn: Turn) -> str | None:
     return turn.say
 
 
-async def _utter(caller: SimulatedCaller, turn: Turn, barge: int | None = None) -> Reply | None:
-    """Say the turn's words (``partials``, ``noise`` applied) or press its keys."""
+def is_step(turn: Turn) -> bool:
+    """A fault played on its own (:func:`play_fault`); ``partials``/``noise`` change a say."""
+    return bool(turn.drop_socket) or any(
+        value is not None for value in (turn.silence, turn.bad_frame, turn.hangup)
+    )
+
+
+async def utter(caller: SimulatedCaller, turn: Turn) -> Reply | None:
+    """Say the turn's words (``partials``, ``noise`` applied) or press its keys.
+
+    With the turn's ``interrupt_after_words`` (which a ``hangup`` turn never has).
+    """
+    barge = turn.interrupt_after_words
     text = transcript(turn)
     if text is None:
         assert turn.dtmf is not None
         return await caller.dtmf(turn.dtmf, interrupt_after_words=barge)
     return await caller.say(text, interrupt_after_words=barge, partials=turn.partials)
-
-
-async def _judge(
-    caller: SimulatedCaller,
-    turn: Turn,
-    reply: Reply,
-    timeout: float,  # noqa: ASYNC109
-    max_caller_wait_ms: float | None,
-) -> list[str]:
-    """Wait for ``reply`` and check it as ``run_script`` checks a spoken turn's."""
-    from crctl.call_script import (
-        _END_GRACE,
-        _at_most,
-        _check_wait,
-        _reply_faults,
-        check,
-    )
-
-    done = await caller.finished(reply, timeout)
-    reasons = _reply_faults(reply, done, timeout)
-    words = turn.interrupt_after_words
-    if words and not reply.interrupted and not reasons:
-        reasons.append(
-            f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
-            f"interrupt_after_words: {words}"
-        )
-    if turn.expect.wants_end:
-        async with _at_most(timeout):
-            await caller.closed.wait()
-    elif turn.expect.ends_call is False or turn.expect.handoff is False:
-        async with _at_most(_END_GRACE):
-            await caller.closed.wait()
-    reasons += check(turn.expect, reply, caller)
-    if reply.solicited:
-        reasons += _check_wait(turn.expect, reply, caller, max_caller_wait_ms)
-    return reasons

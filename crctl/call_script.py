@@ -66,8 +66,10 @@ from crctl.call_faults import (
     DEFAULT_CONFIDENCE,
     Hangup,
     Noise,
+    is_step,
     play_fault,
     transcript,
+    utter,
 )
 from crctl.caller import CallError, Reply, SimulatedCaller, complete_words
 from crctl.errors import ConfigurationError
@@ -683,46 +685,59 @@ async def run_script(
                 TurnResult(turn, None, [f"not played: the call was over after turn {last}"])
             )
             continue
-        if turn.fault is not None:  # drop_socket, silence, bad_frame, partials, noise, hangup
-            results.append(await play_fault(caller, turn, timeout, max_caller_wait_ms))
+        if is_step(turn):  # drop_socket, silence, bad_frame, hangup: played on their own
+            results.append(await play_fault(caller, turn, timeout))
             continue
-        words = turn.interrupt_after_words
         before = len(caller.replies)
         try:
-            if turn.say is not None:
-                reply = await caller.say(turn.say, interrupt_after_words=words)
-            else:
-                assert turn.dtmf is not None
-                reply = await caller.dtmf(turn.dtmf, interrupt_after_words=words)
+            reply = await utter(caller, turn)  # partials and noise applied
         except CallError as exc:  # the call ended while the input was being sent
             results.append(TurnResult(turn, None, [str(exc)]))
             continue
         if reply is None:
             results.append(TurnResult(turn, None, [caller.last_drop or "input not sent"]))
             continue
-        if turn.expect.silent:
-            # no answer must come: judged once it has had settle_ms to arrive
-            async with _at_most(turn.expect.settle):
-                await caller.closed.wait()
-            reasons = _check_silence(turn.expect, caller.replies[before:])
-        else:
-            done = await caller.finished(reply, timeout)
-            reasons = _reply_faults(reply, done, timeout)
-        if turn.interrupt_after_words and not reply.interrupted and not reasons:
-            reasons.append(
-                f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
-                f"interrupt_after_words: {turn.interrupt_after_words}"
-            )
-        if turn.expect.wants_end:
-            async with _at_most(timeout):
-                await caller.closed.wait()
-        elif turn.expect.ends_call is False or turn.expect.handoff is False:
-            async with _at_most(_END_GRACE):
-                await caller.closed.wait()
-        reasons += check(turn.expect, reply, caller)
-        reasons += _check_wait(turn.expect, reply, caller, max_caller_wait_ms)
+        reasons = await judge_reply(caller, turn, reply, before, timeout, max_caller_wait_ms)
         results.append(TurnResult(turn, reply, reasons))
     return results
+
+
+async def judge_reply(
+    caller: SimulatedCaller,
+    turn: Turn,
+    reply: Reply,
+    before: int,
+    timeout: float,  # noqa: ASYNC109 (the reply's own wait, as in run_script)
+    max_caller_wait_ms: float | None,
+) -> list[str]:
+    """Wait for ``reply`` (of ``turn``, or what the agent said in a silence) and check it.
+
+    ``before``: how many of the call's replies came before the turn (a ``reply: none`` turn
+    fails on any of the later ones).
+    """
+    if turn.expect.silent:
+        # no answer must come: judged once it has had settle_ms to arrive
+        async with _at_most(turn.expect.settle):
+            await caller.closed.wait()
+        reasons = _check_silence(turn.expect, caller.replies[before:])
+    else:
+        done = await caller.finished(reply, timeout)
+        reasons = _reply_faults(reply, done, timeout)
+    if turn.interrupt_after_words and not reply.interrupted and not reasons:
+        reasons.append(
+            f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
+            f"interrupt_after_words: {turn.interrupt_after_words}"
+        )
+    if turn.expect.wants_end:
+        async with _at_most(timeout):
+            await caller.closed.wait()
+    elif turn.expect.ends_call is False or turn.expect.handoff is False:
+        async with _at_most(_END_GRACE):
+            await caller.closed.wait()
+    reasons += check(turn.expect, reply, caller)
+    if reply.solicited:  # what the agent said on its own (in a silence) kept nobody waiting
+        reasons += _check_wait(turn.expect, reply, caller, max_caller_wait_ms)
+    return reasons
 
 
 @contextlib.asynccontextmanager

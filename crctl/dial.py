@@ -10,7 +10,8 @@ to ``/amd``.
 
 Without ``--detach`` it follows the relay's ``/events`` for that call (as ``crctl tail
 --call``) and prints it as ``crctl up``'s live log does, until Twilio's status callback says
-the call is over; ``--detach`` prints the call SID and returns; ``--dry-run`` prints the request.
+the call is over (or, when the relay hears nothing of the call, Twilio's own status does);
+``--detach`` prints the call SID and returns; ``--dry-run`` prints the request.
 
 There is no ``--agent`` nor ``--twiml-template``: a relay never imports code, nor reads a
 template, that a URL names (whoever can place a call could otherwise choose them). The agent and
@@ -21,7 +22,11 @@ call is placed, with "did you mean" and the routes there are.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,15 +49,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 #: The twilio SDK's prefix on a refused create (removed: the line says what was done).
 _SDK_PREFIX = "Unable to create record: "
-
-
-class _CallOver(Exception):
-    """The status callback said the call is over (``status``)."""
-
-    def __init__(self, status: str, duration: Any) -> None:
-        super().__init__(status)
-        self.status = status
-        self.duration = duration
 
 
 def running_up_url(state: State | None = None) -> str | None:
@@ -172,7 +168,23 @@ def _print_dry_run(request: CallRequest, credentials: Any) -> None:
     out.print("dry run: nothing was sent")
 
 
-def _follow(request: CallRequest, sid: str, url: str | None, token: str | None) -> int:
+#: How often a followed call's status is asked of Twilio while the relay says nothing of it.
+POLL_SECONDS = 5.0
+
+
+def _follow(
+    request: CallRequest,
+    sid: str,
+    url: str | None,
+    token: str | None,
+    twilio_status: Callable[[], str | None],
+) -> int:
+    """Print the call's events from the relay until it is over; the exit code.
+
+    The relay hears the end through Twilio's status callback. If it never does (the public URL
+    is not this relay), Twilio's own word on the call (``twilio_status``, asked every
+    :data:`POLL_SECONDS` the relay is quiet) ends the wait with what to check.
+    """
     from crctl.console import CallLog
     from crctl.environment import current
     from crctl.tail import DEFAULT_URL, Follower
@@ -181,41 +193,84 @@ def _follow(request: CallRequest, sid: str, url: str | None, token: str | None) 
     relay = url or environment.url or DEFAULT_URL
     follower = Follower(relay, token=token or environment.api_token_value(), call=sid, since="10m")
     log = CallLog(out)
+    found: queue.Queue[Any] = queue.Queue()
 
-    def on_event(data: str) -> None:
-        event = ev.decode(data)
-        if event is None:
-            return
-        log.add(event)
-        if isinstance(event, ev.CallStatus) and (event.status or "") in ev.CALL_OVER:
-            raise _CallOver(event.status or "", event.duration)
+    def follow() -> None:
+        try:
+            follower.run(found.put, lambda text: found.put(_Notice(text)))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            found.put(exc)
 
-    def notice(text: str) -> None:
-        err.print(f"[dim]{escape(text)}[/]")
-
+    threading.Thread(target=follow, name="crctl-dial-follow", daemon=True).start()
+    over: ev.CallStatus | None = None
+    ended_at_twilio: str | None = None
     try:
-        follower.run(on_event, notice)
-    except _CallOver as over:
-        if over.status == "completed":
-            took = f" after {over.duration} s" if over.duration else ""
-            err.print(f"call {sid} completed{took}")
-            return 0
-        raise CrctlError(
-            f"the call to {request.to} ended {over.status}: "
-            + {
-                "busy": "the line was busy; try again later",
-                "no-answer": "nobody answered",
-                "canceled": "it was cancelled before it was answered",
-            }.get(
-                over.status,
-                "Twilio could not connect it; `crctl calls show "
-                f"{sid}` and the Console's call log say why",
-            )
-        ) from None
+        while over is None:
+            try:
+                item = found.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if ended_at_twilio is not None:  # a whole quiet period after Twilio's end
+                    break
+                status = twilio_status()
+                ended_at_twilio = status if status in ev.CALL_OVER else None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _Notice):
+                err.print(f"[dim]{escape(item.text)}[/]")
+                continue
+            event = ev.decode(item)
+            if event is None:
+                continue
+            log.add(event)
+            if isinstance(event, ev.CallStatus) and (event.status or "") in ev.CALL_OVER:
+                over = event
     except KeyboardInterrupt:
         err.print(f"stopped following; the call goes on: `crctl tail --call {sid}`")
         return 130
-    return 0  # not reached: run() returns only by an exception
+    if over is None:
+        raise CrctlError(
+            f"Twilio says the call to {request.to} ended {ended_at_twilio}, but the relay at "
+            f"{relay} heard nothing of it: Twilio sends the call to {request.url.split('?')[0]}; "
+            "is that this relay (--public-url, and --url for the relay followed)? `crctl calls "
+            f"show {sid}` and the Console's call log say what Twilio saw"
+        )
+    if over.status == "completed":
+        took = f" after {over.duration} s" if over.duration else ""
+        err.print(f"call {sid} completed{took}")
+        return 0
+    raise CrctlError(
+        f"the call to {request.to} ended {over.status}: "
+        + {
+            "busy": "the line was busy; try again later",
+            "no-answer": "nobody answered",
+            "canceled": "it was cancelled before it was answered",
+        }.get(
+            over.status or "",
+            f"Twilio could not connect it; `crctl calls show {sid}` and the Console's call log "
+            "say why",
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Notice:
+    """A line about the link to the relay (connected, reconnecting…)."""
+
+    text: str
+
+
+def _twilio_status(credentials: Any, sid: str) -> Callable[[], str | None]:
+    """Ask Twilio the call's status; ``None`` when it cannot say (the relay is waited for)."""
+    client = make_client(credentials)
+
+    def status() -> str | None:
+        try:
+            return str(client.api.v2010.accounts(credentials.account_sid).calls(sid).fetch().status)
+        except Exception:  # a fallback only: the relay's word is the real one
+            return None
+
+    return status
 
 
 def dial(
@@ -298,7 +353,8 @@ def dial(
             credentials = None  # the request can be shown without them
         _print_dry_run(request, credentials)
         return
-    call = create(request, resolve(**given))
+    credentials = resolve(**given)
+    call = create(request, credentials)
     if detach:
         sys.stdout.write(f"{call.sid}\n")
         return
@@ -306,6 +362,6 @@ def dial(
         f"calling {request.to} from {request.from_}: {call.sid} ({call.status}); "
         "following it live (Ctrl-C stops following, not the call)"
     )
-    code = _follow(request, call.sid, url, token)
+    code = _follow(request, call.sid, url, token, _twilio_status(credentials, call.sid))
     if code:
         raise typer.Exit(code)

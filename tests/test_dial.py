@@ -7,11 +7,13 @@ test plays Twilio's status callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -306,25 +308,32 @@ def live_dial(relay: RelayServer, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_live_mode_shows_the_call_until_it_completes(fake_twilio: Any, tmp_path: Path) -> None:
-    fake_twilio.add_number(FROM)
+@contextlib.contextmanager
+def dialling(fake: Any, tmp_path: Path) -> Iterator[tuple[RelayServer, Any, str]]:
+    """A relay, ``crctl dial`` following it live, and the SID of the call it created."""
+    fake.add_number(FROM)
     with RelayServer(config(events_db=None, api_token="dial-test-token")) as relay:
         process = live_dial(relay, tmp_path)
         try:
-            assert wait_until(lambda: bool(fake_twilio.calls), timeout=60)
-            (sid,) = fake_twilio.calls
-            for status in ("initiated", "ringing", "in-progress"):
-                form = {"CallSid": sid, "CallStatus": status}
-                assert post_signed(relay, "/status", form).status_code == 204
-            time.sleep(0.2)
-            assert process.poll() is None  # still following: the call is not over
-            form = {"CallSid": sid, "CallStatus": "completed", "CallDuration": "12"}
-            assert post_signed(relay, "/status", form).status_code == 204
-            out, err = process.communicate(timeout=60)
+            assert wait_until(lambda: bool(fake.calls), timeout=60)
+            (sid,) = fake.calls
+            yield relay, process, sid
         finally:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def test_live_mode_shows_the_call_until_it_completes(fake_twilio: Any, tmp_path: Path) -> None:
+    with dialling(fake_twilio, tmp_path) as (relay, process, sid):
+        for status in ("initiated", "ringing", "in-progress"):
+            form = {"CallSid": sid, "CallStatus": status}
+            assert post_signed(relay, "/status", form).status_code == 204
+        time.sleep(0.2)
+        assert process.poll() is None  # still following: the call is not over
+        form = {"CallSid": sid, "CallStatus": "completed", "CallDuration": "12"}
+        assert post_signed(relay, "/status", form).status_code == 204
+        out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert f"calling {TO} from {FROM}: {sid}" in err
     assert "call ringing" in out and "call completed (12 s)" in out
@@ -332,18 +341,26 @@ def test_live_mode_shows_the_call_until_it_completes(fake_twilio: Any, tmp_path:
 
 
 def test_live_mode_exits_1_when_nobody_answers(fake_twilio: Any, tmp_path: Path) -> None:
-    fake_twilio.add_number(FROM)
-    with RelayServer(config(events_db=None, api_token="dial-test-token")) as relay:
-        process = live_dial(relay, tmp_path)
-        try:
-            assert wait_until(lambda: bool(fake_twilio.calls), timeout=60)
-            (sid,) = fake_twilio.calls
-            form = {"CallSid": sid, "CallStatus": "no-answer"}
-            assert post_signed(relay, "/status", form).status_code == 204
-            _, err = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+    with dialling(fake_twilio, tmp_path) as (relay, process, sid):
+        form = {"CallSid": sid, "CallStatus": "no-answer"}
+        assert post_signed(relay, "/status", form).status_code == 204
+        _, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert f"error: the call to {TO} ended no-answer: nobody answered" in err
+
+
+def test_live_mode_ends_on_twilios_word_when_the_relay_hears_nothing(
+    fake_twilio: Any, tmp_path: Path
+) -> None:
+    # the status callbacks went to another host (a wrong --public-url): no wait for ever
+    with dialling(fake_twilio, tmp_path) as (relay, process, sid):
+        fake_twilio.set_call_status(sid, "completed")
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert "Traceback" not in err
+    said = " ".join(err.split())
+    assert (
+        f"error: Twilio says the call to {TO} ended completed, but the relay at {relay.base_url} "
+        f"heard nothing of it: Twilio sends the call to {PUBLIC_URL}/twiml; is that this relay"
+    ) in said
+    assert list(fake_twilio.requests_to("GET", rf"/Calls/{sid}\.json$"))  # Twilio was asked

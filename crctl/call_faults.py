@@ -126,7 +126,7 @@ async def play_fault(
 
 
 async def _drop(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnResult:  # noqa: ASYNC109
-    from crctl.call_script import _END_GRACE, TurnResult, _at_most
+    from crctl.call_script import TurnResult
 
     session = caller.session_id
     dropped = await caller.drop_socket()
@@ -145,16 +145,13 @@ async def _drop(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnResu
         reply = Reply(input="", sent_at=now, text=greeting, received=greeting, solicited=False)
         reply.tokens, reply.finished_at = 1, now
     await caller.quiet(timeout)
-    async with _at_most(_END_GRACE):
-        await caller.closed.wait()
-    if caller.closed.is_set() and caller.outcome is not None:
-        outcome = caller.outcome.describe()
-        return TurnResult(turn, reply, [f"the new session ended at once after the drop: {outcome}"])
-    return TurnResult(turn, reply, [])
+    return TurnResult(
+        turn, reply, await _goes_on(caller, "the new session ended at once after the drop")
+    )
 
 
 async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnResult:  # noqa: ASYNC109
-    from crctl.call_script import TurnResult, _at_most
+    from crctl.call_script import TurnResult, _at_most, check_silence, judge_reply
 
     assert turn.silence is not None
     scale = caller.timing.time_scale if caller.timing is not None else 1.0
@@ -164,37 +161,34 @@ async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnR
     came = [r for r in caller.replies[before:] if r.tokens or r.plays or r.digits]
     expect = turn.expect
     if expect.silent:
-        said = [f"said {r.received.strip()!r}" for r in came if r.received.strip()]
-        said += [f"played {s!r}" for r in came for s in r.plays]
-        said += [f"sent digits {d!r}" for r in came for d in r.digits]
-        reasons = [
-            f"expected no reply during {turn.silence:g} s of silence (reply: none), but the "
-            f"agent {', '.join(said)}"
-        ]
-        return TurnResult(turn, None, reasons if said else [])
+        return TurnResult(turn, None, check_silence(came, f"during {turn.silence:g} s of silence"))
     if not came:
         if not expect.model_fields_set:
             return TurnResult(turn, None, [])  # nothing asked of the agent: silence recorded
         return TurnResult(
             turn, None, [f"the agent said nothing during {turn.silence:g} s of silence"]
         )
-    from crctl.call_script import judge_reply
-
     reasons = await judge_reply(caller, turn, came[0], before, timeout, None)
     return TurnResult(turn, came[0], reasons)
 
 
 async def _bad_frame(caller: SimulatedCaller, turn: Turn) -> TurnResult:
-    from crctl.call_script import _END_GRACE, TurnResult, _at_most
+    from crctl.call_script import TurnResult
 
     frame = turn.bad_frame if isinstance(turn.bad_frame, str) else DEFAULT_BAD_FRAME
     await caller.send_raw(frame)
+    return TurnResult(turn, None, await _goes_on(caller, "the call ended after a malformed frame"))
+
+
+async def _goes_on(caller: SimulatedCaller, failure: str) -> list[str]:
+    """Why the call did not go on for a moment (``failure``: what its ending means)."""
+    from crctl.call_script import _END_GRACE, _at_most
+
     async with _at_most(_END_GRACE):
         await caller.closed.wait()
     if caller.closed.is_set() and caller.outcome is not None:
-        outcome = caller.outcome.describe()
-        return TurnResult(turn, None, [f"the call ended after a malformed frame: {outcome}"])
-    return TurnResult(turn, None, [])
+        return [f"{failure}: {caller.outcome.describe()}"]
+    return []
 
 
 async def _hangup(

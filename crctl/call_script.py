@@ -719,7 +719,8 @@ async def judge_reply(
         # no answer must come: judged once it has had settle_ms to arrive
         async with _at_most(turn.expect.settle):
             await caller.closed.wait()
-        reasons = _check_silence(turn.expect, caller.replies[before:])
+        window = f"within {turn.expect.settle * 1000:g} ms"
+        reasons = check_silence(caller.replies[before:], window)
     else:
         done = await caller.finished(reply, timeout)
         reasons = _reply_faults(reply, done, timeout)
@@ -851,10 +852,10 @@ def _check_wait(
     return []
 
 
-def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
-    """``reply: none``: what the agent sent within the settle time after this turn's input.
+def check_silence(replies: list[Reply], window: str) -> list[str]:
+    """``reply: none``: what the agent sent in ``window`` (``within 1000 ms``), if anything.
 
-    ``replies``: every reply opened since, one per key of a ``dtmf`` turn.
+    ``replies``: every reply opened since the turn's input, one per key of a ``dtmf`` turn.
     """
     came = []
     for reply in replies:
@@ -864,10 +865,7 @@ def _check_silence(expect: Expect, replies: list[Reply]) -> list[str]:
         came += [f"sent digits {digits!r}" for digits in reply.digits]
     if not came:
         return []
-    window = expect.settle * 1000
-    return [
-        f"expected no reply within {window:g} ms (reply: none), but the agent {', '.join(came)}"
-    ]
+    return [f"expected no reply {window} (reply: none), but the agent {', '.join(came)}"]
 
 
 def _check_handoff(wanted: bool | str | dict[str, Any], end: End | None) -> list[str]:

@@ -129,6 +129,8 @@ ALLOWED = {
 }
 #: A language code as ``language:`` takes it (BCP-47's shape: es, es-ES, zh-Hant-TW).
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+#: How a turn's reason begins when its reply ended before interrupt_after_words.
+NO_BARGE_IN = "no barge-in: "
 #: The keys that make a turn a fault step, and those that stand alone (not beside say/dtmf).
 FAULT_KEYS = ("drop_socket", "silence", "bad_frame", "partials", "noise", "hangup")
 _STEP_KEYS = ("drop_socket", "silence", "bad_frame")
@@ -726,7 +728,7 @@ async def judge_reply(
         reasons = _reply_faults(reply, done, timeout)
     if turn.interrupt_after_words and not reply.interrupted and not reasons:
         reasons.append(
-            f"no barge-in: the reply ended after {complete_words(reply.text)} words, before "
+            f"{NO_BARGE_IN}the reply ended after {complete_words(reply.text)} words, before "
             f"interrupt_after_words: {turn.interrupt_after_words}"
         )
     if turn.expect.wants_end:

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from crctl.call_script import (
+    NO_BARGE_IN,
     CallerSpec,
     RunContext,
     Turn,
@@ -120,6 +121,8 @@ async def play_persona(
         except ValidationError:
             return results, [f"caller: {model} answered a move that cannot be played: {keys}"]
         played = await run_script(caller, [turn], timeout, max_caller_wait_ms)
+        for result in played:  # its barge-in is the caller's try: a short answer is no fault
+            result.reasons[:] = [r for r in result.reasons if not r.startswith(NO_BARGE_IN)]
         results += played
         if played and played[0].reply is None:
             break  # not sent: the call is over, or Twilio would not report it

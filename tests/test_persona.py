@@ -93,6 +93,25 @@ def test_a_simulated_caller_reaching_its_goal_passes(
     assert "learn the status of order 42" in goal.body["messages"][-1]["content"]
 
 
+def test_a_barge_in_the_answer_is_too_short_for_is_no_fault_of_the_agent(
+    fake_llm: FakeLLM, relay: RelayServer, models: FakeLLM, tmp_path: Path
+) -> None:
+    # a scripted interrupt_after_words is an expectation; the caller model's is only a try
+    fake_llm.enqueue(Script(tokens=["Hi", "."]), Script(tokens=["It", " shipped", "."]))
+    models.answer("caller_move", move(say="where is my order", barge=10), move(done=True))
+    models.answer("verdict", {"passed": True, "reason": "the agent said it shipped"})
+    result = play(
+        relay,
+        tmp_path,
+        PERSONA.format(max_turns=3),
+        context(relay, models, caller_model="caller-1"),
+    )
+    assert result.passed, ([t.reasons for t in result.turns], result.reasons)
+    _, said = result.turns
+    assert said.turn.interrupt_after_words == 10 and said.reply is not None
+    assert said.reply.text == "It shipped." and not said.reply.interrupted
+
+
 def test_a_simulated_caller_missing_its_goal_fails_after_max_turns(
     relay: RelayServer, models: FakeLLM, tmp_path: Path
 ) -> None:

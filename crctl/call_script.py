@@ -1018,6 +1018,13 @@ SCENARIO_EXPECT_KEYS = (
 )
 
 
+def judge_cache_dir() -> Path:
+    """Where verdicts are kept (``crctl test`` and ``crctl call --script`` alike)."""
+    from crctl.paths import state_dir
+
+    return state_dir() / "judge-cache"
+
+
 @dataclass
 class RunContext:
     """What a scenario run may need besides the caller: the judge, the relay's API."""
@@ -1066,6 +1073,7 @@ class RunContext:
             judge_api_key=key.get_secret_value() if key is not None else None,
             judge_model=env("CRCTL_JUDGE_MODEL") or None,
             caller_model=env("CRCTL_CALLER_MODEL") or None,
+            cache_dir=judge_cache_dir(),
         )
 
 

@@ -101,7 +101,8 @@ def transcript(
 
 def cache_key(model: str, rubric: str, text: str) -> str:
     """The verdict cache's key: a hash of what the verdict depends on."""
-    blob = json.dumps([model, rubric, text], ensure_ascii=False, separators=(",", ":"))
+    # the instructions too: a crctl whose judge reads differently asks again
+    blob = json.dumps([_SYSTEM, model, rubric, text], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

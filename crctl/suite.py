@@ -763,10 +763,10 @@ def _execute(
     judge: tuple[str | None, str | None, str | None],
 ) -> int:
     from crctl.call import _defaults, _start_hint
-    from crctl.call_script import RunContext
+    from crctl.call_script import RunContext, judge_cache_dir
     from crctl.caller import Unreachable
     from crctl.console import err
-    from crctl.paths import read_api_token, state_dir
+    from crctl.paths import read_api_token
     from crctl.serve import _setup_logging, bind, build_relay, event_loop_factory, run_relay
     from crctl.settings import load_settings
 
@@ -797,7 +797,7 @@ def _execute(
         judge_api_key=key.get_secret_value() if key is not None else None,
         judge_model=judge_model,
         caller_model=caller_model,
-        cache_dir=state_dir() / "judge-cache",
+        cache_dir=judge_cache_dir(),
     )
     plan = _Plan(
         base, signing or None, plan_public, timeout, time_scale, max_caller_wait_ms, context

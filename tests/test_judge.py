@@ -155,6 +155,11 @@ def test_crctl_call_script_judges_with_the_model_set_in_the_environment(
     assert asked.body["model"] == "judge-2"
     assert asked.headers["Authorization"] == "Bearer sk-judge"
     assert json.loads(json.dumps(asked.body["response_format"]))["type"] == "json_schema"
+    # the verdict is cached (the state folder's judge-cache): the same call asks nothing
+    fake_llm.enqueue(Script(tokens=["We", " open", " at", " 9", "."]))
+    again = CliRunner().invoke(cli, argv, env=env)
+    assert again.exit_code == 1 and "judge: 'gives the opening hours' not met" in again.output
+    assert len(judge_llm.structured_records("verdict")) == 1
 
 
 def test_the_fake_answers_structured_output_by_schema_name_and_checks_the_schema(

@@ -90,19 +90,18 @@ def _params(pairs: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def _check_route(name: str, routes: Path | None) -> None:
-    """Refuse a route the routes file (``--routes`` / ``CRCTL_ROUTES``) does not have.
+def _route_numbers(name: str, routes: Path | None) -> tuple[str, ...] | None:
+    """The numbers of route ``name`` in the routes file (``--routes`` / ``CRCTL_ROUTES``).
 
-    The relay would answer a call on an unknown route with its default agent: the call is not
-    placed instead. Without a routes file here (a relay elsewhere) the name cannot be checked;
-    that relay's ``POST /calls`` can.
+    A route the file does not have is a :class:`UsageError`: the relay would answer the call
+    with its default agent, so the call is not placed. Without a routes file here (a relay
+    elsewhere) the name cannot be checked (``None``); that relay's ``POST /calls`` can.
     """
     from crctl.numbers import routed
     from crctl.settings import load_settings
 
     routes = routes or load_settings().routes
-    if routes is not None:
-        routed(name, routes)
+    return routed(name, routes).spec.numbers if routes is not None else None
 
 
 def build_request(
@@ -115,18 +114,21 @@ def build_request(
     params: list[str] | None = None,
     machine_detection: str | None = None,
 ) -> CallRequest:
-    """The Call ``crctl dial`` creates, from its options; bad ones are a :class:`UsageError`."""
+    """The Call ``crctl dial`` creates, from its options; bad ones are a :class:`UsageError`.
+
+    The caller ID is ``--from``, else the route's first number (a route's numbers are the ones
+    it calls from), else ``CRCTL_NUMBER``.
+    """
     from crctl.environment import current
 
-    caller_id = from_ or current().number
+    numbers = _route_numbers(route, routes) if route else None
+    caller_id = from_ or (numbers[0] if numbers else None) or current().number
     if not caller_id:
         raise UsageError(
             "--from NUMBER: the number to call from, one of this account's (`crctl numbers "
             "list`) or a verified caller ID (env CRCTL_NUMBER)"
         )
     base = _public_url(public_url)
-    if route:
-        _check_route(route, routes)
     try:
         return call_request(
             base,
@@ -279,7 +281,8 @@ def dial(
         None,
         "--from",
         metavar="NUMBER",
-        help="The caller ID: a number of the account or a verified one. (env CRCTL_NUMBER)",
+        help="The caller ID: a number of the account or a verified one. (default: the "
+        "route's first number; env CRCTL_NUMBER)",
     ),
     public_url: Optional[str] = typer.Option(
         None,

@@ -45,7 +45,7 @@ REFUSALS: dict[int, str] = {
     "→ Geo permissions (https://console.twilio.com/us1/develop/voice/settings/geo-permissions)",
     21219: "a trial account calls verified numbers only: verify it in the Console (Phone "
     "Numbers → Verified Caller IDs) or upgrade the account",
-    21210: "--from must be a number of this account (`crctl numbers list`) or one of its "
+    21210: "call from (--from) a number of this account (`crctl numbers list`) or one of its "
     "verified caller IDs",
 }
 

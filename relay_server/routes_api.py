@@ -9,11 +9,12 @@ With ``--redis-url`` a push reaches the call on whichever replica holds its sock
 (:mod:`relay_server.cluster.events`).
 
 Outbound calls: ``POST /calls`` (the API token; JSON ``to``, ``from``, ``route``, ``params``,
-``machine_detection``) creates a call that connects to this relay (:mod:`relay_server.dialing`)
-and answers its SID (a ``route`` the relay does not serve is refused, with its routes, before
-Twilio is asked); ``POST /amd`` is Twilio's asynchronous answering machine detection
-callback for such a call (signed, like every Twilio webhook): published as ``call.answered``
-and handed to the call's agent (:meth:`CallSession.on_answered_by`).
+``machine_detection``; ``from`` defaults to the route's first number) creates a call that
+connects to this relay (:mod:`relay_server.dialing`) and answers its SID (a ``route`` the
+relay does not serve is refused, with its routes, before Twilio is asked); ``POST /amd`` is
+Twilio's asynchronous answering machine detection callback for such a call (signed, like every
+Twilio webhook): published as ``call.answered`` and handed to the call's agent
+(:meth:`CallSession.on_answered_by`).
 
 ``GET /metrics``: the Prometheus metrics (:mod:`relay_server.metrics`), behind the same token
 (``crctl serve --metrics-port`` also serves them on a port of their own, without it).
@@ -116,9 +117,6 @@ async def create_call() -> Any:
     unknown = sorted(set(body) - set(CALL_KEYS))
     if unknown:
         return {"error": f"unknown key {unknown[0]!r}: a call takes {', '.join(CALL_KEYS)}"}, 400
-    for key in ("to", "from"):
-        if not isinstance(body.get(key), str) or not body[key].strip():
-            return {"error": f"{key}: required, a phone number such as +15551234567"}, 400
     route = body.get("route") or None
     if route is not None and not isinstance(route, str):
         return {"error": f"route: a route's name, got {route!r}"}, 400
@@ -128,6 +126,12 @@ async def create_call() -> Any:
         return {"error": f"route {route!r}: {why}"}, 400
     if route is not None and router is not None and route not in router.by_name:
         return {"error": f"route: {routing.no_such_route(route, router.by_name)}"}, 400
+    numbers = router.numbers_of(route) if route is not None and router is not None else ()
+    to, caller_id = body.get("to"), body.get("from") or (numbers[0] if numbers else None)
+    for key, value in (("to", to), ("from", caller_id)):
+        if not isinstance(value, str) or not value.strip():
+            return {"error": f"{key}: required, a phone number such as +15551234567"}, 400
+    assert isinstance(to, str) and isinstance(caller_id, str)  # as checked just above
     params = body.get("params") or {}
     if not isinstance(params, dict):
         return {"error": 'params: an object of names and values, e.g. {"order": "42"}'}, 400
@@ -143,8 +147,8 @@ async def create_call() -> Any:
     try:
         call = dialing.call_request(
             config.public_url,
-            body["to"],
-            body["from"],
+            to,
+            caller_id,
             route=route,
             params=params,
             machine_detection=body.get("machine_detection"),

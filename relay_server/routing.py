@@ -303,6 +303,10 @@ class Router:
         self.by_name = {route.name: target for route, target in targets}
         self.by_number = {n: target for route, target in targets for n in route.spec.numbers}
 
+    def numbers_of(self, name: str) -> tuple[str, ...]:
+        """The numbers of the route named ``name``, in the file's order (its caller IDs)."""
+        return tuple(n for n, target in self.by_number.items() if target.name == name)
+
     def select(self, fields: Mapping[str, str], query: Mapping[str, str]) -> Target:
         """The route of a webhook: ``?route=NAME``, else its number, else the default."""
         name = query.get(ROUTE_QUERY)

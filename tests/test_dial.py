@@ -155,6 +155,23 @@ def test_a_route_the_routes_file_lacks_is_refused_before_calling(
     assert request.form["Url"] == PUBLIC + "/twiml?route=sales"
 
 
+def test_a_routes_first_number_is_the_caller_id_without_from(
+    fake_twilio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a route's numbers are the ones it answers and calls from
+    monkeypatch.delenv("CRCTL_NUMBER", raising=False)
+    fake_twilio.add_number(FROM)
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)  # support: numbers = [FROM]
+    args = ["dial", TO, "--public-url", PUBLIC, "--routes", str(routes), "--detach"]
+    result = crctl(*args, "--route", "support")
+    assert result.exit_code == 0, result.output
+    (request,) = created(fake_twilio)
+    assert (request.form["From"], request.form["Url"]) == (FROM, PUBLIC + "/twiml?route=support")
+    no_number = crctl(*args, "--route", "sales")  # a route without numbers: say --from
+    assert no_number.exit_code == 2 and "--from NUMBER" in no_number.output
+
+
 def test_dry_run_prints_the_request_and_sends_nothing(fake_twilio: Any) -> None:
     result = crctl(
         "dial", TO, "--from", FROM, "--public-url", PUBLIC, "--param", "k=v", "--dry-run"

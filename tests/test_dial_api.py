@@ -34,7 +34,9 @@ def post_call(relay: RelayServer, body: Any, token: str | None = TOKEN) -> httpx
 def relay(fake_twilio: Any, tmp_path: Path) -> Any:
     fake_twilio.add_number(FROM)
     routes = tmp_path / "routes.toml"
-    routes.write_text('[[route]]\nname = "sales"\n\n[[route]]\nname = "support"\n')
+    routes.write_text(
+        f'[[route]]\nname = "sales"\nnumbers = ["{FROM}"]\n\n[[route]]\nname = "support"\n'
+    )
     cfg = config(
         events_db=None,
         api_token=TOKEN,
@@ -135,6 +137,15 @@ def test_bad_requests_are_refused_before_twilio_sees_them(
     assert answer.status_code == status
     assert words in answer.json()["error"]
     assert fake_twilio.requests == []
+
+
+def test_a_routes_number_is_its_caller_id(relay: RelayServer, fake_twilio: Any) -> None:
+    answer = post_call(relay, {"to": TO, "route": "sales"})  # no "from": the route's number
+    assert answer.status_code == 201, answer.text
+    (request,) = fake_twilio.requests_to("POST", r"/Calls\.json$")
+    assert (request.form["From"], request.form["Url"]) == (FROM, PUBLIC_URL + "/twiml?route=sales")
+    no_number = post_call(relay, {"to": TO, "route": "support"})  # a route without numbers
+    assert no_number.status_code == 400 and no_number.json()["error"].startswith("from: required")
 
 
 def test_a_route_on_a_relay_without_routes_is_refused(fake_twilio: Any) -> None:

@@ -139,23 +139,26 @@ class JsonEvents:
         self.write("error", message=message)
 
     def failed(self, message: str) -> None:
-        """The call could not be placed: the ``error`` event, with what was held."""
-        held, self._held = self._held or [], None
-        for record in held:
-            self.write(record.pop("event"), **record)
+        """The call could not be placed: the ``error`` event, after what was held."""
+        self._release()
         self.error(message)
 
     def connected(self, caller: SimulatedCaller) -> None:
         """The socket is open: ``connected``, then whatever happened meanwhile."""
-        held, self._held = self._held or [], None
         plan = caller.plan
-        self.write(
+        self._release(
             "connected",
             call_sid=caller.call_sid,
             session_id=caller.session_id,
             url=plan.ws_url if plan else None,
             **{"from": caller.from_, "to": caller.to},
         )
+
+    def _release(self, first: str | None = None, **fields: Any) -> None:
+        """Stop holding events: write ``first`` (with ``fields``), then the held ones."""
+        held, self._held = self._held or [], None
+        if first is not None:
+            self.write(first, **fields)
         for record in held:
             self.write(record.pop("event"), **record)
 

@@ -10,9 +10,10 @@ there), so a script or a coding agent can hold a conversation with the agent::
     {"hangup": true}                            hang up (so does the end of stdin)
 
 Commands run in order, each once the reply to the one before is over (spoken to its end with
-speaker timing). ``interrupt`` is the exception: read while a reply is awaited, it barges in
-on that reply as soon as the agent speaks. A bad line is an ``error`` event and the call goes
-on.
+speaker timing; the first after the greeting). ``interrupt`` is the exception: next in line
+while a reply is awaited, it barges in on that reply as soon as the agent speaks (one piped
+after a later ``say`` waits for that say's reply). A bad line is an ``error`` event and the
+call goes on.
 
 Events (``"event"`` names each): ``connected``, ``greeting``, ``speaking`` (a reply's first
 text), ``reply`` (its text, ``first_token_ms``, ``caller_wait_ms``, ``interrupted``, an

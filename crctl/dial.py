@@ -174,10 +174,18 @@ def _print_dry_run(request: CallRequest, credentials: Any) -> None:
 POLL_SECONDS = 5.0
 
 
+def _relay_url(url: str | None) -> str:
+    """The relay to follow the call on (``--url``, ``CRCTL_URL``), checked before calling."""
+    from crctl.environment import current
+    from crctl.tail import DEFAULT_URL, _checked_url
+
+    return _checked_url(url or current().url or DEFAULT_URL)
+
+
 def _follow(
     request: CallRequest,
     sid: str,
-    url: str | None,
+    relay: str,
     token: str | None,
     twilio_status: Callable[[], str | None],
 ) -> int:
@@ -189,11 +197,10 @@ def _follow(
     """
     from crctl.console import CallLog
     from crctl.environment import current
-    from crctl.tail import DEFAULT_URL, Follower
+    from crctl.tail import Follower
 
-    environment = current()
-    relay = url or environment.url or DEFAULT_URL
-    follower = Follower(relay, token=token or environment.api_token_value(), call=sid, since="10m")
+    token = token or current().api_token_value()
+    follower = Follower(relay, token=token, call=sid, since="10m")
     log = CallLog(out)
     found: queue.Queue[Any] = queue.Queue()
 
@@ -216,6 +223,10 @@ def _follow(
                 status = twilio_status()
                 ended_at_twilio = status if status in ev.CALL_OVER else None
                 continue
+            if isinstance(item, CrctlError):  # the relay cannot be followed; the call is placed
+                raise CrctlError(
+                    f"{item}; the call {sid} goes on: `crctl tail --call {sid}` follows it"
+                ) from None
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, _Notice):
@@ -356,6 +367,7 @@ def dial(
             credentials = None  # the request can be shown without them
         _print_dry_run(request, credentials)
         return
+    relay = None if detach else _relay_url(url)
     credentials = resolve(**given)
     call = create(request, credentials)
     if detach:
@@ -365,6 +377,7 @@ def dial(
         f"calling {request.to} from {request.from_}: {call.sid} ({call.status}); "
         "following it live (Ctrl-C stops following, not the call)"
     )
-    code = _follow(request, call.sid, url, token, _twilio_status(credentials, call.sid))
+    assert relay is not None  # not --detach
+    code = _follow(request, call.sid, relay, token, _twilio_status(credentials, call.sid))
     if code:
         raise typer.Exit(code)

@@ -225,6 +225,17 @@ def test_bad_options_are_usage_errors() -> None:
     assert local.exit_code == 2 and "https://" in local.output
 
 
+def test_a_relay_it_could_not_follow_is_refused_before_calling(fake_twilio: Any) -> None:
+    fake_twilio.add_number(FROM)
+    result = crctl("dial", TO, "--from", FROM, "--public-url", PUBLIC, "--url", "ftp://relay")
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == "error: --url must be the relay's http(s):// address, got 'ftp://relay'"
+    )
+    assert fake_twilio.requests == []  # nobody was called
+
+
 def test_without_a_public_url_it_says_where_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CRCTL_PUBLIC_URL", raising=False)
     result = crctl("dial", TO, "--from", FROM, "--dry-run")

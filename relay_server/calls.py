@@ -60,8 +60,9 @@ class CallRegistry:
         #: The replicas' kept conversations (``--redis-url``): a reconnect resumes anywhere.
         self.conversations = conversations
         self._parked: dict[str, _Parked] = {}
-        #: Answering machine results (``/amd``) that came before their call's socket.
-        self.answered: dict[str, str] = {}
+        #: Answering machine results (``/amd``) that came before their call's socket, with
+        #: when they came: kept ``ttl`` seconds (a result whose socket never opens goes).
+        self._early_answers: dict[str, tuple[str, float]] = {}
         self.ttl = ttl
         self.max_reconnects = max_reconnects
 
@@ -151,9 +152,22 @@ class CallRegistry:
     def forget(self, call_sid: str) -> None:
         """The call is over: drop its parked state."""
         self._parked.pop(call_sid, None)
-        self.answered.pop(call_sid, None)
+        self._early_answers.pop(call_sid, None)
         if self.conversations is not None:
             self.conversations.forget(call_sid)
+
+    def answered_early(self, call_sid: str, answered_by: str) -> None:
+        """Keep an ``/amd`` result that came before its call's socket (for ``ttl`` seconds)."""
+        now = time.monotonic()
+        self._early_answers = {
+            sid: kept for sid, kept in self._early_answers.items() if now - kept[1] < self.ttl
+        }
+        self._early_answers[call_sid] = (answered_by, now)
+
+    def early_answer(self, call_sid: str) -> str | None:
+        """The ``/amd`` result kept for a call whose socket just opened (taken: once)."""
+        kept = self._early_answers.pop(call_sid, None)
+        return kept[0] if kept is not None and time.monotonic() - kept[1] < self.ttl else None
 
     @property
     def parked(self) -> int:
@@ -243,9 +257,9 @@ class CallConnection:
         except Exception:
             log.exception("call %s: on_setup failed; the call goes on", setup.call_sid)
         # /amd came first, or the TwiML carried a synchronous result (routing's contract)
-        answered_by = self.registry.answered.pop(
-            setup.call_sid, None
-        ) or setup.custom_parameters.get(ANSWERED_PARAMETER)
+        answered_by = self.registry.early_answer(setup.call_sid) or setup.custom_parameters.get(
+            ANSWERED_PARAMETER
+        )
         if answered_by:
             await session.answered(answered_by)
 

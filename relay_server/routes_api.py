@@ -181,7 +181,7 @@ async def amd(form: Fields) -> Any:
     if session is not None:
         await session.answered(answered_by)
     elif sid:
-        state.registry.answered[sid] = answered_by  # the socket is not open yet
+        state.registry.answered_early(sid, answered_by)  # the socket is not open yet
     return Response("", 204)
 
 

@@ -184,3 +184,24 @@ async def test_a_person_answering_a_synchronous_detection_is_talked_to(
     session = amd_relay.call_on_loop(lambda: amd_relay.registry.get(CA))
     assert session.answered_by == "human"
     await caller.hangup()
+
+
+def test_results_whose_socket_never_opens_are_not_kept_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an /amd for a call that was over (or never connected here) before its socket opened
+    from relay_server import calls
+
+    now = [1000.0]
+    monkeypatch.setattr(calls.time, "monotonic", lambda: now[0])
+    registry = calls.CallRegistry(ttl=120.0)
+    registry.answered_early("CA1", "machine_end_beep")
+    now[0] += 121.0
+    registry.answered_early("CA2", "human")  # each new result sweeps the stale ones
+    assert registry._early_answers.keys() == {"CA2"}
+    assert registry.early_answer("CA1") is None
+    assert registry.early_answer("CA2") == "human"
+    assert registry.early_answer("CA2") is None  # taken once
+    registry.answered_early("CA3", "fax")
+    now[0] += 121.0
+    assert registry.early_answer("CA3") is None  # stale when its socket finally opens

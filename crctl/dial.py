@@ -243,8 +243,9 @@ def _follow(
         return 130
     if over is None:
         raise CrctlError(
-            f"Twilio says the call to {request.to} ended {ended_at_twilio}, but the relay at "
-            f"{relay} heard nothing of it: Twilio sends the call to {request.url.split('?')[0]}; "
+            f"Twilio says the call to {request.to} ended {ended_at_twilio}, but no status "
+            f"callback said so to the relay at {relay}: Twilio sends the call to "
+            f"{request.url.split('?')[0]}; "
             "is that this relay (--public-url, and --url for the relay followed)? `crctl calls "
             f"show {sid}` and the Console's call log say what Twilio saw"
         )

@@ -388,7 +388,8 @@ def test_live_mode_ends_on_twilios_word_when_the_relay_hears_nothing(
     assert "Traceback" not in err
     said = " ".join(err.split())
     assert (
-        f"error: Twilio says the call to {TO} ended completed, but the relay at {relay.base_url} "
-        f"heard nothing of it: Twilio sends the call to {PUBLIC_URL}/twiml; is that this relay"
+        f"error: Twilio says the call to {TO} ended completed, but no status callback said so to "
+        f"the relay at {relay.base_url}: Twilio sends the call to {PUBLIC_URL}/twiml; is that this "
+        "relay"
     ) in said
     assert list(fake_twilio.requests_to("GET", rf"/Calls/{sid}\.json$"))  # Twilio was asked

@@ -8,8 +8,9 @@ speech or keys:
   and follows the TwiML it answers. The step passes when that is a new
   ``<Connect><ConversationRelay>`` and the new session opens (the next turn shows that the
   conversation goes on).
-- ``silence: SECONDS``: the caller says nothing that long (the timing's ``time_scale``
-  applies); what the agent said meanwhile (a reminder) is the turn's reply, for ``expect``.
+- ``silence: SECONDS``: the caller says nothing that long, in real seconds (``--time-scale``
+  does not shorten it: the agent's timers do not run faster); what the agent said meanwhile
+  (a reminder) is the turn's reply, for ``expect``.
 - ``bad_frame: "<raw text>"`` or ``true``: a malformed frame on the wire; the call must go on.
 - ``partials: true`` on a ``say``: cumulative interim ``prompt`` frames (``last: false``)
   before the final one.
@@ -154,9 +155,10 @@ async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnR
     from crctl.call_script import TurnResult, _at_most, check_silence, judge_reply
 
     assert turn.silence is not None
-    scale = caller.timing.time_scale if caller.timing is not None else 1.0
     before = len(caller.replies)
-    async with _at_most(turn.silence * scale):
+    # real seconds, never scaled by --time-scale: the agent's silence timer runs on its clock,
+    # and `--time-scale 0` (CI) would otherwise make every silence step test nothing
+    async with _at_most(turn.silence):
         await caller.closed.wait()
     came = [r for r in caller.replies[before:] if r.tokens or r.plays or r.digits]
     expect = turn.expect

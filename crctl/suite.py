@@ -606,8 +606,8 @@ def suite(
         typer.Option(
             "-k",
             metavar="PATTERN",
-            help="Only the scenarios whose name (the file's stem) contains PATTERN, or matches "
-            "it as a glob (* ? [), in any case.",
+            help="Only the scenarios whose name (its name:, else the file's stem) contains "
+            "PATTERN, or matches it as a glob (* ? [), in any case.",
         ),
     ] = None,
     repeat: Annotated[

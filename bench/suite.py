@@ -13,7 +13,7 @@ and reports each one's wall time (the whole ``crctl test`` process), the ratio t
 and the callers' waits from the JSON (does running in parallel slow each call down?). Writes
 ``bench/results/suite-<date>.md`` and ``.json``; exit 1 when a run did not pass every scenario.
 
-    .venv/bin/python -m bench.suite            # about a minute on the 2-core machine
+    .venv/bin/python -m bench.suite            # about two minutes on the 2-core machine
 """
 
 from __future__ import annotations

@@ -1263,7 +1263,8 @@ async def run_scenario(
     """
     context = context or RunContext()
     expect = scenario.expect
-    if max_caller_wait_ms is None and expect is not None:
+    if expect is not None and expect.max_caller_wait_ms is not None:
+        # the scenario's own budget wins over --max-caller-wait-ms, as a turn's own wins over it
         max_caller_wait_ms = expect.max_caller_wait_ms
     reasons: list[str] = []
     try:

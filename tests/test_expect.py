@@ -44,6 +44,7 @@ def play(
     text: str,
     run_context: RunContext | None = None,
     name: str = "scenario",
+    max_caller_wait_ms: float | None = None,
 ) -> ScenarioResult:
     """Write ``text`` as a scenario file, load it and play it on a call to ``relay``."""
     path = tmp_path / f"{name}.yaml"
@@ -59,7 +60,13 @@ def play(
             timing=Timing(time_scale=0),
         )
         await caller.connect(await caller.fetch())
-        return await run_scenario(caller, scenario, timeout=5.0, context=run_context)
+        return await run_scenario(
+            caller,
+            scenario,
+            timeout=5.0,
+            context=run_context,
+            max_caller_wait_ms=max_caller_wait_ms,
+        )
 
     return asyncio.run(call())
 
@@ -298,3 +305,19 @@ def test_scenario_level_expectations_fail_as_scenario_reasons(
     assert result.reasons[5].startswith("turn 1: first token ")
     assert result.reasons[5].endswith(" ms, over the scenario's max_first_token_ms 50")
     assert not result.passed
+
+
+def test_a_scenarios_caller_wait_budget_bounds_every_turn_and_wins_over_the_flag(
+    fake_llm: FakeLLM, relay: RelayServer, tmp_path: Path
+) -> None:
+    fake_llm.enqueue(Script(tokens=["Slow", "."], ttft=0.3), Script(tokens=["Fast", "."]))
+    text = (
+        "expect: {max_caller_wait_ms: 150}\n"
+        "turns:\n  - say: first\n  - say: second\n    expect: {max_caller_wait_ms: 2000}\n"
+    )
+    # --max-caller-wait-ms 10000 is the suite's default budget; the scenario's own is tighter
+    result = play(relay, tmp_path, text, max_caller_wait_ms=10_000)
+    first, second = result.turns
+    (why,) = first.reasons
+    assert why.startswith("caller wait: expected at most 150 ms (max_caller_wait_ms), got ")
+    assert second.passed  # its own budget wins over the scenario's

@@ -1377,6 +1377,8 @@ async def after_call(
     if expect.max_first_token_ms is not None:
         limit = expect.max_first_token_ms
         for result in results:
+            if result.turn.expect.max_first_token_ms is not None:
+                continue  # the turn's own budget wins (checked with the turn)
             ms = result.reply.first_token_ms if result.reply is not None else None
             if ms is not None and ms > limit:
                 reasons.append(

@@ -307,17 +307,20 @@ def test_scenario_level_expectations_fail_as_scenario_reasons(
     assert not result.passed
 
 
-def test_a_scenarios_caller_wait_budget_bounds_every_turn_and_wins_over_the_flag(
+def test_a_scenarios_latency_budgets_bound_every_turn_but_its_own_and_win_over_the_flag(
     fake_llm: FakeLLM, relay: RelayServer, tmp_path: Path
 ) -> None:
-    fake_llm.enqueue(Script(tokens=["Slow", "."], ttft=0.3), Script(tokens=["Fast", "."]))
+    fake_llm.enqueue(Script(tokens=["Slow", "."], ttft=0.3), Script(tokens=["Also", "."], ttft=0.3))
     text = (
-        "expect: {max_caller_wait_ms: 150}\n"
-        "turns:\n  - say: first\n  - say: second\n    expect: {max_caller_wait_ms: 2000}\n"
+        "expect: {max_caller_wait_ms: 150, max_first_token_ms: 150}\n"
+        "turns:\n  - say: first\n  - say: second\n"
+        "    expect: {max_caller_wait_ms: 2000, max_first_token_ms: 2000}\n"
     )
     # --max-caller-wait-ms 10000 is the suite's default budget; the scenario's own is tighter
     result = play(relay, tmp_path, text, max_caller_wait_ms=10_000)
     first, second = result.turns
     (why,) = first.reasons
     assert why.startswith("caller wait: expected at most 150 ms (max_caller_wait_ms), got ")
-    assert second.passed  # its own budget wins over the scenario's
+    assert second.passed  # its own budgets win over the scenario's
+    (slow,) = result.reasons  # the first turn's first token, over the scenario's budget
+    assert slow.startswith("turn 1: first token ")

@@ -25,7 +25,7 @@ speech or keys:
 
 :func:`play_fault` plays the steps (:func:`is_step`: ``drop_socket``, ``silence``,
 ``bad_frame``, ``hangup``); ``partials`` and ``noise`` change how :func:`utter` says a turn,
-which ``run_script`` plays and judges as any other (``crctl.call_script.judge_reply``).
+which ``run_script`` plays and judges as any other (``crctl.call_script.check_reply``).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ async def _drop(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnResu
 
 
 async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnResult:  # noqa: ASYNC109
-    from crctl.call_script import TurnResult, _at_most, check_silence, judge_reply
+    from crctl.call_script import TurnResult, _at_most, check_reply, check_silence
 
     assert turn.silence is not None
     before = len(caller.replies)
@@ -170,7 +170,7 @@ async def _silence(caller: SimulatedCaller, turn: Turn, timeout: float) -> TurnR
         return TurnResult(
             turn, None, [f"the agent said nothing during {turn.silence:g} s of silence"]
         )
-    reasons = await judge_reply(caller, turn, came[0], before, timeout, None)
+    reasons = await check_reply(caller, turn, came[0], before, timeout, None)
     return TurnResult(turn, came[0], reasons)
 
 

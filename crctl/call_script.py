@@ -699,12 +699,12 @@ async def run_script(
         if reply is None:
             results.append(TurnResult(turn, None, [caller.last_drop or "input not sent"]))
             continue
-        reasons = await judge_reply(caller, turn, reply, before, timeout, max_caller_wait_ms)
+        reasons = await check_reply(caller, turn, reply, before, timeout, max_caller_wait_ms)
         results.append(TurnResult(turn, reply, reasons))
     return results
 
 
-async def judge_reply(
+async def check_reply(
     caller: SimulatedCaller,
     turn: Turn,
     reply: Reply,

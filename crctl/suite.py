@@ -542,6 +542,18 @@ def json_report(result: SuiteResult) -> dict[str, Any]:
     }
 
 
+def _writable(path: Path, option: str) -> None:
+    """Check before the run that a report can be written there (its folder is made)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write it: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: a folder; expected a file name ({option} out.xml)")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write it: permission denied")
+
+
 def _write(path: Path, data: bytes, option: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -724,6 +736,9 @@ def suite(
     if not chosen:
         names = ", ".join(s.name for s in scenarios)
         raise UsageError(f"-k {keyword}: no scenario matches; the scenarios are {names}")
+    for report, option in ((junit, "--junit"), (json_file, "--json")):
+        if report is not None:  # known now, not after a long run
+            _writable(report, option)
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -377,6 +377,23 @@ def test_an_empty_folder_is_bad_input(tmp_path: Path) -> None:
     )
 
 
+def test_a_report_that_cannot_be_written_is_said_before_anything_runs(
+    relay: RelayServer, tmp_path: Path
+) -> None:
+    suite = folder(tmp_path, greeting=GREETING)
+    result = run(str(suite), *signed(relay), "--junit", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: --junit {tmp_path}: a folder; expected a file name (--junit out.xml)"
+    )
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = run(str(suite), *signed(relay), "--json", str(blocked / "out.json"))
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: --json {blocked / 'out.json'}: cannot write it: ")
+    assert started(relay) == []  # no call was placed
+
+
 def test_a_relay_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     from tests.support import free_port
 

@@ -593,6 +593,32 @@ async def _drain_when_orphaned(drain: Callable[[], None]) -> None:
     drain()
 
 
+#: Seconds an in-process relay (``up --call``, ``crctl test``) has to accept connections.
+LISTEN_WAIT = 10.0
+
+
+async def until_listening(port: int, timeout: float = LISTEN_WAIT) -> None:  # noqa: ASYNC109
+    """Return once something accepts connections on 127.0.0.1:``port``.
+
+    Raises:
+        CrctlError: nothing did within ``timeout`` seconds.
+    """
+    from crctl.errors import CrctlError
+
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                return
+    except TimeoutError:
+        raise CrctlError(f"the relay did not start listening on port {port}") from None
+
+
 async def run_relay(
     app: Quart,
     settings: Settings,

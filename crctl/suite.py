@@ -38,7 +38,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crctl import options as opts
-from crctl.errors import CrctlError, UsageError
+from crctl.errors import UsageError
 
 if TYPE_CHECKING:
     from crctl.call_script import RunContext, Scenario, ScenarioResult
@@ -48,8 +48,6 @@ out = Console(highlight=False, soft_wrap=True)
 
 #: The files of a folder that are scenarios.
 SUFFIXES = (".yaml", ".yml")
-#: Seconds an in-process relay has to start listening.
-_LISTEN_WAIT = 10.0
 
 
 # ------------------------------------------------------------------------------ results
@@ -337,17 +335,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def _listening(port: int) -> None:
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
 
 
 def _local_settings(flags: dict[str, Any]) -> Settings:
@@ -782,7 +769,14 @@ def _execute(
     from crctl.caller import Unreachable
     from crctl.console import err
     from crctl.paths import read_api_token
-    from crctl.serve import _setup_logging, bind, build_relay, event_loop_factory, run_relay
+    from crctl.serve import (
+        _setup_logging,
+        bind,
+        build_relay,
+        event_loop_factory,
+        run_relay,
+        until_listening,
+    )
     from crctl.settings import load_settings
 
     relay: Any = None
@@ -824,11 +818,7 @@ def _execute(
         stop = asyncio.Event()
         serving = asyncio.create_task(run_relay(relay.app, settings, stop=stop, sock=sock))
         try:
-            try:
-                async with asyncio.timeout(_LISTEN_WAIT):
-                    await _listening(settings.port)
-            except TimeoutError:
-                raise CrctlError(f"the relay did not start on port {settings.port}") from None
+            await until_listening(settings.port)
             # Ctrl-C stops the suite (exit 130), not only the relay that took SIGINT
             task = asyncio.current_task()
             if task is not None:

@@ -36,7 +36,7 @@ from crctl.environment import current
 from crctl.errors import CrctlError
 from crctl.hosts import is_this_machine
 from crctl.provisioning import Twilio
-from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay
+from crctl.serve import Relay, _setup_logging, bind, build_relay, run_relay, until_listening
 from crctl.settings import Settings, SettingsError, load_settings
 from crctl.state import State
 from crctl.tunnel import Tunnel, open_tunnel
@@ -296,11 +296,7 @@ async def _serve(
         await relay
         return 0
     try:
-        try:
-            async with asyncio.timeout(_LISTEN_WAIT):
-                await _listening(settings.port)
-        except TimeoutError:
-            raise CrctlError(f"the relay did not start listening on port {settings.port}") from None
+        await until_listening(settings.port)
         token = settings.twilio_auth_token
         caller = SimulatedCaller(
             f"http://127.0.0.1:{settings.port}",
@@ -315,22 +311,6 @@ async def _serve(
         # a CallError goes on to the CLI's handler once the relay has stopped
         stop.set()
         await relay
-
-
-#: Seconds ``up --script`` waits for its relay to accept connections before calling it.
-_LISTEN_WAIT = 10.0
-
-
-async def _listening(port: int) -> None:
-    """Return once something accepts connections on ``port`` (the caller bounds the wait)."""
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
 
 
 def _twilio(

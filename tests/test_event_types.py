@@ -168,7 +168,10 @@ async def test_a_reader_sees_everything_queued_before_it_without_waiting_for_the
 
 
 def test_a_busy_writer_gathers_for_longer_and_a_quiet_one_goes_back():
-    """At BUSY_EVENTS_PER_SECOND and more the next batch gathers for busy_interval; below, not."""
+    """A busy writer gathers for busy_interval; a quiet or a watched one does not.
+
+    Busy: BUSY_EVENTS_PER_SECOND and more. Watched: someone follows the live feed.
+    """
     import threading
 
     from relay_server.store.writer import BUSY_EVENTS_PER_SECOND, Writer
@@ -193,6 +196,21 @@ def test_a_busy_writer_gathers_for_longer_and_a_quiet_one_goes_back():
         assert batches == [burst, 1] and writer.interval == 0.2
     finally:
         writer.stop()
+    batches.clear()
+    written = threading.Semaphore(0)  # (the stop above wrote an empty batch)
+    watching = threading.Event()
+    watching.set()
+    watched = Writer(
+        write, lambda: None, flush_interval=0.2, idle_every=60, busy_interval=1.0,
+        watched=watching.is_set,
+    )  # fmt: skip
+    try:  # someone follows the live feed: the batches stay short, busy or not
+        for digit in range(burst):
+            watched.put(ev.Dtmf(call_sid=CA1, digit=str(digit % 10)))
+        assert written.acquire(timeout=10)
+        assert batches == [burst] and watched.interval == 0.2
+    finally:
+        watched.stop()
 
 
 def test_the_sse_message_carries_the_stored_bytes(tmp_path: Path):

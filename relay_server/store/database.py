@@ -45,7 +45,8 @@ _PRUNE_EVERY_SECONDS = 300.0
 #: the live feed (``crctl tail``) shows events up to this much later than they happen.
 FLUSH_SECONDS = 0.25
 #: How long it gathers on a busy relay (:data:`~relay_server.store.writer.BUSY_EVENTS_PER_SECOND`
-#: and more): at 200 calls, 1.20-1.21x instead of 1.23-1.24x with 250 ms (bench/together.py).
+#: and more) that no one tails: at 200 calls, 1.20-1.21x instead of 1.23-1.24x with 250 ms
+#: (bench/together.py).
 BUSY_FLUSH_SECONDS = 1.0
 
 
@@ -98,6 +99,7 @@ class EventStore:
                 flush_interval=flush_interval,
                 idle_every=tracking.HEARTBEAT_SECONDS,
                 busy_interval=busy_interval,
+                watched=self.feed.watched,
             )
 
     # ------------------------------------------------------------------ writing (hot path)

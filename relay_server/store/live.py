@@ -72,6 +72,10 @@ class LiveFeed:
         #: The relay is stopping: streams end, and new ones end at once.
         self.ending = False
 
+    def watched(self) -> bool:
+        """Whether anyone follows the feed now (the writer then keeps its batches short)."""
+        return bool(self._listeners)
+
     def listen(self, callback: Callable[[list[Live]], None]) -> Callable[[], None]:
         """Call ``callback(rows)`` on the event loop with each batch the store writes from now on.
 

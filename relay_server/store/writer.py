@@ -16,8 +16,10 @@ A busy relay gathers for longer: once a batch came at :data:`BUSY_EVENTS_PER_SEC
 (the transaction, the pages it rewrites in the WAL, a wake-up of the relay's loop for the live
 feed, the GIL handed to this thread and back), and at 200 calls on one core committing every
 250 ms instead of every second cost 0.03x of a bare relay's CPU per token (bench/together.py).
-A live feed (``crctl tail``) then shows events up to ``busy_interval`` late; a quiet relay
-keeps ``flush_interval``.
+While someone follows the live feed (``crctl tail``, ``/events``) batches stay
+``flush_interval`` long, so what they watch is never more than that late (and a client that
+stops reading is still measured against its byte budget batch by batch); a quiet relay keeps
+``flush_interval`` too.
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ class Writer:
         flush_interval: float,
         idle_every: float,
         busy_interval: float | None = None,
+        watched: Callable[[], bool] | None = None,
     ) -> None:
         self._write = write
         self._idle = idle
         self._flush_interval = flush_interval
         self._busy_interval = max(flush_interval, busy_interval or flush_interval)
+        #: Whether someone follows the live feed (then batches stay ``flush_interval`` long).
+        self._watched = watched or (lambda: False)
         #: How long the next batch gathers: ``flush_interval``, or ``busy_interval`` when busy.
         self.interval = flush_interval
         self._idle_every = idle_every
@@ -127,7 +132,10 @@ class Writer:
             except queue.Empty:
                 if gathered and not marks:
                     busy = len(batch) >= BUSY_EVENTS_PER_SECOND * gathered
-                    self.interval = self._busy_interval if busy else self._flush_interval
+                    if busy and not self._watched():
+                        self.interval = self._busy_interval
+                    else:
+                        self.interval = self._flush_interval
                 return batch, marks
             if isinstance(item, _Mark):
                 marks.append(item)

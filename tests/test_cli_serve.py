@@ -305,19 +305,22 @@ BAD_CONFIGS: dict[str, tuple[list[str], dict[str, str], str]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_config_runs(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, tuple[int | None, str, str]]:
-    """Run every BAD_CONFIGS case at once (they are independent): id -> (code, out, err)."""
+#: (exit code, or None if it started serving instead; stdout; stderr)
+Refusal = tuple[int | None, str, str]
+
+
+def serve_refusals(cases: dict[str, tuple[list[str], dict[str, str], Path]]) -> dict[str, Refusal]:
+    """``crctl serve ARGS`` of every case at once (env, cwd), each left to refuse: case -> result.
+
+    They are independent, so they run together; one that starts serving instead is killed once
+    the deadline passes.
+    """
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        for case, (args, env, _needle) in BAD_CONFIGS.items():
-            if "--port" not in args and "CRCTL_PORT" not in env:
-                args = ["--port", str(free_port()), *args]
+        for case, (args, env, cwd) in cases.items():
             procs[case] = subprocess.Popen(
                 [sys.executable, "-m", "crctl", "serve", *args],
-                cwd=tmp_path_factory.mktemp(case),
+                cwd=cwd,
                 env=_env(**env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -326,7 +329,7 @@ def bad_config_runs(
             )
         # Generous: a refusal comes in ~2 s; only a relay that started serving waits it out.
         deadline = time.monotonic() + 60
-        results: dict[str, tuple[int | None, str, str]] = {}
+        results: dict[str, Refusal] = {}
         for case, proc in procs.items():
             try:
                 out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
@@ -342,6 +345,17 @@ def bad_config_runs(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Refusal]:
+    """Run every BAD_CONFIGS case at once (they are independent): id -> (code, out, err)."""
+    cases: dict[str, tuple[list[str], dict[str, str], Path]] = {}
+    for case, (args, env, _needle) in BAD_CONFIGS.items():
+        if "--port" not in args and "CRCTL_PORT" not in env:
+            args = ["--port", str(free_port()), *args]
+        cases[case] = (args, env, tmp_path_factory.mktemp(case))
+    return serve_refusals(cases)
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))

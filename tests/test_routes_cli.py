@@ -6,9 +6,6 @@ folder with an environment stripped of CRCTL_/OPENAI_/TWILIO_ variables.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 
 from fakes.fake_llm import FakeLLM
 from tests.support import free_port, sign
-from tests.test_cli_serve import KEY, TOKEN, _env, _http, serve
+from tests.test_cli_serve import KEY, TOKEN, Refusal, _env, _http, serve, serve_refusals
 
 SUPPORT, SALES = "+15550100002", "+15550100003"
 
@@ -121,48 +118,23 @@ BAD_ROUTES: dict[str, tuple[str | None, dict[str, str], str]] = {
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int | None, str, str]]:
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Refusal]:
     """Every BAD_ROUTES case at once (they are independent): case -> (code, out, err)."""
-    procs: dict[str, subprocess.Popen[str]] = {}
-    try:
-        for case, (body, env, _needle) in BAD_ROUTES.items():
-            folder = tmp_path_factory.mktemp(case)
-            if body is not None:
-                (folder / "routes.toml").write_text(body)
-            args = ["--port", str(free_port())]
-            if "CRCTL_ROUTES" not in env:
-                args += ["--routes", "routes.toml"]
-            procs[case] = subprocess.Popen(
-                [sys.executable, "-m", "crctl", "serve", *args],
-                cwd=folder,
-                env=_env(**env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        deadline = time.monotonic() + 60  # generous: a refusal comes in about 2 s
-        results: dict[str, tuple[int | None, str, str]] = {}
-        for case, proc in procs.items():
-            try:
-                out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # it started serving instead of refusing
-                proc.kill()
-                out, err = proc.communicate()
-                results[case] = (None, out, err)
-            else:
-                results[case] = (proc.returncode, out, err)
-        return results
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+    cases: dict[str, tuple[list[str], dict[str, str], Path]] = {}
+    for case, (body, env, _needle) in BAD_ROUTES.items():
+        folder = tmp_path_factory.mktemp(case)
+        if body is not None:
+            (folder / "routes.toml").write_text(body)
+        args = ["--port", str(free_port())]
+        if "CRCTL_ROUTES" not in env:
+            args += ["--routes", "routes.toml"]
+        cases[case] = (args, env, folder)
+    return serve_refusals(cases)
 
 
 @pytest.mark.parametrize("case", list(BAD_ROUTES))
 def test_a_bad_routes_file_stops_serve_with_one_line(
-    bad_runs: dict[str, tuple[int | None, str, str]], case: str
+    bad_runs: dict[str, Refusal], case: str
 ) -> None:
     code, _out, err = bad_runs[case]
     assert code == 2, err

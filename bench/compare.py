@@ -8,6 +8,9 @@ one's CPU per token and added first-token p99, and their ratios::
 
     .venv/bin/python -m bench.compare --base d13286e [--rounds 10] [--tokens-long 120] [--swap]
 
+``--relay-module M`` runs "after" as ``python -m M serve`` (a what-if wrapper that patches this
+tree before starting crctl; put its folder on ``PYTHONPATH``) against ``--base HEAD``.
+
 Writes bench/results/compare-<date>-<host>.json and .md; exit status 0. About 2 minutes.
 """
 
@@ -39,7 +42,7 @@ async def main_async(args: argparse.Namespace, base_tree: Path) -> dict[str, Any
     quiet = await wait_quiet()
     fake = FakeProc(LOAD_CORE)
     try:
-        specs = {"before": {"tree": base_tree}, "after": {}}
+        specs = {"before": {"tree": base_tree}, "after": {"module": args.relay_module}}
         pair = await run_pair("compare", specs, fake, None, args)
     finally:
         fake.stop()
@@ -65,7 +68,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Machine: {m['hostname']}, {m['nproc']} CPUs ({m['cpu_model']}), {m['memory']}, "
         f"CPython {m['python']}, Linux {m['kernel']}.",
         f"- After: commit {result['git']['commit']}"
-        f"{' (with changes)' if result['git'].get('product_dirty') else ''}; before: "
+        f"{' (with changes)' if result['git'].get('product_dirty') else ''}"
+        + (f", run as `{c['relay_module']}`" if c.get("relay_module", "crctl") != "crctl" else "")
+        + "; before: "
         f"{result['base']}. Both `crctl serve` at once pinned to core {RELAY_CORE}; fake LLM and "
         f"callers on core {LOAD_CORE}; started, connected and driven first: {p['started_first']}.",
         f"- Load: {c['calls']} calls per relay ({2 * c['calls']} on the core), burst profile "
@@ -111,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the commit to compare with (before)")
     add_load_arguments(parser, rounds=10)
     parser.add_argument("--swap", action="store_true", help="start and drive 'after' first")
+    parser.add_argument(
+        "--relay-module",
+        default="crctl",
+        help="the module 'after' runs as `python -m MODULE serve` (a what-if wrapper)",
+    )
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         parser.error("needs 2 CPUs: the relays on one, the load on the other")

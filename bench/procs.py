@@ -127,11 +127,14 @@ class RelayProc:
         redis_url: str | None = None,
         extra_args: tuple[str, ...] = (),
         tree: Path | None = None,
+        wrapper: tuple[str, ...] = (),
+        start_timeout: float = 30.0,
     ) -> None:
         """``crctl serve`` started, pinned, with the load generator's settings.
 
         ``redis_url``: ``--redis-url`` (a replica of a cluster); ``extra_args``: more flags;
-        ``tree``: a folder with another commit's packages, first on ``PYTHONPATH``.
+        ``tree``: a folder with another commit's packages, first on ``PYTHONPATH``;
+        ``wrapper``: a command the interpreter runs under (valgrind, bench/instructions.py).
         """
         self.port = free_port()
         self.probe = probe
@@ -165,7 +168,7 @@ class RelayProc:
             env["CRCTL_PROBE_OUT"] = str(probe)
             env["CRCTL_PROBE_DEBUG"] = "1" if probe_slow else "0"
         args = [
-            *pin_prefix(core), sys.executable, *runner, "-m", module, "serve",
+            *pin_prefix(core), *wrapper, sys.executable, *runner, "-m", module, "serve",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--public-url", PUBLIC_URL, "--agent", agent,
             "--silence-timeout", "0", "--filler-after-ms", "0", "--llm-timeout", "30",
@@ -177,7 +180,7 @@ class RelayProc:
             args, env=env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=pin_preexec(core),
         )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited ({self.proc.returncode}); see {log_path}")
@@ -186,7 +189,7 @@ class RelayProc:
                     return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("relay did not start in 30 s")
+        raise RuntimeError(f"relay did not start in {start_timeout:.0f} s")
 
     @property
     def pid(self) -> int:

@@ -125,7 +125,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     fake = FakeProc(LOAD_CORE)
     scratch = Path(tempfile.mkdtemp(prefix="crctl-callgrind-"))
     print(f"callgrind dumps in {scratch}", flush=True)
-    relays: dict[str, dict[str, Any]] = {"floor": {"module": "bench.floor"}}
+    relays: dict[str, dict[str, Any]] = {}
+    if not args.no_floor:
+        relays["floor"] = {"module": "bench.floor"}
     candidate: dict[str, Any] = {"module": args.relay_module}
     if args.tree:
         candidate["tree"] = args.tree
@@ -138,7 +140,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         fake.stop()
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    floor, crctl = counted["floor"], counted["crctl"]
+    floor, crctl = counted.get("floor"), counted["crctl"]
     return {
         "started": datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -147,8 +149,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
         },
         "relays": counted,
-        "ratio_per_turn_short": round(crctl["per_turn_short"] / floor["per_turn_short"], 3),
-        "ratio_per_token": round(crctl["per_token"] / floor["per_token"], 3),
+        "ratio_per_turn_short": round(crctl["per_turn_short"] / floor["per_turn_short"], 3)
+        if floor
+        else None,
+        "ratio_per_token": round(crctl["per_token"] / floor["per_token"], 3) if floor else None,
     }
 
 
@@ -171,6 +175,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {v['per_turn_short'] / 1000:,.1f}k | {v['per_token'] / 1000:,.1f}k "
             f"| {v['per_turn_fixed'] / 1000:,.1f}k |"
         )
+    if result["ratio_per_token"] is None:
+        return "\n".join(out) + "\n"
     out += [
         "",
         f"crctl / floor: **{result['ratio_per_turn_short']}×** per {c['tokens']}-token turn, "
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", type=float, default=0.1, help="the fake's tick, s")
     parser.add_argument("--out", default=None, help="results file stem")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
+    parser.add_argument("--no-floor", action="store_true", help="count crctl only")
     args = parser.parse_args(argv)
     if args.tree:
         args.tree = Path(args.tree).resolve()

@@ -185,7 +185,7 @@ class EventStore:
                     "SELECT id FROM events ORDER BY id DESC LIMIT ?", (len(params),)
                 ).fetchall()
                 ids = sorted(row[0] for row in found)
-            tracking.track_calls(con, events, self.relay_id)
+            tracking.track_calls(con, events, ids, self.relay_id)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -215,9 +215,10 @@ class EventStore:
                 "(SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (self.max_rows,),
             )
+            # A call whose last event is older than the oldest one kept has none left.
             con.execute(
-                "DELETE FROM calls WHERE last_ts < ? OR NOT EXISTS "
-                "(SELECT 1 FROM events WHERE events.call_sid = calls.sid)",
+                "DELETE FROM calls WHERE last_ts < ? OR coalesce(last_id, 0) < "
+                "coalesce((SELECT min(id) FROM events), 1 << 62)",
                 (cutoff,),
             )
             con.execute("COMMIT")

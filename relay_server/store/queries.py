@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from relay_server.store.schema import CALL_COLUMNS, Row, call_row
+from relay_server.store.schema import CALL_COLUMNS, Row, call_range, call_row
 
 
 def select(
@@ -15,12 +15,19 @@ def select(
     after_id: int | None,
     limit: int,
 ) -> list[Row]:
-    """Stored rows, oldest first: ``ts >= since``, of ``call_sid``, ``id > after_id``."""
+    """Stored rows, oldest first: ``ts >= since``, of ``call_sid``, ``id > after_id``.
+
+    A call's rows are looked for in its id range only (:func:`call_range`).
+    """
     where: list[str] = []
     args: list[Any] = []
     if after_id is not None:
         where.append("id > ?")
         args.append(after_id)
+    span = call_range(con, call_sid) if call_sid else None
+    if span is not None:
+        where.append("id BETWEEN ? AND ?")
+        args.extend(span)
     if since is not None:
         where.append("ts >= ?")
         args.append(since)

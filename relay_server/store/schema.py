@@ -4,6 +4,14 @@ Row ids come from SQLite (``AUTOINCREMENT``: never reused, also after pruning), 
 growing across relay restarts and a client resumes a stream with ``after=<last id>``. Several
 relays may share one file (SQLite locks it; WAL journal, ``synchronous=NORMAL``: a commit does
 not wait for the disk).
+
+A call's events are found through its ``calls`` row: ``first_id`` and ``last_id`` bound the
+ids of its events, and a query scans that range of the table (in id order) for the call's SID.
+An index on ``(call_sid, id)`` would find them without the scan, but every event would then
+change a page of that index picked by its call, a different page for each live call: at 200
+calls, every commit rewrote some 80 such pages into the WAL, and that index alone cost 2 % of
+the relay's CPU (bench/compare.py). Files made before this keep working: their index is read
+once to fill the ranges, then dropped (:func:`_migrate`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_call ON events (call_sid, id);
 CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
 CREATE TABLE IF NOT EXISTS calls (
     sid TEXT PRIMARY KEY,
@@ -43,7 +50,10 @@ CREATE TABLE IF NOT EXISTS calls (
     status TEXT NOT NULL DEFAULT 'live',
     turns INTEGER NOT NULL DEFAULT 0,
     errors INTEGER NOT NULL DEFAULT 0,
-    handoff TEXT
+    handoff TEXT,
+    relay TEXT,
+    first_id INTEGER,
+    last_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS calls_by_started ON calls (started);
 CREATE TABLE IF NOT EXISTS relays (
@@ -87,8 +97,7 @@ def connect(path: str, *, memory: bool, readonly: bool, relay_id: str) -> sqlite
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = NORMAL")
             con.executescript(SCHEMA)
-            if "relay" not in {row[1] for row in con.execute("PRAGMA table_info(calls)")}:
-                con.execute("ALTER TABLE calls ADD COLUMN relay TEXT")
+            _migrate(con)
             # A write at start: a file SQLite can only read (file mode, read-only mount)
             # would otherwise be accepted here and every event lost later.
             now = time.time()
@@ -108,6 +117,51 @@ def connect(path: str, *, memory: bool, readonly: bool, relay_id: str) -> sqlite
     except OSError as exc:
         raise ConfigError(f"events database {path}: {exc.strerror or exc}") from exc
     return con
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a file made by an older relay up to this schema (module docstring).
+
+    Adds the ``calls`` columns it lacks; where the ``(call_sid, id)`` index of older relays is
+    there (made by an older relay, maybe one still writing this file), each call's id range is
+    read from it, then it is dropped. One transaction: another relay never sees half of it.
+    """
+    columns = {row[1] for row in con.execute("PRAGMA table_info(calls)")}
+    indexed = con.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_by_call'"
+    ).fetchone()
+    if not indexed and {"relay", "first_id", "last_id"} <= columns:
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        for column in ("relay TEXT", "first_id INTEGER", "last_id INTEGER"):
+            if column.split()[0] not in columns:
+                con.execute(f"ALTER TABLE calls ADD COLUMN {column}")
+        if indexed:
+            con.execute(
+                "UPDATE calls SET first_id = (SELECT min(id) FROM events WHERE call_sid = sid), "
+                "last_id = (SELECT max(id) FROM events WHERE call_sid = sid)"
+            )
+            con.execute("DROP INDEX events_by_call")
+        con.execute("COMMIT")
+    except sqlite3.Error:
+        con.execute("ROLLBACK")
+        raise
+
+
+def call_range(con: sqlite3.Connection, sid: str) -> tuple[int, int] | None:
+    """The ids of call ``sid``'s first and last stored events; ``None``: not known.
+
+    ``None`` for a call with no ``calls`` row, and in a file written by an older relay (read
+    by the CLI), whose own index finds the events instead.
+    """
+    try:
+        row = con.execute("SELECT first_id, last_id FROM calls WHERE sid = ?", (sid,)).fetchone()
+    except sqlite3.OperationalError:  # no such column: an older file
+        return None
+    if row is None or row[0] is None or row[1] is None:
+        return None
+    return int(row[0]), int(row[1])
 
 
 def newest(con: sqlite3.Connection) -> int:

@@ -31,53 +31,60 @@ GONE_AFTER_SECONDS = 60.0
 PARTIAL_MAX_CHARS = 1024
 
 
-def track_calls(con: sqlite3.Connection, events: list[ev.CallEvent], relay: str) -> None:
-    """Keep the ``calls`` rows of ``events``' calls up to date (in the writer's transaction).
+def track_calls(
+    con: sqlite3.Connection, events: list[ev.CallEvent], ids: list[int], relay: str
+) -> None:
+    """Keep the ``calls`` rows of ``events`` (stored as ``ids``) up to date.
 
-    ``relay`` (the writer's relay id) serves those calls from now on. The common events (a
-    prompt, a reply) only touch a call's last time and counters: those are gathered into one
-    upsert per call and batch. The rare ones (start, end, hang-up, status, lost) update the
-    row one by one, in order, after it.
+    In the writer's transaction. ``relay`` (the writer's relay id) serves those calls from now
+    on. The common events (a prompt, a reply) only touch a call's last time, counters and id
+    range: those are gathered into one upsert per call and batch. The rare ones (start, end,
+    hang-up, status, lost) update the row one by one, in order, after it.
     """
-    seen: dict[str, list[Any]] = {}  # sid -> [started, last_ts, turns, errors]
-    rare: list[ev.CallEvent] = []
-    for event in events:
+    # sid -> [started, last_ts, turns, errors, first id, last id]
+    seen: dict[str, list[Any]] = {}
+    rare: list[tuple[ev.CallEvent, int]] = []
+    for event, event_id in zip(events, ids, strict=True):
         sid = event.call_sid
         if not sid:
             continue
         if isinstance(event, ev.CallLost):
-            rare.append(event)
+            rare.append((event, event_id))
             continue
         row = seen.get(sid)
         if row is None:
-            row = seen[sid] = [event.ts, event.ts, 0, 0]
+            row = seen[sid] = [event.ts, event.ts, 0, 0, event_id, event_id]
         row[1] = event.ts
+        row[5] = event_id
         if isinstance(event, ev.AgentReply):
             row[2] += 1
         elif isinstance(event, ev.Error | ev.LlmFault):
             row[3] += 1
         elif isinstance(event, _RARE):
-            rare.append(event)
+            rare.append((event, event_id))
     con.executemany(
-        "INSERT INTO calls (sid, started, last_ts, relay, turns, errors) VALUES (?, ?, ?, ?, ?, ?) "
+        "INSERT INTO calls (sid, started, last_ts, relay, turns, errors, first_id, last_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (sid) DO UPDATE SET last_ts = excluded.last_ts, relay = excluded.relay, "
-        "turns = turns + excluded.turns, errors = errors + excluded.errors",
-        [
-            (sid, first, last, relay, turns, errors)
-            for sid, (first, last, turns, errors) in seen.items()
-        ],
+        "turns = turns + excluded.turns, errors = errors + excluded.errors, "
+        "first_id = coalesce(first_id, excluded.first_id), last_id = excluded.last_id",
+        [(sid, *row[:2], relay, *row[2:]) for sid, row in seen.items()],
     )
-    for event in rare:
-        _track_rare(con, event)
+    for event, event_id in rare:
+        _track_rare(con, event, event_id)
 
 
-def _track_rare(con: sqlite3.Connection, event: ev.CallEvent) -> None:
+def _track_rare(con: sqlite3.Connection, event: ev.CallEvent, event_id: int) -> None:
     sid, ts = event.call_sid, event.ts
     match event:
         case ev.CallLost():
+            # Its time is not the call's (it is written when the next relay starts), but the
+            # call's events now end with it.
             con.execute(
-                "UPDATE calls SET status = 'lost', ended = ? WHERE sid = ? AND status = 'live'",
-                (event.last_seen or ts, sid),
+                "UPDATE calls SET status = CASE status WHEN 'live' THEN 'lost' ELSE status END, "
+                "ended = CASE status WHEN 'live' THEN ? ELSE ended END, "
+                "first_id = coalesce(first_id, ?), last_id = ? WHERE sid = ?",
+                (event.last_seen or ts, event_id, event_id, sid),
             )
         case ev.CallStarted():
             con.execute(

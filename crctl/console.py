@@ -183,6 +183,8 @@ class CallLog:
             case ev.CallerSpeech():
                 pass
             case ev.AgentReply():
+                for request in ev.requests_in(event):  # the request that ended the reply
+                    line(event, "LLM", Text(request_line(request), style="dim"), "dim")
                 line(event, "agent", _reply(event), "bold blue")
             case ev.TurnTimeline():
                 line(event, "timing", Text(timeline_line(event), style="cyan"), "dim cyan")

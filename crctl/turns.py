@@ -2,7 +2,8 @@
 
 Built from the relay's ``turn.timeline`` events (:class:`relay_server.events.TurnTimeline`),
 for ``crctl calls show --json`` and ``crctl calls stats``; and what calls used (LLM requests,
-tokens, tool calls, time, money with a price table) from ``llm.request``, ``tool.call``,
+tokens, tool calls, time, money with a price table) from ``llm.request`` (and the request an
+``agent.reply`` carries), ``tool.call``,
 ``session.end`` and ``call.status``. Percentiles are nearest-rank: every
 one is a value that was measured, never interpolated.
 """
@@ -110,7 +111,9 @@ def stats(turns: Sequence[ev.TurnTimeline]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ usage and cost
 #: The kinds a call's usage is counted from.
-USAGE_KINDS = frozenset({ev.LLM_REQUEST, ev.TOOL_CALL, ev.SESSION_END, ev.CALL_STATUS})
+USAGE_KINDS = frozenset(
+    {ev.LLM_REQUEST, ev.AGENT_REPLY, ev.TOOL_CALL, ev.SESSION_END, ev.CALL_STATUS}
+)
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,9 @@ class Usage:
                 return
             event = ev.from_wire(event)
         match event:
-            case ev.LlmRequest():
-                self._request(event)
+            case ev.LlmRequest() | ev.AgentReply():
+                for request in ev.requests_in(event):  # a reply carries its last request
+                    self._request(request)
             case ev.ToolCall():
                 self.tool_calls += 1
             case ev.SessionEnd(duration=duration) | ev.CallStatus(duration=duration):

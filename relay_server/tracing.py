@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from relay_server import events as ev
 
 if TYPE_CHECKING:
@@ -177,6 +179,10 @@ class CallTracer:
                     call.span.set_attribute("crctl.session.status", event.status)
             case ev.TurnTimeline():
                 self._turn(event)
+            case ev.AgentReply() if isinstance(event.llm, dict):
+                for request in ev.requests_in(event):  # the request that ended the reply
+                    self(request)
+                self(msgspec.structs.replace(event, llm=msgspec.UNSET))
             case ev.LlmRequest():
                 start = event.started
                 if start is None:

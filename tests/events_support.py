@@ -32,14 +32,12 @@ PART1 = [
     "llm.request",  # the tool round
     "language",
     "tool.call",
-    "llm.request",  # the answer
-    "agent.reply",
+    "agent.reply",  # with the answer's request in it
 ]
 PART2 = [
     "barge_in",
     "turn.timeline",
     "dtmf",
-    "llm.request",
     "agent.reply",
     "error",
     "turn.timeline",

@@ -122,15 +122,15 @@ async def test_filters_call_and_after_and_live_only(relay_factory, db):
     await echo_call(relay, CA1)
     await echo_call(relay, CA2)
     async with client(relay) as http:
-        everything = await collect(http, {"since": "1h"}, lambda got: len(got) == 12)
-        assert [e["call_sid"] for e in everything] == [CA1] * 6 + [CA2] * 6
+        everything = await collect(http, {"since": "1h"}, lambda got: len(got) == 10)
+        assert [e["call_sid"] for e in everything] == [CA1] * 5 + [CA2] * 5
 
-        only_2 = await collect(http, {"since": "1h", "call": CA2}, lambda got: len(got) == 6)
-        assert [e["id"] for e in only_2] == [e["id"] for e in everything[6:]]
+        only_2 = await collect(http, {"since": "1h", "call": CA2}, lambda got: len(got) == 5)
+        assert [e["id"] for e in only_2] == [e["id"] for e in everything[5:]]
 
-        cut = everything[9]["id"]  # CA2's agent.reply
+        cut = everything[7]["id"]  # CA2's agent.reply
         after = await collect(http, {"after": str(cut)}, lambda got: len(got) == 2)
-        assert [e["id"] for e in after] == [e["id"] for e in everything[10:]]
+        assert [e["id"] for e in after] == [e["id"] for e in everything[8:]]
 
         # Live only (no since/after): nothing old, then only CA3's events while CA1 calls too.
         connected = asyncio.Event()
@@ -202,15 +202,15 @@ async def test_events_still_there_after_a_relay_restart(relay_factory, fake_llm,
         assert [e["kind"] for e in call["events"]] == [
             "call.started",
             "caller.speech",
-            "llm.request",
             "agent.reply",
             "turn.timeline",
             "socket.closed",
         ]
-        assert call["events"][3]["data"]["text"] == "You said: remember this"
+        assert call["events"][2]["data"]["text"] == "You said: remember this"
+        assert call["events"][2]["data"]["llm"]["outcome"] == "completed"
         assert call["status"] == "hung up"
-        old = await collect(http, {"since": "1h"}, lambda got: len(got) == 6)
-        assert [e["call_sid"] for e in old] == [CA1] * 6
+        old = await collect(http, {"since": "1h"}, lambda got: len(got) == 5)
+        assert [e["call_sid"] for e in old] == [CA1] * 5
         await echo_call(second, CA2)
         new = await collect(
             http, {"after": str(old[-1]["id"])}, lambda got: got[-1]["kind"] == "socket.closed"

@@ -111,21 +111,20 @@ def a_call(bus: ev.EventBus) -> None:
             duration_ms=80.0,
         )
     )
+    # The request that ends the reply rides in its agent.reply, as the relay publishes it.
+    answer = {
+        "model": "gpt-4o-mini",
+        "round": 1,
+        "started": T0 + 1.61,
+        "duration_ms": 400.0,
+        "first_token_ms": 100.0,
+        "input_tokens": 140,
+        "output_tokens": 7,
+        "outcome": "completed",
+    }
     emit(
-        ev.LlmRequest(
-            call_sid=CA,
-            ts=T0 + 2.01,
-            model="gpt-4o-mini",
-            round=1,
-            started=T0 + 1.61,
-            duration_ms=400.0,
-            first_token_ms=100.0,
-            input_tokens=140,
-            output_tokens=7,
-            outcome="completed",
-        )
+        ev.AgentReply(call_sid=CA, ts=T0 + 2.01, text=SECRET_REPLY, duration_ms=1010.0, llm=answer)
     )
-    emit(ev.AgentReply(call_sid=CA, ts=T0 + 2.01, text=SECRET_REPLY, duration_ms=1010.0))
     emit(
         ev.TurnTimeline(
             call_sid=CA,

@@ -1,4 +1,7 @@
-"""Token usage from the stream and one ``llm.request`` event per chat request.
+"""Token usage from the stream, and each chat request reported once.
+
+A request that asked for tools is its own ``llm.request`` event; the one that ended a reply
+rides in that reply's ``agent.reply`` (``llm``), one stored row per turn fewer.
 
 The fake LLM over real HTTP on 127.0.0.1, both ways the relay sends a chat request (directly,
 or through the SDK when retries are configured), and a real relay for the events: a plain
@@ -47,7 +50,8 @@ async def read(llm: LLMClient) -> tuple[str, Any]:
 
 
 def requests(relay: RelayServer, sid: str = CA) -> list[ev.LlmRequest]:
-    return [e for e in list(relay.events) if e.call_sid == sid and isinstance(e, ev.LlmRequest)]
+    """Every chat request the call's events report, in order (:func:`ev.requests_in`)."""
+    return [r for e in list(relay.events) if e.call_sid == sid for r in ev.requests_in(e)]
 
 
 # ------------------------------------------------------------------ the stream's usage
@@ -141,7 +145,11 @@ async def test_a_plain_turn_is_one_completed_request(relay_factory, fake_llm: Fa
     assert request.first_token_ms is not None and request.first_token_ms >= 50  # the fake's ttft
     assert request.duration_ms is not None and request.duration_ms >= request.first_token_ms
     kinds = relay.kinds(CA)
-    assert kinds.index("llm.request") < kinds.index("agent.reply")
+    assert "llm.request" not in kinds  # the turn's only request rides in its reply
+    (reply,) = [e for e in list(relay.events) if isinstance(e, ev.AgentReply)]
+    assert isinstance(reply.llm, dict) and reply.llm["outcome"] == "completed"
+    assert reply.data["llm"]["output_tokens"] == 2  # stored and served as the reply's data
+    assert request.ts == reply.ts and request.call_sid == CA
 
 
 async def test_a_tool_round_is_a_tool_calls_request_then_the_answer(
@@ -172,7 +180,7 @@ async def test_a_tool_round_is_a_tool_calls_request_then_the_answer(
     assert isinstance(tool.duration_ms, float) and tool.duration_ms >= 0
     assert "duration_ms" in tool.data
     kinds = [k for k in relay.kinds(CA) if k in ("llm.request", "tool.call", "agent.reply")]
-    assert kinds == ["llm.request", "tool.call", "llm.request", "agent.reply"]
+    assert kinds == ["llm.request", "tool.call", "agent.reply"]  # the answer rides in the reply
 
 
 async def test_a_barge_in_cancels_the_request_without_tokens(
@@ -186,7 +194,7 @@ async def test_a_barge_in_cancels_the_request_without_tokens(
     assert isinstance(first, Text) and first.token == "A long"
     await caller.info("clientSpeaking", "on")
     await caller.interrupt("A long", 300)
-    await wait_kind(relay, CA, "llm.request")
+    await wait_kind(relay, CA, "agent.reply")
     await caller.hangup()
 
     (request,) = requests(relay)
@@ -216,7 +224,7 @@ async def test_usage_off_on_the_relay(relay_factory, fake_llm: FakeLLM) -> None:
     caller = await TwilioCaller(relay, call_sid=CA).connect()
     await caller.prompt("hello")
     assert await caller.reply_text() == "You said: hello"
-    await wait_kind(relay, CA, "llm.request")
+    await wait_kind(relay, CA, "agent.reply")
     await caller.hangup()
     (record,) = fake_llm.records
     assert "stream_options" not in record.body

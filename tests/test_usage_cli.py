@@ -58,10 +58,9 @@ async def call(relay: RelayServer, fake_llm: FakeLLM, sid: str, *, tool: bool, l
 
 
 def requests(relay: RelayServer, sid: str | None = None) -> list[ev.LlmRequest]:
+    """Every chat request the events report (own events, and those replies carry)."""
     return [
-        e
-        for e in list(relay.events)
-        if isinstance(e, ev.LlmRequest) and (sid is None or e.call_sid == sid)
+        r for e in list(relay.events) if sid is None or e.call_sid == sid for r in ev.requests_in(e)
     ]
 
 

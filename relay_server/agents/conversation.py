@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, Protocol
 
+import msgspec
+
 from relay_server import events as ev
 from relay_server.agents.history import Conversation
 from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
@@ -59,6 +61,27 @@ class ConversationAgent(CallSession):
         #: next reply's ``first_token_ms`` counts from it.
         self._turn_end: float | None = None
         self._timeline: Timeline | None = None
+        #: The data of the chat request that ended the reply being spoken, for its
+        #: ``agent.reply`` (:meth:`request_ended`).
+        self._request: dict[str, Any] | None = None
+
+    def request_ended(self, data: dict[str, Any], *, last: bool) -> None:
+        """A chat request of this call ended: ``data`` is its ``llm.request`` data.
+
+        The one that ended the reply (``last``) rides in the reply's ``agent.reply`` (one
+        stored row per turn fewer); one that asked for tools is its own ``llm.request``, as is
+        a ``last`` one that no ``agent.reply`` took (a reply read by something else).
+        """
+        if self._request is not None:
+            self._emit_request(self._request)
+            self._request = None
+        if last:
+            self._request = data
+        else:
+            self._emit_request(data)
+
+    def _emit_request(self, data: dict[str, Any]) -> None:
+        self.link.events.emit(ev.LlmRequest(call_sid=self.call_sid, **data))
 
     @property
     def timeline(self) -> Timeline:
@@ -184,6 +207,9 @@ class ConversationAgent(CallSession):
             self._dtmf_timer.cancel()
         if self._timeline is not None:
             self._timeline.close()
+        if self._request is not None:  # a request no reply took: reported on its own
+            self._emit_request(self._request)
+            self._request = None
 
     def resume_state(self) -> Any:
         """The conversation's messages, for a reconnecting socket of the same call."""
@@ -265,6 +291,7 @@ class ConversationAgent(CallSession):
             text = "".join(spoken)
             if turn_end is not None:
                 self.timeline.reply_done(cancelled)
+            request, self._request = self._request, None
             self.link.events.emit(
                 ev.AgentReply(
                     call_sid=self.call_sid,
@@ -274,6 +301,7 @@ class ConversationAgent(CallSession):
                     else round((first - turn_end) * 1000, 1),
                     duration_ms=round((loop.time() - (turn_end or started)) * 1000, 1),
                     cancelled=cancelled,
+                    llm=msgspec.UNSET if request is None else request,
                 )
             )
             self._arm_silence()

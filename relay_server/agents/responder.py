@@ -5,10 +5,11 @@ The token path is two async generators long: the model's reply (for the relay's 
 :meth:`ConversationAgent.speak` consumes. Leaving a reply's ``async with``, also when the turn
 is cancelled, closes it without draining it.
 
-Each chat request is one ``llm.request`` event when its stream ends (completed, tool calls,
-cancelled or fault), timed from stamps taken once per request and once at its first token, with
-the stream's usage report when it has one (``ChatStream.usage``); each tool run is timed into
-its ``tool.call`` event.
+Each chat request is reported when its stream ends (completed, tool calls, cancelled or
+fault), timed from stamps taken once per request and once at its first token, with the
+stream's usage report when it has one (``ChatStream.usage``): one that asked for tools as its
+own ``llm.request`` event, the one that ended the reply inside its ``agent.reply`` (``llm``).
+Each tool run is timed into its ``tool.call`` event.
 """
 
 from __future__ import annotations
@@ -135,25 +136,26 @@ def _request_done(
     usage: Any,
     outcome: str,
 ) -> None:
-    """Publish the ``llm.request`` event of one chat request, once its stream ended.
+    """Report one chat request, once its stream ended (:meth:`ConversationAgent.request_ended`).
 
     ``usage`` is the reply's usage report (``prompt_tokens``, ``completion_tokens``), if the
-    model gave one; a cut stream never has one.
+    model gave one; a cut stream never has one. A request that asked for tools is its own
+    ``llm.request`` event; any other ends the reply and rides in its ``agent.reply``.
     """
     end = asyncio.get_running_loop().time()
     reported = outcome in ("completed", "tool_calls") and usage is not None
-    agent.link.events.emit(
-        ev.LlmRequest(
-            call_sid=agent.call_sid,
-            model=agent.settings.model,
-            round=round_no,
-            started=started,
-            duration_ms=_ms(sent, end),
-            first_token_ms=None if first is None else _ms(sent, first),
-            input_tokens=getattr(usage, "prompt_tokens", None) if reported else None,
-            output_tokens=getattr(usage, "completion_tokens", None) if reported else None,
-            outcome=outcome,
-        )
+    agent.request_ended(
+        {
+            "model": agent.settings.model,
+            "round": round_no,
+            "started": started,
+            "duration_ms": _ms(sent, end),
+            "first_token_ms": None if first is None else _ms(sent, first),
+            "input_tokens": getattr(usage, "prompt_tokens", None) if reported else None,
+            "output_tokens": getattr(usage, "completion_tokens", None) if reported else None,
+            "outcome": outcome,
+        },
+        last=outcome != "tool_calls",
     )
 
 

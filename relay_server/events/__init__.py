@@ -62,6 +62,7 @@ from relay_server.events.kinds import (
     SocketClosed,
     ToolCall,
     TurnTimeline,
+    requests_in,
 )
 
 __all__ = [
@@ -122,5 +123,6 @@ __all__ = [
     "explain",
     "from_wire",
     "pushed",
+    "requests_in",
     "said_by",
 ]

@@ -17,7 +17,9 @@ from older relays (and hand-published ones) readable.
                         reply's first ``text`` token sent; ``None`` for what the agent says
                         on its own (silence reminders) or a reply that said nothing. Rows
                         stored before this name have ``ttft_ms`` instead. ``duration_ms`` counts
-                        from the same moment to the reply's end.
+                        from the same moment to the reply's end. ``llm`` (only when the
+                        reply came from an LLM): the data of the chat request whose stream
+                        ended the reply, as an ``llm.request`` would carry it (see there)
 ``agent.pushed``        ``type`` (the outbound frame's type) and ``text`` (what it says:
                         the token, the play source, the digits…): a frame pushed into the
                         call through ``POST /calls/{callSid}/messages``
@@ -57,7 +59,10 @@ from older relays (and hand-published ones) readable.
                         ``speech_start_ms`` (first ``text`` sent to ``agentSpeaking on``),
                         ``speaking_ms`` (``agentSpeaking on`` to ``off``) and the headline
                         ``caller_wait_ms`` (caller stopped speaking to the agent audible)
-``llm.request``         one chat request, published when its stream ends: ``model``,
+``llm.request``         one chat request of a reply with tool calls, published when its
+                        stream ends with them (the request that ends a reply rides in the
+                        reply's ``agent.reply`` as ``llm``: one stored row per turn fewer;
+                        :func:`requests_in` gives both as ``llm.request``): ``model``,
                         ``round`` (0, then 1… after tool calls), ``started`` (Unix time it was
                         sent), ``duration_ms`` (to the stream's end or cut), ``first_token_ms``
                         (to its first content token; ``None``: none), ``input_tokens`` and
@@ -153,6 +158,8 @@ class AgentReply(CallEvent, tag=AGENT_REPLY, frozen=True):
     cancelled: bool = False
     #: The name of ``first_token_ms`` in rows stored before it was settled.
     ttft_ms: int | float | UnsetType | None = UNSET
+    #: The chat request that ended this reply: an ``llm.request``'s data (module docstring).
+    llm: dict[str, Any] | UnsetType = UNSET
 
 
 class AgentPushed(CallEvent, tag=AGENT_PUSHED, frozen=True):
@@ -317,6 +324,27 @@ class Other(CallEvent, tag="other", frozen=True):
     def kind(self) -> str:
         """The unknown kind's own name."""
         return self.name
+
+
+def requests_in(event: CallEvent) -> list[LlmRequest]:
+    """The chat requests an event reports, as ``llm.request`` events.
+
+    An ``llm.request`` itself, or the one an ``agent.reply`` carries (its time is the
+    reply's); none for any other event. Data that does not fit (a row from another version)
+    reports none.
+    """
+    if isinstance(event, LlmRequest):
+        return [event]
+    if isinstance(event, AgentReply) and isinstance(event.llm, dict):
+        try:
+            return [
+                msgspec.convert(
+                    {**event.llm, "call_sid": event.call_sid, "ts": event.ts}, LlmRequest
+                )
+            ]
+        except msgspec.ValidationError:
+            return []
+    return []
 
 
 #: Every kind this relay publishes, as one tagged union.

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay_server.session")
 
+#: What a send on a socket that went away raises (the call is then over).
+SEND_ERRORS = (ConnectionError, RuntimeError, OSError)
+
 
 @dataclass(slots=True)
 class SessionLink:
@@ -177,8 +180,27 @@ class CallSession:
             return
         try:
             await self.link.send(frame)
-        except (ConnectionError, RuntimeError, OSError):
+        except SEND_ERRORS:
             self.closed = True  # the socket went away: the receive loop closes the session
+
+    def token_send(self, token: str) -> Awaitable[None] | None:
+        """:meth:`send_text` of one token of a reply, without a coroutine of its own.
+
+        The per-token path: the awaitable that sends the token's frame, or ``None`` when
+        nothing is to be sent (an empty token, a cancelled turn, a closed socket). The caller
+        awaits it and, on :data:`SEND_ERRORS`, calls :meth:`socket_lost`.
+        """
+        if not token or self.closed:
+            return None
+        turn = self._turn_task
+        if turn is not None and turn.cancelling() and turn is asyncio.current_task():
+            return None  # a cancelled turn may close its cycle, never add words to it
+        self._cycle_open = True
+        return self.link.send(text_frame(token, False))
+
+    def socket_lost(self) -> None:
+        """A send failed (:data:`SEND_ERRORS`): the receive loop closes the session."""
+        self.closed = True
 
     async def play(
         self,

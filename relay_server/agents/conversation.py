@@ -21,7 +21,7 @@ from relay_server import events as ev
 from relay_server.agents.history import Conversation
 from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
 from relay_server.services import Timer
-from relay_server.session import CallSession, SessionLink
+from relay_server.session import SEND_ERRORS, CallSession, SessionLink
 from relay_server.timeline import Timeline
 
 
@@ -268,7 +268,7 @@ class ConversationAgent(CallSession):
             conversation.begin_reply()
         else:
             conversation.close_message()
-        send = self.send_text
+        send = self.token_send
         try:
             # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
             async with aclosing(tokens):
@@ -276,7 +276,13 @@ class ConversationAgent(CallSession):
                     spoken.append(token)
                     if record:
                         conversation.add_token(token)
-                    await send(token)
+                    # send_text's work for one token, with no coroutine of its own per token
+                    sending = send(token)
+                    if sending is not None:
+                        try:
+                            await sending
+                        except SEND_ERRORS:
+                            self.socket_lost()
                     if first is None:
                         first = loop.time()  # the first token is sent
                         if turn_end is not None:  # a caller's turn (not a reminder)

@@ -157,10 +157,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    c, r = result["config"], result["relays"]
+    c, r, m = result["config"], result["relays"], result["machine"]
     out = [
         f"# Instructions per turn and per token (callgrind), {result['started']}",
         "",
+        f"- Machine: {m['hostname']}, {m['nproc']} CPUs ({m['cpu_model']}), CPython "
+        f"{m['python']} (instruction counts do not depend on the host's load).",
         f"- Git: {result['git'].get('commit')} ({result['git'].get('subject', '')}); relay "
         f"module `{c['relay_module']}`" + (f", tree `{c['tree']}`" if c["tree"] else ""),
         f"- {c['calls']} calls, {c['warm']} warm-up turns, then {c['turns']} turns of "

@@ -173,16 +173,22 @@ async def test_the_prompt_keeps_the_typed_line_while_a_reply_streams_above_it(
         )
         term.type("and then")  # typed while the agent talks: stays on the prompt line
         await term.until(prompt_is("and then"), "what was typed is not on the prompt line")
+        # One wait for both: the screen is read between the reply's last line and the prompt's
+        # redraw otherwise (a fresh clone's run caught the prompt line still empty there).
         await term.until(
-            lambda lines, row, current: any(
-                re.fullmatch(
-                    r"agent: Once upon a time a fox found a very big red apple and shared it\."
-                    r"  first token \d+ ms",
-                    line,
+            lambda lines, row, current: (
+                current == "you> and then"
+                and any(
+                    re.fullmatch(
+                        r"agent: Once upon a time a fox found a very big red apple and shared it\."
+                        r"  first token \d+ ms",
+                        line,
+                    )
+                    for line in lines[:row]
                 )
-                for line in lines[:row]
             ),
-            "the finished reply with its first token time was not printed above the prompt",
+            "the finished reply with its first token time was not printed above the prompt "
+            "kept with what was typed",
         )
         lines, row, current = term.snapshot()
         assert current == "you> and then"

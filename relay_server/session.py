@@ -187,14 +187,16 @@ class CallSession:
         """:meth:`send_text` of one token of a reply, without a coroutine of its own.
 
         The per-token path: the awaitable that sends the token's frame, or ``None`` when
-        nothing is to be sent (an empty token, a cancelled turn, a closed socket). The caller
-        awaits it and, on :data:`SEND_ERRORS`, calls :meth:`socket_lost`.
+        nothing is to be sent (a cancelled turn, a closed socket). The caller awaits it and, on
+        :data:`SEND_ERRORS`, calls :meth:`socket_lost`. An empty token is sent as
+        :meth:`send_text` sends it: it opens the talk cycle, which then ends with ``last``.
         """
-        if not token or self.closed:
+        if self.closed:
             return None
-        turn = self._turn_task
-        if turn is not None and turn.cancelling() and turn is asyncio.current_task():
-            return None  # a cancelled turn may close its cycle, never add words to it
+        if token:
+            turn = self._turn_task
+            if turn is not None and turn.cancelling() and turn is asyncio.current_task():
+                return None  # a cancelled turn may close its cycle, never add words to it
         self._cycle_open = True
         return self.link.send(text_frame(token, False))
 

@@ -66,6 +66,15 @@ async def test_empty_answer_still_closes_the_turn(model):
     await call.hangup()
 
 
+async def test_an_answer_of_empty_tokens_still_closes_its_cycle(model):
+    """An empty token opens the talk cycle as any token does, so the turn ends with last:true."""
+    model.queue().say("", "").end()
+    call = await connect(model)
+    await call.prompt("say nothing, twice")
+    assert await call.turn() == [Text(token="", last=False)] * 2 + [CLOSE]
+    await call.hangup()
+
+
 async def test_partial_prompts_wait_for_the_final_one(model):
     call = await connect(model)
     await call.prompt("what is", last=False)

@@ -90,6 +90,7 @@ def test_a_calls_events_are_found_by_its_id_range_with_no_index_per_call(tmp_pat
         assert (first, last) == (ids[0], ids[-1])
         indexes = {r[0] for r in store._con.execute("SELECT name FROM sqlite_master")}
         assert "events_by_call" not in indexes
+        assert store.query(call_sid="CA" + "9" * 32) == []  # no row, no events: nothing scanned
     finally:
         store.close()
 

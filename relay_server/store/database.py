@@ -215,10 +215,11 @@ class EventStore:
                 "(SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (self.max_rows,),
             )
-            # A call whose last event is older than the oldest one kept has none left.
+            # A call whose last event is older than the oldest one kept has none left (a row
+            # with no range, from an older relay sharing the file, goes by its age only).
             con.execute(
-                "DELETE FROM calls WHERE last_ts < ? OR coalesce(last_id, 0) < "
-                "coalesce((SELECT min(id) FROM events), 1 << 62)",
+                "DELETE FROM calls WHERE last_ts < ? OR (last_id IS NOT NULL AND last_id < "
+                "coalesce((SELECT min(id) FROM events), 1 << 62))",
                 (cutoff,),
             )
             con.execute("COMMIT")

@@ -149,17 +149,26 @@ def _migrate(con: sqlite3.Connection) -> None:
         raise
 
 
+#: The id range of a call with no ``calls`` row: none of its events are stored.
+NO_EVENTS = (1, 0)
+
+
 def call_range(con: sqlite3.Connection, sid: str) -> tuple[int, int] | None:
     """The ids of call ``sid``'s first and last stored events; ``None``: not known.
 
-    ``None`` for a call with no ``calls`` row, and in a file written by an older relay (read
-    by the CLI), whose own index finds the events instead.
+    A call with no ``calls`` row has no stored events (the writer makes the row in the
+    transaction of its first event, and pruning drops it with the last): :data:`NO_EVENTS`,
+    an empty range, so a stream waiting for a call that has not started scans nothing.
+    ``None`` in a file written by an older relay (read by the CLI), whose own index finds
+    the events, and for a row an older relay sharing the file made without a range.
     """
     try:
         row = con.execute("SELECT first_id, last_id FROM calls WHERE sid = ?", (sid,)).fetchone()
     except sqlite3.OperationalError:  # no such column: an older file
         return None
-    if row is None or row[0] is None or row[1] is None:
+    if row is None:
+        return NO_EVENTS
+    if row[0] is None or row[1] is None:
         return None
     return int(row[0]), int(row[1])
 

@@ -183,27 +183,6 @@ class CallSession:
         except SEND_ERRORS:
             self.closed = True  # the socket went away: the receive loop closes the session
 
-    def token_send(self, token: str) -> Awaitable[None] | None:
-        """:meth:`send_text` of one token of a reply, without a coroutine of its own.
-
-        The per-token path: the awaitable that sends the token's frame, or ``None`` when
-        nothing is to be sent (a cancelled turn, a closed socket). The caller awaits it and, on
-        :data:`SEND_ERRORS`, calls :meth:`socket_lost`. An empty token is sent as
-        :meth:`send_text` sends it: it opens the talk cycle, which then ends with ``last``.
-        """
-        if self.closed:
-            return None
-        if token:
-            turn = self._turn_task
-            if turn is not None and turn.cancelling() and turn is asyncio.current_task():
-                return None  # a cancelled turn may close its cycle, never add words to it
-        self._cycle_open = True
-        return self.link.send(text_frame(token, False))
-
-    def socket_lost(self) -> None:
-        """A send failed (:data:`SEND_ERRORS`): the receive loop closes the session."""
-        self.closed = True
-
     async def play(
         self,
         source: str,

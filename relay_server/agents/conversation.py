@@ -20,6 +20,7 @@ import msgspec
 from relay_server import events as ev
 from relay_server.agents.history import Conversation
 from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
+from relay_server.protocol.codec import TEXT_HEAD, TEXT_MORE, json_bytes
 from relay_server.services import Timer
 from relay_server.session import SEND_ERRORS, CallSession, SessionLink
 from relay_server.timeline import Timeline
@@ -255,6 +256,8 @@ class ConversationAgent(CallSession):
 
         The one consumer of the token path: ``tokens`` is the responder's generator, which
         reads the model's stream itself (two generators from the LLM's socket to this loop).
+        Each token is appended once (to the history's reply, :meth:`Conversation.begin_reply`)
+        and sent as its frame, with no call of its own.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -262,34 +265,36 @@ class ConversationAgent(CallSession):
         # reply and starting this one is part of what the caller waits for).
         turn_end, self._turn_end = self._turn_end, None
         first: float | None = None
-        spoken: list[str] = []
         conversation = self.conversation
-        if record:
-            conversation.begin_reply()
+        if record:  # the tokens go straight into the history's list: one append per token
+            spoken = conversation.begin_reply()
         else:
             conversation.close_message()
-        send = self.token_send
+            spoken = []
+        send = self.link.send
+        # send_text's rule: a cancelled turn may close its cycle, never add words to it.
+        task = asyncio.current_task()
+        turn = task if task is self._turn_task else None
         try:
             # aclosing: a cancelled turn closes the LLM stream at once, not at garbage collection
             async with aclosing(tokens):
                 async for token in tokens:
                     spoken.append(token)
-                    if record:
-                        conversation.add_token(token)
-                    # send_text's work for one token, with no coroutine of its own per token
-                    sending = send(token)
-                    if sending is not None:
+                    # send_text's work for one token, inline: no call and no coroutine of its
+                    # own per token (bench/together.py). An empty token opens the cycle too.
+                    if not self.closed and not (token and turn is not None and turn.cancelling()):
+                        self._cycle_open = True
                         try:
-                            await sending
+                            await send(TEXT_HEAD + json_bytes(token).decode() + TEXT_MORE)
                         except SEND_ERRORS:
-                            self.socket_lost()
+                            self.closed = True  # the receive loop closes the session
                     if first is None:
                         first = loop.time()  # the first token is sent
                         if turn_end is not None:  # a caller's turn (not a reminder)
                             self.timeline.first_text(first)
         finally:
-            conversation.close_message()
-            cancelled = asyncio.current_task().cancelling() > 0  # type: ignore[union-attr]
+            conversation.end_reply()
+            cancelled = task is not None and task.cancelling() > 0
             if not self.closed and (self._cycle_open or not (spoken or cancelled)):
                 # Every turn ends with last:true, also an empty or cut one (Twilio docs: WebSocket
                 # messages); a cancelled turn that said nothing has no cycle to close.

@@ -19,22 +19,26 @@ class Conversation:
     """
 
     # One per call, alive as long as the call: no instance dict (memory per idle call, bench/).
-    __slots__ = ("_message", "_parts", "messages", "reply_start")
+    __slots__ = ("_from", "_message", "_parts", "messages", "reply_start")
 
     def __init__(self, system_prompt: str) -> None:
         self.messages: list[Message] = [{"role": "system", "content": system_prompt}]
         #: Index in ``messages`` where the current (or last) reply's messages start.
         self.reply_start = len(self.messages)
-        #: The assistant message spoken tokens go to; ``None`` starts a new one. Its tokens
-        #: collect in ``_parts`` and become its ``content`` in one join when the reply (or a
-        #: tool round) ends: ``content += token`` re-copied the whole reply per token
-        #: (quadratic: 140 µs per token at 60,000 tokens).
-        self._message: Message | None = None
+        #: The spoken tokens of the reply (all its rounds), appended by its speaker
+        #: (:meth:`begin_reply`); the open assistant message holds those from ``_from`` on. They
+        #: become its ``content`` in one join when the reply (or a tool round) ends:
+        #: ``content += token`` re-copied the whole reply per token (quadratic: 140 µs per
+        #: token at 60,000 tokens).
         self._parts: list[str] = []
+        self._from = 0
+        #: The open assistant message, made when its first tokens are flushed (``None``: none).
+        self._message: Message | None = None
 
     # ------------------------------------------------------------------------ caller side
     def add_user(self, text: str, max_turns: int) -> None:
         """The caller said ``text``; keep at most ``max_turns`` user+assistant pairs."""
+        self.flush()  # tokens spoken before it come before it
         self.messages.append({"role": "user", "content": text})
         limit = max_turns * 2
         body = self.messages[1:]
@@ -67,17 +71,19 @@ class Conversation:
         if text:
             self.messages.append({"role": "assistant", "content": text})
 
-    def begin_reply(self) -> None:
-        """A recorded reply starts: a barge-in shortens what follows."""
+    def begin_reply(self) -> list[str]:
+        """A recorded reply starts: a barge-in shortens what follows.
+
+        Returns the list its speaker appends each spoken token to (the reply's history, with
+        no call per token); :meth:`add_token` appends to it too.
+        """
         self.close_message()
         self.reply_start = len(self.messages)
+        self._parts, self._from = [], 0
+        return self._parts
 
     def add_token(self, token: str) -> None:
         """One spoken token of the reply."""
-        if self._message is None:
-            self._message = {"role": "assistant", "content": ""}
-            self._parts = []
-            self.messages.append(self._message)
         self._parts.append(token)
 
     def add_tool_calls(self, calls: Sequence[ToolCall]) -> None:
@@ -108,15 +114,28 @@ class Conversation:
         self.close_message()  # what the model says next is a new assistant message
 
     def flush(self) -> None:
-        """Write the tokens spoken so far into the open assistant message's ``content``."""
-        if self._message is not None and self._parts:
-            self._message["content"] = "".join(self._parts)
+        """Write the tokens spoken so far into the open assistant message's ``content``.
+
+        The message is added to ``messages`` at its first flush with tokens.
+        """
+        parts, start = self._parts, self._from
+        if len(parts) > start:
+            message = self._message
+            if message is None:
+                message = self._message = {"role": "assistant", "content": ""}
+                self.messages.append(message)
+            message["content"] = "".join(parts[start:] if start else parts)
 
     def close_message(self) -> None:
         """Flush the open assistant message; the next token starts a new one."""
         self.flush()
         self._message = None
-        self._parts = []
+        self._from = len(self._parts)
+
+    def end_reply(self) -> None:
+        """The reply is over: flush it and let go of its tokens (an idle call keeps none)."""
+        self.close_message()
+        self._parts, self._from = [], 0
 
 
 def _empty_assistant(message: Message) -> bool:

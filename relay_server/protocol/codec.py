@@ -101,12 +101,17 @@ def decode_outbound(data: Union[str, bytes]) -> Outbound:
 
 def text_frame(token: str, last: bool) -> str:
     """Encode the common ``text`` frame (the per-token hot path) without building a Struct."""
-    return _TEXT_PREFIX + _encoder.encode(token).decode() + (_LAST_TRUE if last else _LAST_FALSE)
+    return TEXT_HEAD + json_bytes(token).decode() + (_LAST_TRUE if last else TEXT_MORE)
 
 
-_TEXT_PREFIX = '{"type":"text","token":'
+#: A token's frame in an open talk cycle, built where a function call per token counts
+#: (``ConversationAgent.speak``): ``TEXT_HEAD + json_bytes(token).decode() + TEXT_MORE``, the
+#: frame :func:`text_frame` makes with ``last=False``.
+TEXT_HEAD = '{"type":"text","token":'
+TEXT_MORE = ',"last":false}'
 _LAST_TRUE = ',"last":true}'
-_LAST_FALSE = ',"last":false}'
+#: A value as compact JSON bytes (msgspec).
+json_bytes = _encoder.encode
 
 
 # ------------------------------------------------------------------------ the Twilio side

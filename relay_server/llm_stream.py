@@ -240,7 +240,7 @@ class ChatStream:
                         raise self._oversized()
                 if len(chunk) > max_line and any(len(raw) > max_line for raw in lines):
                     raise self._oversized()
-                tokens: list[str] = []
+                said: str | None = None  # the read's content, all its tokens in one string
                 try:
                     for raw in lines:
                         if not raw.startswith(b"data:"):
@@ -265,16 +265,19 @@ class ChatStream:
                                 and delta.tool_calls is None
                                 and choice.finish_reason is None
                             ):
-                                tokens.append(delta.content)
+                                if said is None:
+                                    said = delta.content
+                                else:  # in place (CPython appends to a local it owns)
+                                    said += delta.content
                                 self._fed += 1
                                 continue
-                        take(parsed, tokens)
+                        said = take(parsed, said)
                 except LLMError:
-                    if tokens:  # a fault later in the same read: what was said goes first
-                        yield "".join(tokens)
+                    if said is not None:  # a fault later in the same read: what was said first
+                        yield said
                     raise
-                if tokens:
-                    yield tokens[0] if len(tokens) == 1 else "".join(tokens)
+                if said is not None:
+                    yield said
                 if self._fed != fed:
                     fed, self._last = self._fed, loop.time()
                 if done:
@@ -306,8 +309,8 @@ class ChatStream:
             raise LLMError("stream_cut", "the stream ended without [DONE]")
         self._finish_tools()
 
-    def _take(self, chunk: _Chunk, tokens: list[str]) -> None:
-        """One parsed chunk: its content token (if any) goes into ``tokens``."""
+    def _take(self, chunk: _Chunk, said: str | None) -> str | None:
+        """One parsed chunk: ``said`` (the read's content so far) with its content, if any."""
         if chunk.error is not None:
             raise LLMError("server", chunk.error.message or "error event in the stream")
         if chunk.usage is not None:  # once per stream: ``null`` decodes to None
@@ -319,7 +322,10 @@ class ChatStream:
             if delta is None:
                 continue
             if delta.content:
-                tokens.append(delta.content)
+                if said is None:
+                    said = delta.content
+                else:
+                    said += delta.content
                 self._fed += 1
             if delta.tool_calls:
                 self._fed += 1
@@ -332,6 +338,7 @@ class ChatStream:
                             pending.name += call.function.name
                         if call.function.arguments:
                             pending.arguments.append(call.function.arguments)
+        return said
 
     def _finish_tools(self) -> None:
         self.tool_calls = [

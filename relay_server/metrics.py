@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import (
@@ -31,6 +32,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from relay_server import events as ev
 from relay_server.errors import ConfigError
@@ -145,10 +148,99 @@ class _Bounded:
         return value
 
 
-class _Metrics:
-    """The metric objects; one set per registry (per process in multiprocess mode)."""
+#: The per-turn metrics: the counter of turns, and the histograms (name, help, buckets).
+_TURNS = ("crctl_turns", "Agent replies (turns), including those cut by a barge-in.")
+_HISTOGRAMS: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+    (
+        "crctl_caller_wait_seconds",
+        "Caller stopped speaking to the agent audible (turn.timeline caller_wait_ms).",
+        VOICE_BUCKETS,
+    ),
+    (
+        "crctl_llm_first_token_seconds",
+        "LLM request to its first token (turn.timeline llm_first_token_ms).",
+        VOICE_BUCKETS,
+    ),
+    (
+        "crctl_relay_added_seconds",
+        "The relay's own time in a turn (turn.timeline relay_ms).",
+        RELAY_BUCKETS,
+    ),
+    (
+        "crctl_speaking_seconds",
+        "agentSpeaking on to off in a turn (turn.timeline speaking_ms).",
+        SPEAKING_BUCKETS,
+    ),
+)
 
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+
+class _LocalHistogram:
+    """One histogram of this process as plain numbers: a count per bucket and the sum."""
+
+    __slots__ = ("bounds", "counts", "doc", "name", "total")
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.bounds = name, doc, bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe_ms(self, ms: float | None) -> None:
+        if ms is not None and ms >= 0:
+            seconds = ms / 1000.0
+            self.counts[bisect_left(self.bounds, seconds)] += 1  # le: the bound holds it
+            self.total += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        buckets, seen = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            seen += count
+            buckets.append((floatToGoString(bound), seen))  # type: ignore[no-untyped-call]
+        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.total)
+
+
+class _PerTurn:
+    """The per-turn metrics of a single process, as plain numbers read at scrape time.
+
+    prometheus-client's own objects take a lock and several calls per observation: some 300
+    bytecodes a turn on the relay's loop (bench/instructions.py). A scrape (``/metrics``, or
+    the ``--metrics-port`` thread) reads these as a custom collector (prometheus-client's
+    documented way). With several workers the shared files need prometheus-client's objects:
+    :class:`_Metrics` keeps them there.
+    """
+
+    def __init__(self) -> None:
+        self.turns = 0
+        hists = [_LocalHistogram(name, doc, buckets) for name, doc, buckets in _HISTOGRAMS]
+        self.histograms = hists
+        self.caller_wait, self.llm_first_token, self.relay_added, self.speaking = hists
+
+    def reply(self, event: ev.CallEvent) -> None:
+        self.turns += 1
+
+    def timeline(self, event: ev.TurnTimeline) -> None:
+        self.caller_wait.observe_ms(event.caller_wait_ms)
+        self.llm_first_token.observe_ms(event.llm_first_token_ms)
+        self.relay_added.observe_ms(event.relay_ms)
+        self.speaking.observe_ms(event.speaking_ms)
+
+    def collect(self) -> Iterator[Metric]:
+        """The prometheus-client collector's answer: the values as of now."""
+        yield CounterMetricFamily(*_TURNS, value=self.turns)
+        for histogram in self.histograms:
+            yield histogram.family()
+
+    def describe(self) -> Iterator[Metric]:
+        """The names, for the registry's duplicate check (no values)."""
+        return self.collect()
+
+
+class _Metrics:
+    """The metric objects; one set per registry (per process in multiprocess mode).
+
+    ``per_turn``: with the per-turn ones (multiprocess mode; else :class:`_PerTurn` has them).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None, *, per_turn: bool = True) -> None:
         reg = registry
         self.calls_active = Gauge(
             "crctl_calls_active",
@@ -167,9 +259,6 @@ class _Metrics:
             ["status"],
             registry=reg,
         )
-        self.turns = Counter(
-            "crctl_turns", "Agent replies (turns), including those cut by a barge-in.", registry=reg
-        )
         self.barge_ins = Counter(
             "crctl_barge_ins", "Times the caller cut the agent off.", registry=reg
         )
@@ -185,30 +274,21 @@ class _Metrics:
         self.bad_frames = Counter(
             "crctl_bad_frames", "Frames from Twilio the relay dropped.", registry=reg
         )
-        self.caller_wait = Histogram(
-            "crctl_caller_wait_seconds",
-            "Caller stopped speaking to the agent audible (turn.timeline caller_wait_ms).",
-            buckets=VOICE_BUCKETS,
-            registry=reg,
-        )
-        self.llm_first_token = Histogram(
-            "crctl_llm_first_token_seconds",
-            "LLM request to its first token (turn.timeline llm_first_token_ms).",
-            buckets=VOICE_BUCKETS,
-            registry=reg,
-        )
-        self.relay_added = Histogram(
-            "crctl_relay_added_seconds",
-            "The relay's own time in a turn (turn.timeline relay_ms).",
-            buckets=RELAY_BUCKETS,
-            registry=reg,
-        )
-        self.speaking = Histogram(
-            "crctl_speaking_seconds",
-            "agentSpeaking on to off in a turn (turn.timeline speaking_ms).",
-            buckets=SPEAKING_BUCKETS,
-            registry=reg,
-        )
+        if per_turn:
+            self.turns = Counter(*_TURNS, registry=reg)
+            self.caller_wait, self.llm_first_token, self.relay_added, self.speaking = (
+                Histogram(name, doc, buckets=buckets, registry=reg)
+                for name, doc, buckets in _HISTOGRAMS
+            )
+
+    def reply(self, event: ev.CallEvent) -> None:
+        self.turns.inc()
+
+    def timeline(self, event: ev.TurnTimeline) -> None:
+        _observe(self.caller_wait, event.caller_wait_ms)
+        _observe(self.llm_first_token, event.llm_first_token_ms)
+        _observe(self.relay_added, event.relay_ms)
+        _observe(self.speaking, event.speaking_ms)
 
 
 #: The metrics of this process in multiprocess mode: one set, however many apps are built
@@ -245,17 +325,35 @@ class MetricsRecorder:
                 f"{MULTIPROC_ENV} ({folder or 'not set'}) is not a folder: create it, or unset "
                 "it to keep the metrics in this process"
             )
+        per_turn: _Metrics | _PerTurn
         if self.multiprocess:
             self.registry = exposition_registry()
-            self._m = _multiprocess_metrics()
+            self._m = per_turn = _multiprocess_metrics()
         else:
             self.registry = CollectorRegistry(auto_describe=True)
-            self._m = _Metrics(self.registry)
+            self._m = _Metrics(self.registry, per_turn=False)
+            per_turn = _PerTurn()
+            self.registry.register(per_turn)
         #: Open sockets per live call (a reconnect may overlap the old socket's close).
         self._open: dict[str, int] = {}
         self._status = _Bounded(END_STATUSES, closed=True)
         self._fault = _Bounded()
         self._tool = _Bounded(tool_names)
+        #: The handler of each kind of event that counts (the bus calls this on every event:
+        #: one dict lookup, not a match of every kind).
+        self._handlers: dict[type[ev.CallEvent], Callable[[ev.CallEvent], None]] = {
+            ev.TurnTimeline: per_turn.timeline,  # type: ignore[dict-item]
+            ev.AgentReply: per_turn.reply,
+            ev.BargeIn: self._barge_in,
+            ev.CallStarted: self._started,
+            ev.SocketClosed: self._closed,
+            ev.SessionEnd: self._session_end,  # type: ignore[dict-item]
+            ev.CallLost: self._lost,
+            ev.CallStatus: self._call_status,  # type: ignore[dict-item]
+            ev.LlmFault: self._llm_fault,  # type: ignore[dict-item]
+            ev.ToolCall: self._tool_call,  # type: ignore[dict-item]
+            ev.BadFrame: self._bad_frame,
+        }
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format (reads files in multiprocess mode)."""
@@ -263,51 +361,53 @@ class MetricsRecorder:
 
     def __call__(self, event: ev.CallEvent) -> None:
         """Record one event (the bus calls this; per turn or per call, never per token)."""
-        m = self._m
-        match event:
-            case ev.TurnTimeline():
-                _observe(m.caller_wait, event.caller_wait_ms)
-                _observe(m.llm_first_token, event.llm_first_token_ms)
-                _observe(m.relay_added, event.relay_ms)
-                _observe(m.speaking, event.speaking_ms)
-            case ev.AgentReply():
-                m.turns.inc()
-            case ev.BargeIn():
-                m.barge_ins.inc()
-            case ev.CallStarted():
-                m.calls_started.inc()
-                self._open[event.call_sid] = self._open.get(event.call_sid, 0) + 1
-                m.calls_active.inc()
-            case ev.SocketClosed():
-                left = self._open.get(event.call_sid, 0)
-                if left:  # a socket whose call.started was counted (not every agent says it)
-                    if left == 1:
-                        del self._open[event.call_sid]
-                    else:
-                        self._open[event.call_sid] = left - 1
-                    m.calls_active.dec()
-            case ev.SessionEnd():
-                m.calls_ended.labels(self._status(event.status or "other")).inc()
-            case ev.CallLost():
-                m.calls_ended.labels("lost").inc()
-            case ev.CallStatus() if event.status in _NEVER_CONNECTED:
-                # A call that never reached the relay has no session end; a completed one
-                # has one, counted above.
-                m.calls_ended.labels(event.status).inc()
-            case ev.LlmFault():
-                m.llm_faults.labels(self._fault(event.fault)).inc()
-            case ev.ToolCall():
-                result = event.result
-                failed = isinstance(result, str) and result.startswith("error:")
-                if isinstance(result, str) and result.startswith(_NO_SUCH_TOOL):
-                    name = "unknown"  # the model made the name up: not a label value
-                else:
-                    name = self._tool(event.name)
-                m.tool_calls.labels(name, "error" if failed else "ok").inc()
-            case ev.BadFrame():
-                m.bad_frames.inc()
-            case _:
-                pass
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def _barge_in(self, event: ev.CallEvent) -> None:
+        self._m.barge_ins.inc()
+
+    def _started(self, event: ev.CallEvent) -> None:
+        self._m.calls_started.inc()
+        self._open[event.call_sid] = self._open.get(event.call_sid, 0) + 1
+        self._m.calls_active.inc()
+
+    def _closed(self, event: ev.CallEvent) -> None:
+        left = self._open.get(event.call_sid, 0)
+        if left:  # a socket whose call.started was counted (not every agent says it)
+            if left == 1:
+                del self._open[event.call_sid]
+            else:
+                self._open[event.call_sid] = left - 1
+            self._m.calls_active.dec()
+
+    def _session_end(self, event: ev.SessionEnd) -> None:
+        self._m.calls_ended.labels(self._status(event.status or "other")).inc()
+
+    def _lost(self, event: ev.CallEvent) -> None:
+        self._m.calls_ended.labels("lost").inc()
+
+    def _call_status(self, event: ev.CallStatus) -> None:
+        # A call that never reached the relay has no session end; a completed one has one,
+        # counted there.
+        if event.status in _NEVER_CONNECTED:
+            self._m.calls_ended.labels(event.status).inc()
+
+    def _llm_fault(self, event: ev.LlmFault) -> None:
+        self._m.llm_faults.labels(self._fault(event.fault)).inc()
+
+    def _tool_call(self, event: ev.ToolCall) -> None:
+        result = event.result
+        failed = isinstance(result, str) and result.startswith("error:")
+        if isinstance(result, str) and result.startswith(_NO_SUCH_TOOL):
+            name = "unknown"  # the model made the name up: not a label value
+        else:
+            name = self._tool(event.name)
+        self._m.tool_calls.labels(name, "error" if failed else "ok").inc()
+
+    def _bad_frame(self, event: ev.CallEvent) -> None:
+        self._m.bad_frames.inc()
 
 
 def _observe(histogram: Histogram, ms: float | None) -> None:

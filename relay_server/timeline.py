@@ -36,6 +36,7 @@ and gets no timeline: marks with no open turn are ignored.
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import floor as _floor
 
 from relay_server import events as ev
 
@@ -44,11 +45,20 @@ INTERRUPTED = "interrupted"
 CLOSED = "closed"
 
 
+def tenths(ms: float) -> float:
+    """``ms`` to 0.1, half up: how every duration in an event is given.
+
+    Not ``round(ms, 1)``: CPython rounds a float to digits through a decimal string (some
+    3,000 instructions a call, and a turn's events take eight; bench/instructions.py).
+    """
+    return _floor(ms * 10 + 0.5) / 10
+
+
 def _ms(start: float | None, end: float | None) -> float | None:
     """``end - start`` in ms (0.1 ms), or ``None`` when either is unknown or time ran back."""
     if start is None or end is None or end < start:
         return None
-    return round((end - start) * 1000, 1)
+    return _floor((end - start) * 10000 + 0.5) / 10
 
 
 class Timeline:
@@ -200,7 +210,7 @@ class Timeline:
         request = self._request
         if request is not None:
             before, after = _ms(start, request), _ms(token, text)
-            relay = None if before is None or after is None else round(before + after, 1)
+            relay = None if before is None or after is None else tenths(before + after)
         else:  # no LLM (echo, a custom agent): all of it is the relay's
             relay = _ms(start, text)
         on = self._on

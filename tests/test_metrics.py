@@ -303,6 +303,7 @@ assert recorder.multiprocess
 for sid in sys.argv[1:]:
     recorder(ev.CallStarted(call_sid=sid))
     recorder(ev.AgentReply(call_sid=sid, text="hi"))
+    recorder(ev.TurnTimeline(call_sid=sid, turn=1, relay_ms=3.0))
 """
 
 
@@ -322,6 +323,10 @@ def test_multiprocess_gauge_leaves_the_sum_when_its_process_is_marked_dead(
     both = parse(generate_latest(read).decode())
     assert value(both, "crctl_calls_active") == 3
     assert value(both, "crctl_turns_total") == 3
+    # the per-turn histograms are in the shared files too (one observation per call)
+    assert value(both, "crctl_relay_added_seconds_count") == 3
+    assert value(both, "crctl_relay_added_seconds_bucket", le="0.0025") == 0
+    assert value(both, "crctl_relay_added_seconds_bucket", le="0.005") == 3
     mark_process_dead(pids[1], str(tmp_path))
     left = parse(generate_latest(read).decode())
     assert value(left, "crctl_calls_active") == 1  # only the live (unmarked) process's call

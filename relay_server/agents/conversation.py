@@ -23,7 +23,7 @@ from relay_server.protocol import Dtmf, Info, Interrupt, Prompt, Setup
 from relay_server.protocol.codec import TEXT_HEAD, TEXT_MORE, json_bytes
 from relay_server.services import Timer
 from relay_server.session import SEND_ERRORS, CallSession, SessionLink
-from relay_server.timeline import Timeline
+from relay_server.timeline import Timeline, tenths
 
 
 class Responder(Protocol):
@@ -309,8 +309,8 @@ class ConversationAgent(CallSession):
                     text=text,
                     first_token_ms=None
                     if first is None or turn_end is None
-                    else round((first - turn_end) * 1000, 1),
-                    duration_ms=round((loop.time() - (turn_end or started)) * 1000, 1),
+                    else tenths((first - turn_end) * 1000),
+                    duration_ms=tenths((loop.time() - (turn_end or started)) * 1000),
                     cancelled=cancelled,
                     llm=msgspec.UNSET if request is None else request,
                 )

@@ -25,6 +25,7 @@ from relay_server import events as ev
 from relay_server.agents.conversation import ConversationAgent
 from relay_server.agents.filler import Filler
 from relay_server.chat import ChatModel, LLMError, ToolCall
+from relay_server.timeline import tenths
 from relay_server.tools import ToolBox
 
 
@@ -124,7 +125,7 @@ class LLMResponder:
 
 def _ms(start: float, end: float) -> float:
     """``end - start`` in ms, to 0.1 ms."""
-    return round(max(0.0, end - start) * 1000, 1)
+    return tenths(max(0.0, end - start) * 1000)
 
 
 def _request_done(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relay_server.events.codec import build
-from relay_server.events.explain import enrich
+from relay_server.events.explain import EXPLAINED, enrich
 from relay_server.events.kinds import CallEvent
 
 log = logging.getLogger("relay_server.events")
@@ -36,19 +36,29 @@ class EventBus:
     """Fan-out of :class:`CallEvent` values to subscribers, synchronously and in order."""
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        #: A new tuple at each change: an emit that runs while a subscriber (un)subscribes goes
+        #: on with the ones it started with, and no emit copies the list.
+        self._subscribers: tuple[Subscriber, ...] = ()
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Add a subscriber; returns a function that removes it."""
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        self._subscribers = (*self._subscribers, subscriber)
+
+        def unsubscribe() -> None:
+            subscribers = list(self._subscribers)
+            subscribers.remove(subscriber)
+            self._subscribers = tuple(subscribers)
+
+        return unsubscribe
 
     def emit(self, event: CallEvent) -> None:
         """Give ``event`` to every subscriber (with the words for its error code, if any)."""
-        if not self._subscribers:
+        subscribers = self._subscribers
+        if not subscribers:
             return
-        event = enrich(event)
-        for subscriber in list(self._subscribers):
+        if type(event) in EXPLAINED:
+            event = enrich(event)
+        for subscriber in subscribers:
             try:
                 subscriber(event)
             except Exception:  # a subscriber bug must not end a call

@@ -114,6 +114,10 @@ def explain(code: int | str | None) -> dict[str, str]:
     return {"title": title, "explanation": explanation, "fix": fix}
 
 
+#: The kinds :func:`enrich` may add words to.
+EXPLAINED: frozenset[type[CallEvent]] = frozenset({Error, SessionEnd, LlmFault})
+
+
 def enrich(event: CallEvent) -> CallEvent:
     """``event`` with the words for its code (errors, session ends, LLM faults).
 

@@ -110,3 +110,31 @@ def test_a_cut_reply_keeps_what_was_heard_across_tool_rounds():
         {"role": "tool", "tool_call_id": "c1", "content": "cancelled: the caller interrupted"},
         {"role": "assistant", "content": " It"},
     ]
+
+
+def test_a_reply_s_tokens_go_to_the_speaker_s_list_and_its_rounds_stay_in_order():
+    """begin_reply hands the speaker the list it appends to; each round is its own message."""
+    conversation = Conversation("system")
+    conversation.add_user("q", max_turns=10)
+    spoken = conversation.begin_reply()
+    spoken += ["Let", " me", " look."]
+    calls = [ToolCall("c1", "lookup", "{}")]
+    conversation.add_tool_calls(calls)  # the first round's words, with its tool calls
+    conversation.add_tool_results(calls, {"c1": "found"})
+    assert conversation.messages[-1]["role"] == "tool"  # no message yet for round two
+    spoken += [" Found", " it."]
+    conversation.end_reply()
+    assert [m["role"] for m in conversation.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert conversation.messages[2]["content"] == "Let me look."
+    assert conversation.messages[4] == {"role": "assistant", "content": " Found it."}
+    assert spoken == ["Let", " me", " look.", " Found", " it."]  # the whole reply, for its event
+    # the reply is over: its tokens are let go, and the next one starts a list of its own
+    assert conversation.begin_reply() == [] and conversation.begin_reply() is not spoken
+    conversation.add_user("and then?", max_turns=10)
+    assert conversation.messages[-1] == {"role": "user", "content": "and then?"}

@@ -6,11 +6,14 @@ socket, no sleep, no clock.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 
 from relay_server import LLMAgent
+from relay_server.agents.conversation import ConversationAgent
 from relay_server.config import AgentConfig, RelayConfig
 from relay_server.protocol import Text
 from relay_server.services import Services
@@ -215,4 +218,38 @@ async def test_a_barge_in_keeps_what_was_heard_of_a_long_reply(model):
         {"role": "assistant", "content": heard},
         {"role": "user", "content": "stop"},
     ]
+    await call.hangup()
+
+
+class _Stubborn:
+    """A responder that swallows the barge-in's cancel and tries to say more."""
+
+    def __init__(self) -> None:
+        self.tried_after_cut = False
+
+    async def reply(self, agent: Any, user_text: str) -> AsyncGenerator[str, None]:
+        yield "First words."
+        try:
+            await asyncio.Event().wait()  # until the caller cuts in
+        except asyncio.CancelledError:
+            self.tried_after_cut = True
+            yield " Words after the cut."
+
+
+async def test_a_responder_that_swallows_the_cancel_adds_no_words_after_a_barge_in(model):
+    stubborn = _Stubborn()
+
+    class Agent(ConversationAgent):
+        responder = stubborn
+
+    config = RelayConfig(agent_config=AgentConfig(silence_timeout=0))
+    call = await FakeCall(
+        Agent, services=Services(chat=model, clock=FakeClock()), config=config
+    ).connect()
+    await call.prompt("hi")
+    assert await call.recv() == Text(token="First words.", last=False)
+    await call.interrupt("First words.", 500)
+    # the responder did yield after the cut; the caller got only the cycle's close
+    assert stubborn.tried_after_cut
+    assert call.received() == [CLOSE]
     await call.hangup()

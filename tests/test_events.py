@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +35,9 @@ from tests.events_support import (
     post_signed,
 )
 from tests.support import TwilioCaller
+
+#: The longest any wait here may take before the test gives up (a hang, not a speed).
+PATIENCE = 30.0
 
 CA1, CA2, CA3 = ("CA" + d * 32 for d in "123")
 
@@ -220,16 +226,19 @@ async def test_events_still_there_after_a_relay_restart(relay_factory, fake_llm,
         assert [c["call_sid"] for c in (await http.get("/calls")).json()["calls"]] == [CA2, CA1]
 
 
-async def test_stopping_the_relay_ends_open_streams_at_once(relay_factory, db):
+async def test_stopping_the_relay_ends_open_streams_at_once(relay_factory, db, caplog):
     relay = relay_factory(api_token=TOKEN, events_db=str(db))
     async with client(relay) as http:
         connected = asyncio.Event()
         stream = asyncio.create_task(collect(http, {}, lambda got: False, started=connected))
         await connected.wait()
-        started = time.monotonic()
-        await asyncio.to_thread(relay.stop)
-        assert time.monotonic() - started < 1.5  # not uvicorn's 3 s graceful timeout
-        assert await asyncio.wait_for(stream, 2) == []  # the stream ended, without an error
+        with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+            await asyncio.to_thread(relay.stop)
+        # The relay ended the stream itself: uvicorn did not have to wait out its graceful
+        # timeout and cancel it (it says so in its log when it does).
+        exceeded = [r for r in caplog.records if "graceful shutdown exceeded" in r.getMessage()]
+        assert exceeded == []
+        assert await asyncio.wait_for(stream, PATIENCE) == []  # it ended, without an error
 
 
 async def test_session_end_with_an_error_code_is_explained(relay_factory, db):
@@ -339,27 +348,30 @@ def test_store_prunes_by_rows_and_age(db):
         again.close()
 
 
-def test_store_costs_the_publisher_microseconds_and_writes_in_the_background(db):
-    """The per-event cost on the relay's loop: bus.publish with the store subscribed."""
+def test_the_store_writes_in_its_own_thread_never_on_the_publishers(db):
+    """bus.publish with the store subscribed only queues: every write runs on its thread.
+
+    (What that costs the relay's loop per event is a benchmark's figure, bench/, not a test's.)
+    """
     store = EventStore(db)
+    writers: set[str] = set()
+    write = store._write
+
+    def recorded(batch: list[ev.CallEvent]) -> list[Any]:
+        writers.add(threading.current_thread().name)
+        return write(batch)
+
+    store._write = recorded  # type: ignore[method-assign]
     bus = EventBus()
     bus.subscribe(store.append)
     n = 20_000
     try:
-        started = time.perf_counter()
         for i in range(n):
             bus.publish(ev.CALLER_SPEECH, CA1, text=f"words {i}", last=True)
-        per_event_us = (time.perf_counter() - started) / n * 1e6
-        written = time.perf_counter()
-        store.flush()
-        deadline = time.monotonic() + 10
-        while store.last_id < n and time.monotonic() < deadline:
-            time.sleep(0.01)
-        write_us = (time.perf_counter() - written) / n * 1e6
+        store.flush()  # returns once the writer has stored all of them
     finally:
         store.close()
-    print(f"\npublish+append: {per_event_us:.2f} µs/event; background write ≤{write_us:.1f} µs")
-    assert per_event_us < 25, per_event_us  # ~2 µs measured; generous for a loaded CI box
+    assert writers == {"event-store"}
     assert store.last_id == n
 
 

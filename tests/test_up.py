@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +107,7 @@ def test_up_points_the_number_and_restores_it_on_sigint(
         )
         assert twiml.status_code == 200 and "wss://fake-tunnel.example.test/ws" in twiml.text
         assert "+15005550020" in up.output and TUNNEL in up.output
-        started = time.monotonic()
-        assert up.stop(signal.SIGINT) == 0, up.output
-        assert time.monotonic() - started < 6  # within a few seconds
+        assert up.stop(signal.SIGINT) == 0, up.output  # (stop() fails a hang)
     finally:
         if up.proc.poll() is None:
             up.stop(signal.SIGKILL)

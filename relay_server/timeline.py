@@ -58,7 +58,7 @@ def _ms(start: float | None, end: float | None) -> float | None:
     """``end - start`` in ms (0.1 ms), or ``None`` when either is unknown or time ran back."""
     if start is None or end is None or end < start:
         return None
-    return _floor((end - start) * 10000 + 0.5) / 10
+    return tenths((end - start) * 1000)
 
 
 class Timeline:
